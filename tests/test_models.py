@@ -1,0 +1,146 @@
+import jax
+import jax.numpy as jnp
+import ml_collections as mc
+import numpy as np
+import pytest
+
+from ukd import models
+from ukd.models.dilated2d import depth_to_space
+
+from helpers import tiny_config
+
+
+def _init(config, spatial=(32, 32)):
+  model = models.build(config.model, config.modalities)
+  variables = models.init_variables(model, config.model, spatial, jax.random.key(0))
+  return model, variables
+
+
+def _branch_keys(tree):
+  """{(path to a shared-or-per-modality layer): branch names below it}."""
+  out = {}
+  def walk(node, path):
+    for k, v in node.items():
+      if k in ("shared", "ct", "mr", "pet") and isinstance(v, dict):
+        out.setdefault(path, set()).add(k)
+      elif isinstance(v, dict):
+        walk(v, path + (k,))
+  walk(tree, ())
+  return out
+
+
+def test_paper_2d_network_kernel_count():
+  c = mc.ConfigDict(dict(name="dilated2d", num_classes=5, scheme="ukd", width=16, dropout=0.25,
+                         upsample_mult=8))
+  counts = models.count_params(c, ("ct", "mr"))
+  # Hand count: stem 432; blocks 16: 4,608; 32: 13,824; 64x2: 129,024; 128x2: 516,096;
+  # 256x2: 2,064,384; 256x2: 2,359,296; 512x2: 8,257,536; dilated: 9,437,184;
+  # post convs: 4,718,592; 3x3 conv to 2560: 11,796,480; 5x5 head: 5,000.
+  assert counts["kernels"] == 39_302_456
+  # Separate networks double every kernel; joint has the ukd kernels with half the statistics.
+  c.scheme = "single"
+  assert models.count_params(c, ("ct", "mr"))["kernels"] == 2 * 39_302_456
+  c.scheme = "joint"
+  assert models.count_params(c, ("ct", "mr"))["batch_stats"] * 2 == counts["batch_stats"]
+
+
+@pytest.mark.parametrize("name", ["dilated2d", "unet3d"])
+def test_one_kernel_copy_and_one_norm_per_modality(name):
+  config = tiny_config(name, "ukd", modalities=("ct", "mr", "pet"))
+  spatial = (32, 32) if name == "dilated2d" else (16, 16, 8)
+  _, variables = _init(config, spatial)
+  params = variables["params"]
+  convs = {p: k for p, k in _branch_keys(params).items() if "Norm" not in p[-1]
+           and "norm" not in p[-1]}
+  norms = {p: k for p, k in _branch_keys(params).items() if p not in convs}
+  assert convs and norms
+  assert all(keys == {"shared"} for keys in convs.values())
+  assert all(keys == {"ct", "mr", "pet"} for keys in norms.values())
+  stats = _branch_keys(variables["batch_stats"])
+  assert stats.keys() == norms.keys()
+  assert all(keys == {"ct", "mr", "pet"} for keys in stats.values())
+
+
+# The stages of each network by role, written out by hand (not read from the code).
+ROLES = {
+    "dilated2d": lambda stage: (
+        "first" if stage == "stem" else "last" if stage == "head" else
+        "decoder" if stage.startswith(("post_", "upsample_")) else "encoder"),
+    "unet3d": lambda stage: (
+        "first" if stage.startswith("enc1") else "last" if stage == "head" else
+        "decoder" if stage.startswith("dec") else "encoder"),
+}
+# Expected (conv shared, norm shared) per role for every scheme.
+EXPECTED = {
+    "single": dict(first=(0, 0), encoder=(0, 0), decoder=(0, 0), last=(0, 0)),
+    "joint": dict(first=(1, 1), encoder=(1, 1), decoder=(1, 1), last=(1, 1)),
+    "separate_norm": dict(first=(1, 0), encoder=(1, 0), decoder=(1, 0), last=(1, 0)),
+    "ukd": dict(first=(1, 0), encoder=(1, 0), decoder=(1, 0), last=(1, 0)),
+    "x_shape": dict(first=(0, 0), encoder=(1, 1), decoder=(1, 1), last=(0, 0)),
+    "y_shape": dict(first=(0, 0), encoder=(0, 0), decoder=(1, 1), last=(1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", ["dilated2d", "unet3d"])
+@pytest.mark.parametrize("scheme", sorted(EXPECTED))
+def test_schemes_share_what_their_spec_says(name, scheme):
+  config = tiny_config(name, scheme)
+  spatial = (32, 32) if name == "dilated2d" else (16, 16, 8)
+  _, variables = _init(config, spatial)
+  seen = set()
+  for path, keys in _branch_keys(variables["params"]).items():
+    role = ROLES[name](path[0])
+    is_norm = any("norm" in p.lower() for p in path)
+    shared = EXPECTED[scheme][role][1 if is_norm else 0]
+    assert keys == ({"shared"} if shared else {"ct", "mr"}), (scheme, path)
+    seen.add(role)
+  assert seen == {"first", "encoder", "decoder", "last"}
+
+
+def test_unknown_modality_and_bad_input_shape():
+  config = tiny_config()
+  model, variables = _init(config)
+  with pytest.raises(ValueError, match="unknown modality 'pet'"):
+    model.apply(variables, jnp.zeros((1, 32, 32, 3)), modality="pet")
+  with pytest.raises(ValueError, match="divisible by 8"):
+    model.apply(variables, jnp.zeros((1, 30, 32, 3)), modality="ct")
+  config.model.scheme = "nope"
+  with pytest.raises(ValueError, match="config.model.scheme='nope'"):
+    models.build(config.model, config.modalities)
+
+
+@pytest.mark.parametrize("name,spatial", [("dilated2d", (32, 40)), ("unet3d", (16, 24, 8))])
+def test_output_shapes_any_batch(name, spatial):
+  config = tiny_config(name, num_classes=4)
+  model, variables = _init(config, spatial)
+  for batch in (1, 3):
+    x = models.example_input(config.model, spatial, batch)
+    for m in config.modalities:
+      assert model.apply(variables, x, modality=m).shape == (batch, *spatial, 4)
+
+
+def test_modalities_differ_only_through_their_norms():
+  config = tiny_config()
+  model, variables = _init(config)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  # Fresh norms are identical, so both modalities give the same output ...
+  np.testing.assert_allclose(model.apply(variables, x, modality="ct"),
+                             model.apply(variables, x, modality="mr"), rtol=1e-6)
+  # ... and changing one modality's norm offset changes only that modality's output.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.5 if any(getattr(k, "key", None) == "mr" for k in p) else v,
+      variables["params"])
+  moved = dict(variables, params=params)
+  np.testing.assert_allclose(model.apply(moved, x, modality="ct"),
+                             model.apply(variables, x, modality="ct"), rtol=1e-6)
+  assert not np.allclose(model.apply(moved, x, modality="mr"),
+                         model.apply(variables, x, modality="mr"))
+
+
+def test_depth_to_space_matches_hand_layout():
+  # One pixel with channels 0..7 and block 2 -> 2x2 pixels of 2 channels, row-major blocks.
+  x = jnp.arange(8.0).reshape(1, 1, 1, 8)
+  y = depth_to_space(x, 2)
+  assert y.shape == (1, 2, 2, 2)
+  np.testing.assert_array_equal(y[0, :, :, 0], [[0, 2], [4, 6]])
+  np.testing.assert_array_equal(y[0, :, :, 1], [[1, 3], [5, 7]])

@@ -1,0 +1,123 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ukd import models, state as state_lib, steps
+
+from helpers import tiny_config, toy_batch
+
+HERE = os.path.dirname(__file__)
+
+
+SPATIAL = (16, 16)
+
+
+def _setup(config, devices=None):
+  model = models.build(config.model, config.modalities)
+  mesh = state_lib.make_mesh(devices)
+  state = state_lib.create(config, model, SPATIAL, jax.random.key(config.seed))
+  return model, mesh, state
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """The tiny 2D network's compiled step, run for 30 steps on a toy problem (compiled once)."""
+  config = tiny_config()
+  config.optim.lr = 3e-3
+  model, mesh, state = _setup(config)
+  initial = jax.device_get(state)
+  step = steps.make_train_step(model, config, mesh)
+  history = []
+  for i in range(30):
+    state, metrics = step(state, state_lib.to_global_batch(toy_batch(config, SPATIAL, seed=i), mesh))
+    history.append(jax.device_get(metrics))
+  return config, model, initial, state, history
+
+
+def test_gradients_reach_shared_kernels_and_every_modalitys_norms(trained):
+  config, model, initial, _, _ = trained
+  batch = toy_batch(config, SPATIAL)
+  config = config.copy_and_resolve_references()
+  config.loss.l2 = 0.0  # only the data terms, so a non-zero kernel gradient comes from them
+  grad_fn = jax.jit(jax.grad(lambda p: steps.loss_terms(
+      model, config, p, initial.batch_stats, batch, jax.random.key(0))[0]))
+  grads = grad_fn(initial.params)
+  assert float(np.abs(grads["stem"]["shared"]["kernel"]).sum()) > 0
+  assert float(np.abs(grads["head"]["shared"]["kernel"]).sum()) > 0
+  norm = grads["stage1_0"]["ModalityNorm_0"]
+  for m in ("ct", "mr"):
+    assert float(np.abs(norm[m]["scale"]).sum()) > 0
+    assert float(np.abs(norm[m]["bias"]).sum()) > 0
+
+
+def test_train_step_updates_each_modalitys_statistics_and_reports_terms(trained):
+  config, _, initial, state, history = trained
+  assert int(state.step) == 30
+  first = history[0]
+  for key in ("loss", "dice/ct", "dice/mr", "ce/ct", "ce/mr", "kd", "l2", "grad_norm", "lr"):
+    assert np.isfinite(first[key]), key
+  for m in ("ct", "mr"):
+    old = initial.batch_stats["stage1_0"]["ModalityNorm_0"][m]["mean"]
+    new = state.batch_stats["stage1_0"]["ModalityNorm_0"][m]["mean"]
+    assert not np.allclose(old, new)
+  assert float(first["lr"]) == pytest.approx(config.optim.lr)
+  # The total is the weighted sum of its terms.
+  w = config.loss
+  expected = sum(first[f"dice/{m}"] + first[f"ce/{m}"] for m in ("ct", "mr"))
+  expected += w.kd * first["kd"] + w.l2 * first["l2"]
+  assert float(first["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_loss_falls_on_a_toy_problem(trained):
+  losses = [float(m["loss"]) for m in trained[4]]
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_schemes_without_kd_have_no_kd_term():
+  config = tiny_config(scheme="separate_norm")
+  model, _, state = _setup(config)
+  _, (terms, _) = jax.eval_shape(lambda: steps.loss_terms(
+      model, config, state.params, state.batch_stats, toy_batch(config, SPATIAL), jax.random.key(0)))
+  assert "kd" not in terms and "l2" in terms
+
+
+def test_learning_rate_staircase():
+  config = tiny_config()
+  config.optim.decay_steps = 10
+  lr = state_lib.learning_rate(config)
+  assert float(lr(9)) == pytest.approx(1e-3)
+  assert float(lr(10)) == pytest.approx(1e-3 * 0.95)
+  assert float(lr(25)) == pytest.approx(1e-3 * 0.95 ** 2)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+  config = tiny_config()
+  config.batch_size = 3
+  mesh = state_lib.make_mesh()
+
+  class FakeMesh:
+    shape = {"data": 2}
+
+  state_lib.check_batch_size(config, mesh)  # one CPU device divides anything
+  with pytest.raises(ValueError, match="batch_size=3"):
+    state_lib.check_batch_size(config, FakeMesh())
+
+
+def test_four_devices_equal_one_device():
+  """One step on 4 simulated CPU devices equals the step on 1 device (loss, params, stats)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+             "--xla_backend_optimization_level=0")
+  script = os.path.join(HERE, "multidevice_step.py")
+  out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 4
+  assert result["loss_diff"] < 1e-5
+  assert result["params_diff"] < 1e-5
+  assert result["stats_diff"] < 1e-5

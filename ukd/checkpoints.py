@@ -1,0 +1,127 @@
+"""Orbax checkpoints of a work dir: the train state, the config and the data iterators.
+
+Layout: `<workdir>/checkpoints/<step>/{state,config,data,metrics}`.  Orbax writes
+each step into a temporary directory and renames it when complete, so a process
+killed mid-save leaves at most a temporary directory that the next run removes;
+the last complete step is always restorable.  Two kinds of checkpoint are kept
+at once: the latest (for resume) and the best by validation mean Dice (for
+inference), through a preservation policy rather than `max_to_keep`, which with
+a `best_fn` alone could delete the latest.
+"""
+
+import os
+
+import jax
+import ml_collections as mc
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_METRIC = "val_dice"
+
+
+class CheckpointError(ValueError):
+  """A work dir or checkpoint that cannot be used, with a one-line reason."""
+
+
+def directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def manager(workdir: str, *, keep_best: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max",
+      preservation_policy=policies.AnyPreservationPolicy([
+          policies.LatestN(n=1),
+          policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=keep_best,
+                         keep_checkpoints_without_metrics=False),
+      ]),
+      enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only,
+      read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(directory(workdir), item_names=("state", "config", "data"),
+                               options=options)
+
+
+def save(mgr, step: int, state, config, data_iterator=None, val_dice: float | None = None):
+  """Saves asynchronously; `val_dice` ranks the checkpoint for 'best'."""
+  import grain  # grain registers its orbax handlers on import
+
+  items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  args = ocp.args.Composite(**items)
+  metrics = None if val_dice is None else {BEST_METRIC: float(val_dice)}
+  mgr.save(step, args=args, metrics=metrics, force=True)
+
+
+def restore_train(mgr, step: int, abstract_state, data_iterator):
+  """Restores the full train state (onto the abstract state's shardings) and the iterators."""
+  import grain
+
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  return restored["state"]
+
+
+def select_step(mgr, which) -> int:
+  """'best' (by validation Dice; the latest when no step was validated), 'latest' or a step."""
+  steps = mgr.all_steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {mgr.directory}")
+  if which == "latest":
+    return max(steps)
+  if which == "best":
+    best = mgr.best_step()
+    return best if best is not None and mgr.metrics(best) is not None else max(steps)
+  try:
+    step = int(which)
+  except (TypeError, ValueError):
+    raise CheckpointError(f"checkpoint {which!r} is not 'best', 'latest' or a step number") from None
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint for step {step} in {mgr.directory}; have {sorted(steps)}")
+  return step
+
+
+def find_workdir(path: str) -> str:
+  """Accepts a work dir, its checkpoints dir or one step's dir; returns the work dir."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} does not exist")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return path
+  if os.path.basename(path) == "checkpoints":
+    return os.path.dirname(path)
+  if os.path.basename(os.path.dirname(path)) == "checkpoints":
+    return os.path.dirname(os.path.dirname(path))
+  raise CheckpointError(f"{path} holds no checkpoints (expected {path}/checkpoints/<step>)")
+
+
+def restore_config(mgr, step: int) -> mc.ConfigDict:
+  restored = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return mc.ConfigDict(restored["config"])
+
+
+def restore_variables(mgr, step: int, abstract_variables):
+  """Restores only params and batch_stats (no optimizer state) onto the given shardings."""
+  item = {"params": abstract_variables["params"],
+          "batch_stats": abstract_variables.get("batch_stats", {})}
+  try:
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(
+        f"checkpoint {mgr.directory}/{step} does not fit its config's network: "
+        f"{str(e).splitlines()[0][:300]}") from None
+  state = restored["state"]
+  _check_shapes(item, state, f"{mgr.directory}/{step}")
+  return state
+
+
+def _check_shapes(expected, got, where):
+  want = jax.tree_util.tree_flatten_with_path(expected)[0]
+  have = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  for path, leaf in want:
+    if path not in have or tuple(have[path].shape) != tuple(leaf.shape):
+      raise CheckpointError(f"checkpoint {where} does not fit its config's network at "
+                            f"{jax.tree_util.keystr(path)}")

@@ -1,0 +1,330 @@
+"""Training input: one batch per modality per step, from cached network-space volumes (grain).
+
+Design. The pipeline is a grain ``MapDataset`` indexed by step. Element ``step`` holds this
+host's slice of the global batch of every modality, and sample ``b`` of modality ``m`` is drawn
+with its own generator seeded by (seed, m, global sample index). Hence:
+  * modalities are independent streams ("paired by step, not by anatomy"), yet zipped per step;
+  * a batch depends only on (seed, step), so it is the same for any number of worker processes
+    and resuming from ``get_state()`` is exact;
+  * host ``h`` of ``n`` takes global samples [h*B/n, (h+1)*B/n) of every step: hosts never
+    overlap and together they yield exactly the batch a single host would.
+
+Config fields read (defaults in brackets):
+  model.dims             2: slice + its two neighbours as channels; 3: patches [H,W,S,1]
+                         (or the `dims` argument; else from model.name: unet3d 3, dilated2d 2)
+  modalities             output order; every one needs sources [the keys of `sources`]
+  batch_size             per modality, global (all hosts together)
+  data.patch             3D patch (H, W, S) [(256, 256, 8)]; H, W at most the prepared size
+  data.fg_fraction [0.]  probability that a sample is centred on a slice with foreground
+  data.augment           all off by default, as in the paper:
+                           flip [False]   random flips of each in-plane axis
+                           rotate [0.]    max rotation in degrees
+                           scale [0.]     max relative zoom (0.1 = 0.9..1.1)
+                           intensity [0.] max intensity jitter: x * (1 + a) + b, |a|, |b| <= it
+  data.workers [0]       grain worker processes (0 = in the training process)
+  data.prefetch [2]      batches buffered per process
+
+Worker processes are spawned by grain: outside ``absl.app.run`` call
+``absl.flags.FLAGS.mark_as_parsed()`` first, and ``close()`` the iterator when done. A saved
+iterator state fits only the worker count it was saved with. Checkpoint the iterator with
+orbax: ``ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`` and restore with
+``grain.checkpoint.CheckpointRestore(it)`` (one JSON file per process).
+"""
+
+import dataclasses
+import zlib
+
+import grain
+import numpy as np
+
+from ukd.data.volumes import DataError
+
+# Steps available; effectively endless (training stops by step count, not by exhaustion).
+_MAX_STEPS = 2**62
+_AUGMENT_DEFAULTS = dict(flip=False, rotate=0.0, scale=0.0, intensity=0.0)
+_DIMS_BY_MODEL = {'dilated2d': 2, 'unet3d': 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Validated sampling settings shared by every modality's sampler."""
+  dims: int
+  batch: int               # global, per modality
+  patch: tuple[int, int, int] | None
+  fg_fraction: float
+  augment: dict
+
+
+def _get(cfg, name, default):
+  """ConfigDict and dict both answer .get; absent or None means the default."""
+  value = cfg.get(name, default) if cfg is not None else default
+  return default if value is None else value
+
+
+def _augment_spec(raw) -> dict:
+  """Augmentation settings with defaults; unknown keys are typos, not silently ignored."""
+  raw = dict(raw.to_dict() if hasattr(raw, 'to_dict') else raw)
+  unknown = sorted(set(raw) - set(_AUGMENT_DEFAULTS))
+  if unknown:
+    raise DataError(f'data.augment has unknown keys {unknown} '
+                    f'(known: {sorted(_AUGMENT_DEFAULTS)})')
+  aug = {**_AUGMENT_DEFAULTS, **raw}
+  for key in ('rotate', 'scale', 'intensity'):
+    aug[key] = float(aug[key])
+    if aug[key] < 0:
+      raise DataError(f'data.augment.{key} must be >= 0, got {aug[key]}')
+  if aug['scale'] >= 1:
+    raise DataError(f"data.augment.scale must be < 1 (a relative zoom), got {aug['scale']}")
+  aug['flip'] = bool(aug['flip'])
+  return aug
+
+
+def _dims(config, dims) -> int:
+  """2D or 3D sampling: explicit argument, else model.dims, else implied by model.name."""
+  model = _get(config, 'model', {})
+  if dims is None:
+    dims = _get(model, 'dims', None) or _DIMS_BY_MODEL.get(_get(model, 'name', None))
+  if dims not in (2, 3):
+    raise DataError(f'model.dims must be 2 or 3 (or model.name one of {sorted(_DIMS_BY_MODEL)}),'
+                    f' got dims={dims!r}')
+  return int(dims)
+
+
+def read_spec(config, dims=None) -> Spec:
+  """Pull and check the sampling settings, naming the offending field on error."""
+  data = _get(config, 'data', {})
+  dims = _dims(config, dims)
+  batch = _get(config, 'batch_size', None)
+  if not isinstance(batch, int) or batch < 1:
+    raise DataError(f'batch_size must be a positive int (per modality, global), got {batch!r}')
+  patch = None
+  if dims == 3:
+    patch = tuple(_get(data, 'patch', (256, 256, 8)))
+    if len(patch) != 3 or not all(isinstance(v, int) and v >= 1 for v in patch):
+      raise DataError(f'data.patch must be three positive ints (H, W, S), got {patch}')
+  fg = float(_get(data, 'fg_fraction', 0.0))
+  if not 0.0 <= fg <= 1.0:
+    raise DataError(f'data.fg_fraction must be in [0, 1], got {fg}')
+  return Spec(dims, batch, patch, fg, _augment_spec(_get(data, 'augment', {})))
+
+
+def _check_entries(modality: str, entries, spec: Spec) -> list[tuple[str, str]]:
+  """Labelled cache entries with equal in-plane shapes; returns (image, label) paths."""
+  paths, planes = [], set()
+  for entry in entries:
+    name = entry.get('id', entry.get('image'))
+    if entry.get('label') is None:
+      raise DataError(f'{modality} case {name}: training needs a label (cache entry has none)')
+    image = np.load(entry['image'], mmap_mode='r')
+    label = np.load(entry['label'], mmap_mode='r')
+    if image.ndim != 3 or image.shape != label.shape:
+      raise DataError(f'{modality} case {name}: image {image.shape} and label {label.shape} '
+                      'must be equal [H, W, S] arrays')
+    planes.add(image.shape[:2])
+    paths.append((entry['image'], entry['label']))
+  if len(planes) > 1:
+    raise DataError(f'{modality}: cached volumes differ in-plane {sorted(planes)}; '
+                    'prepare them with one data.size')
+  plane = planes.pop()
+  if spec.patch is not None and (spec.patch[0] > plane[0] or spec.patch[1] > plane[1]):
+    raise DataError(f'data.patch {spec.patch} is larger in-plane than the prepared '
+                    f'{modality} volumes {plane}')
+  return paths
+
+
+def _window_start(size: int, length: int, centre: int | None, rng) -> int:
+  """Start of a window of `size` inside [0, length) that contains `centre` at a random place."""
+  if size >= length:
+    return 0
+  if centre is None:
+    return int(rng.integers(length - size + 1))
+  return int(np.clip(centre - rng.integers(size), 0, length - size))
+
+
+def warp(array: np.ndarray, matrix: np.ndarray, order: int, cval: float) -> np.ndarray:
+  """Resample every slice/channel of [H, W, ...] with one in-plane linear map about the centre.
+
+  Output pixel p reads input position matrix @ (p - centre) + centre, bilinearly (order 1) or
+  from the nearest pixel (order 0, rounding half up like scipy); outside reads `cval`. Written
+  with numpy gathers shared by all channels: about 10x faster than scipy's affine_transform on
+  [256, 256, 3], which matters because it runs for every training sample.
+  """
+  h, w = array.shape[:2]
+  channels = np.ascontiguousarray(array.reshape(h * w, -1).T)
+  centre = (np.asarray([h, w], np.float32) - 1) / 2
+  grid = np.indices((h, w), np.float32).reshape(2, -1) - centre[:, None]
+  r, c = np.asarray(matrix, np.float32) @ grid + centre[:, None]
+  if order == 0:
+    corners = [(np.floor(r + 0.5), np.floor(c + 0.5), np.ones_like(r))]
+  else:
+    r0, c0 = np.floor(r), np.floor(c)
+    fr, fc = r - r0, c - c0
+    corners = [(r0 + dr, c0 + dc, (fr if dr else 1 - fr) * (fc if dc else 1 - fc))
+               for dr in (0, 1) for dc in (0, 1)]
+  out = np.zeros(channels.shape, np.float32)
+  covered = np.zeros(h * w, np.float32)
+  for rows, cols, weight in corners:
+    weight = weight * ((rows >= 0) & (rows < h) & (cols >= 0) & (cols < w))
+    index = np.clip(rows, 0, h - 1).astype(np.intp) * w + np.clip(cols, 0, w - 1).astype(np.intp)
+    out += np.take(channels, index, axis=1) * weight
+    covered += weight
+  out += np.float32(cval) * (1 - covered)
+  return out.T.reshape(array.shape).astype(array.dtype if order == 0 else np.float32)
+
+
+def augment(image: np.ndarray, label: np.ndarray, rng, aug: dict):
+  """Random flips, rotation/scaling and intensity jitter; image [H,W,X...], label [H,W(,S)].
+
+  Geometry changes hit image and label identically (nearest neighbour for the label); the area
+  moved in from outside is background (image minimum, label 0) rather than smeared edges.
+  """
+  if aug['flip']:
+    for axis in (0, 1):
+      if rng.random() < 0.5:
+        image, label = np.flip(image, axis), np.flip(label, axis)
+  if aug['rotate'] > 0 or aug['scale'] > 0:
+    angle = np.deg2rad(rng.uniform(-aug['rotate'], aug['rotate']))
+    zoom = 1.0 + rng.uniform(-aug['scale'], aug['scale'])
+    # Output -> input coordinates: rotate back and divide by the zoom.
+    matrix = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]]) / zoom
+    image = warp(image, matrix, 1, float(image.min()))
+    label = warp(label, matrix, 0, 0)
+  jitter = aug['intensity']
+  if jitter > 0:
+    image = image * (1.0 + rng.uniform(-jitter, jitter)) + rng.uniform(-jitter, jitter)
+  return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.int32)
+
+
+class ModalitySampler:
+  """Draws training samples of one modality from memory-mapped cache files.
+
+  Arrays are opened lazily in whichever process samples, and dropped on pickling, so worker
+  processes receive paths rather than volumes.
+  """
+
+  def __init__(self, paths: list[tuple[str, str]], spec: Spec):
+    self._paths = paths
+    self._spec = spec
+    self._open = {}
+
+  def __getstate__(self):
+    return {**self.__dict__, '_open': {}}
+
+  def _volume(self, index: int):
+    """(image, label, slices with foreground) of one volume, opened on first use."""
+    if index not in self._open:
+      image_path, label_path = self._paths[index]
+      label = np.load(label_path, mmap_mode='r')
+      fg_slices = np.flatnonzero(np.asarray(label).any(axis=(0, 1)))
+      self._open[index] = (np.load(image_path, mmap_mode='r'), label, fg_slices)
+    return self._open[index]
+
+  def sample(self, rng) -> dict:
+    """One sample; with probability fg_fraction centred on a foreground slice (when the drawn
+    volume has one, else uniform)."""
+    image, label, fg_slices = self._volume(int(rng.integers(len(self._paths))))
+    want_fg = rng.random() < self._spec.fg_fraction and fg_slices.size > 0
+    k = int(fg_slices[rng.integers(fg_slices.size)]) if want_fg else int(
+        rng.integers(image.shape[2]))
+    if self._spec.dims == 2:
+      x, y = _slice_with_neighbours(image, label, k)
+    else:
+      x, y = _patch(image, label, k if want_fg else None, self._spec.patch, rng)
+    x, y = augment(x, y, rng, self._spec.augment)
+    return {'image': x, 'label': y}
+
+
+def _slice_with_neighbours(image, label, k: int):
+  """Slice k with slices k-1 and k+1 as channels (edges replicated): [H,W,3], label [H,W]."""
+  last = image.shape[2] - 1
+  channels = [image[:, :, min(max(j, 0), last)] for j in (k - 1, k, k + 1)]
+  return np.stack(channels, axis=-1).astype(np.float32), np.asarray(label[:, :, k], np.int32)
+
+
+def _patch(image, label, k: int | None, patch, rng):
+  """A [h,w,s,1] patch; with `k` given it contains slice k and, in-plane, a foreground voxel of
+  it. Volumes with fewer than s slices are padded with background on both sides."""
+  h, w, s = patch
+  centre = (None, None)
+  if k is not None and (h < image.shape[0] or w < image.shape[1]):
+    hits = np.argwhere(np.asarray(label[:, :, k]) > 0)
+    centre = tuple(hits[rng.integers(len(hits))])
+  r0 = _window_start(h, image.shape[0], centre[0], rng)
+  c0 = _window_start(w, image.shape[1], centre[1], rng)
+  s0 = _window_start(s, image.shape[2], k, rng)
+  x = np.asarray(image[r0:r0 + h, c0:c0 + w, s0:s0 + s], np.float32)
+  y = np.asarray(label[r0:r0 + h, c0:c0 + w, s0:s0 + s], np.int32)
+  missing = s - x.shape[2]
+  if missing:
+    pad = ((0, 0), (0, 0), (missing // 2, missing - missing // 2))
+    x = np.pad(x, pad, constant_values=float(x.min()))
+    y = np.pad(y, pad)
+  return x[..., None], y
+
+
+class StepBatch:
+  """Maps a step index to this host's batch of every modality (a picklable grain transform)."""
+
+  def __init__(self, samplers: dict, seed: int, batch: int, shard_index: int, shard_count: int):
+    self._samplers = samplers
+    self._seed = seed
+    self._batch = batch
+    self._local = batch // shard_count
+    self._first = shard_index * self._local
+    # Stable across processes and Python runs, unlike hash(str).
+    self._codes = {m: zlib.crc32(m.encode()) for m in samplers}
+
+  def __call__(self, step: int) -> dict:
+    out = {}
+    for modality, sampler in self._samplers.items():
+      samples = []
+      for b in range(self._local):
+        index = step * self._batch + self._first + b
+        rng = np.random.default_rng([self._seed, self._codes[modality], index])
+        samples.append(sampler.sample(rng))
+      out[modality] = {k: np.stack([s[k] for s in samples]) for k in ('image', 'label')}
+    return out
+
+
+def _modalities(sources: dict, config) -> list[str]:
+  """Modalities in config order when the config lists them; each must have sources."""
+  listed = list(_get(config, 'modalities', ())) or list(sources)
+  for modality in listed:
+    if not sources.get(modality):
+      raise DataError(f'sources[{modality!r}] is empty: no training volumes for this modality')
+  return listed
+
+
+def make_train_iterator(sources: dict, config, *, seed: int, shard_index: int = 0,
+                        shard_count: int = 1, dims: int | None = None):
+  """Endless iterator of {modality: {'image', 'label'}} batches for one host.
+
+  Returns a grain DatasetIterator: get_state()/set_state() resume exactly, and it can be saved
+  with grain.checkpoint.CheckpointSave. Each host gets batch_size // shard_count samples of each
+  modality per step (see the module docstring).
+  """
+  spec = read_spec(config, dims)
+  if not 0 <= shard_index < shard_count:
+    raise DataError(f'shard_index {shard_index} must be in [0, shard_count={shard_count})')
+  if spec.batch % shard_count:
+    raise DataError(f'batch_size {spec.batch} is not divisible by shard_count {shard_count}: '
+                    'every host takes an equal slice of the global batch')
+  if not isinstance(seed, int) or seed < 0:
+    raise DataError(f'seed must be a non-negative int, got {seed!r}')
+  samplers = {m: ModalitySampler(_check_entries(m, sources[m], spec), spec)
+              for m in _modalities(sources, config)}
+  data = _get(config, 'data', {})
+  workers = int(_get(data, 'workers', 0))
+  prefetch = int(_get(data, 'prefetch', 2))
+  if workers < 0 or prefetch < 1:
+    raise DataError(f'data.workers must be >= 0 and data.prefetch >= 1, '
+                    f'got {workers} and {prefetch}')
+  ds = grain.MapDataset.range(_MAX_STEPS).map(
+      StepBatch(samplers, seed, spec.batch, shard_index, shard_count))
+  # One reading thread per process: sampling is numpy work, more threads only fight the GIL;
+  # parallelism comes from worker processes.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=prefetch))
+  return iter(ds)

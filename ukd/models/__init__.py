@@ -1,0 +1,56 @@
+"""The paper's networks, built from `config.model` with a sharing scheme."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ukd.models.dilated2d import Dilated2D
+from ukd.models.schemes import SCHEMES, Scheme, Sharing, get_scheme
+from ukd.models.unet3d import UNet3D
+
+NETWORKS = {"dilated2d": Dilated2D, "unet3d": UNet3D}
+# Number of spatial dimensions of each network's input (its slices / patches).
+DIMS = {"dilated2d": 2, "unet3d": 3}
+
+
+def build(model_config, modalities):
+  """Returns the Linen module described by `config.model` for the given modality names."""
+  name = model_config.name
+  if name not in NETWORKS:
+    raise ValueError(f"config.model.name={name!r} is not a network; choose one of {sorted(NETWORKS)}")
+  kwargs = dict(num_classes=model_config.num_classes, modalities=tuple(modalities),
+                scheme=get_scheme(model_config.scheme), width=model_config.width)
+  if name == "dilated2d":
+    kwargs.update(dropout=model_config.dropout, upsample_mult=model_config.upsample_mult)
+  return NETWORKS[name](**kwargs)
+
+
+def example_input(model_config, spatial, batch: int = 1):
+  """A zero input of the shape the network takes, e.g. for `init`."""
+  channels = 3 if DIMS[model_config.name] == 2 else 1
+  return jnp.zeros((batch, *spatial, channels), jnp.float32)
+
+
+def init_variables(model, model_config, spatial, rng):
+  """Creates params and batch_stats; every modality's branch is initialised."""
+  return model.init(rng, example_input(model_config, spatial), modality=model.modalities[0],
+                    train=False)
+
+
+def count_params(model_config, modalities, spatial=None) -> dict:
+  """Parameter counts of a network under its scheme, without allocating the weights."""
+  model = build(model_config, modalities)
+  spatial = spatial or ((64, 64) if DIMS[model_config.name] == 2 else (16, 16, 8))
+  shapes = jax.eval_shape(lambda: init_variables(model, model_config, spatial, jax.random.key(0)))
+  counts = {"params": 0, "kernels": 0, "batch_stats": 0}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+    size = int(np.prod(leaf.shape))
+    collection = path[0].key
+    counts[collection] += size
+    if collection == "params" and path[-1].key == "kernel":
+      counts["kernels"] += size
+  return counts
+
+
+__all__ = ["build", "count_params", "init_variables", "example_input", "SCHEMES", "Scheme",
+           "Sharing", "get_scheme", "DIMS"]

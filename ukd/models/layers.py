@@ -1,0 +1,90 @@
+"""Layers that are either shared by all modalities or kept one per modality.
+
+A `ModalityConv` or `ModalityNorm` holds a single submodule named 'shared' when
+shared, else one submodule per modality name.  The modality is a static Python
+string, so each modality compiles to its own graph.  During `init` every branch
+runs, so the variables tree holds every modality's parameters and statistics
+from the start (applying a modality never seen at init would otherwise fail).
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The reference implementation's batch-norm settings (TensorFlow's decay 0.9, epsilon 1e-3).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-3
+
+
+def leaky_relu(x):
+  return jax.nn.leaky_relu(x, negative_slope=0.2)
+
+
+class _PerModality(nn.Module):
+  """Base: builds the branch modules and routes an input to the right one."""
+
+  modalities: tuple[str, ...]
+  shared: bool
+
+  def _branch_names(self):
+    return ("shared",) if self.shared else tuple(self.modalities)
+
+  def _route(self, make: Callable[[str], nn.Module], x, modality: str, **kwargs) -> Any:
+    if modality not in self.modalities:
+      raise ValueError(
+          f"unknown modality {modality!r}; this model knows {tuple(self.modalities)}")
+    branches = {name: make(name) for name in self._branch_names()}
+    key = "shared" if self.shared else modality
+    if self.is_initializing():
+      outputs = {name: branch(x, **kwargs) for name, branch in branches.items()}
+      return outputs[key]
+    return branches[key](x, **kwargs)
+
+
+class ModalityConv(_PerModality):
+  """A convolution (or transposed convolution) shared by modalities or per modality."""
+
+  features: int = 0
+  kernel_size: tuple[int, ...] = (3, 3)
+  strides: int | tuple[int, ...] = 1
+  dilation: int = 1
+  use_bias: bool = False
+  transpose: bool = False
+
+  @nn.compact
+  def __call__(self, x, modality: str):
+    def make(name):
+      if self.transpose:
+        return nn.ConvTranspose(self.features, self.kernel_size, strides=_tuple(self.strides, x),
+                                padding="SAME", use_bias=self.use_bias, name=name)
+      return nn.Conv(self.features, self.kernel_size, strides=self.strides, padding="SAME",
+                     kernel_dilation=self.dilation, use_bias=self.use_bias, name=name)
+
+    return self._route(make, x, modality)
+
+
+class ModalityNorm(_PerModality):
+  """Batch normalization with scale, offset and running statistics per modality (or shared)."""
+
+  @nn.compact
+  def __call__(self, x, modality: str, train: bool):
+    def make(name):
+      return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+
+    return self._route(make, x, modality, use_running_average=not train)
+
+
+def _tuple(strides, x):
+  if isinstance(strides, int):
+    return (strides,) * (x.ndim - 2)
+  return tuple(strides)
+
+
+def pad_channels(x, features: int):
+  """Zero-pads the channel axis: the parameter-free shortcut used where the width grows."""
+  extra = features - x.shape[-1]
+  if extra < 0:
+    raise ValueError(f"cannot pad {x.shape[-1]} channels down to {features}")
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])

@@ -1,0 +1,80 @@
+"""The jit-compiled train and eval steps.
+
+A train step takes one batch per modality, e.g. {'ct': {'image', 'label'},
+'mr': {...}}: the batches are paired by step, not by anatomy.  Each modality
+runs through the same network with its own normalization layers; the loss is the
+sum of every modality's Dice and weighted cross-entropy, plus the KD term (when
+the scheme uses it) and the L2 penalty on the kernels.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ukd import losses, state as state_lib
+
+
+def loss_terms(model, config, params, batch_stats, batch, rng):
+  """Returns (total loss, (named loss terms, updated batch_stats))."""
+  modalities = tuple(config.modalities)
+  stats = batch_stats
+  logits, labels, terms = {}, {}, {}
+  for i, m in enumerate(modalities):
+    out, updates = model.apply({"params": params, "batch_stats": stats}, batch[m]["image"],
+                               modality=m, train=True, mutable=["batch_stats"],
+                               rngs={"dropout": jax.random.fold_in(rng, i)})
+    # Shared norms are updated by each modality in turn; per-modality ones only by their own.
+    stats = updates["batch_stats"]
+    logits[m], labels[m] = out, batch[m]["label"]
+    terms[f"dice/{m}"] = losses.dice_loss(out, labels[m])
+    terms[f"ce/{m}"] = losses.weighted_ce_loss(out, labels[m])
+
+  w = config.loss
+  total = sum(w.dice * terms[f"dice/{m}"] + w.ce * terms[f"ce/{m}"] for m in modalities)
+  if model.scheme.kd and len(modalities) > 1:
+    terms["kd"] = losses.kd_loss(logits, labels, temperature=w.temperature, distance=w.kd_distance)
+    total = total + w.kd * terms["kd"]
+  terms["l2"] = losses.l2_loss(params)
+  total = total + w.l2 * terms["l2"]
+  terms["loss"] = total
+  return total, (terms, stats)
+
+
+def train_step(model, config, tx, state: state_lib.TrainState, batch):
+  rng = jax.random.fold_in(state.rng, state.step)
+  grad_fn = jax.value_and_grad(
+      functools.partial(loss_terms, model, config), has_aux=True)
+  (_, (terms, stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(terms, grad_norm=optax.tree.norm(grads),
+                 lr=state_lib.learning_rate(config)(state.step))
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def make_train_step(model, config, mesh):
+  """The data-parallel train step: batch sharded on 'data', state replicated and donated."""
+  tx = state_lib.make_optimizer(config)
+  repl = state_lib.replicated(mesh)
+  return jax.jit(functools.partial(train_step, model, config, tx),
+                 in_shardings=(repl, state_lib.batch_sharding(mesh)),
+                 out_shardings=(repl, repl), donate_argnums=0)
+
+
+def make_eval_step(model):
+  """Logits with running statistics; compiled once per (modality, input shape)."""
+
+  @functools.partial(jax.jit, static_argnames="modality")
+  def eval_step(variables, image, modality):
+    return model.apply(variables, image, modality=modality, train=False)
+
+  return eval_step
+
+
+def nonfinite_terms(metrics) -> list[str]:
+  """Names of the metrics that are NaN or infinite (checked on the host after a step)."""
+  return [k for k, v in metrics.items() if not jnp.isfinite(v)]
