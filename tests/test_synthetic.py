@@ -3,6 +3,7 @@
 import glob
 import os
 
+import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
@@ -273,6 +274,26 @@ def test_cli_writes_the_requested_layout(tmp_path, capsys):
   assert len(masks) == 8
   assert nib.load(tmp_path / "BTCV" / "label" / "label0001.nii.gz").shape == (24, 20, 8)
   assert "wrote" in capsys.readouterr().out
+
+
+def test_ensure_generates_once_then_reuses_and_refuses_other_settings(tmp_path):
+  cfg = ml_collections.ConfigDict(dict(enabled=True, n_ct=1, n_mr=1, shape=(16, 16, 8)))
+  root = tmp_path / "work" / "phantoms"
+  assert synthetic.ensure(root, cfg) == str(root)
+  label = root / "mr_train" / "mr_train_1001_label.nii.gz"
+  written = label.stat().st_mtime_ns
+  synthetic.ensure(root, cfg)  # a resumed run: nothing is rewritten
+  assert label.stat().st_mtime_ns == written
+  assert os.listdir(tmp_path / "work") == ["phantoms"]  # no staging folder left behind
+  cfg.n_ct = 2
+  with pytest.raises(DataError, match="phantoms made with"):
+    synthetic.ensure(root, cfg)
+  (tmp_path / "real").mkdir()
+  with pytest.raises(DataError, match="holds no synthetic dataset"):
+    synthetic.ensure(tmp_path / "real", cfg)
+  cfg.layout = "abdominal"
+  synthetic.ensure(tmp_path / "belly", cfg)
+  assert len(list((tmp_path / "belly" / "BTCV" / "img").iterdir())) == 2
 
 
 # ------------------------------------------------------------------------ dataset adapters

@@ -63,6 +63,19 @@ def restore_train(mgr, step: int, abstract_state, data_iterator):
   return restored["state"]
 
 
+def check_resumable(mgr, step: int, config) -> None:
+  """Refuses to resume a work dir whose checkpoint holds another network or modalities."""
+  saved = restore_config(mgr, step)
+  for key in ("model", "modalities"):
+    old, new = saved[key], config[key]
+    old = old.to_dict() if hasattr(old, "to_dict") else list(old)
+    new = new.to_dict() if hasattr(new, "to_dict") else list(new)
+    if old != new:
+      raise CheckpointError(
+          f"{mgr.directory}/{step} was trained with config.{key}={old}, not {new}; "
+          "use a new --workdir or the original config")
+
+
 def select_step(mgr, which) -> int:
   """'best' (by validation Dice; the latest when no step was validated), 'latest' or a step."""
   steps = mgr.all_steps()

@@ -40,9 +40,15 @@ def default() -> mc.ConfigDict:
   c.optim.eps = 1e-8                         # Adam epsilon (TensorFlow's and optax's default)
 
   c.data = mc.ConfigDict()
-  c.data.dataset = "mmwhs"                   # adapter: mmwhs | abdominal | folder | synthetic_mmwhs
+  c.data.dataset = "mmwhs"                   # adapter: mmwhs | abdominal | folder
   c.data.root = REQUIRED                     # dataset root directory
   c.data.options = mc.ConfigDict()           # adapter options (e.g. folder: modalities={...})
+  c.data.class_names = ("background",)       # filled from the dataset when training starts
+  c.data.synthetic = mc.ConfigDict()         # phantoms generated into the root on first use
+  c.data.synthetic.enabled = False           # generate (root '' or unset: <workdir>/phantoms)
+  c.data.synthetic.n_ct = 10                 # CT cases
+  c.data.synthetic.n_mr = 10                 # MR cases
+  c.data.synthetic.shape = (96, 96, 40)      # voxels per phantom
   c.data.split_fractions = (0.6, 0.2, 0.2)   # train / val / test fractions per modality
   c.data.split_file = ""                     # a splits.json to use instead of a seeded split
   c.data.cache_dir = ""                      # preprocessed-volume cache ('' = <workdir>/cache)
@@ -74,3 +80,35 @@ def default() -> mc.ConfigDict:
   c.keep_best = 1                            # best checkpoints kept (by validation mean Dice)
   c.overlays = True                          # write overlay pictures in evaluations
   return c
+
+
+class ConfigError(ValueError):
+  """A config that cannot run, with a one-line message naming the field."""
+
+
+def _positive(config, *names):
+  for name in names:
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    if not isinstance(value, (int, float)) or value <= 0:
+      raise ConfigError(f"config.{name}={value!r} must be a positive number")
+
+
+def validate(config: mc.ConfigDict) -> mc.ConfigDict:
+  """Checks what would otherwise fail deep inside a run; returns an unlocked copy."""
+  config = mc.ConfigDict(config.to_dict())
+  _positive(config, "total_steps", "batch_size", "log_every", "checkpoint_every", "optim.lr",
+            "optim.decay_steps", "optim.decay_rate", "model.width", "loss.temperature")
+  if config.eval_every < 0:
+    raise ConfigError(f"config.eval_every={config.eval_every} must be >= 0")
+  modalities = tuple(config.modalities)
+  if not modalities or len(set(modalities)) != len(modalities):
+    raise ConfigError(f"config.modalities={modalities!r} must be distinct names, at least one")
+  missing = [m for m in modalities if m not in config.data.norm]
+  if missing:
+    raise ConfigError(f"config.data.norm has no intensity normalisation for {missing}; "
+                      f"add e.g. --config.data.norm.{missing[0]}=...")
+  if config.loss.kd_distance not in ("kl", "l2"):
+    raise ConfigError(f"config.loss.kd_distance={config.loss.kd_distance!r} must be 'kl' or 'l2'")
+  return config

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import tempfile
 from typing import NamedTuple
 
 import nibabel as nib
@@ -56,7 +58,7 @@ CHAOS_GREY = {6: 63, 2: 126, 3: 189, 1: 252}
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _AXIS_LETTERS = {'L': (1, 0, 0), 'R': (-1, 0, 0), 'P': (0, 1, 0), 'A': (0, -1, 0),
                  'S': (0, 0, 1), 'I': (0, 0, -1)}
-_MR_MAX = 4095  # 12 bits stored, as on the scanners the real MR data came from.
+_MR_MAX = 4095  # MR DICOM commonly stores 12 bits; the CHAOS writer declares BitsStored 12.
 _FAR = 1e4      # radius (mm) that makes an ellipsoid a cylinder within any field of view
 
 
@@ -77,9 +79,9 @@ _CARDIAC = {
     'bone': _Tissue(0, 650., 380.),
     'right_atrium': _Tissue(550, 170., 820.),
     'right_ventricle': _Tissue(600, 210., 760.),
-    'pulmonary_artery': _Tissue(850, 240., 620.),
+    'pulmonary_artery': _Tissue(850, 240., 660.),
     'left_atrium': _Tissue(420, 290., 680.),
-    'aorta': _Tissue(820, 440., 500.),
+    'aorta': _Tissue(820, 440., 430.),
     'myocardium': _Tissue(205, 110., 170.),
     'left_ventricle': _Tissue(500, 360., 900.),
 }
@@ -112,10 +114,12 @@ class _GridSpec(NamedTuple):
   max_tilt: float                     # degrees of random oblique rotation
 
 
-# The cardiac CT field of view crops the body like the real MM-WHS CT; the MR one shows it.
+# Cardiac fields of view are cropped around the heart (as most MM-WHS volumes are), MR a
+# little wider than CT; tight enough that the myocardium stays a few voxels thick when the
+# demo resizes slices to 64x64.
 _GRIDS = {
-    ('cardiac', 'ct'): _GridSpec((190., 190., 150.), 'RAS', (-10., 10., 25.), 0.),
-    ('cardiac', 'mr'): _GridSpec((280., 280., 170.), 'ARI', (-30., 25., 25.), 6.),
+    ('cardiac', 'ct'): _GridSpec((170., 170., 150.), 'RAS', (-12., 10., 25.), 0.),
+    ('cardiac', 'mr'): _GridSpec((210., 210., 170.), 'ARI', (-15., 15., 25.), 6.),
     ('abdominal', 'ct'): _GridSpec((340., 340., 220.), 'LPS', (0., 10., 30.), 0.),
     ('abdominal', 'mr'): _GridSpec((380., 380., 240.), 'PLI', (0., 10., 30.), 0.),
 }
@@ -560,10 +564,53 @@ def write_abdominal(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int =
   return written
 
 
+_WRITERS = {'mmwhs': write_mmwhs, 'abdominal': write_abdominal}
+_MARKER = '.ukd_synthetic.json'  # hidden, so the dataset adapters never list it
+
+
+def ensure(root, cfg) -> str:
+  """Generate a phantom dataset into `root` once; later calls (a resumed run) reuse it.
+
+  `cfg` is config.data.synthetic: n_ct, n_mr, shape, optionally layout ('mmwhs' or
+  'abdominal', default 'mmwhs') and seed (default 0). The dataset is written to a temporary
+  sibling folder and renamed into place, so an interrupted run never leaves a half-written
+  root that a later run would take for complete. A root that exists must hold phantoms made
+  with the same settings: silently training on other data would be worse than stopping.
+  """
+  settings = {'layout': str(cfg.get('layout', 'mmwhs')), 'n_ct': int(cfg.n_ct),
+              'n_mr': int(cfg.n_mr), 'shape': [int(n) for n in cfg.shape],
+              'seed': int(cfg.get('seed', 0))}
+  root = os.path.abspath(os.fspath(root))
+  if os.path.exists(root):
+    try:
+      with open(os.path.join(root, _MARKER)) as f:
+        found = json.load(f)
+    except (OSError, ValueError):
+      raise DataError(f'{root}: exists but holds no synthetic dataset ({_MARKER} missing or '
+                      'unreadable); point data.root elsewhere') from None
+    if found != settings:
+      raise DataError(f'{root}: holds phantoms made with {found}, not {settings}; delete it or '
+                      'use another root')
+    return root
+  if settings['layout'] not in _WRITERS:
+    raise DataError(f"data.synthetic.layout {settings['layout']!r} unknown: use one of "
+                    f'{sorted(_WRITERS)}')
+  _check_shape(settings['shape'])  # fail before anything is written
+  _check_counts(n_ct=settings['n_ct'], n_mr=settings['n_mr'])
+  os.makedirs(os.path.dirname(root), exist_ok=True)
+  staging = tempfile.mkdtemp(prefix='.phantoms-', dir=os.path.dirname(root))
+  _WRITERS[settings['layout']](staging, settings['n_ct'], settings['n_mr'],
+                               shape=settings['shape'], seed=settings['seed'])
+  with open(os.path.join(staging, _MARKER), 'w') as f:
+    json.dump(settings, f, sort_keys=True)
+  os.rename(staging, root)
+  return root
+
+
 def main(argv=None) -> None:
   """python -m ukd.data.synthetic --layout=mmwhs --out=DIR --n_ct=4 --n_mr=4"""
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-  parser.add_argument('--layout', choices=('mmwhs', 'abdominal'), required=True)
+  parser.add_argument('--layout', choices=sorted(_WRITERS), required=True)
   parser.add_argument('--out', required=True, help='dataset root to write')
   parser.add_argument('--n_ct', type=int, default=4)
   parser.add_argument('--n_mr', type=int, default=4)
@@ -575,9 +622,8 @@ def main(argv=None) -> None:
     shape = tuple(int(n) for n in args.shape.split(','))
   except ValueError:
     parser.error(f'--shape must be comma-separated integers, got {args.shape!r}')
-  writer = write_mmwhs if args.layout == 'mmwhs' else write_abdominal
   try:
-    written = writer(args.out, args.n_ct, args.n_mr, shape=shape, seed=args.seed)
+    written = _WRITERS[args.layout](args.out, args.n_ct, args.n_mr, shape=shape, seed=args.seed)
   except DataError as error:
     parser.error(str(error))
   print(f'wrote {len(written)} files under {args.out}')

@@ -25,6 +25,11 @@ def build(model_config, modalities):
   return NETWORKS[name](**kwargs)
 
 
+def input_spatial(config) -> tuple[int, ...]:
+  """The spatial shape of one training input: a 2D slice or a 3D patch."""
+  return tuple(config.data.size) if DIMS[config.model.name] == 2 else tuple(config.data.patch)
+
+
 def example_input(model_config, spatial, batch: int = 1):
   """A zero input of the shape the network takes, e.g. for `init`."""
   channels = 3 if DIMS[model_config.name] == 2 else 1
@@ -52,5 +57,5 @@ def count_params(model_config, modalities, spatial=None) -> dict:
   return counts
 
 
-__all__ = ["build", "count_params", "init_variables", "example_input", "SCHEMES", "Scheme",
+__all__ = ["build", "count_params", "input_spatial", "init_variables", "example_input", "SCHEMES", "Scheme",
            "Sharing", "get_scheme", "DIMS"]

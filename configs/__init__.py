@@ -1,0 +1,1 @@
+"""Config files: `get_config(arg)` returns an ml_collections ConfigDict."""

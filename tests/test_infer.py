@@ -1,0 +1,338 @@
+"""Inference: geometry round trip, batching, sliding windows, compilation reuse, checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ukd import checkpoints, infer, models, state as state_lib
+from ukd.data import preprocess, volumes
+from ukd.data.volumes import DataError
+
+from helpers import tiny_config
+
+SIZE = (16, 16)
+PATCH = (16, 16, 8)
+STEP = 3
+# Voxel axes (0, 1, 2) point Superior, Left, Posterior, slightly tilted: nothing is canonical.
+OBLIQUE_LPS = np.array([[0.05, -1.2, 0.0, 10.0],
+                        [0.0, 0.03, -1.5, -20.0],
+                        [2.5, 0.0, 0.04, 5.0],
+                        [0.0, 0.0, 0.0, 1.0]])
+
+
+def _config(name="dilated2d", batch=8, width=2):
+  config = tiny_config(name)
+  config.model.width = width
+  config.data.size = SIZE
+  config.data.patch = PATCH
+  config.infer.batch_size = batch
+  return config
+
+
+def _variables(state):
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _create(config):
+  """A freshly initialised train state; jitted, which compiles faster than running eagerly."""
+  model = models.build(config.model, config.modalities)
+  spatial = models.input_spatial(config)
+  return jax.jit(lambda key: state_lib.create(config, model, spatial, key))(jax.random.key(0))
+
+
+def _zeros_like_network(config):
+  """params and batch_stats of the config's network as zeros: a checkpoint's structure, free."""
+  model = models.build(config.model, config.modalities)
+  shapes = jax.eval_shape(lambda: models.init_variables(
+      model, config.model, models.input_spatial(config), jax.random.key(0)))
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def _ct_like(shape, seed=0):
+  """Smooth blobs plus noise in HU, so a random network still predicts several classes."""
+  rng = np.random.default_rng(seed)
+  grid = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+  blob = sum(np.cos(3 * g + p) for g, p in zip(grid, rng.uniform(0, 3, 3)))
+  return (300 * blob + rng.normal(0, 50, shape)).astype(np.float32)
+
+
+def _save(array, affine, path):
+  image = nib.Nifti1Image(array, affine)
+  image.set_qform(affine, code=1)
+  image.set_sform(affine, code=1)
+  nib.save(image, str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def state2d():
+  config = _config()
+  return config, _create(config)
+
+
+@pytest.fixture(scope="module")
+def seg(state2d):
+  config, state = state2d
+  return infer.Segmenter(config, _variables(state))
+
+
+@pytest.fixture(scope="module")
+def workdir(state2d, tmp_path_factory):
+  """A work dir holding the module's state as checkpoint STEP, saved as training saves it."""
+  config, state = state2d
+  path = str(tmp_path_factory.mktemp("run"))
+  mgr = checkpoints.manager(path)
+  checkpoints.save(mgr, STEP, state, config)
+  mgr.wait_until_finished()
+  mgr.close()
+  return path
+
+
+@pytest.fixture(scope="module")
+def seg3d():
+  config = _config("unet3d")
+  return infer.Segmenter(config, _variables(_create(config)))
+
+
+# --- geometry --------------------------------------------------------------------------------------
+
+
+def test_predict_file_writes_onto_the_input_grid(seg, tmp_path):
+  original = _ct_like((6, 20, 12))
+  source = _save(original, OBLIQUE_LPS, tmp_path / "scan.nii.gz")
+  out = str(tmp_path / "out" / "pred.nii.gz")
+  probs_path = str(tmp_path / "out" / "probs.nii.gz")
+  seg.predict_file(source, out, "ct", probabilities=probs_path)
+
+  written = nib.load(out)
+  assert written.shape == original.shape
+  assert np.array_equal(written.affine, nib.load(source).affine)
+  assert written.get_data_dtype() == np.uint8
+  labels = np.asarray(written.dataobj)
+
+  canonical, _ = seg.predict_volume(volumes.read_image(source), "ct")
+  assert canonical.shape == (20, 12, 6)  # (R, A, S) from voxel axes (L, P, S)
+  assert len(np.unique(canonical)) > 1
+  # By hand: canonical R and A run against voxel axes 1 and 2; S is voxel axis 0.
+  assert np.array_equal(labels, np.transpose(canonical[::-1, ::-1, :], (2, 0, 1)))
+
+  probs = np.asarray(nib.load(probs_path).dataobj)
+  assert probs.shape == original.shape + (3,) and probs.dtype == np.float32
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  assert np.array_equal(np.argmax(probs, -1), labels)
+  assert np.array_equal(seg.predict(original, "ct", affine=OBLIQUE_LPS), labels)
+
+
+def test_spacing_alone_means_an_axis_aligned_ras_array(seg):
+  volume = _ct_like((16, 16, 5))
+  assert np.array_equal(seg.predict(volume, "ct", spacing=(2.0, 2.0, 3.0)),
+                        seg.predict(volume, "ct"))
+
+
+# --- batching and compilation ------------------------------------------------------------------
+
+
+def test_results_do_not_depend_on_the_batch_size(state2d):
+  config, state = state2d
+  volume = volumes.from_array(_ct_like((16, 16, 10), seed=1))
+  results = []
+  for batch in (1, 7):
+    config = _config(batch=batch)
+    results.append(infer.Segmenter(config, _variables(state)).predict_volume(volume, "mr"))
+  assert np.array_equal(results[0][0], results[1][0])
+  np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_volumes_of_any_slice_count_reuse_the_compiled_network(seg):
+  seg.predict(_ct_like((16, 16, 9)), "ct")
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.jit(lambda x: x * 3 + 1)(np.ones(5))  # the listener does see compilations
+    assert len(compiles) == 1
+    seg.predict(_ct_like((16, 16, 9), seed=2), "ct")
+    seg.predict(_ct_like((20, 12, 13), seed=3), "ct")
+    infer.Segmenter(seg.config, seg.variables).predict(_ct_like((16, 16, 9), seed=4), "ct")
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(compiles) == 1
+
+
+# --- 3D sliding windows ------------------------------------------------------------------------
+
+
+def test_gaussian_importance_peaks_at_the_centre_with_sigma_an_eighth():
+  weights = infer.gaussian_importance((16, 1, 8))
+  assert weights.shape == (16, 1, 8) and weights.max() == 1.0
+  profile = weights[:, 0, 3]
+  expected = np.exp(-0.5 * ((np.arange(16) - 7.5) / 2.0) ** 2)
+  np.testing.assert_allclose(profile / profile.max(), expected / expected.max(), rtol=1e-6)
+  np.testing.assert_allclose(weights, weights[::-1, :, ::-1])
+
+
+def test_window_starts_cover_the_volume_with_the_overlap():
+  assert infer.window_starts(8, 8, 0.5) == [0]
+  assert infer.window_starts(20, 8, 0.5) == [0, 4, 8, 12]
+  assert infer.window_starts(21, 8, 0.5) == [0, 3, 6, 10, 13]
+  assert infer.window_starts(24, 8, 0.0) == [0, 8, 16]
+
+
+def test_one_window_equals_whole_volume_inference(seg3d):
+  volume = volumes.from_array(_ct_like(PATCH))
+  labels, probs = seg3d.predict_volume(volume, "ct")
+
+  prepared = preprocess.prepare(volume, None, "ct", seg3d.config.data)
+  model = models.build(seg3d.config.model, seg3d.config.modalities)
+  apply = jax.jit(lambda v, x: model.apply(v, x, modality="ct"))  # compiles faster than eager
+  logits = apply(seg3d.variables, prepared.image[None, ..., None])
+  direct = preprocess.restore(np.asarray(jax.nn.softmax(logits[0])), prepared.geometry,
+                              is_label=False)
+  np.testing.assert_allclose(probs, direct, atol=1e-5)
+  assert np.array_equal(labels, np.argmax(direct, -1))
+
+
+@pytest.mark.parametrize("slices", [5, 20])
+def test_sliding_windows_are_batch_invariant_on_any_slice_count(seg3d, slices):
+  volume = volumes.from_array(_ct_like((16, 16, slices)))
+  results = [infer.Segmenter(_config("unet3d", batch=b), seg3d.variables).predict_volume(
+      volume, "mr") for b in (1, 3)]
+  assert results[0][1].shape == (16, 16, slices, 3)
+  np.testing.assert_allclose(results[0][1].sum(-1), 1.0, atol=1e-5)
+  assert np.array_equal(results[0][0], results[1][0])
+  np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s, d: s.predict(np.zeros((16, 16, 4)), "pet"), r"modality 'pet'.*\['ct', 'mr'\]"),
+    (lambda s, d: s.predict(np.zeros((16, 16)), "ct"), r"expected a 3D volume, got shape"),
+    (lambda s, d: s.predict(np.full((16, 16, 4), np.nan), "ct"), r"NaN"),
+    (lambda s, d: s.predict(np.zeros((16, 16, 4)), "ct", spacing=(1, 2)), r"spacing must be 3"),
+    (lambda s, d: s.predict_file(f"{d}/missing.nii.gz", f"{d}/o.nii.gz", "ct"), "file not found"),
+    (lambda s, d: infer.predict_paths(s, d, f"{d}/out", "ct"), r"no \.nii or \.nii\.gz files"),
+    (lambda s, d: infer.predict_paths(s, f"{d}/nowhere", f"{d}/out", "ct"), "input not found"),
+])
+def test_bad_input_gives_a_one_line_error(seg, tmp_path, call, message):
+  with pytest.raises(DataError, match=message) as error:
+    call(seg, str(tmp_path))
+  assert "\n" not in str(error.value)
+
+
+# --- files and folders ---------------------------------------------------------------------
+
+
+def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  _save(_ct_like((16, 16, 4)), OBLIQUE_LPS, inputs / "b.nii")
+  _save(_ct_like((12, 16, 6)), np.diag([-1.0, -1.0, 2.0, 1.0]), inputs / "a_0000.nii.gz")
+  (inputs / "notes.txt").write_text("not an image")
+  out = tmp_path / "out"
+  written = infer.predict_paths(seg, str(inputs), str(out), "ct", probabilities=True)
+  assert written == [str(out / n) for n in ("a.nii.gz", "a_probabilities.nii.gz", "b.nii.gz",
+                                            "b_probabilities.nii.gz")]
+  assert nib.load(written[2]).shape == (16, 16, 4)
+  assert infer.predict_paths(seg, str(inputs / "b.nii"), str(out), "ct") == [str(out / "b.nii.gz")]
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def test_load_predicts_like_the_live_variables(seg, workdir):
+  volume = _ct_like((16, 16, 6), seed=5)
+  expected = seg.predict_volume(volumes.from_array(volume), "mr")
+  ckpt = os.path.join(workdir, "checkpoints")
+  for path in (workdir, ckpt, os.path.join(ckpt, str(STEP))):
+    loaded = infer.load(path)
+    assert loaded.step == STEP
+    assert list(loaded.config.modalities) == ["ct", "mr"]
+    labels, probs = loaded.predict_volume(volumes.from_array(volume), "mr")
+    assert np.array_equal(labels, expected[0]) and np.array_equal(probs, expected[1])
+
+
+@pytest.mark.parametrize("path, step, message", [
+    ("", "best", "holds no checkpoints"),
+    ("checkpoints", "best", "no checkpoint in"),
+])
+def test_a_dir_without_checkpoints_is_refused(tmp_path, path, step, message):
+  os.makedirs(tmp_path / path, exist_ok=True)
+  with pytest.raises(checkpoints.CheckpointError, match=message):
+    infer.load(str(tmp_path / path), step=step)
+
+
+@pytest.mark.parametrize("sub, step, message", [
+    (f"checkpoints/{STEP}", "latest", f"is step {STEP}, but step='latest'"),
+    ("", 7, "no checkpoint for step 7"),
+])
+def test_an_unknown_step_is_refused(workdir, sub, step, message):
+  with pytest.raises(checkpoints.CheckpointError, match=message):
+    infer.load(os.path.join(workdir, sub), step=step)
+
+
+@pytest.mark.parametrize("change", ["width", "scheme"])
+def test_a_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, change):
+  saved_config = _config()
+  trained = _config(width=4)
+  if change == "scheme":
+    trained = _config()
+    trained.model.scheme = "joint"  # shared norms: no per-modality statistics to restore
+  mgr = checkpoints.manager(str(tmp_path))
+  checkpoints.save(mgr, 1, _zeros_like_network(trained), saved_config)
+  mgr.wait_until_finished()
+  mgr.close()
+  with pytest.raises(checkpoints.CheckpointError, match="does not fit") as error:
+    infer.load(str(tmp_path))
+  assert "\n" not in str(error.value)
+
+
+# --- several devices -----------------------------------------------------------------------
+
+_MULTI_DEVICE = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from helpers import tiny_config
+from ukd import infer, models, state as state_lib
+from ukd.data import volumes
+config = tiny_config()
+config.data.size = (16, 16)
+config.infer.batch_size = 4
+model = models.build(config.model, config.modalities)
+variables = jax.jit(lambda k: models.init_variables(model, config.model, (16, 16), k))(
+    jax.random.key(0))
+volume = np.random.default_rng(0).normal(0, 300, (16, 16, 7)).astype(np.float32)
+out = {{}}
+for n in (1, 3):
+  seg = infer.Segmenter(config, variables, state_lib.make_mesh(jax.devices()[:n]))
+  labels, probs = seg.predict_volume(volumes.from_array(volume), "ct")
+  out[n] = (seg.batch_size, labels, probs)
+print(json.dumps(dict(devices=len(jax.devices()), batch=out[3][0],
+                      labels_equal=bool(np.array_equal(out[1][1], out[3][1])),
+                      probs_diff=float(np.abs(out[1][2] - out[3][2]).max()))))
+"""
+
+
+def test_batches_are_sharded_over_several_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3 "
+             "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+  code = _MULTI_DEVICE.format(tests=os.path.dirname(__file__))
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 3
+  assert result["batch"] == 6  # 4 rounded up to a multiple of the 3 devices
+  assert result["labels_equal"] and result["probs_diff"] < 1e-5

@@ -1,0 +1,257 @@
+"""Evaluation of a split: per-structure 3D Dice, ASSD and HD95 per volume, tables and pictures.
+
+Metrics are computed on each volume's canonical grid with its own voxel spacing, so surface
+distances are in millimetres whatever resolution the network worked at.  Each volume counts
+once, and a table cell is the mean ± std over volumes, as in the paper.
+
+Aggregation and empty structures (see `ukd.metrics` for the per-volume rules):
+  * per structure: `metrics.summarize` over the volumes; a NaN (a structure absent from
+    exactly one of prediction and ground truth has no surface distance) is left out of mean
+    and std and counted in 'n_empty';
+  * 'mean': for each volume the mean over its structures, then summarized over volumes.  A
+    volume with a NaN structure has a NaN mean, so it is counted in 'n_empty' rather than
+    averaged over its remaining structures, which would hide the miss.
+
+Outputs of `evaluate_cases(..., out_dir=d)`:
+  d/metrics.json   metrics[modality][structure | 'mean'][dice | assd | hd95] =
+                   {'mean', 'std', 'n', 'n_empty'}  (NaN written as null)
+  d/cases.csv      case, modality, class, dice, assd, hd95: one row per volume and structure
+  d/overlays/<modality>/<case id>.png   image | ground truth | prediction on three slices
+                   (per modality: case ids are only unique within one)
+"""
+
+import csv
+import json
+import math
+import os
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+from ukd import checkpoints, infer, metrics
+from ukd.data import datasets
+from ukd.data.volumes import DataError
+
+METRICS = ("dice", "assd", "hd95")
+# Distinct colours for classes 1, 2, ... (cycled when there are more classes).
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60),
+                    (250, 190, 212), (0, 128, 128), (170, 110, 40)], np.float32)
+OVERLAY_ALPHA = 0.5
+OVERLAY_SLICES = 3
+# Panels smaller than this (in pixels) are enlarged by whole factors, so tiny volumes stay visible.
+OVERLAY_MIN_SIZE = 128
+
+
+# --- per-case metrics and their summary --------------------------------------------------------
+
+
+def _case_rows(case, scores) -> list[dict]:
+  return [dict(case=case.id, modality=case.modality, **{"class": name}, **values)
+          for name, values in scores.items()]
+
+
+def summarize_rows(rows, class_names) -> dict:
+  """{modality: {structure | 'mean': {metric: summarize(...)}}} from per-case rows.
+
+  `class_names` as the adapters give them, background first; background is not scored.
+  """
+  summary = {}
+  for modality in dict.fromkeys(r["modality"] for r in rows):
+    mine = [r for r in rows if r["modality"] == modality]
+    table = {}
+    for name in class_names[1:]:
+      of_class = [r for r in mine if r["class"] == name]
+      table[name] = {k: metrics.summarize(r[k] for r in of_class) for k in METRICS}
+    table["mean"] = {k: metrics.summarize(_case_means(mine, k)) for k in METRICS}
+    summary[modality] = table
+  return summary
+
+
+def _case_means(rows, metric) -> list[float]:
+  """Mean over structures per case; NaN when any structure is NaN (see the module docstring)."""
+  by_case = {}
+  for r in rows:
+    by_case.setdefault(r["case"], []).append(r[metric])
+  return [float(np.mean(values)) for values in by_case.values()]
+
+
+# --- pictures ---------------------------------------------------------------------------------
+
+
+def _slices_to_show(label, pred, axis: int) -> list[int]:
+  """One slice from each third of the slices holding foreground (ground truth, else prediction),
+  the one with the most foreground in its third: spread over the structure, not three
+  neighbours."""
+  other = tuple(a for a in range(3) if a != axis)
+  counts = (label > 0).sum(axis=other)
+  if not counts.any():
+    counts = (pred > 0).sum(axis=other)
+  candidates = np.flatnonzero(counts) if counts.any() else np.arange(label.shape[axis])
+  parts = np.array_split(candidates, min(OVERLAY_SLICES, len(candidates)))
+  return [int(part[np.argmax(counts[part])]) for part in parts]
+
+
+def _grey(image) -> np.ndarray:
+  """Intensities to 0..255 between the 1st and 99th percentile of the whole volume."""
+  lo, hi = np.percentile(image, (1, 99))
+  return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255.0
+
+
+def _display(plane) -> np.ndarray:
+  """Transposed and flipped so the second remaining canonical axis points up: anterior at the
+  top for axial slices, superior at the top for coronal and sagittal ones."""
+  return np.flipud(np.asarray(plane).T)
+
+
+def _paint(grey, labels) -> np.ndarray:
+  rgb = np.repeat(grey[..., None], 3, axis=-1)
+  mask = labels > 0
+  colours = PALETTE[(labels[mask] - 1) % len(PALETTE)]
+  rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * colours
+  return rgb
+
+
+def overlay_image(image, label, pred, axis: int = 2) -> np.ndarray:
+  """uint8 [H, W, 3]: rows of image | ground truth overlay | prediction overlay for a few slices.
+
+  All three arrays are canonical 3D volumes of the same shape; `axis` is the slice axis.
+  """
+  grey = _grey(np.asarray(image, np.float32))
+  rows = []
+  for k in _slices_to_show(label, pred, axis):
+    take = lambda a: _display(np.take(a, k, axis=axis))  # noqa: E731
+    g = take(grey)
+    panels = [np.repeat(g[..., None], 3, axis=-1), _paint(g, take(label)), _paint(g, take(pred))]
+    gap = np.zeros((g.shape[0], 2, 3), np.float32)
+    rows.append(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1))
+  gap = np.zeros((2, rows[0].shape[1], 3), np.float32)
+  picture = np.concatenate([part for r in rows for part in (r, gap)][:-1], axis=0)
+  factor = max(1, -(-OVERLAY_MIN_SIZE // min(grey.shape[a] for a in range(3) if a != axis)))
+  picture = picture.repeat(factor, axis=0).repeat(factor, axis=1)
+  return np.round(picture).astype(np.uint8)
+
+
+def case_overlay(seg, adapter, case) -> np.ndarray:
+  """The overlay picture of one case, predicted afresh (`evaluate_cases` returns the pictures
+  of the cases it scores without predicting them twice)."""
+  image, label = adapter.read(case)
+  pred, _ = seg.predict_volume(image, case.modality, label)
+  return overlay_image(image.array, label.array, pred, seg.config.data.slice_axis)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True) -> dict:
+  """Predicts and scores every case; returns {'cases': rows, 'summary': ..., 'overlays': ...}.
+
+  'cases' holds one row per case and structure, 'summary' is `summarize_rows`' result and
+  'overlays' maps '<modality>/<case id>' to overlay pictures (empty with overlays=False).
+  With `out_dir` the files listed in the module docstring are written.
+  """
+  rows, pictures = [], {}
+  for i, case in enumerate(cases):
+    image, label = adapter.read(case)
+    if label is None:
+      raise DataError(f"case {case.id}: no label to evaluate against ({case.image})")
+    pred, _ = seg.predict_volume(image, case.modality, label)
+    scores = metrics.evaluate_case(pred, label.array, image.spacing, adapter.classes)
+    rows += _case_rows(case, scores)
+    logging.info("[%d/%d] %s %s: Dice %s", i + 1, len(cases), case.modality, case.id,
+                 " ".join(f"{name}={s['dice']:.3f}" for name, s in scores.items()))
+    if overlays:
+      pictures[f"{case.modality}/{case.id}"] = overlay_image(
+          image.array, label.array, pred, seg.config.data.slice_axis)
+  summary = summarize_rows(rows, adapter.classes)
+  if out_dir is not None:
+    write_results(out_dir, rows, summary, pictures)
+  return {"cases": rows, "summary": summary, "overlays": pictures}
+
+
+def _json_safe(value):
+  """NaN -> None, so metrics.json is standard JSON that every reader accepts."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  return value
+
+
+def write_results(out_dir, rows, summary, pictures) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
+    f.write("\n")
+  with open(os.path.join(out_dir, "cases.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=("case", "modality", "class") + METRICS)
+    writer.writeheader()
+    writer.writerows(rows)
+  for name, picture in pictures.items():
+    path = os.path.join(out_dir, "overlays", f"{name}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(picture).save(path)
+
+
+def _cell(stats, scale: float, digits: int) -> str:
+  """'mean ± std', 'n/a' without any finite value, and how many volumes were left out."""
+  if stats["n"] == 0:
+    text = "n/a"
+  else:
+    text = f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+  if stats["n_empty"]:
+    text += f" ({stats['n_empty']} n/a)"
+  return text
+
+
+def format_table(summary, class_names) -> str:
+  """A Markdown table laid out like the paper's: a row per structure and the mean, Dice (%) and
+  ASSD (mm) columns per modality.  `class_names` as the adapters give them, background first."""
+  modalities = list(summary)
+  header = ["Structure"] + [f"{m.upper()} {what}" for m in modalities
+                            for what in ("Dice (%)", "ASSD (mm)")]
+  body = []
+  for name in [*class_names[1:], "mean"]:
+    cells = [name if name != "mean" else "Mean"]
+    for m in modalities:
+      stats = summary[m].get(name)
+      if stats is None:
+        cells += ["", ""]
+      else:
+        cells += [_cell(stats["dice"], 100.0, 1), _cell(stats["assd"], 1.0, 2)]
+    body.append(cells)
+  widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+  def line(cells):
+    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+  rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([line(header), rule] + [line(row) for row in body])
+
+
+def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
+  """Scores a work dir's checkpoint on one split of its dataset; writes `<workdir>/eval/`.
+
+  Everything comes from the work dir: the network and config from the checkpoint, the split
+  from `splits.json`, so the test cases are the ones training never saw.  Prints the table
+  and returns the summary.
+  """
+  if split not in datasets.SPLIT_NAMES:
+    raise DataError(f"split {split!r} is not one of {list(datasets.SPLIT_NAMES)}")
+  workdir = checkpoints.find_workdir(workdir)
+  seg = infer.load(workdir, step=step)
+  config = seg.config
+  adapter = datasets.get_adapter(config.data.dataset, **config.data.options.to_dict())
+  cases = [c for c in adapter.cases(config.data.root) if c.modality in config.modalities]
+  splits = datasets.load_or_make_splits(
+      workdir, cases, seed=config.seed, fractions=tuple(config.data.split_fractions),
+      split_file=config.data.split_file or None)
+  chosen = [c for c in cases if c.id in splits[c.modality][split]]
+  if not chosen:
+    raise DataError(f"{workdir}: the {split} split has no cases of {list(config.modalities)}")
+  result = evaluate_cases(seg, adapter, chosen, out_dir=os.path.join(workdir, "eval"),
+                          overlays=overlays)
+  print(f"{split} split, checkpoint step {seg.step}, {len(chosen)} volumes")
+  print(format_table(result["summary"], adapter.classes))
+  return result["summary"]

@@ -1,0 +1,131 @@
+"""What a run reports: TensorBoard events, a JSON-lines metrics file and a progress display.
+
+Only process 0 writes.  On resume, lines and events past the resumed step (written
+after the last checkpoint by the run that died) are dropped, so the logs read as
+one uninterrupted run.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class MetricWriter:
+  """TensorBoard (tensorboardX: no TensorFlow needed) plus `<workdir>/metrics.jsonl`."""
+
+  def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter
+
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_jsonl(self.path, start_step)
+    self.file = open(self.path, "a")
+    # purge_step makes TensorBoard discard events at or after the resumed step.
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                            purge_step=start_step + 1 if start_step else None)
+
+  def write_config(self, config):
+    if self.enabled:
+      self.tb.add_text("config", "```\n" + str(config) + "\n```", 0)
+
+  def scalars(self, step: int, values: dict):
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    for key, value in values.items():
+      self.tb.add_scalar(key, value, step)
+    self.file.write(json.dumps({"step": step, **values}) + "\n")
+    self.file.flush()
+
+  def images(self, step: int, pictures: dict):
+    """{name: uint8 [H, W, 3]} pictures, e.g. image | ground truth | prediction overlays."""
+    if not self.enabled:
+      return
+    for name, picture in pictures.items():
+      self.tb.add_image(f"overlay/{name}", np.asarray(picture), step, dataformats="HWC")
+
+  def close(self):
+    if self.enabled:
+      self.file.close()
+      self.tb.close()
+
+
+def _truncate_jsonl(path: str, last_step: int):
+  """Keeps only the lines up to `last_step`; rewritten atomically."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        keep.append(line)
+    except (ValueError, KeyError):
+      continue  # a line cut short by a kill
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+class Progress:
+  """Steps/s and ETA: a live bar on a terminal, a plain line every few seconds otherwise."""
+
+  def __init__(self, total: int, start: int, enabled: bool = True, every_seconds: float = 10.0):
+    self.total, self.start, self.enabled = total, start, enabled
+    self.t0 = self.last_print = time.time()
+    self.every = every_seconds
+    self.bar = None
+    if enabled and sys.stdout.isatty():
+      from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
+                                 TimeRemainingColumn)
+      self.bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                     TextColumn("{task.fields[rate]} steps/s  loss {task.fields[loss]}"),
+                     TimeRemainingColumn())
+      self.task = self.bar.add_task("train", total=total, completed=start, rate="-", loss="-")
+      self.bar.start()
+
+  def _rate(self, step):
+    elapsed = max(time.time() - self.t0, 1e-9)
+    return (step - self.start) / elapsed
+
+  def update(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    rate = self._rate(step)
+    loss = float(metrics["loss"])
+    if self.bar is not None:
+      self.bar.update(self.task, completed=step, rate=f"{rate:.2f}", loss=f"{loss:.4f}")
+    elif time.time() - self.last_print >= self.every or step == self.total:
+      self.last_print = time.time()
+      eta = (self.total - step) / rate if rate > 0 else float("inf")
+      print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  "
+            f"ETA {_duration(eta)}", flush=True)
+
+  def note(self, step: int, text: str):
+    if not self.enabled:
+      return
+    line = f"step {step}/{self.total}  {text}"
+    if self.bar is not None:
+      self.bar.console.print(line)
+    else:
+      print(line, flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.stop()
+
+
+def _duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
