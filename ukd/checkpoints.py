@@ -132,9 +132,17 @@ def restore_variables(mgr, step: int, abstract_variables):
 
 
 def _check_shapes(expected, got, where):
-  want = jax.tree_util.tree_flatten_with_path(expected)[0]
+  """A partial restore keeps the abstract leaf wherever the checkpoint lacks an entry (e.g. a
+  network trained with shared norms, loaded as one with per-modality norms): refuse that, and
+  any leaf whose shape differs."""
   have = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-  for path, leaf in want:
-    if path not in have or tuple(have[path].shape) != tuple(leaf.shape):
-      raise CheckpointError(f"checkpoint {where} does not fit its config's network at "
-                            f"{jax.tree_util.keystr(path)}")
+  for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+    found = have.get(path)
+    if not isinstance(found, jax.Array):
+      problem = "it has no"
+    elif tuple(found.shape) != tuple(leaf.shape):
+      problem = f"shape {tuple(found.shape)} != {tuple(leaf.shape)} at"
+    else:
+      continue
+    raise CheckpointError(f"checkpoint {where} does not fit its config's network: {problem} "
+                          f"{jax.tree_util.keystr(path)}")

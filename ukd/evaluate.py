@@ -133,14 +133,6 @@ def overlay_image(image, label, pred, axis: int = 2) -> np.ndarray:
   return np.round(picture).astype(np.uint8)
 
 
-def case_overlay(seg, adapter, case) -> np.ndarray:
-  """The overlay picture of one case, predicted afresh (`evaluate_cases` returns the pictures
-  of the cases it scores without predicting them twice)."""
-  image, label = adapter.read(case)
-  pred, _ = seg.predict_volume(image, case.modality, label)
-  return overlay_image(image.array, label.array, pred, seg.config.data.slice_axis)
-
-
 # --- evaluation -------------------------------------------------------------------------------
 
 

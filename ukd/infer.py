@@ -138,7 +138,6 @@ class Segmenter:
       config = checkpoints.restore_config(mgr, chosen)
       mesh = state_lib.make_mesh(jax.local_devices())
       variables = checkpoints.restore_variables(mgr, chosen, _abstract_variables(config, mesh))
-      _check_complete(variables, f"{mgr.directory}/{chosen}")
     finally:
       mgr.close()
     logging.info("restored step %d of %s", chosen, workdir)
@@ -265,16 +264,6 @@ def _abstract_variables(config, mesh):
       lambda: models.init_variables(model, config.model, spatial, jax.random.key(0)))
   sharding = state_lib.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
-def _check_complete(variables, where) -> None:
-  """A partial restore keeps the abstract leaf wherever the checkpoint lacks an entry (e.g. a
-  network trained with shared norms, loaded as one with per-modality norms): refuse it."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-    if not isinstance(leaf, jax.Array):
-      raise checkpoints.CheckpointError(
-          f"checkpoint {where} does not fit its config's network: it has no "
-          f"{jax.tree_util.keystr(path)}")
 
 
 def _step_of_path(path, step):

@@ -46,10 +46,17 @@ def run(argv):
   if os.environ.get("UKD_DISTRIBUTED"):
     jax.distributed.initialize()  # multi-host: peers found from the cluster's metadata
   if FLAGS.mode == "train":
-    if FLAGS.config is None:
+    try:
+      config = FLAGS.config
+      if config is not None:
+        config.keys()  # a config file that failed to load raises on first use
+    except (OSError, SyntaxError, AttributeError, ImportError) as e:
+      reason = str(e).strip().splitlines()[-1].strip()
+      raise config_lib.ConfigError(f"cannot load --config: {reason}") from None
+    if config is None:
       raise config_lib.ConfigError("--config is required for --mode=train, e.g. "
                                    "--config=configs/demo.py")
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "evaluate":
     evaluate.evaluate(FLAGS.workdir, step=FLAGS.step)
   else:
@@ -91,8 +98,21 @@ def _packaged_configs(argv):
   return out
 
 
+def _parse_flags(argv):
+  """absl's parser, with a broken config (file, unknown key, wrong type) as one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, TypeError, ValueError, SyntaxError, OSError) as e:
+    message = (f"no such config field {e}" if isinstance(e, (AttributeError, KeyError))
+               else f"{type(e).__name__}: {e}")
+  print(f"ukd: error: bad flag or config override: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
 def cli():
-  app.run(main, argv=_packaged_configs(sys.argv))
+  app.run(main, argv=_packaged_configs(sys.argv), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

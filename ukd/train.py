@@ -73,11 +73,10 @@ def validate(segmenter, data: Data, split="val"):
     cases = data.cases[m][split]
     if not cases:
       continue
-    result = evaluate.evaluate_cases(segmenter, data.adapter, cases, overlays=False)
-    summary = result["summary"][m]
-    for name, values in summary.items():
+    result = evaluate.evaluate_cases(segmenter, data.adapter, cases)
+    for name, values in result["summary"][m].items():
       scalars[f"val_dice/{m}/{name}"] = values["dice"]["mean"]
-    pictures[m] = evaluate.case_overlay(segmenter, data.adapter, cases[0])
+    pictures[m] = result["overlays"][f"{m}/{cases[0].id}"]
   means = [v for k, v in scalars.items() if k.endswith("/mean")]
   scalars["val_dice/mean"] = float(np.mean(means)) if means else float("nan")
   return scalars, pictures

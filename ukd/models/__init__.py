@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ukd.config import ConfigError
 from ukd.models.dilated2d import Dilated2D
 from ukd.models.schemes import SCHEMES, Scheme, Sharing, get_scheme
 from ukd.models.unet3d import UNet3D
@@ -17,7 +18,7 @@ def build(model_config, modalities):
   """Returns the Linen module described by `config.model` for the given modality names."""
   name = model_config.name
   if name not in NETWORKS:
-    raise ValueError(f"config.model.name={name!r} is not a network; choose one of {sorted(NETWORKS)}")
+    raise ConfigError(f"config.model.name={name!r} is not a network; choose one of {sorted(NETWORKS)}")
   kwargs = dict(num_classes=model_config.num_classes, modalities=tuple(modalities),
                 scheme=get_scheme(model_config.scheme), width=model_config.width)
   if name == "dilated2d":

@@ -8,6 +8,8 @@ is adding an entry to `SCHEMES`; no network code changes.
 
 import dataclasses
 
+from ukd.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Sharing:
@@ -60,6 +62,6 @@ SCHEMES = {
 
 def get_scheme(name: str) -> Scheme:
   if name not in SCHEMES:
-    raise ValueError(
+    raise ConfigError(
         f"config.model.scheme={name!r} is not a sharing scheme; choose one of {sorted(SCHEMES)}")
   return SCHEMES[name]
