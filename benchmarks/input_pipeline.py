@@ -4,6 +4,9 @@
   python -m benchmarks.input_pipeline --dims=3 --batch=2   # 3D: 256x256x8 patches, 2 + 2
 
 2D (default): 256x256x3 slices (centre + neighbours), 8 + 8 per step.
+With --train_step, the paper's 2D train step (width 16, 5 classes, 8 + 8 at 256x256) is timed
+too on the same machine, and the ratio of the two rates is printed (the pipeline should supply
+at least 3x what the step consumes).
 
 Synthetic volumes (random ellipsoid blobs on noise) are written as cache entries to a temporary
 directory, so the number measures sampling, augmentation and batching, not file decoding.
@@ -29,6 +32,7 @@ _WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed steps first (worker start-u
 _FG = flags.DEFINE_float('fg_fraction', 0.0, 'Foreground oversampling probability.')
 _DIMS = flags.DEFINE_integer('dims', 2, '2: slices with neighbours; 3: patches (size, size, 8).')
 _AUGMENT = flags.DEFINE_bool('augment', False, 'Flips, rotation, scaling and intensity jitter.')
+_TRAIN_STEP = flags.DEFINE_bool('train_step', False, 'Also time the paper 2D train step.')
 
 
 def _blob_volume(rng, size: int, slices: int):
@@ -83,9 +87,39 @@ def main(argv):
     finally:
       it.close()
   samples = _STEPS.value * _BATCH.value * len(shapes)
+  rate = _STEPS.value / elapsed
   print(f'dims={_DIMS.value} workers={_WORKERS.value} augment={_AUGMENT.value} '
-        f'image shapes {shapes}: {_STEPS.value / elapsed:.1f} batches/s '
-        f'({samples / elapsed:.0f} samples/s)')
+        f'image shapes {shapes}: {rate:.1f} batches/s ({samples / elapsed:.0f} samples/s)')
+  if _TRAIN_STEP.value:
+    steps_per_s = _train_step_rate()
+    print(f'paper 2D train step: {steps_per_s:.3f} steps/s; pipeline / step = '
+          f'{rate / steps_per_s:.0f}x')
+
+
+def _train_step_rate(repeats: int = 3) -> float:
+  """Steps per second of the paper's 2D train step on random data, after compilation."""
+  import jax
+
+  from ukd import config as config_lib, models, state as state_lib, steps
+
+  config = config_lib.default()  # the paper's 2D setting: width 16, 256x256, 8 + 8
+  config.batch_size = _BATCH.value
+  model = models.build(config.model, config.modalities)
+  mesh = state_lib.make_mesh()
+  state = state_lib.create(config, model, tuple(config.data.size), jax.random.key(0), mesh)
+  step = steps.make_train_step(model, config, mesh)
+  rng = np.random.default_rng(0)
+  batch = {m: {'image': rng.normal(size=(_BATCH.value, *config.data.size, 3)).astype(np.float32),
+               'label': rng.integers(0, 5, (_BATCH.value, *config.data.size)).astype(np.int32)}
+           for m in config.modalities}
+  batch = state_lib.to_global_batch(batch, mesh)
+  state, _ = step(state, batch)  # compile
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    state, _ = step(state, batch)
+  jax.block_until_ready(state)
+  return repeats / (time.perf_counter() - start)
 
 
 if __name__ == '__main__':

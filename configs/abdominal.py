@@ -11,7 +11,7 @@ from ukd import config as config_lib
 
 def get_config(arg=None):
   c = config_lib.default()
-  args = dict(a.split("=", 1) if "=" in a else (a, True) for a in (arg or "").split(",") if a)
+  args = config_lib.parse_arg(arg)
   c.data.dataset = "abdominal"
   c.modalities = ("ct", "mr")
   c.model.name = "unet3d"

@@ -13,13 +13,13 @@ from ukd import config as config_lib
 
 def get_config(arg=None):
   c = config_lib.default()
-  args = dict(a.split("=", 1) if "=" in a else (a, True) for a in (arg or "").split(",") if a)
+  args = config_lib.parse_arg(arg)
   c.data.dataset = "mmwhs"
   c.data.root = ""                   # '' = <workdir>/phantoms
   c.data.synthetic.enabled = True
   c.data.synthetic.n_ct = 10
   c.data.synthetic.n_mr = 10
-  c.data.synthetic.shape = (96, 96, 40)
+  c.data.synthetic.shape = (64, 64, 40)  # in-plane at the network size: no resizing
   c.data.size = (64, 64)
   c.data.crop = "none"
   c.data.fg_fraction = 0.7
@@ -29,10 +29,10 @@ def get_config(arg=None):
   c.model.scheme = args.get("scheme", "ukd")
   c.model.width = 4
   c.model.upsample_mult = 2
-  c.model.dropout = 0.1
+  c.model.dropout = 0.0
   c.batch_size = 8
   c.optim.lr = 2e-3
-  c.optim.decay_steps = 100
+  c.optim.decay_steps = 150
   c.total_steps = 600
   c.log_every = 20
   c.eval_every = c.checkpoint_every = 200

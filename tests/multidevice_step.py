@@ -23,7 +23,7 @@ def run(devices):
   config.optim.eps = 1e-3
   model = models.build(config.model, config.modalities)
   mesh = state_lib.make_mesh(devices)
-  state = state_lib.create(config, model, SPATIAL, jax.random.key(0))
+  state = state_lib.create(config, model, SPATIAL, jax.random.key(0), mesh)
   step = steps.make_train_step(model, config, mesh)
   for i in range(2):
     state, metrics = step(state, state_lib.to_global_batch(toy_batch(config, SPATIAL, seed=i), mesh))

@@ -52,14 +52,6 @@ def test_train_writes_checkpoints_logs_and_evaluation(trained):
   assert "Dice" in out.stdout
 
 
-def test_resume_continues_from_the_latest_checkpoint(trained, tmp_path):
-  workdir, _ = trained
-  out = ukd(*TINY, f"--workdir={workdir}", "--config.total_steps=6")
-  assert "resumed from step 4" in out.stderr + out.stdout
-  steps = losses(workdir)
-  assert set(steps) == {1, 2, 3, 4, 5, 6}
-
-
 def test_evaluate_and_predict_modes(trained, tmp_path):
   workdir, _ = trained
   out = ukd("--mode=evaluate", f"--workdir={workdir}")
@@ -108,7 +100,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(trained, tmp_path):
   reference = losses(workdir)
   killed = str(tmp_path / "killed")
   os.makedirs(killed)
-  # Same phantoms and cache: only the run itself differs.
+  # Same phantoms: only the run itself differs.
   os.symlink(os.path.join(workdir, "phantoms"), os.path.join(killed, "phantoms"))
   args = [sys.executable, "-m", "ukd.main", *TINY, f"--workdir={killed}", "--config.overlays=False"]
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -118,8 +110,24 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(trained, tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  ukd(*TINY, f"--workdir={killed}", "--config.overlays=False")
+  assert os.path.exists(first)
+  out = ukd(*TINY, f"--workdir={killed}", "--config.overlays=False")
+  assert "resumed from step" in out.stderr + out.stdout
   resumed = losses(killed)
   assert set(resumed) == {1, 2, 3, 4}
   for step in range(1, 5):
     assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+def test_nonfinite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(trained):
+  """An infinite L2 weight makes the loss infinite at the first step after the resume."""
+  workdir, _ = trained
+  out = ukd(*TINY, f"--workdir={workdir}", "--config.total_steps=6", "--config.loss.l2=inf",
+            check=False)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  lines = [l for l in out.stderr.splitlines() if l.startswith("ukd: error:")]
+  assert len(lines) == 1, out.stderr[-2000:]
+  assert "non-finite loss at step 5" in lines[0] and "loss=inf" in lines[0]
+  assert max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == 4
+  assert set(losses(workdir)) == {1, 2, 3, 4}
+  assert "MYO" in ukd("--mode=evaluate", f"--workdir={workdir}", "--step=latest").stdout

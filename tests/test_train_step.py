@@ -20,7 +20,7 @@ SPATIAL = (16, 16)
 def _setup(config, devices=None):
   model = models.build(config.model, config.modalities)
   mesh = state_lib.make_mesh(devices)
-  state = state_lib.create(config, model, SPATIAL, jax.random.key(config.seed))
+  state = state_lib.create(config, model, SPATIAL, jax.random.key(config.seed), mesh)
   return model, mesh, state
 
 

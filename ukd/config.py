@@ -82,6 +82,12 @@ def default() -> mc.ConfigDict:
   return c
 
 
+def parse_arg(arg) -> dict:
+  """`configs/x.py:scheme=joint,runlocal` -> {'scheme': 'joint', 'runlocal': True}."""
+  pairs = [a.split("=", 1) if "=" in a else (a, True) for a in (arg or "").split(",") if a]
+  return dict(pairs)
+
+
 class ConfigError(ValueError):
   """A config that cannot run, with a one-line message naming the field."""
 

@@ -70,6 +70,9 @@ def run(argv):
 
 
 def main(argv):
+  if not FLAGS["verbosity"].present:
+    # Libraries log every checkpoint at INFO; the run's own progress is printed. -v 0 shows all.
+    logging.set_verbosity(logging.WARNING)
   try:
     run(argv)
   except USER_ERRORS as e:

@@ -39,14 +39,19 @@ def make_optimizer(config):
   return optax.adam(learning_rate(config), eps=config.optim.eps)
 
 
-def create(config, model, spatial, rng) -> TrainState:
-  """Initialises parameters (every modality's branches), statistics and optimizer state."""
+def create(config, model, spatial, rng, mesh=None) -> TrainState:
+  """Initialises parameters (every modality's branches), statistics and optimizer state.
+
+  With a mesh, the state is placed replicated on it: the layout the train step returns, so
+  the step compiles once rather than again on its second call.
+  """
   init_rng, state_rng = jax.random.split(rng)
   variables = models.init_variables(model, config.model, spatial, init_rng)
   params = variables["params"]
-  return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
-                    opt_state=make_optimizer(config).init(params), rng=state_rng)
+  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                     batch_stats=variables.get("batch_stats", {}),
+                     opt_state=make_optimizer(config).init(params), rng=state_rng)
+  return state if mesh is None else jax.device_put(state, replicated(mesh))
 
 
 def make_mesh(devices=None):

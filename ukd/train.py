@@ -7,12 +7,10 @@ data iterators' positions, so a resumed run's losses equal an uninterrupted one'
 
 import dataclasses
 import os
-import time
 
 import jax
 import ml_collections as mc
 import numpy as np
-from absl import logging
 
 from ukd import checkpoints, config as config_lib, evaluate, infer, models
 from ukd import state as state_lib, steps, writers
@@ -106,8 +104,7 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
   state_lib.check_batch_size(config, mesh)
   model = models.build(config.model, config.modalities)
   spatial = models.input_spatial(config)
-  state = state_lib.create(config, model, spatial, jax.random.key(config.seed))
-  state = jax.device_put(state, state_lib.replicated(mesh))
+  state = state_lib.create(config, model, spatial, jax.random.key(config.seed), mesh)
   train_iter = pipeline.make_train_iterator(
       data.train_sources, config, seed=config.seed, shard_index=jax.process_index(),
       shard_count=jax.process_count())
@@ -118,7 +115,8 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
   if start:
     checkpoints.check_resumable(mgr, start, config)
     state = checkpoints.restore_train(mgr, start, jax.eval_shape(lambda: state), train_iter)
-    logging.info("resumed from step %d in %s", start, workdir)
+    if is_main:
+      print(f"resumed from step {start} in {workdir}", flush=True)
 
   writer = writers.MetricWriter(workdir, start_step=start, enabled=is_main)
   writer.write_config(config)

@@ -79,7 +79,8 @@ class Progress:
 
   def __init__(self, total: int, start: int, enabled: bool = True, every_seconds: float = 10.0):
     self.total, self.start, self.enabled = total, start, enabled
-    self.t0 = self.last_print = time.time()
+    self.first = None
+    self.last_print = time.time()
     self.every = every_seconds
     self.bar = None
     if enabled and sys.stdout.isatty():
@@ -92,8 +93,12 @@ class Progress:
       self.bar.start()
 
   def _rate(self, step):
-    elapsed = max(time.time() - self.t0, 1e-9)
-    return (step - self.start) / elapsed
+    """Measured from the first step on, so compilation does not skew steps/s and ETA."""
+    if self.first is None:
+      self.first = (step, time.time())
+      return 0.0
+    elapsed = max(time.time() - self.first[1], 1e-9)
+    return (step - self.first[0]) / elapsed
 
   def update(self, step: int, metrics: dict):
     if not self.enabled:
