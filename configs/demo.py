@@ -17,8 +17,8 @@ def get_config(arg=None):
   c.data.dataset = "mmwhs"
   c.data.root = ""                   # '' = <workdir>/phantoms
   c.data.synthetic.enabled = True
-  c.data.synthetic.n_ct = 10
-  c.data.synthetic.n_mr = 10
+  c.data.synthetic.n_ct = 20
+  c.data.synthetic.n_mr = 20
   c.data.synthetic.shape = (64, 64, 40)  # in-plane at the network size: no resizing
   c.data.size = (64, 64)
   c.data.crop = "none"
@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.batch_size = 8
   c.optim.lr = 2e-3
   c.optim.decay_steps = 150
-  c.total_steps = 600
+  c.total_steps = 700
   c.log_every = 20
   c.eval_every = c.checkpoint_every = 200
   c.infer.batch_size = 40

@@ -119,7 +119,7 @@ class _GridSpec(NamedTuple):
 # demo resizes slices to 64x64.
 _GRIDS = {
     ('cardiac', 'ct'): _GridSpec((170., 170., 150.), 'RAS', (-12., 10., 25.), 0.),
-    ('cardiac', 'mr'): _GridSpec((210., 210., 170.), 'ARI', (-15., 15., 25.), 6.),
+    ('cardiac', 'mr'): _GridSpec((185., 185., 170.), 'ARI', (-15., 15., 25.), 6.),
     ('abdominal', 'ct'): _GridSpec((340., 340., 220.), 'LPS', (0., 10., 30.), 0.),
     ('abdominal', 'mr'): _GridSpec((380., 380., 240.), 'PLI', (0., 10., 30.), 0.),
 }
