@@ -254,7 +254,7 @@ def _cardiac_shapes(rng: np.random.Generator):
        j.tube([(-15, -30, 20), (-5, -32, 50), (15, -15, 80), (25, 15, 90)], 12)),
       ('myocardium', j.ellipsoid((1, -1, -1), (48, 33, 33), lv_axes, shift=1, scale=0.04)),
       ('left_atrium', j.ellipsoid((-10, 45, 35), (26, 20, 22))),
-      ('aorta', j.tube([(-26, 0, 20), (-32, -4, 55), (-30, 5, 95), (-20, 25, 120)], 13)),
+      ('aorta', j.tube([(-26, 0, 20), (-32, -4, 55), (-30, 5, 95), (-20, 25, 120)], 15)),
       ('left_ventricle', j.ellipsoid((0, 0, 0), (36, 21, 21), lv_axes, shift=0.5, scale=0.04)),
   ]
   return body, heart
