@@ -27,7 +27,6 @@ class Data:
 
   adapter: datasets.Adapter
   class_names: tuple[str, ...]
-  splits: dict
   cases: dict  # {modality: {split: [Case]}}
   train_sources: dict  # {modality: [cache entries]}
 
@@ -61,7 +60,7 @@ def prepare_data(config, workdir) -> Data:
   cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
   sources = {m: preprocess.cache_cases(adapter, cases[m]["train"], config.data, cache_dir)
              for m in modalities}
-  return Data(adapter, tuple(adapter.classes), splits, cases, sources)
+  return Data(adapter, tuple(adapter.classes), cases, sources)
 
 
 def validate(segmenter, data: Data, split="val"):

@@ -78,7 +78,7 @@ class Progress:
   """Steps/s and ETA: a live bar on a terminal, a plain line every few seconds otherwise."""
 
   def __init__(self, total: int, start: int, enabled: bool = True, every_seconds: float = 10.0):
-    self.total, self.start, self.enabled = total, start, enabled
+    self.total, self.enabled = total, enabled
     self.first = None
     self.last_print = time.time()
     self.every = every_seconds
