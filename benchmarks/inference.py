@@ -10,11 +10,12 @@ second, a volume of the same size, shows the steady state, in which nothing is r
 
 import time
 
-from absl import app, flags
 import jax
 import numpy as np
+from absl import app, flags
 
-from ukd import config as config_lib, infer, models
+from ukd import config as config_lib
+from ukd import infer, models
 
 _WIDTH = flags.DEFINE_integer("width", 16, "Base width of the network (16 in the paper).")
 _SIZE = flags.DEFINE_integer("size", 256, "In-plane size of the volume and the network (H = W).")
@@ -42,19 +43,19 @@ def main(argv):
   del argv
   config = _config()
   model = models.build(config.model, config.modalities)
-  variables = models.init_variables(model, config.model, tuple(config.data.size),
-                                    jax.random.key(0))
+  variables = models.init_variables(model, config.model, tuple(config.data.size), jax.random.key(0))
   segmenter = infer.Segmenter(config, variables)
   rng = np.random.default_rng(0)
   shape = (_SIZE.value, _SIZE.value, _SLICES.value)
   volumes = [rng.normal(0.0, 400.0, shape).astype(np.float32) for _ in range(2)]
   first, second = (_timed(segmenter, v) for v in volumes)
   print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind}")
-  print(f"2D network width {_WIDTH.value}, {_CLASSES.value} classes, volume {shape}, "
-        f"batch {segmenter.batch_size}")
+  print(
+    f"2D network width {_WIDTH.value}, {_CLASSES.value} classes, volume {shape}, "
+    f"batch {segmenter.batch_size}"
+  )
   print(f"first volume (with compilation): {first:.1f} s")
-  print(f"second volume (compiled):        {second:.1f} s "
-        f"({_SLICES.value / second:.1f} slices/s)")
+  print(f"second volume (compiled):        {second:.1f} s ({_SLICES.value / second:.1f} slices/s)")
 
 
 if __name__ == "__main__":

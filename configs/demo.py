@@ -15,7 +15,7 @@ def get_config(arg=None):
   c = config_lib.default()
   args = config_lib.parse_arg(arg)
   c.data.dataset = "mmwhs"
-  c.data.root = ""                   # '' = <workdir>/phantoms
+  c.data.root = ""  # '' = <workdir>/phantoms
   c.data.synthetic.enabled = True
   c.data.synthetic.n_ct = 20
   c.data.synthetic.n_mr = 20
@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.data.size = (64, 64)
   c.data.crop = "none"
   c.data.fg_fraction = 0.7
-  c.data.workers = 0                 # 2 cores: loading in-process is faster than workers
+  c.data.workers = 0  # 2 cores: loading in-process is faster than workers
   c.modalities = ("ct", "mr")
   c.model.name = "dilated2d"
   c.model.scheme = args.get("scheme", "ukd")

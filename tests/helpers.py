@@ -27,6 +27,6 @@ def toy_batch(config, spatial=(32, 32), seed=0):
     label = np.zeros((config.batch_size, *spatial), np.int32)
     label[:, 4:12, 4:12, ...] = 1
     label[:, 16:28, 8:24, ...] = config.model.num_classes - 1
-    image = (label[..., None] * (1.0 + i) + rng.normal(0, 0.3, label.shape + (channels,)))
+    image = label[..., None] * (1.0 + i) + rng.normal(0, 0.3, label.shape + (channels,))
     batch[m] = {"image": image.astype(np.float32), "label": label}
   return batch

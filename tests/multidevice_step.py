@@ -9,7 +9,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_config, toy_batch  # noqa: E402
-from ukd import models, state as state_lib, steps  # noqa: E402
+
+from ukd import models, steps  # noqa: E402
+from ukd import state as state_lib
 
 SPATIAL = (16, 16)
 
@@ -26,7 +28,9 @@ def run(devices):
   state = state_lib.create(config, model, SPATIAL, jax.random.key(0), mesh)
   step = steps.make_train_step(model, config, mesh)
   for i in range(2):
-    state, metrics = step(state, state_lib.to_global_batch(toy_batch(config, SPATIAL, seed=i), mesh))
+    state, metrics = step(
+      state, state_lib.to_global_batch(toy_batch(config, SPATIAL, seed=i), mesh)
+    )
   return float(metrics["loss"]), jax.device_get(state.params), jax.device_get(state.batch_stats)
 
 
@@ -36,5 +40,13 @@ def max_diff(a, b):
 
 one = run(jax.devices()[:1])
 many = run(jax.devices())
-print(json.dumps(dict(devices=len(jax.devices()), loss_diff=abs(one[0] - many[0]),
-                      params_diff=max_diff(one[1], many[1]), stats_diff=max_diff(one[2], many[2]))))
+print(
+  json.dumps(
+    dict(
+      devices=len(jax.devices()),
+      loss_diff=abs(one[0] - many[0]),
+      params_diff=max_diff(one[1], many[1]),
+      stats_diff=max_diff(one[2], many[2]),
+    )
+  )
+)

@@ -16,8 +16,13 @@ TINY = [f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny"]
 
 
 def ukd(*args, timeout=300, check=True):
-  out = subprocess.run([sys.executable, "-m", "ukd.main", *args], capture_output=True,
-                       text=True, timeout=timeout, cwd=ROOT)
+  out = subprocess.run(
+    [sys.executable, "-m", "ukd.main", *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=ROOT,
+  )
   if check:
     assert out.returncode == 0, out.stderr[-4000:]
   return out
@@ -57,8 +62,13 @@ def test_evaluate_and_predict_modes(trained, tmp_path):
   out = ukd("--mode=evaluate", f"--workdir={workdir}")
   assert "MYO" in out.stdout
   image = os.path.join(workdir, "phantoms", "mr_train", "mr_train_1001_image.nii.gz")
-  ukd("--mode=predict", f"--workdir={workdir}", f"--input={image}",
-      f"--output={tmp_path}", "--modality=mr")
+  ukd(
+    "--mode=predict",
+    f"--workdir={workdir}",
+    f"--input={image}",
+    f"--output={tmp_path}",
+    "--modality=mr",
+  )
   written = nib.load(os.path.join(tmp_path, "mr_train_1001_image.nii.gz"))
   source = nib.load(image)
   assert written.shape == source.shape
@@ -66,31 +76,37 @@ def test_evaluate_and_predict_modes(trained, tmp_path):
   assert written.get_data_dtype() == np.uint8
 
 
-@pytest.mark.parametrize("args,expected", [
+@pytest.mark.parametrize(
+  "args,expected",
+  [
     (["--config=configs/mmwhs.py"], "config.data.root is not set"),
     (["--config=configs/nope.py"], "cannot load --config"),
     (["--config=configs/demo.py", "--config.model.scheme=nope"], "config.model.scheme='nope'"),
     (["--config=configs/demo.py", "--config.batch_size=0"], "config.batch_size=0"),
     (["--mode=evaluate"], "holds no checkpoints"),
     (["--mode=predict", "--input=x.nii.gz", "--output=o"], "--modality is required"),
-])
+  ],
+)
 def test_user_errors_are_one_line(args, expected, tmp_path):
   out = ukd(*args, f"--workdir={tmp_path}", check=False)
   assert out.returncode != 0
   assert "Traceback" not in out.stderr
-  lines = [l for l in out.stderr.splitlines() if l.startswith("ukd: error:")]
+  lines = [line for line in out.stderr.splitlines() if line.startswith("ukd: error:")]
   assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("override,expected", [
+@pytest.mark.parametrize(
+  "override,expected",
+  [
     ("--config.no_such_key=1", "no_such_key"),
     ("--config.batch_size=abc", "batch_size"),
-])
+  ],
+)
 def test_broken_overrides_are_flag_errors(override, expected, tmp_path):
   out = ukd("--config=configs/demo.py", override, f"--workdir={tmp_path}", check=False)
   assert out.returncode != 0
   assert "Traceback" not in out.stderr
-  lines = [l for l in out.stderr.splitlines() if l.startswith("ukd: error:")]
+  lines = [line for line in out.stderr.splitlines() if line.startswith("ukd: error:")]
   assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
 
 
@@ -122,10 +138,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(trained, tmp_path):
 def test_nonfinite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(trained):
   """An infinite L2 weight makes the loss infinite at the first step after the resume."""
   workdir, _ = trained
-  out = ukd(*TINY, f"--workdir={workdir}", "--config.total_steps=6", "--config.loss.l2=inf",
-            check=False)
+  out = ukd(
+    *TINY, f"--workdir={workdir}", "--config.total_steps=6", "--config.loss.l2=inf", check=False
+  )
   assert out.returncode != 0 and "Traceback" not in out.stderr
-  lines = [l for l in out.stderr.splitlines() if l.startswith("ukd: error:")]
+  lines = [line for line in out.stderr.splitlines() if line.startswith("ukd: error:")]
   assert len(lines) == 1, out.stderr[-2000:]
   assert "non-finite loss at step 5" in lines[0] and "loss=inf" in lines[0]
   assert max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == 4

@@ -9,13 +9,12 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import tiny_config
 from PIL import Image
 
 from ukd import checkpoints, evaluate, models
 from ukd.data.datasets import Case
 from ukd.data.volumes import from_array
-
-from helpers import tiny_config
 
 CLASSES = ("background", "A", "B")
 SHAPE = (16, 16, 6)
@@ -33,15 +32,21 @@ def _label(a=True, b=True):
 
 # Ground truth and prediction per case: ct/c1 perfect; ct/c2 misses B; mr/m1 has no B but
 # B is predicted: the surface distances of those two are undefined (NaN).
-TRUTH = {"c1": (_label(), _label()), "c2": (_label(), _label(b=False)),
-         "m1": (_label(b=False), _label())}
-CASES = [Case("c1", "ct", "c1.nii.gz", "c1_label.nii.gz"),
-         Case("c2", "ct", "c2.nii.gz", "c2_label.nii.gz"),
-         Case("m1", "mr", "m1.nii.gz", "m1_label.nii.gz")]
+TRUTH = {
+  "c1": (_label(), _label()),
+  "c2": (_label(), _label(b=False)),
+  "m1": (_label(b=False), _label()),
+}
+CASES = [
+  Case("c1", "ct", "c1.nii.gz", "c1_label.nii.gz"),
+  Case("c2", "ct", "c2.nii.gz", "c2_label.nii.gz"),
+  Case("m1", "mr", "m1.nii.gz", "m1_label.nii.gz"),
+]
 
 
 class StubAdapter:
   """Reads the cases above from memory."""
+
   classes = CLASSES
 
   def read(self, case):
@@ -52,6 +57,7 @@ class StubAdapter:
 
 class StubSegmenter:
   """Returns the prediction listed for the case: metrics known in advance, no network."""
+
   config = tiny_config()
 
   def predict_volume(self, vol, modality, label=None):
@@ -98,8 +104,13 @@ def test_cases_csv_has_a_row_per_case_and_class(result):
   with open(out / "cases.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   assert [(r["case"], r["modality"], r["class"]) for r in rows] == [
-      ("c1", "ct", "A"), ("c1", "ct", "B"), ("c2", "ct", "A"), ("c2", "ct", "B"),
-      ("m1", "mr", "A"), ("m1", "mr", "B")]
+    ("c1", "ct", "A"),
+    ("c1", "ct", "B"),
+    ("c2", "ct", "A"),
+    ("c2", "ct", "B"),
+    ("m1", "mr", "A"),
+    ("m1", "mr", "B"),
+  ]
   assert float(rows[3]["dice"]) == 0.0 and math.isnan(float(rows[3]["assd"]))
   assert len(res["cases"]) == 6
 
@@ -113,7 +124,7 @@ def test_overlays_show_image_truth_and_prediction(result):
       assert picture.size == (416, 416)  # 3 panels and 3 slices of 16, 2-pixel gaps, x8
       assert np.array_equal(np.asarray(picture), res["overlays"][name])
   pixels = res["overlays"]["ct/c1"][: 16 * 8]
-  image, truth, pred = (pixels[:, i * 18 * 8: i * 18 * 8 + 16 * 8] for i in range(3))
+  image, truth, pred = (pixels[:, i * 18 * 8 : i * 18 * 8 + 16 * 8] for i in range(3))
   assert (image[..., 0] == image[..., 1]).all()  # grey
   assert (truth[..., 0] != truth[..., 1]).any()  # coloured classes
   assert np.array_equal(truth, pred)  # c1 is predicted perfectly
@@ -137,9 +148,15 @@ def test_format_table_lays_out_structures_by_modality(result):
   lines = table.splitlines()
   assert len(lines) == 2 + 3  # header, rule, A, B, Mean
   assert [c.strip() for c in lines[0].split("|")[1:-1]] == [
-      "Structure", "CT Dice (%)", "CT ASSD (mm)", "MR Dice (%)", "MR ASSD (mm)"]
-  cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-           for line in lines[2:]}
+    "Structure",
+    "CT Dice (%)",
+    "CT ASSD (mm)",
+    "MR Dice (%)",
+    "MR ASSD (mm)",
+  ]
+  cells = {
+    line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]
+  }
   assert cells["Mean"][0] == "75.0 ± 25.0"
   assert cells["Mean"][1] == "0.00 ± 0.00 (1 n/a)"
   assert cells["B"][3] == "n/a (1 n/a)"
@@ -161,10 +178,13 @@ def _write_folder_dataset(root):
     for k in range(3):
       label = _label(b=k != 1)
       image = (label * 200.0 + rng.normal(0, 20, SHAPE)).astype(np.float32)
-      nib.save(nib.Nifti1Image(image, AFFINE),
-               os.path.join(folder, "imagesTr", f"case{k}_0000.nii.gz"))
-      nib.save(nib.Nifti1Image(label.astype(np.uint8), AFFINE),
-               os.path.join(folder, "labelsTr", f"case{k}.nii.gz"))
+      nib.save(
+        nib.Nifti1Image(image, AFFINE), os.path.join(folder, "imagesTr", f"case{k}_0000.nii.gz")
+      )
+      nib.save(
+        nib.Nifti1Image(label.astype(np.uint8), AFFINE),
+        os.path.join(folder, "labelsTr", f"case{k}.nii.gz"),
+      )
 
 
 def test_evaluate_scores_the_test_split_of_a_work_dir(tmp_path, capsys):
@@ -179,7 +199,8 @@ def test_evaluate_scores_the_test_split_of_a_work_dir(tmp_path, capsys):
   # Zero weights predict background everywhere: the plumbing is under test here, not accuracy.
   model = models.build(config.model, config.modalities)
   shapes = jax.eval_shape(
-      lambda: models.init_variables(model, config.model, (16, 16), jax.random.key(0)))
+    lambda: models.init_variables(model, config.model, (16, 16), jax.random.key(0))
+  )
   workdir = str(tmp_path / "run")
   mgr = checkpoints.manager(workdir)
   checkpoints.save(mgr, 2, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), config)

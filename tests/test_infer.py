@@ -9,21 +9,20 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import tiny_config
 
-from ukd import checkpoints, infer, models, state as state_lib
+from ukd import checkpoints, infer, models
+from ukd import state as state_lib
 from ukd.data import preprocess, volumes
 from ukd.data.volumes import DataError
-
-from helpers import tiny_config
 
 SIZE = (16, 16)
 PATCH = (16, 16, 8)
 STEP = 3
 # Voxel axes (0, 1, 2) point Superior, Left, Posterior, slightly tilted: nothing is canonical.
-OBLIQUE_LPS = np.array([[0.05, -1.2, 0.0, 10.0],
-                        [0.0, 0.03, -1.5, -20.0],
-                        [2.5, 0.0, 0.04, 5.0],
-                        [0.0, 0.0, 0.0, 1.0]])
+OBLIQUE_LPS = np.array(
+  [[0.05, -1.2, 0.0, 10.0], [0.0, 0.03, -1.5, -20.0], [2.5, 0.0, 0.04, 5.0], [0.0, 0.0, 0.0, 1.0]]
+)
 
 
 def _config(name="dilated2d", batch=8, width=2):
@@ -49,8 +48,11 @@ def _create(config):
 def _zeros_like_network(config):
   """params and batch_stats of the config's network as zeros: a checkpoint's structure, free."""
   model = models.build(config.model, config.modalities)
-  shapes = jax.eval_shape(lambda: models.init_variables(
-      model, config.model, models.input_spatial(config), jax.random.key(0)))
+  shapes = jax.eval_shape(
+    lambda: models.init_variables(
+      model, config.model, models.input_spatial(config), jax.random.key(0)
+    )
+  )
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
@@ -131,8 +133,9 @@ def test_predict_file_writes_onto_the_input_grid(seg, tmp_path):
 
 def test_spacing_alone_means_an_axis_aligned_ras_array(seg):
   volume = _ct_like((16, 16, 5))
-  assert np.array_equal(seg.predict(volume, "ct", spacing=(2.0, 2.0, 3.0)),
-                        seg.predict(volume, "ct"))
+  assert np.array_equal(
+    seg.predict(volume, "ct", spacing=(2.0, 2.0, 3.0)), seg.predict(volume, "ct")
+  )
 
 
 # --- batching and compilation ------------------------------------------------------------------
@@ -196,8 +199,9 @@ def test_one_window_equals_whole_volume_inference(seg3d):
   model = models.build(seg3d.config.model, seg3d.config.modalities)
   apply = jax.jit(lambda v, x: model.apply(v, x, modality="ct"))  # compiles faster than eager
   logits = apply(seg3d.variables, prepared.image[None, ..., None])
-  direct = preprocess.restore(np.asarray(jax.nn.softmax(logits[0])), prepared.geometry,
-                              is_label=False)
+  direct = preprocess.restore(
+    np.asarray(jax.nn.softmax(logits[0])), prepared.geometry, is_label=False
+  )
   np.testing.assert_allclose(probs, direct, atol=1e-5)
   assert np.array_equal(labels, np.argmax(direct, -1))
 
@@ -205,8 +209,10 @@ def test_one_window_equals_whole_volume_inference(seg3d):
 @pytest.mark.parametrize("slices", [5, 20])
 def test_sliding_windows_are_batch_invariant_on_any_slice_count(seg3d, slices):
   volume = volumes.from_array(_ct_like((16, 16, slices)))
-  results = [infer.Segmenter(_config("unet3d", batch=b), seg3d.variables).predict_volume(
-      volume, "mr") for b in (1, 3)]
+  results = [
+    infer.Segmenter(_config("unet3d", batch=b), seg3d.variables).predict_volume(volume, "mr")
+    for b in (1, 3)
+  ]
   assert results[0][1].shape == (16, 16, slices, 3)
   np.testing.assert_allclose(results[0][1].sum(-1), 1.0, atol=1e-5)
   assert np.array_equal(results[0][0], results[1][0])
@@ -216,7 +222,9 @@ def test_sliding_windows_are_batch_invariant_on_any_slice_count(seg3d, slices):
 # --- bad input -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call, message", [
+@pytest.mark.parametrize(
+  "call, message",
+  [
     (lambda s, d: s.predict(np.zeros((16, 16, 4)), "pet"), r"modality 'pet'.*\['ct', 'mr'\]"),
     (lambda s, d: s.predict(np.zeros((16, 16)), "ct"), r"expected a 3D volume, got shape"),
     (lambda s, d: s.predict(np.full((16, 16, 4), np.nan), "ct"), r"NaN"),
@@ -224,7 +232,8 @@ def test_sliding_windows_are_batch_invariant_on_any_slice_count(seg3d, slices):
     (lambda s, d: s.predict_file(f"{d}/missing.nii.gz", f"{d}/o.nii.gz", "ct"), "file not found"),
     (lambda s, d: infer.predict_paths(s, d, f"{d}/out", "ct"), r"no \.nii or \.nii\.gz files"),
     (lambda s, d: infer.predict_paths(s, f"{d}/nowhere", f"{d}/out", "ct"), "input not found"),
-])
+  ],
+)
 def test_bad_input_gives_a_one_line_error(seg, tmp_path, call, message):
   with pytest.raises(DataError, match=message) as error:
     call(seg, str(tmp_path))
@@ -242,8 +251,10 @@ def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
   (inputs / "notes.txt").write_text("not an image")
   out = tmp_path / "out"
   written = infer.predict_paths(seg, str(inputs), str(out), "ct", probabilities=True)
-  assert written == [str(out / n) for n in ("a.nii.gz", "a_probabilities.nii.gz", "b.nii.gz",
-                                            "b_probabilities.nii.gz")]
+  assert written == [
+    str(out / n)
+    for n in ("a.nii.gz", "a_probabilities.nii.gz", "b.nii.gz", "b_probabilities.nii.gz")
+  ]
   assert nib.load(written[2]).shape == (16, 16, 4)
   assert infer.predict_paths(seg, str(inputs / "b.nii"), str(out), "ct") == [str(out / "b.nii.gz")]
 
@@ -263,20 +274,26 @@ def test_load_predicts_like_the_live_variables(seg, workdir):
     assert np.array_equal(labels, expected[0]) and np.array_equal(probs, expected[1])
 
 
-@pytest.mark.parametrize("path, step, message", [
+@pytest.mark.parametrize(
+  "path, step, message",
+  [
     ("", "best", "holds no checkpoints"),
     ("checkpoints", "best", "no checkpoint in"),
-])
+  ],
+)
 def test_a_dir_without_checkpoints_is_refused(tmp_path, path, step, message):
   os.makedirs(tmp_path / path, exist_ok=True)
   with pytest.raises(checkpoints.CheckpointError, match=message):
     infer.load(str(tmp_path / path), step=step)
 
 
-@pytest.mark.parametrize("sub, step, message", [
+@pytest.mark.parametrize(
+  "sub, step, message",
+  [
     (f"checkpoints/{STEP}", "latest", f"is step {STEP}, but step='latest'"),
     ("", 7, "no checkpoint for step 7"),
-])
+  ],
+)
 def test_an_unknown_step_is_refused(workdir, sub, step, message):
   with pytest.raises(checkpoints.CheckpointError, match=message):
     infer.load(os.path.join(workdir, sub), step=step)
@@ -326,11 +343,15 @@ print(json.dumps(dict(devices=len(jax.devices()), batch=out[3][0],
 
 
 def test_batches_are_sharded_over_several_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3 "
-             "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=3 --xla_backend_optimization_level=0",
+    JAX_PLATFORMS="cpu",
+  )
   code = _MULTI_DEVICE.format(tests=os.path.dirname(__file__))
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["devices"] == 3

@@ -3,11 +3,10 @@ import jax.numpy as jnp
 import ml_collections as mc
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from ukd import models
 from ukd.models.dilated2d import depth_to_space
-
-from helpers import tiny_config
 
 
 def _init(config, spatial=(32, 32)):
@@ -19,19 +18,22 @@ def _init(config, spatial=(32, 32)):
 def _branch_keys(tree):
   """{(path to a shared-or-per-modality layer): branch names below it}."""
   out = {}
+
   def walk(node, path):
     for k, v in node.items():
       if k in ("shared", "ct", "mr", "pet") and isinstance(v, dict):
         out.setdefault(path, set()).add(k)
       elif isinstance(v, dict):
         walk(v, path + (k,))
+
   walk(tree, ())
   return out
 
 
 def test_paper_2d_network_kernel_count():
-  c = mc.ConfigDict(dict(name="dilated2d", num_classes=5, scheme="ukd", width=16, dropout=0.25,
-                         upsample_mult=8))
+  c = mc.ConfigDict(
+    dict(name="dilated2d", num_classes=5, scheme="ukd", width=16, dropout=0.25, upsample_mult=8)
+  )
   counts = models.count_params(c, ("ct", "mr"))
   # Hand count: stem 432; blocks 16: 4,608; 32: 13,824; 64x2: 129,024; 128x2: 516,096;
   # 256x2: 2,064,384; 256x2: 2,359,296; 512x2: 8,257,536; dilated: 9,437,184;
@@ -50,8 +52,9 @@ def test_one_kernel_copy_and_one_norm_per_modality(name):
   spatial = (32, 32) if name == "dilated2d" else (16, 16, 8)
   _, variables = _init(config, spatial)
   params = variables["params"]
-  convs = {p: k for p, k in _branch_keys(params).items() if "Norm" not in p[-1]
-           and "norm" not in p[-1]}
+  convs = {
+    p: k for p, k in _branch_keys(params).items() if "Norm" not in p[-1] and "norm" not in p[-1]
+  }
   norms = {p: k for p, k in _branch_keys(params).items() if p not in convs}
   assert convs and norms
   assert all(keys == {"shared"} for keys in convs.values())
@@ -63,21 +66,33 @@ def test_one_kernel_copy_and_one_norm_per_modality(name):
 
 # The stages of each network by role, written out by hand (not read from the code).
 ROLES = {
-    "dilated2d": lambda stage: (
-        "first" if stage == "stem" else "last" if stage == "head" else
-        "decoder" if stage.startswith(("post_", "upsample_")) else "encoder"),
-    "unet3d": lambda stage: (
-        "first" if stage.startswith("enc1") else "last" if stage == "head" else
-        "decoder" if stage.startswith("dec") else "encoder"),
+  "dilated2d": lambda stage: (
+    "first"
+    if stage == "stem"
+    else "last"
+    if stage == "head"
+    else "decoder"
+    if stage.startswith(("post_", "upsample_"))
+    else "encoder"
+  ),
+  "unet3d": lambda stage: (
+    "first"
+    if stage.startswith("enc1")
+    else "last"
+    if stage == "head"
+    else "decoder"
+    if stage.startswith("dec")
+    else "encoder"
+  ),
 }
 # Expected (conv shared, norm shared) per role for every scheme.
 EXPECTED = {
-    "single": dict(first=(0, 0), encoder=(0, 0), decoder=(0, 0), last=(0, 0)),
-    "joint": dict(first=(1, 1), encoder=(1, 1), decoder=(1, 1), last=(1, 1)),
-    "separate_norm": dict(first=(1, 0), encoder=(1, 0), decoder=(1, 0), last=(1, 0)),
-    "ukd": dict(first=(1, 0), encoder=(1, 0), decoder=(1, 0), last=(1, 0)),
-    "x_shape": dict(first=(0, 0), encoder=(1, 1), decoder=(1, 1), last=(0, 0)),
-    "y_shape": dict(first=(0, 0), encoder=(0, 0), decoder=(1, 1), last=(1, 1)),
+  "single": dict(first=(0, 0), encoder=(0, 0), decoder=(0, 0), last=(0, 0)),
+  "joint": dict(first=(1, 1), encoder=(1, 1), decoder=(1, 1), last=(1, 1)),
+  "separate_norm": dict(first=(1, 0), encoder=(1, 0), decoder=(1, 0), last=(1, 0)),
+  "ukd": dict(first=(1, 0), encoder=(1, 0), decoder=(1, 0), last=(1, 0)),
+  "x_shape": dict(first=(0, 0), encoder=(1, 1), decoder=(1, 1), last=(0, 0)),
+  "y_shape": dict(first=(0, 0), encoder=(0, 0), decoder=(1, 1), last=(1, 1)),
 }
 
 
@@ -124,17 +139,21 @@ def test_modalities_differ_only_through_their_norms():
   model, variables = _init(config)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   # Fresh norms are identical, so both modalities give the same output ...
-  np.testing.assert_allclose(model.apply(variables, x, modality="ct"),
-                             model.apply(variables, x, modality="mr"), rtol=1e-6)
+  np.testing.assert_allclose(
+    model.apply(variables, x, modality="ct"), model.apply(variables, x, modality="mr"), rtol=1e-6
+  )
   # ... and changing one modality's norm offset changes only that modality's output.
   params = jax.tree_util.tree_map_with_path(
-      lambda p, v: v + 0.5 if any(getattr(k, "key", None) == "mr" for k in p) else v,
-      variables["params"])
+    lambda p, v: v + 0.5 if any(getattr(k, "key", None) == "mr" for k in p) else v,
+    variables["params"],
+  )
   moved = dict(variables, params=params)
-  np.testing.assert_allclose(model.apply(moved, x, modality="ct"),
-                             model.apply(variables, x, modality="ct"), rtol=1e-6)
-  assert not np.allclose(model.apply(moved, x, modality="mr"),
-                         model.apply(variables, x, modality="mr"))
+  np.testing.assert_allclose(
+    model.apply(moved, x, modality="ct"), model.apply(variables, x, modality="ct"), rtol=1e-6
+  )
+  assert not np.allclose(
+    model.apply(moved, x, modality="mr"), model.apply(variables, x, modality="mr")
+  )
 
 
 def test_depth_to_space_matches_hand_layout():

@@ -13,8 +13,8 @@ from ukd.data.volumes import DataError
 
 def save_entry(directory, name, image, label):
   """A hand-made cache entry, written the way preprocess writes them (slices contiguous)."""
-  image_path = os.path.join(directory, f'{name}_image.npy')
-  label_path = os.path.join(directory, f'{name}_label.npy')
+  image_path = os.path.join(directory, f"{name}_image.npy")
+  label_path = os.path.join(directory, f"{name}_label.npy")
   np.save(image_path, np.asfortranarray(image.astype(np.float32)))
   np.save(label_path, np.asfortranarray(label.astype(np.uint8)))
   return dict(image=image_path, label=label_path, geometry={}, id=name, modality=name[:2])
@@ -33,12 +33,12 @@ def indexed_volume(slices=6, size=8, fg_slice=None):
 def sources(tmp_path):
   rng = np.random.default_rng(0)
   out = {}
-  for modality in ('ct', 'mr'):
+  for modality in ("ct", "mr"):
     out[modality] = []
     for i in range(2):
       image = rng.normal(size=(8, 8, 5))
       label = (rng.random((8, 8, 5)) > 0.8).astype(np.uint8) * rng.integers(1, 4)
-      out[modality].append(save_entry(tmp_path, f'{modality}_{i}', image, label))
+      out[modality].append(save_entry(tmp_path, f"{modality}_{i}", image, label))
   return out
 
 
@@ -48,7 +48,7 @@ def make_config(dims=2, batch=4, **data):
 
 
 def take(sources, config, n, **kwargs):
-  it = pipeline.make_train_iterator(sources, config, seed=kwargs.pop('seed', 0), **kwargs)
+  it = pipeline.make_train_iterator(sources, config, seed=kwargs.pop("seed", 0), **kwargs)
   try:
     return [next(it) for _ in range(n)]
   finally:
@@ -60,41 +60,44 @@ def assert_same(batches_a, batches_b):
   for a, b in zip(batches_a, batches_b):
     assert a.keys() == b.keys()
     for m in a:
-      np.testing.assert_array_equal(a[m]['image'], b[m]['image'])
-      np.testing.assert_array_equal(a[m]['label'], b[m]['label'])
+      np.testing.assert_array_equal(a[m]["image"], b[m]["image"])
+      np.testing.assert_array_equal(a[m]["label"], b[m]["label"])
 
 
-@pytest.mark.parametrize('dims, image_shape, label_shape', [
+@pytest.mark.parametrize(
+  "dims, image_shape, label_shape",
+  [
     (2, (4, 8, 8, 3), (4, 8, 8)),
     (3, (4, 8, 8, 8, 1), (4, 8, 8, 8)),  # 5 slices padded to a patch of 8
-])
+  ],
+)
 def test_batch_shapes_and_dtypes(sources, dims, image_shape, label_shape):
   config = make_config(dims=dims)
   config.data.patch = (8, 8, 8)
   (batch,) = take(sources, config, 1)
-  assert list(batch) == ['ct', 'mr']
+  assert list(batch) == ["ct", "mr"]
   for modality in batch:
-    assert batch[modality]['image'].shape == image_shape
-    assert batch[modality]['image'].dtype == np.float32
-    assert batch[modality]['label'].shape == label_shape
-    assert batch[modality]['label'].dtype == np.int32
+    assert batch[modality]["image"].shape == image_shape
+    assert batch[modality]["image"].dtype == np.float32
+    assert batch[modality]["label"].shape == label_shape
+    assert batch[modality]["label"].dtype == np.int32
 
 
-@pytest.mark.parametrize('name, dims, ndim', [('unet3d', None, 5), ('unet3d', 2, 4)])
+@pytest.mark.parametrize("name, dims, ndim", [("unet3d", None, 5), ("unet3d", 2, 4)])
 def test_dims_follow_the_model_name_unless_given(sources, name, dims, ndim):
   config = make_config()
   config.model = dict(name=name)
   (batch,) = take(sources, config, 1, dims=dims)
-  assert batch['ct']['image'].ndim == ndim
+  assert batch["ct"]["image"].ndim == ndim
 
 
 def test_neighbours_become_channels_with_edges_replicated(tmp_path):
   image, _ = indexed_volume(slices=4)
   label = np.broadcast_to(np.arange(4, dtype=np.uint8), image.shape)
-  entry = save_entry(tmp_path, 'ct_0', image, label)
+  entry = save_entry(tmp_path, "ct_0", image, label)
   seen = set()
-  for batch in take({'ct': [entry]}, make_config(batch=8), 3):
-    for x, y in zip(batch['ct']['image'], batch['ct']['label']):
+  for batch in take({"ct": [entry]}, make_config(batch=8), 3):
+    for x, y in zip(batch["ct"]["image"], batch["ct"]["label"]):
       k = int(x[0, 0, 1])
       assert np.all(x == np.array([max(k - 1, 0), k, min(k + 1, 3)], np.float32))
       assert np.all(y == k)
@@ -102,18 +105,19 @@ def test_neighbours_become_channels_with_edges_replicated(tmp_path):
   assert seen == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize('dims', [2, 3])
+@pytest.mark.parametrize("dims", [2, 3])
 def test_foreground_fraction_one_always_hits_foreground(tmp_path, dims):
-  entries = [save_entry(tmp_path, f'ct_{i}', *indexed_volume(slices=12, fg_slice=3 + i))
-             for i in range(2)]
+  entries = [
+    save_entry(tmp_path, f"ct_{i}", *indexed_volume(slices=12, fg_slice=3 + i)) for i in range(2)
+  ]
   config = make_config(dims=dims, fg_fraction=1.0)
-  for batch in take({'ct': entries}, config, 3):
-    assert all(label.any() for label in batch['ct']['label'])
+  for batch in take({"ct": entries}, config, 3):
+    assert all(label.any() for label in batch["ct"]["label"])
 
 
 def test_uniform_sampling_also_draws_background_slices(tmp_path):
-  entry = save_entry(tmp_path, 'ct_0', *indexed_volume(slices=12, fg_slice=3))
-  labels = np.concatenate([b['ct']['label'] for b in take({'ct': [entry]}, make_config(), 3)])
+  entry = save_entry(tmp_path, "ct_0", *indexed_volume(slices=12, fg_slice=3))
+  labels = np.concatenate([b["ct"]["label"] for b in take({"ct": [entry]}, make_config(), 3)])
   assert not all(label.any() for label in labels)
 
 
@@ -122,11 +126,11 @@ def test_same_seed_same_batches_and_independent_modalities(tmp_path, sources):
   first = take(sources, config, 3)
   assert_same(first, take(sources, config, 3))
   other = take(sources, config, 1, seed=1)[0]
-  assert not np.array_equal(other['ct']['image'], first[0]['ct']['image'])
+  assert not np.array_equal(other["ct"]["image"], first[0]["ct"]["image"])
   # The same files under two modality names still give two different streams.
-  entry = sources['ct'][0]
-  (batch,) = take({'ct': [entry], 'mr': [entry]}, config, 1)
-  assert not np.array_equal(batch['ct']['image'], batch['mr']['image'])
+  entry = sources["ct"][0]
+  (batch,) = take({"ct": [entry], "mr": [entry]}, config, 1)
+  assert not np.array_equal(batch["ct"]["image"], batch["mr"]["image"])
 
 
 def test_hosts_split_the_global_batch(sources):
@@ -135,7 +139,7 @@ def test_hosts_split_the_global_batch(sources):
   parts = [take(sources, config, 2, shard_index=h, shard_count=2) for h in range(2)]
   for step, batch in enumerate(whole):
     for m in batch:
-      for key in ('image', 'label'):
+      for key in ("image", "label"):
         joined = np.concatenate([parts[h][step][m][key] for h in range(2)])
         np.testing.assert_array_equal(joined, batch[m][key])
 
@@ -156,11 +160,11 @@ def test_resume_from_saved_state(sources):
 
 
 def test_orbax_checkpoint_of_the_iterator(sources, tmp_path):
-  ocp = pytest.importorskip('orbax.checkpoint')
+  ocp = pytest.importorskip("orbax.checkpoint")
   config = make_config()
   it = pipeline.make_train_iterator(sources, config, seed=5)
   next(it)
-  manager = ocp.CheckpointManager(tmp_path / 'ckpt', item_names=('data',))
+  manager = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",))
   manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
   manager.wait_until_finished()
   expected = [next(it) for _ in range(2)]
@@ -178,8 +182,9 @@ def test_worker_processes_give_the_same_batches(sources):
   in_process = take(sources, config, 3)
   config.data.workers = 2
   # Copy out of grain's shared memory before the iterator is closed.
-  with_workers = [{m: {k: np.array(v) for k, v in b[m].items()} for m in b}
-                  for b in take(sources, config, 3)]
+  with_workers = [
+    {m: {k: np.array(v) for k, v in b[m].items()} for m in b} for b in take(sources, config, 3)
+  ]
   assert_same(in_process, with_workers)
 
 
@@ -195,36 +200,40 @@ def test_augmentation_moves_image_and_label_together():
     assert y.shape == label.shape and y.dtype == np.int32
     assert set(np.unique(y)) <= {0, 2}
     assert np.mean((x[..., 0] > 1.0) == (y > 0)) > 0.97
-  jittered, same = pipeline.augment(image, label, rng, dict(
-      flip=False, rotate=0.0, scale=0.0, intensity=0.1))
+  jittered, same = pipeline.augment(
+    image, label, rng, dict(flip=False, rotate=0.0, scale=0.0, intensity=0.1)
+  )
   assert np.array_equal(same, label) and not np.array_equal(jittered, image)
 
 
 def test_augmentation_is_off_by_default(tmp_path):
   image, label = indexed_volume(slices=3, fg_slice=1)
-  entry = save_entry(tmp_path, 'ct_0', image, label)
-  for x in take({'ct': [entry]}, make_config(), 1)[0]['ct']['image']:
+  entry = save_entry(tmp_path, "ct_0", image, label)
+  for x in take({"ct": [entry]}, make_config(), 1)[0]["ct"]["image"]:
     assert np.all(x == x[0, 0])
 
 
-@pytest.mark.parametrize('change, match', [
-    (dict(batch_size=3, shard_count=2), 'batch_size 3 is not divisible by shard_count 2'),
-    (dict(patch=(16, 8, 4), dims=3), 'data.patch'),
-    (dict(augment=dict(flipp=True)), 'data.augment has unknown keys'),
-    (dict(fg_fraction=1.5), 'data.fg_fraction'),
-    (dict(dims=4), 'model.dims'),
-    (dict(augment=dict(scale=1.5)), 'data.augment.scale'),
-    (dict(empty='mr'), "sources\\['mr'\\] is empty"),
-    (dict(unlabelled=True), 'training needs a label'),
-])
+@pytest.mark.parametrize(
+  "change, match",
+  [
+    (dict(batch_size=3, shard_count=2), "batch_size 3 is not divisible by shard_count 2"),
+    (dict(patch=(16, 8, 4), dims=3), "data.patch"),
+    (dict(augment=dict(flipp=True)), "data.augment has unknown keys"),
+    (dict(fg_fraction=1.5), "data.fg_fraction"),
+    (dict(dims=4), "model.dims"),
+    (dict(augment=dict(scale=1.5)), "data.augment.scale"),
+    (dict(empty="mr"), "sources\\['mr'\\] is empty"),
+    (dict(unlabelled=True), "training needs a label"),
+  ],
+)
 def test_bad_config_is_named(sources, change, match):
-  config = make_config(dims=change.pop('dims', 2))
-  config.batch_size = change.pop('batch_size', 4)
-  shard_count = change.pop('shard_count', 1)
-  if change.pop('empty', None):
-    sources['mr'] = []
-  if change.pop('unlabelled', False):
-    sources['ct'][0]['label'] = None
+  config = make_config(dims=change.pop("dims", 2))
+  config.batch_size = change.pop("batch_size", 4)
+  shard_count = change.pop("shard_count", 1)
+  if change.pop("empty", None):
+    sources["mr"] = []
+  if change.pop("unlabelled", False):
+    sources["ct"][0]["label"] = None
   for key, value in change.items():
     config.data[key] = value
   with pytest.raises(DataError, match=match):
@@ -232,7 +241,7 @@ def test_bad_config_is_named(sources, change, match):
 
 
 def test_warp_matches_scipy_affine_transform():
-  scipy_ndimage = pytest.importorskip('scipy.ndimage')
+  scipy_ndimage = pytest.importorskip("scipy.ndimage")
   rng = np.random.default_rng(4)
   image = rng.random((20, 16, 3)).astype(np.float32)
   label = rng.integers(0, 4, (20, 16))
@@ -241,11 +250,13 @@ def test_warp_matches_scipy_affine_transform():
   centre = (np.array([20, 16]) - 1) / 2
   offset = centre - matrix @ centre
   for c in range(3):
-    expected = scipy_ndimage.affine_transform(image[..., c], matrix, offset=offset, order=1,
-                                              mode='constant', cval=-1.0)
+    expected = scipy_ndimage.affine_transform(
+      image[..., c], matrix, offset=offset, order=1, mode="constant", cval=-1.0
+    )
     inside = expected != -1.0  # scipy treats the last half pixel at the border differently
-    np.testing.assert_allclose(pipeline.warp(image, matrix, 1, -1.0)[..., c][inside],
-                               expected[inside], atol=1e-5)
+    np.testing.assert_allclose(
+      pipeline.warp(image, matrix, 1, -1.0)[..., c][inside], expected[inside], atol=1e-5
+    )
   expected = scipy_ndimage.affine_transform(label, matrix, offset=offset, order=0)
   inner = (slice(2, -2), slice(2, -2))
   np.testing.assert_array_equal(pipeline.warp(label, matrix, 0, 0)[inner], expected[inner])

@@ -10,14 +10,22 @@ import pytest
 from ukd.data import preprocess
 from ukd.data.volumes import DataError, from_array
 
-Case = collections.namedtuple('Case', 'id modality image label')
+Case = collections.namedtuple("Case", "id modality image label")
 
 
 def make_cfg(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
-      size=(32, 32), slice_axis=2, crop='none', crop_margin=2,
-      norm=dict(ct=dict(kind='window', window=(-1000.0, 1000.0)),
-                mr=dict(kind='zscore', percentiles=(0.5, 99.5)))))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      size=(32, 32),
+      slice_axis=2,
+      crop="none",
+      crop_margin=2,
+      norm=dict(
+        ct=dict(kind="window", window=(-1000.0, 1000.0)),
+        mr=dict(kind="zscore", percentiles=(0.5, 99.5)),
+      ),
+    )
+  )
   cfg.update(overrides)
   return cfg
 
@@ -32,7 +40,7 @@ def blob_label(shape=(16, 16, 4)):
 
 def test_window_scales_to_unit_range():
   image = np.linspace(-2000, 2000, 16 * 16 * 4, dtype=np.float32).reshape(16, 16, 4)
-  out = preprocess.prepare(from_array(image), None, 'ct', make_cfg(size=(16, 16))).image
+  out = preprocess.prepare(from_array(image), None, "ct", make_cfg(size=(16, 16))).image
   assert out.dtype == np.float32
   assert out.min() == -1.0 and out.max() == 1.0
   assert np.allclose(out, np.clip(image, -1000, 1000) / 1000.0, atol=1e-6)
@@ -42,27 +50,30 @@ def test_zscore_clips_outliers_then_standardises():
   rng = np.random.default_rng(0)
   image = rng.normal(100.0, 20.0, (16, 16, 4)).astype(np.float32)
   image[0, 0, 0] = 1e6
-  out = preprocess.prepare(from_array(image), None, 'mr', make_cfg(size=(16, 16))).image
+  out = preprocess.prepare(from_array(image), None, "mr", make_cfg(size=(16, 16))).image
   assert abs(out.mean()) < 1e-4 and abs(out.std() - 1.0) < 1e-3
   assert out.max() < 4.0  # the outlier was clipped at the 99.5th percentile
 
 
-@pytest.mark.parametrize('norm, match', [
-    (dict(ct=dict(kind='window')), "data.norm has no entry for modality 'mr'"),
-    (dict(mr=dict(kind='minmax')), 'data.norm.mr.kind'),
-])
+@pytest.mark.parametrize(
+  "norm, match",
+  [
+    (dict(ct=dict(kind="window")), "data.norm has no entry for modality 'mr'"),
+    (dict(mr=dict(kind="minmax")), "data.norm.mr.kind"),
+  ],
+)
 def test_bad_normalisation_setting_is_named(norm, match):
   cfg = make_cfg()
   cfg.norm = norm
   with pytest.raises(DataError, match=match):
-    preprocess.prepare(from_array(np.zeros((4, 4, 2))), None, 'mr', cfg)
+    preprocess.prepare(from_array(np.zeros((4, 4, 2))), None, "mr", cfg)
 
 
 def test_foreground_crop_contains_the_foreground_with_margin():
   label = blob_label((40, 30, 4))
-  cfg = make_cfg(crop='foreground', crop_margin=2)
-  prep = preprocess.prepare(from_array(np.zeros(label.shape)), from_array(label), 'ct', cfg)
-  assert prep.geometry['crop_box'] == [[1, 11], [3, 14]]
+  cfg = make_cfg(crop="foreground", crop_margin=2)
+  prep = preprocess.prepare(from_array(np.zeros(label.shape)), from_array(label), "ct", cfg)
+  assert prep.geometry["crop_box"] == [[1, 11], [3, 14]]
   restored = preprocess.restore(prep.label, prep.geometry, is_label=True)
   assert restored.shape == label.shape
   assert np.array_equal(restored[label == 0], np.zeros((label == 0).sum()))
@@ -70,26 +81,25 @@ def test_foreground_crop_contains_the_foreground_with_margin():
 
 def test_foreground_crop_without_label_is_an_error():
   with pytest.raises(DataError, match="data.crop='foreground'"):
-    preprocess.prepare(from_array(np.zeros((8, 8, 2))), None, 'ct',
-                       make_cfg(crop='foreground'))
+    preprocess.prepare(from_array(np.zeros((8, 8, 2))), None, "ct", make_cfg(crop="foreground"))
 
 
 def test_body_crop_finds_the_body_without_a_label():
   rng = np.random.default_rng(1)
   image = rng.normal(-1000.0, 5.0, (60, 50, 10)).astype(np.float32)  # air
-  image[20:40, 10:30] = 40.0                                         # soft tissue
-  prep = preprocess.prepare(from_array(image), None, 'ct', make_cfg(crop='body'))
-  assert prep.geometry['crop_box'] == [[18, 42], [8, 32]]
+  image[20:40, 10:30] = 40.0  # soft tissue
+  prep = preprocess.prepare(from_array(image), None, "ct", make_cfg(crop="body"))
+  assert prep.geometry["crop_box"] == [[18, 42], [8, 32]]
 
 
-@pytest.mark.parametrize('slice_axis', [0, 1, 2])
-@pytest.mark.parametrize('crop', ['none', 'foreground', 'body'])
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+@pytest.mark.parametrize("crop", ["none", "foreground", "body"])
 def test_shapes_round_trip_for_any_axis_and_crop(slice_axis, crop):
   rng = np.random.default_rng(2)
   label = blob_label((37, 23, 11))
   image = rng.normal(size=label.shape) + 5 * label
   cfg = make_cfg(size=(24, 40), slice_axis=slice_axis, crop=crop)
-  prep = preprocess.prepare(from_array(image), from_array(label), 'mr', cfg)
+  prep = preprocess.prepare(from_array(image), from_array(label), "mr", cfg)
   slices = label.shape[slice_axis]
   assert prep.image.shape == prep.label.shape == (24, 40, slices)
   assert prep.label.dtype == np.int32
@@ -99,11 +109,11 @@ def test_shapes_round_trip_for_any_axis_and_crop(slice_axis, crop):
   assert preprocess.restore(probs, prep.geometry, is_label=False).shape == label.shape + (3,)
 
 
-@pytest.mark.parametrize('slice_axis', [0, 2])
+@pytest.mark.parametrize("slice_axis", [0, 2])
 def test_integer_upsampling_restores_the_label_exactly(slice_axis):
   label = blob_label()
   cfg = make_cfg(size=(32, 32) if slice_axis == 2 else (32, 16), slice_axis=slice_axis)
-  prep = preprocess.prepare(from_array(label.astype(np.float32)), from_array(label), 'ct', cfg)
+  prep = preprocess.prepare(from_array(label.astype(np.float32)), from_array(label), "ct", cfg)
   assert set(np.unique(prep.label)) == {0, 1, 2}
   assert np.array_equal(preprocess.restore(prep.label, prep.geometry, is_label=True), label)
   one_hot = np.eye(3, dtype=np.float32)[prep.label]
@@ -113,11 +123,11 @@ def test_integer_upsampling_restores_the_label_exactly(slice_axis):
 
 def test_cropped_away_region_is_background_with_probability_one():
   label = blob_label((40, 30, 4))
-  cfg = make_cfg(crop='foreground', crop_margin=0)
-  prep = preprocess.prepare(from_array(np.zeros(label.shape)), from_array(label), 'ct', cfg)
+  cfg = make_cfg(crop="foreground", crop_margin=0)
+  prep = preprocess.prepare(from_array(np.zeros(label.shape)), from_array(label), "ct", cfg)
   probs = np.full(prep.label.shape + (3,), 1 / 3, np.float32)
   restored = preprocess.restore(probs, prep.geometry, is_label=False)
-  (r0, r1), (c0, c1) = prep.geometry['crop_box']
+  (r0, r1), (c0, c1) = prep.geometry["crop_box"]
   outside = np.ones(label.shape, bool)
   outside[r0:r1, c0:c1] = False
   assert np.all(restored[outside] == [1.0, 0.0, 0.0])
@@ -125,14 +135,15 @@ def test_cropped_away_region_is_background_with_probability_one():
 
 
 def test_restore_rejects_a_wrong_shape():
-  prep = preprocess.prepare(from_array(np.zeros((8, 8, 3))), None, 'ct', make_cfg())
-  with pytest.raises(DataError, match='restore expects labels'):
+  prep = preprocess.prepare(from_array(np.zeros((8, 8, 3))), None, "ct", make_cfg())
+  with pytest.raises(DataError, match="restore expects labels"):
     preprocess.restore(np.zeros((32, 32, 4)), prep.geometry, is_label=True)
 
 
 class NpyAdapter:
   """Reads .npy pairs and counts reads, so tests can see cache hits."""
-  classes = ('background', 'a', 'b')
+
+  classes = ("background", "a", "b")
 
   def __init__(self):
     self.reads = 0
@@ -143,34 +154,34 @@ class NpyAdapter:
     return from_array(np.load(case.image), source=case.image), label
 
 
-def write_case(tmp_path, name='ct_1', labelled=True):
+def write_case(tmp_path, name="ct_1", labelled=True):
   label = blob_label()
-  image_path = os.path.join(tmp_path, f'{name}_image.npy')
+  image_path = os.path.join(tmp_path, f"{name}_image.npy")
   np.save(image_path, 100.0 * label.astype(np.float32))
   label_path = None
   if labelled:
-    label_path = os.path.join(tmp_path, f'{name}_label.npy')
+    label_path = os.path.join(tmp_path, f"{name}_label.npy")
     np.save(label_path, label)
-  return Case(name, 'ct', image_path, label_path)
+  return Case(name, "ct", image_path, label_path)
 
 
 def test_cache_writes_entry_and_reuses_it(tmp_path):
-  case, adapter, cache = write_case(tmp_path), NpyAdapter(), str(tmp_path / 'cache')
+  case, adapter, cache = write_case(tmp_path), NpyAdapter(), str(tmp_path / "cache")
   first = preprocess.cache_case(adapter, case, make_cfg(), cache)
-  assert first['id'] == 'ct_1' and first['modality'] == 'ct'
-  assert np.load(first['image']).shape == (32, 32, 4)
-  assert np.load(first['label']).max() == 2
+  assert first["id"] == "ct_1" and first["modality"] == "ct"
+  assert np.load(first["image"]).shape == (32, 32, 4)
+  assert np.load(first["label"]).max() == 2
   second = preprocess.cache_case(adapter, case, make_cfg(), cache)
   assert adapter.reads == 1
   assert second == first
-  assert os.listdir(cache) == [os.path.basename(os.path.dirname(first['image']))]
+  assert os.listdir(cache) == [os.path.basename(os.path.dirname(first["image"]))]
 
 
 def test_cache_misses_when_a_setting_or_the_file_changes(tmp_path):
-  case, adapter, cache = write_case(tmp_path), NpyAdapter(), str(tmp_path / 'cache')
+  case, adapter, cache = write_case(tmp_path), NpyAdapter(), str(tmp_path / "cache")
   first = preprocess.cache_case(adapter, case, make_cfg(), cache)
   other = preprocess.cache_case(adapter, case, make_cfg(size=(16, 16)), cache)
-  assert adapter.reads == 2 and other['image'] != first['image']
+  assert adapter.reads == 2 and other["image"] != first["image"]
   cfg = make_cfg()
   cfg.norm.ct.window = (-500.0, 500.0)
   preprocess.cache_case(adapter, case, cfg, cache)
@@ -183,24 +194,24 @@ def test_cache_misses_when_a_setting_or_the_file_changes(tmp_path):
 
 def test_unlabelled_case_has_no_label_entry(tmp_path):
   case = write_case(tmp_path, labelled=False)
-  entry = preprocess.cache_case(NpyAdapter(), case, make_cfg(), str(tmp_path / 'cache'))
-  assert entry['label'] is None and os.path.exists(entry['image'])
+  entry = preprocess.cache_case(NpyAdapter(), case, make_cfg(), str(tmp_path / "cache"))
+  assert entry["label"] is None and os.path.exists(entry["image"])
 
 
 def test_failed_write_leaves_no_entry(tmp_path, monkeypatch):
-  case, cache = write_case(tmp_path), str(tmp_path / 'cache')
+  case, cache = write_case(tmp_path), str(tmp_path / "cache")
 
   def write_half_then_fail(directory, prepared):
-    np.save(os.path.join(directory, 'image.npy'), prepared.image)
+    np.save(os.path.join(directory, "image.npy"), prepared.image)
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(preprocess, '_write_entry', write_half_then_fail)
+  monkeypatch.setattr(preprocess, "_write_entry", write_half_then_fail)
   with pytest.raises(KeyboardInterrupt):
     preprocess.cache_case(NpyAdapter(), case, make_cfg(), cache)
   assert os.listdir(cache) == []
 
 
 def test_cache_cases_keeps_order(tmp_path):
-  cases = [write_case(tmp_path, f'ct_{i}') for i in range(3)]
-  entries = preprocess.cache_cases(NpyAdapter(), cases, make_cfg(), str(tmp_path / 'c'), workers=2)
-  assert [e['id'] for e in entries] == ['ct_0', 'ct_1', 'ct_2']
+  cases = [write_case(tmp_path, f"ct_{i}") for i in range(3)]
+  entries = preprocess.cache_cases(NpyAdapter(), cases, make_cfg(), str(tmp_path / "c"), workers=2)
+  assert [e["id"] for e in entries] == ["ct_0", "ct_1", "ct_2"]

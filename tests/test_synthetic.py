@@ -20,8 +20,8 @@ MMWHS_TO_BACKGROUND = (550, 600, 850)
 BTCV_FOREGROUND = {1: "spleen", 2: "right kidney", 3: "left kidney", 6: "liver"}
 BTCV_TO_BACKGROUND = (4, 7, 8, 9)
 ALL_CODES = {
-    "cardiac": set(MMWHS_FOREGROUND) | set(MMWHS_TO_BACKGROUND),
-    "abdominal": set(BTCV_FOREGROUND) | set(BTCV_TO_BACKGROUND),
+  "cardiac": set(MMWHS_FOREGROUND) | set(MMWHS_TO_BACKGROUND),
+  "abdominal": set(BTCV_FOREGROUND) | set(BTCV_TO_BACKGROUND),
 }
 PHANTOMS = [(a, m) for a in synthetic.ANATOMIES for m in synthetic.MODALITIES]
 
@@ -41,8 +41,9 @@ def abdominal_root(tmp_path_factory):
 
 
 def _files(root):
-  return sorted(os.path.relpath(p, root) for p in glob.glob(f"{root}/**/*", recursive=True)
-                if os.path.isfile(p))
+  return sorted(
+    os.path.relpath(p, root) for p in glob.glob(f"{root}/**/*", recursive=True) if os.path.isfile(p)
+  )
 
 
 def _centroid_lps(phantom, code):
@@ -60,8 +61,10 @@ def test_same_seed_same_arrays_other_seed_or_case_differs(anatomy, modality):
   again = synthetic.make_phantom(anatomy, modality, seed=5, index=1)
   for name in ("image", "label", "affine"):
     assert np.array_equal(getattr(first, name), getattr(again, name)), name
-  for other in (synthetic.make_phantom(anatomy, modality, seed=6, index=1),
-                synthetic.make_phantom(anatomy, modality, seed=5, index=2)):
+  for other in (
+    synthetic.make_phantom(anatomy, modality, seed=6, index=1),
+    synthetic.make_phantom(anatomy, modality, seed=5, index=2),
+  ):
     assert not np.array_equal(first.label, other.label)
     assert not np.array_equal(first.image, other.image)
 
@@ -89,8 +92,12 @@ def test_case_does_not_depend_on_how_many_are_written(tmp_path):
 
 
 def test_mmwhs_layout_names_dtypes_and_codes(mmwhs_root):
-  expected = [f"{m}_train/{m}_train_{n}_{kind}.nii.gz"
-              for m in ("ct", "mr") for n in (1001, 1002) for kind in ("image", "label")]
+  expected = [
+    f"{m}_train/{m}_train_{n}_{kind}.nii.gz"
+    for m in ("ct", "mr")
+    for n in (1001, 1002)
+    for kind in ("image", "label")
+  ]
   assert _files(mmwhs_root) == sorted(expected)
   for modality, image_dtype in (("ct", np.int16), ("mr", np.uint16)):
     for n in (1001, 1002):
@@ -106,8 +113,12 @@ def test_mmwhs_layout_names_dtypes_and_codes(mmwhs_root):
 
 def test_btcv_layout_names_dtypes_and_codes(abdominal_root):
   btcv = [name for name in _files(abdominal_root) if name.startswith("BTCV")]
-  assert btcv == ["BTCV/img/img0001.nii.gz", "BTCV/img/img0002.nii.gz",
-                  "BTCV/label/label0001.nii.gz", "BTCV/label/label0002.nii.gz"]
+  assert btcv == [
+    "BTCV/img/img0001.nii.gz",
+    "BTCV/img/img0002.nii.gz",
+    "BTCV/label/label0001.nii.gz",
+    "BTCV/label/label0002.nii.gz",
+  ]
   for n in (1, 2):
     image = nib.load(abdominal_root / "BTCV" / "img" / f"img{n:04d}.nii.gz")
     label = nib.load(abdominal_root / "BTCV" / "label" / f"label{n:04d}.nii.gz")
@@ -120,9 +131,12 @@ def test_btcv_layout_names_dtypes_and_codes(abdominal_root):
 def test_chaos_layout_one_dicom_and_one_mask_per_slice(abdominal_root):
   chaos = [name for name in _files(abdominal_root) if name.startswith("CHAOS")]
   slices = synthetic.DEFAULT_SHAPE[2]
-  expected = [f"CHAOS/Train_Sets/MR/{patient}/T2SPIR/{folder}/IMG-0002-{k:05d}.{ext}"
-              for patient in (1, 2) for folder, ext in (("DICOM_anon", "dcm"), ("Ground", "png"))
-              for k in range(1, slices + 1)]
+  expected = [
+    f"CHAOS/Train_Sets/MR/{patient}/T2SPIR/{folder}/IMG-0002-{k:05d}.{ext}"
+    for patient in (1, 2)
+    for folder, ext in (("DICOM_anon", "dcm"), ("Ground", "png"))
+    for k in range(1, slices + 1)
+  ]
   assert chaos == sorted(expected)
 
 
@@ -137,14 +151,18 @@ def test_chaos_dicom_tags_pixels_and_masks_match_the_phantom(abdominal_root):
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert ds.file_meta.MediaStorageSOPClassUID == pydicom.uid.MRImageStorage
     assert (ds.Modality, ds.SeriesDescription, ds.PhotometricInterpretation) == (
-        "MR", "T2SPIR", "MONOCHROME2")
+      "MR",
+      "T2SPIR",
+      "MONOCHROME2",
+    )
     assert (ds.BitsAllocated, ds.PixelRepresentation, ds.InstanceNumber) == (16, 0, k + 1)
     assert (ds.Rows, ds.Columns) == phantom.image.shape[:2]
     np.testing.assert_array_equal(ds.pixel_array, phantom.image[:, :, k])
     # Patient position of pixel (row 0, column 0) and the row/column steps as DICOM defines them.
     along_row, down_column = np.array(ds.ImageOrientationPatient).reshape(2, 3)
-    np.testing.assert_allclose(ds.ImagePositionPatient, lps[:3, :3] @ (0, 0, k) + lps[:3, 3],
-                               atol=1e-3)
+    np.testing.assert_allclose(
+      ds.ImagePositionPatient, lps[:3, :3] @ (0, 0, k) + lps[:3, 3], atol=1e-3
+    )
     np.testing.assert_allclose(down_column * ds.PixelSpacing[0], lps[:3, 0], atol=1e-3)
     np.testing.assert_allclose(along_row * ds.PixelSpacing[1], lps[:3, 1], atol=1e-3)
     assert float(ds.SliceThickness) == pytest.approx(np.linalg.norm(lps[:3, 2]), abs=1e-3)
@@ -213,7 +231,7 @@ def test_modalities_have_different_contrasts():
   assert _mean(ct, aa) > _mean(ct, lv) > _mean(ct, la) > _mean(ct, myo)
   assert _mean(mr, lv) > _mean(mr, la) > _mean(mr, aa) > _mean(mr, myo)
   assert _mean(ct, lv) > 200 and _mean(ct, myo) < 200  # contrast-filled blood, HU
-  assert ct.image.min() <= -900                           # air
+  assert ct.image.min() <= -900  # air
   belly_ct = synthetic.make_phantom("abdominal", "ct", (64, 64, 32), seed=0)
   belly_mr = synthetic.make_phantom("abdominal", "mr", (64, 64, 32), seed=0)
   assert _mean(belly_ct, 8) > _mean(belly_ct, 6)  # enhanced aorta brighter than liver in CT
@@ -253,22 +271,33 @@ def test_shape_is_configurable_and_the_last_axis_is_feet_head():
 # ------------------------------------------------------------------------ errors and CLI
 
 
-@pytest.mark.parametrize("call", [
+@pytest.mark.parametrize(
+  "call",
+  [
     lambda: synthetic.make_phantom("brain", "ct"),
     lambda: synthetic.make_phantom("cardiac", "pet"),
     lambda: synthetic.make_phantom("cardiac", "ct", (48, 48)),
     lambda: synthetic.make_phantom("cardiac", "ct", (48, 48, 2)),
     lambda: synthetic.write_mmwhs("/nonexistent-never-written", -1, 0),
     lambda: synthetic.write_abdominal("/nonexistent-never-written", 1.5, 0),
-])
+  ],
+)
 def test_bad_arguments_raise_data_error(call):
   with pytest.raises(DataError):
     call()
 
 
 def test_cli_writes_the_requested_layout(tmp_path, capsys):
-  synthetic.main(["--layout=abdominal", f"--out={tmp_path}", "--n_ct=1", "--n_mr=1",
-                  "--shape=24,20,8", "--seed=1"])
+  synthetic.main(
+    [
+      "--layout=abdominal",
+      f"--out={tmp_path}",
+      "--n_ct=1",
+      "--n_mr=1",
+      "--shape=24,20,8",
+      "--seed=1",
+    ]
+  )
   assert (tmp_path / "BTCV" / "img" / "img0001.nii.gz").is_file()
   masks = glob.glob(str(tmp_path / "CHAOS/Train_Sets/MR/1/T2SPIR/Ground/*.png"))
   assert len(masks) == 8
@@ -301,24 +330,31 @@ def test_ensure_generates_once_then_reuses_and_refuses_other_settings(tmp_path):
 
 def test_mmwhs_adapter_reads_the_phantoms(mmwhs_root):
   from ukd.data.datasets import get_adapter
+
   adapter = get_adapter("mmwhs")
   cases = adapter.cases(str(mmwhs_root))
   assert sorted((c.modality, c.id) for c in cases) == [
-      ("ct", "ct_train_1001"), ("ct", "ct_train_1002"),
-      ("mr", "mr_train_1001"), ("mr", "mr_train_1002")]
+    ("ct", "ct_train_1001"),
+    ("ct", "ct_train_1002"),
+    ("mr", "mr_train_1001"),
+    ("mr", "mr_train_1002"),
+  ]
   for case in cases:
     image, label = adapter.read(case)
     assert image.array.dtype == np.float32 and image.array.shape == label.array.shape
     assert set(np.unique(label.array).tolist()) == {0, 1, 2, 3, 4}
     # Canonical RAS (x to the patient's right, y anterior, z up): the aorta lies right of the
     # LV, the LA behind and above it.
-    lv, la, aa = (np.argwhere(label.array == adapter.classes.index(name)).mean(axis=0)
-                  for name in ("LVC", "LAC", "AA"))
+    lv, la, aa = (
+      np.argwhere(label.array == adapter.classes.index(name)).mean(axis=0)
+      for name in ("LVC", "LAC", "AA")
+    )
     assert aa[0] > lv[0] and la[1] < lv[1] and la[2] > lv[2], case.id
 
 
 def test_abdominal_adapter_reads_btcv_and_chaos_phantoms(abdominal_root):
   from ukd.data.datasets import get_adapter
+
   adapter = get_adapter("abdominal")
   cases = adapter.cases(str(abdominal_root))
   assert sorted(c.modality for c in cases) == ["ct", "ct", "mr", "mr"]
@@ -328,8 +364,8 @@ def test_abdominal_adapter_reads_btcv_and_chaos_phantoms(abdominal_root):
     assert image.array.shape == label.array.shape
     assert set(np.unique(label.array).tolist()) == {0, 1, 2, 3, 4}
     # Canonical RAS: x grows towards the patient's right, where the liver is.
-    x = lambda index: np.argwhere(label.array == index)[:, 0].mean()
+    x = lambda index, label=label: np.argwhere(label.array == index)[:, 0].mean()
     assert x(liver) > x(spleen), case.id
     # Feet-head is the last canonical axis: the liver lies above the kidneys.
-    z = lambda index: np.argwhere(label.array == index)[:, 2].mean()
+    z = lambda index, label=label: np.argwhere(label.array == index)[:, 2].mean()
     assert z(liver) > z(adapter.classes.index("right_kidney")), case.id

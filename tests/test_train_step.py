@@ -6,10 +6,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-from ukd import models, state as state_lib, steps
-
 from helpers import tiny_config, toy_batch
+
+from ukd import models, steps
+from ukd import state as state_lib
 
 HERE = os.path.dirname(__file__)
 
@@ -34,7 +34,9 @@ def trained():
   step = steps.make_train_step(model, config, mesh)
   history = []
   for i in range(30):
-    state, metrics = step(state, state_lib.to_global_batch(toy_batch(config, SPATIAL, seed=i), mesh))
+    state, metrics = step(
+      state, state_lib.to_global_batch(toy_batch(config, SPATIAL, seed=i), mesh)
+    )
     history.append(jax.device_get(metrics))
   return config, model, initial, state, history
 
@@ -44,8 +46,11 @@ def test_gradients_reach_shared_kernels_and_every_modalitys_norms(trained):
   batch = toy_batch(config, SPATIAL)
   config = config.copy_and_resolve_references()
   config.loss.l2 = 0.0  # only the data terms, so a non-zero kernel gradient comes from them
-  grad_fn = jax.jit(jax.grad(lambda p: steps.loss_terms(
-      model, config, p, initial.batch_stats, batch, jax.random.key(0))[0]))
+  grad_fn = jax.jit(
+    jax.grad(
+      lambda p: steps.loss_terms(model, config, p, initial.batch_stats, batch, jax.random.key(0))[0]
+    )
+  )
   grads = grad_fn(initial.params)
   assert float(np.abs(grads["stem"]["shared"]["kernel"]).sum()) > 0
   assert float(np.abs(grads["head"]["shared"]["kernel"]).sum()) > 0
@@ -81,8 +86,11 @@ def test_loss_falls_on_a_toy_problem(trained):
 def test_schemes_without_kd_have_no_kd_term():
   config = tiny_config(scheme="separate_norm")
   model, _, state = _setup(config)
-  _, (terms, _) = jax.eval_shape(lambda: steps.loss_terms(
-      model, config, state.params, state.batch_stats, toy_batch(config, SPATIAL), jax.random.key(0)))
+  _, (terms, _) = jax.eval_shape(
+    lambda: steps.loss_terms(
+      model, config, state.params, state.batch_stats, toy_batch(config, SPATIAL), jax.random.key(0)
+    )
+  )
   assert "kd" not in terms and "l2" in terms
 
 
@@ -92,7 +100,7 @@ def test_learning_rate_staircase():
   lr = state_lib.learning_rate(config)
   assert float(lr(9)) == pytest.approx(1e-3)
   assert float(lr(10)) == pytest.approx(1e-3 * 0.95)
-  assert float(lr(25)) == pytest.approx(1e-3 * 0.95 ** 2)
+  assert float(lr(25)) == pytest.approx(1e-3 * 0.95**2)
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
@@ -110,11 +118,15 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 
 def test_four_devices_equal_one_device():
   """One step on 4 simulated CPU devices equals the step on 1 device (loss, params, stats)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-             "--xla_backend_optimization_level=0")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+  )
   script = os.path.join(HERE, "multidevice_step.py")
-  out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run(
+    [sys.executable, script], env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["devices"] == 4

@@ -29,16 +29,27 @@ def directory(workdir: str) -> str:
 
 def manager(workdir: str, *, keep_best: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max",
-      preservation_policy=policies.AnyPreservationPolicy([
-          policies.LatestN(n=1),
-          policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=keep_best,
-                         keep_checkpoints_without_metrics=False),
-      ]),
-      enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only,
-      read_only=read_only, create=not read_only)
-  return ocp.CheckpointManager(directory(workdir), item_names=("state", "config", "data"),
-                               options=options)
+    best_fn=lambda metrics: metrics[BEST_METRIC],
+    best_mode="max",
+    preservation_policy=policies.AnyPreservationPolicy(
+      [
+        policies.LatestN(n=1),
+        policies.BestN(
+          get_metric_fn=lambda m: m[BEST_METRIC],
+          reverse=False,
+          n=keep_best,
+          keep_checkpoints_without_metrics=False,
+        ),
+      ]
+    ),
+    enable_async_checkpointing=not read_only,
+    cleanup_tmp_directories=not read_only,
+    read_only=read_only,
+    create=not read_only,
+  )
+  return ocp.CheckpointManager(
+    directory(workdir), item_names=("state", "config", "data"), options=options
+  )
 
 
 def save(mgr, step: int, state, config, data_iterator=None, val_dice: float | None = None):
@@ -57,9 +68,13 @@ def restore_train(mgr, step: int, abstract_state, data_iterator):
   """Restores the full train state (onto the abstract state's shardings) and the iterators."""
   import grain
 
-  restored = mgr.restore(step, args=ocp.args.Composite(
+  restored = mgr.restore(
+    step,
+    args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      data=grain.checkpoint.CheckpointRestore(data_iterator),
+    ),
+  )
   return restored["state"]
 
 
@@ -72,8 +87,9 @@ def check_resumable(mgr, step: int, config) -> None:
     new = new.to_dict() if hasattr(new, "to_dict") else list(new)
     if old != new:
       raise CheckpointError(
-          f"{mgr.directory}/{step} was trained with config.{key}={old}, not {new}; "
-          "use a new --workdir or the original config")
+        f"{mgr.directory}/{step} was trained with config.{key}={old}, not {new}; "
+        "use a new --workdir or the original config"
+      )
 
 
 def select_step(mgr, which) -> int:
@@ -89,7 +105,9 @@ def select_step(mgr, which) -> int:
   try:
     step = int(which)
   except (TypeError, ValueError):
-    raise CheckpointError(f"checkpoint {which!r} is not 'best', 'latest' or a step number") from None
+    raise CheckpointError(
+      f"checkpoint {which!r} is not 'best', 'latest' or a step number"
+    ) from None
   if step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {mgr.directory}; have {sorted(steps)}")
   return step
@@ -116,16 +134,26 @@ def restore_config(mgr, step: int) -> mc.ConfigDict:
 
 def restore_variables(mgr, step: int, abstract_variables):
   """Restores only params and batch_stats (no optimizer state) onto the given shardings."""
-  item = {"params": abstract_variables["params"],
-          "batch_stats": abstract_variables.get("batch_stats", {})}
+  item = {
+    "params": abstract_variables["params"],
+    "batch_stats": abstract_variables.get("batch_stats", {}),
+  }
   try:
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
+    restored = mgr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True,
+        )
+      ),
+    )
   except (ValueError, KeyError) as e:
     raise CheckpointError(
-        f"checkpoint {mgr.directory}/{step} does not fit its config's network: "
-        f"{str(e).splitlines()[0][:300]}") from None
+      f"checkpoint {mgr.directory}/{step} does not fit its config's network: "
+      f"{str(e).splitlines()[0][:300]}"
+    ) from None
   state = restored["state"]
   _check_shapes(item, state, f"{mgr.directory}/{step}")
   return state
@@ -144,5 +172,7 @@ def _check_shapes(expected, got, where):
       problem = f"shape {tuple(found.shape)} != {tuple(leaf.shape)} at"
     else:
       continue
-    raise CheckpointError(f"checkpoint {where} does not fit its config's network: {problem} "
-                          f"{jax.tree_util.keystr(path)}")
+    raise CheckpointError(
+      f"checkpoint {where} does not fit its config's network: {problem} "
+      f"{jax.tree_util.keystr(path)}"
+    )

@@ -25,8 +25,8 @@ import json
 import math
 import os
 
-from absl import logging
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from ukd import checkpoints, infer, metrics
@@ -35,9 +35,23 @@ from ukd.data.volumes import DataError
 
 METRICS = ("dice", "assd", "hd95")
 # Distinct colours for classes 1, 2, ... (cycled when there are more classes).
-PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60),
-                    (250, 190, 212), (0, 128, 128), (170, 110, 40)], np.float32)
+PALETTE = np.array(
+  [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+  ],
+  np.float32,
+)
 OVERLAY_ALPHA = 0.5
 OVERLAY_SLICES = 3
 # Panels smaller than this (in pixels) are enlarged by whole factors, so tiny volumes stay visible.
@@ -48,8 +62,10 @@ OVERLAY_MIN_SIZE = 128
 
 
 def _case_rows(case, scores) -> list[dict]:
-  return [dict(case=case.id, modality=case.modality, **{"class": name}, **values)
-          for name, values in scores.items()]
+  return [
+    dict(case=case.id, modality=case.modality, **{"class": name}, **values)
+    for name, values in scores.items()
+  ]
 
 
 def summarize_rows(rows, class_names) -> dict:
@@ -121,7 +137,7 @@ def overlay_image(image, label, pred, axis: int = 2) -> np.ndarray:
   grey = _grey(np.asarray(image, np.float32))
   rows = []
   for k in _slices_to_show(label, pred, axis):
-    take = lambda a: _display(np.take(a, k, axis=axis))  # noqa: E731
+    take = lambda a, k=k: _display(np.take(a, k, axis=axis))
     g = take(grey)
     panels = [np.repeat(g[..., None], 3, axis=-1), _paint(g, take(label)), _paint(g, take(pred))]
     gap = np.zeros((g.shape[0], 2, 3), np.float32)
@@ -151,11 +167,18 @@ def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True) -> dict:
     pred, _ = seg.predict_volume(image, case.modality, label)
     scores = metrics.evaluate_case(pred, label.array, image.spacing, adapter.classes)
     rows += _case_rows(case, scores)
-    logging.info("[%d/%d] %s %s: Dice %s", i + 1, len(cases), case.modality, case.id,
-                 " ".join(f"{name}={s['dice']:.3f}" for name, s in scores.items()))
+    logging.info(
+      "[%d/%d] %s %s: Dice %s",
+      i + 1,
+      len(cases),
+      case.modality,
+      case.id,
+      " ".join(f"{name}={s['dice']:.3f}" for name, s in scores.items()),
+    )
     if overlays:
       pictures[f"{case.modality}/{case.id}"] = overlay_image(
-          image.array, label.array, pred, seg.config.data.slice_axis)
+        image.array, label.array, pred, seg.config.data.slice_axis
+      )
   summary = summarize_rows(rows, adapter.classes)
   if out_dir is not None:
     write_results(out_dir, rows, summary, pictures)
@@ -201,8 +224,9 @@ def format_table(summary, class_names) -> str:
   """A Markdown table laid out like the paper's: a row per structure and the mean, Dice (%) and
   ASSD (mm) columns per modality.  `class_names` as the adapters give them, background first."""
   modalities = list(summary)
-  header = ["Structure"] + [f"{m.upper()} {what}" for m in modalities
-                            for what in ("Dice (%)", "ASSD (mm)")]
+  header = ["Structure"] + [
+    f"{m.upper()} {what}" for m in modalities for what in ("Dice (%)", "ASSD (mm)")
+  ]
   body = []
   for name in [*class_names[1:], "mean"]:
     cells = [name if name != "mean" else "Mean"]
@@ -237,13 +261,18 @@ def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
   adapter = datasets.get_adapter(config.data.dataset, **config.data.options.to_dict())
   cases = [c for c in adapter.cases(config.data.root) if c.modality in config.modalities]
   splits = datasets.load_or_make_splits(
-      workdir, cases, seed=config.seed, fractions=tuple(config.data.split_fractions),
-      split_file=config.data.split_file or None)
+    workdir,
+    cases,
+    seed=config.seed,
+    fractions=tuple(config.data.split_fractions),
+    split_file=config.data.split_file or None,
+  )
   chosen = [c for c in cases if c.id in splits[c.modality][split]]
   if not chosen:
     raise DataError(f"{workdir}: the {split} split has no cases of {list(config.modalities)}")
-  result = evaluate_cases(seg, adapter, chosen, out_dir=os.path.join(workdir, "eval"),
-                          overlays=overlays)
+  result = evaluate_cases(
+    seg, adapter, chosen, out_dir=os.path.join(workdir, "eval"), overlays=overlays
+  )
   print(f"{split} split, checkpoint step {seg.step}, {len(chosen)} volumes")
   print(format_table(result["summary"], adapter.classes))
   return result["summary"]

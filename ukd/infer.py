@@ -30,12 +30,14 @@ import math
 import os
 import re
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from ukd import checkpoints, config as config_lib, models, state as state_lib, steps
+from ukd import checkpoints, models, steps
+from ukd import config as config_lib
+from ukd import state as state_lib
 from ukd.data import preprocess, volumes
 from ukd.data.volumes import DataError
 
@@ -55,8 +57,7 @@ def _compiled_probabilities(config):
   one; jax then compiles once per (modality, batch shape).
   """
   model_config = config.model.to_dict() if hasattr(config.model, "to_dict") else config.model
-  key = json.dumps({"model": model_config, "modalities": list(config.modalities)},
-                   sort_keys=True)
+  key = json.dumps({"model": model_config, "modalities": list(config.modalities)}, sort_keys=True)
   if key not in _COMPILED:
     eval_step = steps.make_eval_step(models.build(config.model, config.modalities))
 
@@ -110,7 +111,8 @@ class Segmenter:
     process: every volume is small enough for one host, and its result is needed there."""
     if int(config.infer.batch_size) < 1:
       raise config_lib.ConfigError(
-          f"config.infer.batch_size={config.infer.batch_size} must be at least 1")
+        f"config.infer.batch_size={config.infer.batch_size} must be at least 1"
+      )
     overlap = float(config.infer.overlap)
     if not 0.0 <= overlap < 1.0:
       raise config_lib.ConfigError(f"config.infer.overlap={overlap} must be in [0, 1)")
@@ -212,10 +214,10 @@ class Segmenter:
       batch = jax.device_put(_fill_batch(inputs(index), self.batch_size), sharding)
       result = self._probabilities(self.variables, batch, modality)
       if pending is not None:
-        yield pending[0], np.asarray(pending[1])[:len(pending[0])]
+        yield pending[0], np.asarray(pending[1])[: len(pending[0])]
       pending = (index, result)
     if pending is not None:
-      yield pending[0], np.asarray(pending[1])[:len(pending[0])]
+      yield pending[0], np.asarray(pending[1])[: len(pending[0])]
 
   def _predict_slices(self, image: np.ndarray, modality: str) -> np.ndarray:
     """[H, W, S] -> [H, W, S, C]: slice k sees slices (k-1, k, k+1) as channels."""
@@ -227,7 +229,7 @@ class Segmenter:
       return np.moveaxis(image[:, :, neighbours], 2, 0)  # [H,W,n,3] -> [n,H,W,3]
 
     for index, probs in self._batches(inputs, s, modality):
-      out[:, :, index.start:index.stop] = np.moveaxis(probs, 0, 2)
+      out[:, :, index.start : index.stop] = np.moveaxis(probs, 0, 2)
     return out
 
   def _predict_windows(self, image: np.ndarray, modality: str) -> np.ndarray:
@@ -235,8 +237,9 @@ class Segmenter:
     window = tuple(int(n) for n in self.config.data.patch)
     padded = _pad_to(image, window)
     overlap = float(self.config.infer.overlap)
-    origins = list(itertools.product(
-        *(window_starts(n, k, overlap) for n, k in zip(padded.shape, window))))
+    origins = list(
+      itertools.product(*(window_starts(n, k, overlap) for n, k in zip(padded.shape, window)))
+    )
     regions = [tuple(slice(o, o + k) for o, k in zip(origin, window)) for origin in origins]
     weights = gaussian_importance(window)
     total = np.zeros(padded.shape + (self.config.model.num_classes,), np.float32)
@@ -261,7 +264,8 @@ def _abstract_variables(config, mesh):
   model = models.build(config.model, config.modalities)
   spatial = models.input_spatial(config)
   shapes = jax.eval_shape(
-      lambda: models.init_variables(model, config.model, spatial, jax.random.key(0)))
+    lambda: models.init_variables(model, config.model, spatial, jax.random.key(0))
+  )
   sharding = state_lib.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
@@ -297,8 +301,11 @@ def _input_files(input_path) -> list[str]:
     return [input_path]
   if not os.path.isdir(input_path):
     raise DataError(f"{input_path}: input not found")
-  found = sorted(os.path.join(input_path, name) for name in os.listdir(input_path)
-                 if _NIFTI.search(name) and not name.startswith("."))
+  found = sorted(
+    os.path.join(input_path, name)
+    for name in os.listdir(input_path)
+    if _NIFTI.search(name) and not name.startswith(".")
+  )
   if not found:
     raise DataError(f"{input_path}: no .nii or .nii.gz files in this folder")
   return found
@@ -309,8 +316,9 @@ def output_name(path) -> str:
   return _CHANNEL_SUFFIX.sub("", _NIFTI.sub("", os.path.basename(path)))
 
 
-def predict_paths(seg: Segmenter, input_path, output_dir, modality: str,
-                  probabilities: bool = False) -> list[str]:
+def predict_paths(
+  seg: Segmenter, input_path, output_dir, modality: str, probabilities: bool = False
+) -> list[str]:
   """Predicts a file or a folder of NIfTI files into `<output_dir>/<name>.nii.gz`.
 
   With `probabilities`, `<name>_probabilities.nii.gz` holds the float32 class probabilities.
@@ -329,7 +337,7 @@ def predict_paths(seg: Segmenter, input_path, output_dir, modality: str,
     targets[path] = out
   written = []
   for i, (path, out) in enumerate(targets.items()):
-    probs = out[:-len(".nii.gz")] + "_probabilities.nii.gz" if probabilities else None
+    probs = out[: -len(".nii.gz")] + "_probabilities.nii.gz" if probabilities else None
     seg.predict_file(path, out, modality, probabilities=probs)
     written += [out] + ([probs] if probs else [])
     logging.info("[%d/%d] %s -> %s", i + 1, len(files), path, out)

@@ -27,140 +27,142 @@ _DISTANCES = ("kl", "l2")
 
 
 def _probs_and_onehot(logits, labels):
-    """Softmax probabilities and one-hot labels, both float32 [..., C]."""
-    logits = jnp.asarray(logits, jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-    return probs, onehot
+  """Softmax probabilities and one-hot labels, both float32 [..., C]."""
+  logits = jnp.asarray(logits, jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  return probs, onehot
 
 
 def _voxel_axes(x):
-    """All axes but the trailing class axis: the sums run over the whole batch."""
-    return tuple(range(x.ndim - 1))
+  """All axes but the trailing class axis: the sums run over the whole batch."""
+  return tuple(range(x.ndim - 1))
 
 
 def dice_loss(logits, labels):
-    """Soft Dice loss, 1 - mean over classes of the per-class soft Dice.
+  """Soft Dice loss, 1 - mean over classes of the per-class soft Dice.
 
-    dice_c = 2 sum(p_c g_c) / (sum(p_c^2) + sum(g_c) + eps), sums over every voxel
-    of the batch; the mean runs over ALL C classes, background included, as in the
-    paper's reference code (the squared-probability denominator also comes from
-    there). Why "1 - mean" rather than "-mean": the loss is 0 for a perfect
-    prediction, which makes logged values readable; the gradient is the same.
+  dice_c = 2 sum(p_c g_c) / (sum(p_c^2) + sum(g_c) + eps), sums over every voxel
+  of the batch; the mean runs over ALL C classes, background included, as in the
+  paper's reference code (the squared-probability denominator also comes from
+  there). Why "1 - mean" rather than "-mean": the loss is 0 for a perfect
+  prediction, which makes logged values readable; the gradient is the same.
 
-    A class absent from the batch has numerator 0 and therefore dice_c ~ 0 and no
-    gradient: it adds a constant 1/C to the loss rather than pushing the network
-    towards predicting it.
-    """
-    probs, onehot = _probs_and_onehot(logits, labels)
-    axes = _voxel_axes(probs)
-    intersection = jnp.sum(probs * onehot, axis=axes)
-    denominator = jnp.sum(probs * probs, axis=axes) + jnp.sum(onehot, axis=axes) + DICE_EPS
-    return 1.0 - jnp.mean(2.0 * intersection / denominator)
+  A class absent from the batch has numerator 0 and therefore dice_c ~ 0 and no
+  gradient: it adds a constant 1/C to the loss rather than pushing the network
+  towards predicting it.
+  """
+  probs, onehot = _probs_and_onehot(logits, labels)
+  axes = _voxel_axes(probs)
+  intersection = jnp.sum(probs * onehot, axis=axes)
+  denominator = jnp.sum(probs * probs, axis=axes) + jnp.sum(onehot, axis=axes) + DICE_EPS
+  return 1.0 - jnp.mean(2.0 * intersection / denominator)
 
 
 def weighted_ce_loss(logits, labels):
-    """Class-weighted cross-entropy, mean over voxels of -sum_c w_c g_c log(p_c).
+  """Class-weighted cross-entropy, mean over voxels of -sum_c w_c g_c log(p_c).
 
-    w_c = 1 - (voxels of class c / all voxels) in this batch, so rare structures
-    weigh more than the background that fills most of a slice. The weights are
-    statistics of the labels, not something to optimise, hence stop_gradient.
-    Probabilities are clipped to [CE_MIN_PROB, 1] before the log (reference code).
-    """
-    probs, onehot = _probs_and_onehot(logits, labels)
-    axes = _voxel_axes(onehot)
-    class_fraction = jnp.sum(onehot, axis=axes) / (onehot.size // onehot.shape[-1])
-    weights = jax.lax.stop_gradient(1.0 - class_fraction)
-    log_probs = jnp.log(jnp.clip(probs, CE_MIN_PROB, 1.0))
-    return jnp.mean(-jnp.sum(weights * onehot * log_probs, axis=-1))
+  w_c = 1 - (voxels of class c / all voxels) in this batch, so rare structures
+  weigh more than the background that fills most of a slice. The weights are
+  statistics of the labels, not something to optimise, hence stop_gradient.
+  Probabilities are clipped to [CE_MIN_PROB, 1] before the log (reference code).
+  """
+  probs, onehot = _probs_and_onehot(logits, labels)
+  axes = _voxel_axes(onehot)
+  class_fraction = jnp.sum(onehot, axis=axes) / (onehot.size // onehot.shape[-1])
+  weights = jax.lax.stop_gradient(1.0 - class_fraction)
+  log_probs = jnp.log(jnp.clip(probs, CE_MIN_PROB, 1.0))
+  return jnp.mean(-jnp.sum(weights * onehot * log_probs, axis=-1))
 
 
 def _class_log_distributions(logits, labels, temperature):
-    """Per-class soft predictions of one modality: log p^c [C, C] and presence [C].
+  """Per-class soft predictions of one modality: log p^c [C, C] and presence [C].
 
-    Row c is log softmax(mean of the logits over the voxels labelled c / T). The
-    voxel sums are one matmul between the one-hot labels and the logits. An absent
-    class gets a zero mean (uniform distribution) through a safe divide: its row
-    stays finite, in value and gradient, and the caller masks it out.
-    """
-    logits = jnp.asarray(logits, jnp.float32)
-    num_classes = logits.shape[-1]
-    flat_logits = logits.reshape(-1, num_classes)
-    onehot = jax.nn.one_hot(jnp.asarray(labels).reshape(-1), num_classes, dtype=jnp.float32)
-    # HIGHEST: accelerators otherwise run float32 matmuls with bfloat16 passes.
-    sums = jnp.einsum("nc,nk->ck", onehot, flat_logits, precision=jax.lax.Precision.HIGHEST)
-    counts = jnp.sum(onehot, axis=0)
-    means = sums / jnp.maximum(counts, 1.0)[:, None]
-    return jax.nn.log_softmax(means / temperature, axis=-1), counts > 0
+  Row c is log softmax(mean of the logits over the voxels labelled c / T). The
+  voxel sums are one matmul between the one-hot labels and the logits. An absent
+  class gets a zero mean (uniform distribution) through a safe divide: its row
+  stays finite, in value and gradient, and the caller masks it out.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  num_classes = logits.shape[-1]
+  flat_logits = logits.reshape(-1, num_classes)
+  onehot = jax.nn.one_hot(jnp.asarray(labels).reshape(-1), num_classes, dtype=jnp.float32)
+  # HIGHEST: accelerators otherwise run float32 matmuls with bfloat16 passes.
+  sums = jnp.einsum("nc,nk->ck", onehot, flat_logits, precision=jax.lax.Precision.HIGHEST)
+  counts = jnp.sum(onehot, axis=0)
+  means = sums / jnp.maximum(counts, 1.0)[:, None]
+  return jax.nn.log_softmax(means / temperature, axis=-1), counts > 0
 
 
 def _pair_distance(log_p, log_q, distance):
-    """Per-class distance [C] between two modalities' class distributions."""
-    p, q = jnp.exp(log_p), jnp.exp(log_q)
-    if distance == "kl":
-        # Symmetric KL, 1/2 [KL(p||q) + KL(q||p)], from log-softmax values, which
-        # are always finite, so no log(0) can appear.
-        return 0.5 * jnp.sum((p - q) * (log_p - log_q), axis=-1)
-    return jnp.sum((p - q) ** 2, axis=-1)
+  """Per-class distance [C] between two modalities' class distributions."""
+  p, q = jnp.exp(log_p), jnp.exp(log_q)
+  if distance == "kl":
+    # Symmetric KL, 1/2 [KL(p||q) + KL(q||p)], from log-softmax values, which
+    # are always finite, so no log(0) can appear.
+    return 0.5 * jnp.sum((p - q) * (log_p - log_q), axis=-1)
+  return jnp.sum((p - q) ** 2, axis=-1)
 
 
 def kd_loss(logits, labels, *, temperature=2.0, distance="kl"):
-    """Knowledge-distillation loss aligning modalities' class-wise predictions.
+  """Knowledge-distillation loss aligning modalities' class-wise predictions.
 
-    `logits` and `labels` are dicts keyed by modality (the same keys). For each
-    modality m and class c, p_m^c = softmax(mean of the logits over the voxels
-    labelled c, whole batch / temperature): what the network "thinks" a typical
-    voxel of class c looks like in that modality. For each unordered pair of
-    modalities the per-class distances are averaged over the classes present in
-    BOTH modalities' batches; the loss is the mean over pairs.
+  `logits` and `labels` are dicts keyed by modality (the same keys). For each
+  modality m and class c, p_m^c = softmax(mean of the logits over the voxels
+  labelled c, whole batch / temperature): what the network "thinks" a typical
+  voxel of class c looks like in that modality. For each unordered pair of
+  modalities the per-class distances are averaged over the classes present in
+  BOTH modalities' batches; the loss is the mean over pairs.
 
-    distance='kl' is the paper's symmetric KL, 1/2 [KL(p_a||p_b) + KL(p_b||p_a)];
-    distance='l2' is its squared-Euclidean alternative, sum_k (p_a,k - p_b,k)^2.
+  distance='kl' is the paper's symmetric KL, 1/2 [KL(p_a||p_b) + KL(p_b||p_a)];
+  distance='l2' is its squared-Euclidean alternative, sum_k (p_a,k - p_b,k)^2.
 
-    Why the masking: the reference code gave an absent class a uniform
-    distribution, which pulls the other modality's class towards "no idea". Here
-    an absent class is left out of the pair's mean, and a pair with no shared class
-    contributes 0; every step is NaN-free in value and gradient.
-    """
-    if distance not in _DISTANCES:
-        raise ValueError(f"kd_loss: unknown distance {distance!r}, expected one of {_DISTANCES}")
-    if isinstance(temperature, (int, float)) and temperature <= 0:
-        raise ValueError(f"kd_loss: temperature must be positive, got {temperature}")
-    if set(logits) != set(labels):
-        raise ValueError(
-            f"kd_loss: logits and labels have different modalities: {sorted(logits)} vs {sorted(labels)}"
-        )
-    if len(logits) < 2:
-        raise ValueError(f"kd_loss needs at least 2 modalities, got {sorted(logits)}")
-    num_classes = {m: logits[m].shape[-1] for m in logits}
-    if len(set(num_classes.values())) != 1:
-        raise ValueError(f"kd_loss: modalities disagree on the number of classes: {num_classes}")
+  Why the masking: the reference code gave an absent class a uniform
+  distribution, which pulls the other modality's class towards "no idea". Here
+  an absent class is left out of the pair's mean, and a pair with no shared class
+  contributes 0; every step is NaN-free in value and gradient.
+  """
+  if distance not in _DISTANCES:
+    raise ValueError(f"kd_loss: unknown distance {distance!r}, expected one of {_DISTANCES}")
+  if isinstance(temperature, (int, float)) and temperature <= 0:
+    raise ValueError(f"kd_loss: temperature must be positive, got {temperature}")
+  if set(logits) != set(labels):
+    raise ValueError(
+      f"kd_loss: logits and labels have different modalities: {sorted(logits)} vs {sorted(labels)}"
+    )
+  if len(logits) < 2:
+    raise ValueError(f"kd_loss needs at least 2 modalities, got {sorted(logits)}")
+  num_classes = {m: logits[m].shape[-1] for m in logits}
+  if len(set(num_classes.values())) != 1:
+    raise ValueError(f"kd_loss: modalities disagree on the number of classes: {num_classes}")
 
-    per_modality = {m: _class_log_distributions(logits[m], labels[m], temperature) for m in logits}
-    pair_losses = []
-    for a, b in itertools.combinations(logits, 2):
-        (log_pa, present_a), (log_pb, present_b) = per_modality[a], per_modality[b]
-        shared = present_a & present_b
-        per_class = jnp.where(shared, _pair_distance(log_pa, log_pb, distance), 0.0)
-        pair_losses.append(jnp.sum(per_class) / jnp.maximum(jnp.sum(shared), 1))
-    return jnp.mean(jnp.stack(pair_losses))
+  per_modality = {m: _class_log_distributions(logits[m], labels[m], temperature) for m in logits}
+  pair_losses = []
+  for a, b in itertools.combinations(logits, 2):
+    (log_pa, present_a), (log_pb, present_b) = per_modality[a], per_modality[b]
+    shared = present_a & present_b
+    per_class = jnp.where(shared, _pair_distance(log_pa, log_pb, distance), 0.0)
+    pair_losses.append(jnp.sum(per_class) / jnp.maximum(jnp.sum(shared), 1))
+  return jnp.mean(jnp.stack(pair_losses))
 
 
 def _is_kernel(path):
-    """True when a tree path ends in 'kernel' (a dict key, or an attribute name for dataclass trees)."""
-    last = path[-1]
-    return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+  """True when a tree path ends in 'kernel' (a dict key, or an attribute name for dataclass trees)."""
+  last = path[-1]
+  return getattr(last, "key", getattr(last, "name", None)) == "kernel"
 
 
 def l2_loss(params):
-    """0.5 * sum of squares of every convolution kernel in a Flax params tree.
+  """0.5 * sum of squares of every convolution kernel in a Flax params tree.
 
-    Leaves whose path ends in 'kernel' (Conv, ConvTranspose) count; biases and
-    normalization scales/offsets do not, as in the reference code. The caller
-    multiplies by the weight (1e-4) and ADDS the result to the loss, so it goes
-    through Adam's normalisation like any other gradient: this is the paper's
-    L2 regularisation, not decoupled weight decay (AdamW).
-    """
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    squares = [jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32))) for path, leaf in leaves if _is_kernel(path)]
-    return 0.5 * sum(squares, jnp.zeros((), jnp.float32))
+  Leaves whose path ends in 'kernel' (Conv, ConvTranspose) count; biases and
+  normalization scales/offsets do not, as in the reference code. The caller
+  multiplies by the weight (1e-4) and ADDS the result to the loss, so it goes
+  through Adam's normalisation like any other gradient: this is the paper's
+  L2 regularisation, not decoupled weight decay (AdamW).
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  squares = [
+    jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32))) for path, leaf in leaves if _is_kernel(path)
+  ]
+  return 0.5 * sum(squares, jnp.zeros((), jnp.float32))

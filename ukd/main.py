@@ -16,14 +16,20 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ukd import checkpoints, config as config_lib
+from ukd import checkpoints
+from ukd import config as config_lib
 from ukd.data import volumes
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmwhs.py[:arg].",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/mmwhs.py[:arg].", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Work dir: checkpoints, logs, splits, cache, evaluation.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"],
-                  "train (then evaluate on the test split), evaluate, or predict.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "evaluate", "predict"],
+  "train (then evaluate on the test split), evaluate, or predict.",
+)
 flags.DEFINE_string("step", "best", "Checkpoint for evaluate / predict: best, latest or a step.")
 flags.DEFINE_string("input", None, "predict: a NIfTI file or a folder of them.")
 flags.DEFINE_string("output", None, "predict: the folder for the predicted label maps.")
@@ -54,8 +60,9 @@ def run(argv):
       reason = str(e).strip().splitlines()[-1].strip()
       raise config_lib.ConfigError(f"cannot load --config: {reason}") from None
     if config is None:
-      raise config_lib.ConfigError("--config is required for --mode=train, e.g. "
-                                   "--config=configs/demo.py")
+      raise config_lib.ConfigError(
+        "--config is required for --mode=train, e.g. --config=configs/demo.py"
+      )
     train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "evaluate":
     evaluate.evaluate(FLAGS.workdir, step=FLAGS.step)
@@ -64,8 +71,9 @@ def run(argv):
       if not getattr(FLAGS, name):
         raise config_lib.ConfigError(f"--{name} is required for --mode=predict")
     segmenter = infer.load(FLAGS.workdir, step=FLAGS.step)
-    written = infer.predict_paths(segmenter, FLAGS.input, FLAGS.output, FLAGS.modality,
-                                  probabilities=FLAGS.probabilities)
+    written = infer.predict_paths(
+      segmenter, FLAGS.input, FLAGS.output, FLAGS.modality, probabilities=FLAGS.probabilities
+    )
     print(f"wrote {len(written)} prediction(s) to {FLAGS.output}")
 
 
@@ -81,6 +89,7 @@ def main(argv):
     sys.exit(2)
   except Exception as e:  # noqa: BLE001 - a run-stopping condition with its own message
     from ukd.train import TrainingError
+
     if isinstance(e, TrainingError):
       print(f"ukd: error: {e}", file=sys.stderr)
       sys.exit(3)
@@ -93,7 +102,7 @@ def _packaged_configs(argv):
   out = []
   for arg in argv:
     if arg.startswith("--config=configs/"):
-      path, _, suffix = arg[len("--config="):].partition(":")
+      path, _, suffix = arg[len("--config=") :].partition(":")
       packaged = os.path.join(here, os.path.basename(path))
       if not os.path.exists(path) and os.path.exists(packaged):
         arg = f"--config={packaged}" + (f":{suffix}" if suffix else "")
@@ -108,8 +117,11 @@ def _parse_flags(argv):
   except flags.Error as e:
     message = str(e)
   except (AttributeError, KeyError, TypeError, ValueError, SyntaxError, OSError) as e:
-    message = (f"no such config field {e}" if isinstance(e, (AttributeError, KeyError))
-               else f"{type(e).__name__}: {e}")
+    message = (
+      f"no such config field {e}"
+      if isinstance(e, (AttributeError, KeyError))
+      else f"{type(e).__name__}: {e}"
+    )
   print(f"ukd: error: bad flag or config override: {' '.join(message.split())}", file=sys.stderr)
   sys.exit(2)
 

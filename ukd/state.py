@@ -12,7 +12,8 @@ import flax.struct
 import jax
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ukd import models
 
@@ -31,8 +32,12 @@ class TrainState(flax.struct.PyTreeNode):
 
 def learning_rate(config):
   """Adam's step size: `lr` multiplied by `decay_rate` every `decay_steps` steps (staircase)."""
-  return optax.exponential_decay(config.optim.lr, transition_steps=config.optim.decay_steps,
-                                 decay_rate=config.optim.decay_rate, staircase=True)
+  return optax.exponential_decay(
+    config.optim.lr,
+    transition_steps=config.optim.decay_steps,
+    decay_rate=config.optim.decay_rate,
+    staircase=True,
+  )
 
 
 def make_optimizer(config):
@@ -48,9 +53,13 @@ def create(config, model, spatial, rng, mesh=None) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
   variables = models.init_variables(model, config.model, spatial, init_rng)
   params = variables["params"]
-  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                     batch_stats=variables.get("batch_stats", {}),
-                     opt_state=make_optimizer(config).init(params), rng=state_rng)
+  state = TrainState(
+    step=jax.numpy.zeros((), jax.numpy.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=make_optimizer(config).init(params),
+    rng=state_rng,
+  )
   return state if mesh is None else jax.device_put(state, replicated(mesh))
 
 
@@ -70,12 +79,15 @@ def batch_sharding(mesh):
 def check_batch_size(config, mesh):
   n = mesh.shape[DATA_AXIS]
   if config.batch_size % n:
-    raise ValueError(f"config.batch_size={config.batch_size} (per modality) must be divisible by "
-                     f"the {n} devices of the data mesh")
+    raise ValueError(
+      f"config.batch_size={config.batch_size} (per modality) must be divisible by "
+      f"the {n} devices of the data mesh"
+    )
 
 
 def to_global_batch(batch, mesh):
   """Assembles each process's slice of the batch into arrays sharded over the 'data' axis."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      batch)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

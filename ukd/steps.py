@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ukd import losses, state as state_lib
+from ukd import losses
+from ukd import state as state_lib
 
 
 def loss_terms(model, config, params, batch_stats, batch, rng):
@@ -22,9 +23,14 @@ def loss_terms(model, config, params, batch_stats, batch, rng):
   stats = batch_stats
   logits, labels, terms = {}, {}, {}
   for i, m in enumerate(modalities):
-    out, updates = model.apply({"params": params, "batch_stats": stats}, batch[m]["image"],
-                               modality=m, train=True, mutable=["batch_stats"],
-                               rngs={"dropout": jax.random.fold_in(rng, i)})
+    out, updates = model.apply(
+      {"params": params, "batch_stats": stats},
+      batch[m]["image"],
+      modality=m,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.fold_in(rng, i)},
+    )
     # Shared norms are updated by each modality in turn; per-modality ones only by their own.
     stats = updates["batch_stats"]
     logits[m], labels[m] = out, batch[m]["label"]
@@ -44,15 +50,16 @@ def loss_terms(model, config, params, batch_stats, batch, rng):
 
 def train_step(model, config, tx, state: state_lib.TrainState, batch):
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.value_and_grad(
-      functools.partial(loss_terms, model, config), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_terms, model, config), has_aux=True)
   (_, (terms, stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(terms, grad_norm=optax.tree.norm(grads),
-                 lr=state_lib.learning_rate(config)(state.step))
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                            opt_state=opt_state)
+  metrics = dict(
+    terms, grad_norm=optax.tree.norm(grads), lr=state_lib.learning_rate(config)(state.step)
+  )
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state
+  )
   return new_state, metrics
 
 
@@ -60,9 +67,12 @@ def make_train_step(model, config, mesh):
   """The data-parallel train step: batch sharded on 'data', state replicated and donated."""
   tx = state_lib.make_optimizer(config)
   repl = state_lib.replicated(mesh)
-  return jax.jit(functools.partial(train_step, model, config, tx),
-                 in_shardings=(repl, state_lib.batch_sharding(mesh)),
-                 out_shardings=(repl, repl), donate_argnums=0)
+  return jax.jit(
+    functools.partial(train_step, model, config, tx),
+    in_shardings=(repl, state_lib.batch_sharding(mesh)),
+    out_shardings=(repl, repl),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(model):

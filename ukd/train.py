@@ -12,8 +12,9 @@ import jax
 import ml_collections as mc
 import numpy as np
 
-from ukd import checkpoints, config as config_lib, evaluate, infer, models
-from ukd import state as state_lib, steps, writers
+from ukd import checkpoints, evaluate, infer, models, steps, writers
+from ukd import config as config_lib
+from ukd import state as state_lib
 from ukd.data import datasets, pipeline, preprocess, synthetic
 
 
@@ -41,7 +42,8 @@ def prepare_data(config, workdir) -> Data:
     config.data.root = root
   if config.data.root in (config_lib.REQUIRED, ""):
     raise config_lib.ConfigError(
-        "config.data.root is not set: pass --config.data.root=/path/to/dataset")
+      "config.data.root is not set: pass --config.data.root=/path/to/dataset"
+    )
   adapter = datasets.get_adapter(config.data.dataset, **config.data.options.to_dict())
   all_cases = adapter.cases(config.data.root)
   modalities = tuple(config.modalities)
@@ -49,17 +51,23 @@ def prepare_data(config, workdir) -> Data:
   missing = [m for m in modalities if m not in found]
   if missing:
     raise config_lib.ConfigError(
-        f"config.modalities lists {missing} but {config.data.root} has no such cases "
-        f"(found {sorted(found)})")
+      f"config.modalities lists {missing} but {config.data.root} has no such cases "
+      f"(found {sorted(found)})"
+    )
   splits = datasets.load_or_make_splits(
-      workdir, [c for c in all_cases if c.modality in modalities], seed=config.seed,
-      fractions=tuple(config.data.split_fractions), split_file=config.data.split_file or None)
+    workdir,
+    [c for c in all_cases if c.modality in modalities],
+    seed=config.seed,
+    fractions=tuple(config.data.split_fractions),
+    split_file=config.data.split_file or None,
+  )
   by_id = {(c.modality, c.id): c for c in all_cases}
-  cases = {m: {s: [by_id[(m, i)] for i in ids] for s, ids in splits[m].items()}
-           for m in modalities}
+  cases = {m: {s: [by_id[(m, i)] for i in ids] for s, ids in splits[m].items()} for m in modalities}
   cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
-  sources = {m: preprocess.cache_cases(adapter, cases[m]["train"], config.data, cache_dir)
-             for m in modalities}
+  sources = {
+    m: preprocess.cache_cases(adapter, cases[m]["train"], config.data, cache_dir)
+    for m in modalities
+  }
   return Data(adapter, tuple(adapter.classes), cases, sources)
 
 
@@ -83,8 +91,9 @@ def _check_finite(metrics, step):
   bad = steps.nonfinite_terms(metrics)
   if bad:
     terms = ", ".join(f"{k}={float(metrics[k])}" for k in bad)
-    raise TrainingError(f"non-finite loss at step {step}: {terms}; the work dir keeps the last "
-                        "good checkpoint")
+    raise TrainingError(
+      f"non-finite loss at step {step}: {terms}; the work dir keeps the last good checkpoint"
+    )
 
 
 def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
@@ -105,8 +114,12 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
   spatial = models.input_spatial(config)
   state = state_lib.create(config, model, spatial, jax.random.key(config.seed), mesh)
   train_iter = pipeline.make_train_iterator(
-      data.train_sources, config, seed=config.seed, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
+    data.train_sources,
+    config,
+    seed=config.seed,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+  )
 
   # ---- Checkpoint: resume when the work dir has one ------------------------------------------
   mgr = checkpoints.manager(workdir, keep_best=config.keep_best)
@@ -138,15 +151,15 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
       last = step == config.total_steps
       val = {}
       if (config.eval_every and step % config.eval_every == 0) or last:
-        segmenter = infer.Segmenter(config, {"params": state.params,
-                                             "batch_stats": state.batch_stats}, mesh=mesh)
+        segmenter = infer.Segmenter(
+          config, {"params": state.params, "batch_stats": state.batch_stats}, mesh=mesh
+        )
         val, pictures = validate(segmenter, data)
         writer.scalars(step, val)
         writer.images(step, pictures)
         progress.note(step, f"validation mean Dice {val['val_dice/mean']:.3f}")
       if step % config.checkpoint_every == 0 or last:
-        checkpoints.save(mgr, step, state, config, train_iter,
-                         val_dice=val.get("val_dice/mean"))
+        checkpoints.save(mgr, step, state, config, train_iter, val_dice=val.get("val_dice/mean"))
   finally:
     progress.close()
     mgr.wait_until_finished()

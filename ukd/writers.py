@@ -26,8 +26,9 @@ class MetricWriter:
     _truncate_jsonl(self.path, start_step)
     self.file = open(self.path, "a")
     # purge_step makes TensorBoard discard events at or after the resumed step.
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                            purge_step=start_step + 1 if start_step else None)
+    self.tb = SummaryWriter(
+      os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None
+    )
 
   def write_config(self, config):
     if self.enabled:
@@ -84,11 +85,23 @@ class Progress:
     self.every = every_seconds
     self.bar = None
     if enabled and sys.stdout.isatty():
-      from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
-                                 TimeRemainingColumn)
-      self.bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                     TextColumn("{task.fields[rate]} steps/s  loss {task.fields[loss]}"),
-                     TimeRemainingColumn())
+      from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeRemainingColumn,
+      )
+      from rich.progress import (
+        Progress as Bar,
+      )
+
+      self.bar = Bar(
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} steps/s  loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+      )
       self.task = self.bar.add_task("train", total=total, completed=start, rate="-", loss="-")
       self.bar.start()
 
@@ -110,8 +123,10 @@ class Progress:
     elif time.time() - self.last_print >= self.every or step == self.total:
       self.last_print = time.time()
       eta = (self.total - step) / rate if rate > 0 else float("inf")
-      print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  "
-            f"ETA {_duration(eta)}", flush=True)
+      print(
+        f"step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  ETA {_duration(eta)}",
+        flush=True,
+      )
 
   def note(self, step: int, text: str):
     if not self.enabled:

@@ -42,14 +42,15 @@ from ukd.data.volumes import DataError
 # Steps available; effectively endless (training stops by step count, not by exhaustion).
 _MAX_STEPS = 2**62
 _AUGMENT_DEFAULTS = dict(flip=False, rotate=0.0, scale=0.0, intensity=0.0)
-_DIMS_BY_MODEL = {'dilated2d': 2, 'unet3d': 3}
+_DIMS_BY_MODEL = {"dilated2d": 2, "unet3d": 3}
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """Validated sampling settings shared by every modality's sampler."""
+
   dims: int
-  batch: int               # global, per modality
+  batch: int  # global, per modality
   patch: tuple[int, int, int] | None
   fg_fraction: float
   augment: dict
@@ -63,72 +64,78 @@ def _get(cfg, name, default):
 
 def _augment_spec(raw) -> dict:
   """Augmentation settings with defaults; unknown keys are typos, not silently ignored."""
-  raw = dict(raw.to_dict() if hasattr(raw, 'to_dict') else raw)
+  raw = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
   unknown = sorted(set(raw) - set(_AUGMENT_DEFAULTS))
   if unknown:
-    raise DataError(f'data.augment has unknown keys {unknown} '
-                    f'(known: {sorted(_AUGMENT_DEFAULTS)})')
+    raise DataError(f"data.augment has unknown keys {unknown} (known: {sorted(_AUGMENT_DEFAULTS)})")
   aug = {**_AUGMENT_DEFAULTS, **raw}
-  for key in ('rotate', 'scale', 'intensity'):
+  for key in ("rotate", "scale", "intensity"):
     aug[key] = float(aug[key])
     if aug[key] < 0:
-      raise DataError(f'data.augment.{key} must be >= 0, got {aug[key]}')
-  if aug['scale'] >= 1:
+      raise DataError(f"data.augment.{key} must be >= 0, got {aug[key]}")
+  if aug["scale"] >= 1:
     raise DataError(f"data.augment.scale must be < 1 (a relative zoom), got {aug['scale']}")
-  aug['flip'] = bool(aug['flip'])
+  aug["flip"] = bool(aug["flip"])
   return aug
 
 
 def _dims(config, dims) -> int:
   """2D or 3D sampling: explicit argument, else model.dims, else implied by model.name."""
-  model = _get(config, 'model', {})
+  model = _get(config, "model", {})
   if dims is None:
-    dims = _get(model, 'dims', None) or _DIMS_BY_MODEL.get(_get(model, 'name', None))
+    dims = _get(model, "dims", None) or _DIMS_BY_MODEL.get(_get(model, "name", None))
   if dims not in (2, 3):
-    raise DataError(f'model.dims must be 2 or 3 (or model.name one of {sorted(_DIMS_BY_MODEL)}),'
-                    f' got dims={dims!r}')
+    raise DataError(
+      f"model.dims must be 2 or 3 (or model.name one of {sorted(_DIMS_BY_MODEL)}),"
+      f" got dims={dims!r}"
+    )
   return int(dims)
 
 
 def read_spec(config, dims=None) -> Spec:
   """Pull and check the sampling settings, naming the offending field on error."""
-  data = _get(config, 'data', {})
+  data = _get(config, "data", {})
   dims = _dims(config, dims)
-  batch = _get(config, 'batch_size', None)
+  batch = _get(config, "batch_size", None)
   if not isinstance(batch, int) or batch < 1:
-    raise DataError(f'batch_size must be a positive int (per modality, global), got {batch!r}')
+    raise DataError(f"batch_size must be a positive int (per modality, global), got {batch!r}")
   patch = None
   if dims == 3:
-    patch = tuple(_get(data, 'patch', (256, 256, 8)))
+    patch = tuple(_get(data, "patch", (256, 256, 8)))
     if len(patch) != 3 or not all(isinstance(v, int) and v >= 1 for v in patch):
-      raise DataError(f'data.patch must be three positive ints (H, W, S), got {patch}')
-  fg = float(_get(data, 'fg_fraction', 0.0))
+      raise DataError(f"data.patch must be three positive ints (H, W, S), got {patch}")
+  fg = float(_get(data, "fg_fraction", 0.0))
   if not 0.0 <= fg <= 1.0:
-    raise DataError(f'data.fg_fraction must be in [0, 1], got {fg}')
-  return Spec(dims, batch, patch, fg, _augment_spec(_get(data, 'augment', {})))
+    raise DataError(f"data.fg_fraction must be in [0, 1], got {fg}")
+  return Spec(dims, batch, patch, fg, _augment_spec(_get(data, "augment", {})))
 
 
 def _check_entries(modality: str, entries, spec: Spec) -> list[tuple[str, str]]:
   """Labelled cache entries with equal in-plane shapes; returns (image, label) paths."""
   paths, planes = [], set()
   for entry in entries:
-    name = entry.get('id', entry.get('image'))
-    if entry.get('label') is None:
-      raise DataError(f'{modality} case {name}: training needs a label (cache entry has none)')
-    image = np.load(entry['image'], mmap_mode='r')
-    label = np.load(entry['label'], mmap_mode='r')
+    name = entry.get("id", entry.get("image"))
+    if entry.get("label") is None:
+      raise DataError(f"{modality} case {name}: training needs a label (cache entry has none)")
+    image = np.load(entry["image"], mmap_mode="r")
+    label = np.load(entry["label"], mmap_mode="r")
     if image.ndim != 3 or image.shape != label.shape:
-      raise DataError(f'{modality} case {name}: image {image.shape} and label {label.shape} '
-                      'must be equal [H, W, S] arrays')
+      raise DataError(
+        f"{modality} case {name}: image {image.shape} and label {label.shape} "
+        "must be equal [H, W, S] arrays"
+      )
     planes.add(image.shape[:2])
-    paths.append((entry['image'], entry['label']))
+    paths.append((entry["image"], entry["label"]))
   if len(planes) > 1:
-    raise DataError(f'{modality}: cached volumes differ in-plane {sorted(planes)}; '
-                    'prepare them with one data.size')
+    raise DataError(
+      f"{modality}: cached volumes differ in-plane {sorted(planes)}; "
+      "prepare them with one data.size"
+    )
   plane = planes.pop()
   if spec.patch is not None and (spec.patch[0] > plane[0] or spec.patch[1] > plane[1]):
-    raise DataError(f'data.patch {spec.patch} is larger in-plane than the prepared '
-                    f'{modality} volumes {plane}')
+    raise DataError(
+      f"data.patch {spec.patch} is larger in-plane than the prepared {modality} volumes {plane}"
+    )
   return paths
 
 
@@ -159,8 +166,11 @@ def warp(array: np.ndarray, matrix: np.ndarray, order: int, cval: float) -> np.n
   else:
     r0, c0 = np.floor(r), np.floor(c)
     fr, fc = r - r0, c - c0
-    corners = [(r0 + dr, c0 + dc, (fr if dr else 1 - fr) * (fc if dc else 1 - fc))
-               for dr in (0, 1) for dc in (0, 1)]
+    corners = [
+      (r0 + dr, c0 + dc, (fr if dr else 1 - fr) * (fc if dc else 1 - fc))
+      for dr in (0, 1)
+      for dc in (0, 1)
+    ]
   out = np.zeros(channels.shape, np.float32)
   covered = np.zeros(h * w, np.float32)
   for rows, cols, weight in corners:
@@ -178,18 +188,18 @@ def augment(image: np.ndarray, label: np.ndarray, rng, aug: dict):
   Geometry changes hit image and label identically (nearest neighbour for the label); the area
   moved in from outside is background (image minimum, label 0) rather than smeared edges.
   """
-  if aug['flip']:
+  if aug["flip"]:
     for axis in (0, 1):
       if rng.random() < 0.5:
         image, label = np.flip(image, axis), np.flip(label, axis)
-  if aug['rotate'] > 0 or aug['scale'] > 0:
-    angle = np.deg2rad(rng.uniform(-aug['rotate'], aug['rotate']))
-    zoom = 1.0 + rng.uniform(-aug['scale'], aug['scale'])
+  if aug["rotate"] > 0 or aug["scale"] > 0:
+    angle = np.deg2rad(rng.uniform(-aug["rotate"], aug["rotate"]))
+    zoom = 1.0 + rng.uniform(-aug["scale"], aug["scale"])
     # Output -> input coordinates: rotate back and divide by the zoom.
     matrix = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]]) / zoom
     image = warp(image, matrix, 1, float(image.min()))
     label = warp(label, matrix, 0, 0)
-  jitter = aug['intensity']
+  jitter = aug["intensity"]
   if jitter > 0:
     image = image * (1.0 + rng.uniform(-jitter, jitter)) + rng.uniform(-jitter, jitter)
   return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.int32)
@@ -208,15 +218,15 @@ class ModalitySampler:
     self._open = {}
 
   def __getstate__(self):
-    return {**self.__dict__, '_open': {}}
+    return {**self.__dict__, "_open": {}}
 
   def _volume(self, index: int):
     """(image, label, slices with foreground) of one volume, opened on first use."""
     if index not in self._open:
       image_path, label_path = self._paths[index]
-      label = np.load(label_path, mmap_mode='r')
+      label = np.load(label_path, mmap_mode="r")
       fg_slices = np.flatnonzero(np.asarray(label).any(axis=(0, 1)))
-      self._open[index] = (np.load(image_path, mmap_mode='r'), label, fg_slices)
+      self._open[index] = (np.load(image_path, mmap_mode="r"), label, fg_slices)
     return self._open[index]
 
   def sample(self, rng) -> dict:
@@ -224,14 +234,15 @@ class ModalitySampler:
     volume has one, else uniform)."""
     image, label, fg_slices = self._volume(int(rng.integers(len(self._paths))))
     want_fg = rng.random() < self._spec.fg_fraction and fg_slices.size > 0
-    k = int(fg_slices[rng.integers(fg_slices.size)]) if want_fg else int(
-        rng.integers(image.shape[2]))
+    k = (
+      int(fg_slices[rng.integers(fg_slices.size)]) if want_fg else int(rng.integers(image.shape[2]))
+    )
     if self._spec.dims == 2:
       x, y = _slice_with_neighbours(image, label, k)
     else:
       x, y = _patch(image, label, k if want_fg else None, self._spec.patch, rng)
     x, y = augment(x, y, rng, self._spec.augment)
-    return {'image': x, 'label': y}
+    return {"image": x, "label": y}
 
 
 def _slice_with_neighbours(image, label, k: int):
@@ -252,8 +263,8 @@ def _patch(image, label, k: int | None, patch, rng):
   r0 = _window_start(h, image.shape[0], centre[0], rng)
   c0 = _window_start(w, image.shape[1], centre[1], rng)
   s0 = _window_start(s, image.shape[2], k, rng)
-  x = np.asarray(image[r0:r0 + h, c0:c0 + w, s0:s0 + s], np.float32)
-  y = np.asarray(label[r0:r0 + h, c0:c0 + w, s0:s0 + s], np.int32)
+  x = np.asarray(image[r0 : r0 + h, c0 : c0 + w, s0 : s0 + s], np.float32)
+  y = np.asarray(label[r0 : r0 + h, c0 : c0 + w, s0 : s0 + s], np.int32)
   missing = s - x.shape[2]
   if missing:
     pad = ((0, 0), (0, 0), (missing // 2, missing - missing // 2))
@@ -282,21 +293,28 @@ class StepBatch:
         index = step * self._batch + self._first + b
         rng = np.random.default_rng([self._seed, self._codes[modality], index])
         samples.append(sampler.sample(rng))
-      out[modality] = {k: np.stack([s[k] for s in samples]) for k in ('image', 'label')}
+      out[modality] = {k: np.stack([s[k] for s in samples]) for k in ("image", "label")}
     return out
 
 
 def _modalities(sources: dict, config) -> list[str]:
   """Modalities in config order when the config lists them; each must have sources."""
-  listed = list(_get(config, 'modalities', ())) or list(sources)
+  listed = list(_get(config, "modalities", ())) or list(sources)
   for modality in listed:
     if not sources.get(modality):
-      raise DataError(f'sources[{modality!r}] is empty: no training volumes for this modality')
+      raise DataError(f"sources[{modality!r}] is empty: no training volumes for this modality")
   return listed
 
 
-def make_train_iterator(sources: dict, config, *, seed: int, shard_index: int = 0,
-                        shard_count: int = 1, dims: int | None = None):
+def make_train_iterator(
+  sources: dict,
+  config,
+  *,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  dims: int | None = None,
+):
   """Endless iterator of {modality: {'image', 'label'}} batches for one host.
 
   Returns a grain DatasetIterator: get_state()/set_state() resume exactly, and it can be saved
@@ -305,26 +323,33 @@ def make_train_iterator(sources: dict, config, *, seed: int, shard_index: int = 
   """
   spec = read_spec(config, dims)
   if not 0 <= shard_index < shard_count:
-    raise DataError(f'shard_index {shard_index} must be in [0, shard_count={shard_count})')
+    raise DataError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
   if spec.batch % shard_count:
-    raise DataError(f'batch_size {spec.batch} is not divisible by shard_count {shard_count}: '
-                    'every host takes an equal slice of the global batch')
+    raise DataError(
+      f"batch_size {spec.batch} is not divisible by shard_count {shard_count}: "
+      "every host takes an equal slice of the global batch"
+    )
   if not isinstance(seed, int) or seed < 0:
-    raise DataError(f'seed must be a non-negative int, got {seed!r}')
-  samplers = {m: ModalitySampler(_check_entries(m, sources[m], spec), spec)
-              for m in _modalities(sources, config)}
-  data = _get(config, 'data', {})
-  workers = int(_get(data, 'workers', 0))
-  prefetch = int(_get(data, 'prefetch', 2))
+    raise DataError(f"seed must be a non-negative int, got {seed!r}")
+  samplers = {
+    m: ModalitySampler(_check_entries(m, sources[m], spec), spec)
+    for m in _modalities(sources, config)
+  }
+  data = _get(config, "data", {})
+  workers = int(_get(data, "workers", 0))
+  prefetch = int(_get(data, "prefetch", 2))
   if workers < 0 or prefetch < 1:
-    raise DataError(f'data.workers must be >= 0 and data.prefetch >= 1, '
-                    f'got {workers} and {prefetch}')
+    raise DataError(
+      f"data.workers must be >= 0 and data.prefetch >= 1, got {workers} and {prefetch}"
+    )
   ds = grain.MapDataset.range(_MAX_STEPS).map(
-      StepBatch(samplers, seed, spec.batch, shard_index, shard_count))
+    StepBatch(samplers, seed, spec.batch, shard_index, shard_count)
+  )
   # One reading thread per process: sampling is numpy work, more threads only fight the GIL;
   # parallelism comes from worker processes.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
   if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=prefetch))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+    )
   return iter(ds)

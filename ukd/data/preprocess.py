@@ -47,7 +47,8 @@ _BODY_MIN_SLICES = 0.05
 @dataclasses.dataclass
 class Prepared:
   """Network-space arrays of one case plus the geometry that `restore` needs."""
-  image: np.ndarray         # float32 [H, W, S]
+
+  image: np.ndarray  # float32 [H, W, S]
   label: np.ndarray | None  # int32 [H, W, S]
   geometry: dict
 
@@ -60,7 +61,7 @@ def _get(cfg, name, default):
 
 def _plain(value):
   """ConfigDict / tuples -> JSON-stable dicts and lists (the cache key hashes this form)."""
-  if hasattr(value, 'to_dict'):
+  if hasattr(value, "to_dict"):
     value = value.to_dict()
   if isinstance(value, dict):
     return {str(k): _plain(v) for k, v in sorted(value.items())}
@@ -73,16 +74,15 @@ def _plain(value):
 
 def _norm_settings(cfg, modality: str) -> dict:
   """This modality's normalisation entry with defaults filled in (also part of the cache key)."""
-  table = _plain(_get(cfg, 'norm', {}))
+  table = _plain(_get(cfg, "norm", {}))
   if modality not in table:
-    raise DataError(f'data.norm has no entry for modality {modality!r} '
-                    f'(entries: {sorted(table)})')
+    raise DataError(f"data.norm has no entry for modality {modality!r} (entries: {sorted(table)})")
   entry = dict(table[modality])
-  kind = entry.get('kind')
-  if kind == 'window':
-    entry.setdefault('window', list(_DEFAULT_WINDOW))
-  elif kind == 'zscore':
-    entry.setdefault('percentiles', list(_DEFAULT_PERCENTILES))
+  kind = entry.get("kind")
+  if kind == "window":
+    entry.setdefault("window", list(_DEFAULT_WINDOW))
+  elif kind == "zscore":
+    entry.setdefault("percentiles", list(_DEFAULT_PERCENTILES))
   else:
     raise DataError(f"data.norm.{modality}.kind must be 'window' or 'zscore', got {kind!r}")
   return entry
@@ -90,34 +90,40 @@ def _norm_settings(cfg, modality: str) -> dict:
 
 def settings(cfg, modality: str) -> dict:
   """Every setting that changes `prepare`'s output, as plain data."""
-  size = tuple(int(v) for v in _get(cfg, 'size', (256, 256)))
+  size = tuple(int(v) for v in _get(cfg, "size", (256, 256)))
   if len(size) != 2 or min(size) < 1:
-    raise DataError(f'data.size must be two positive ints (H, W), got {size}')
-  slice_axis = int(_get(cfg, 'slice_axis', 2))
+    raise DataError(f"data.size must be two positive ints (H, W), got {size}")
+  slice_axis = int(_get(cfg, "slice_axis", 2))
   if slice_axis not in (0, 1, 2):
-    raise DataError(f'data.slice_axis must be 0, 1 or 2, got {slice_axis}')
-  crop = _get(cfg, 'crop', 'none')
-  if crop not in ('none', 'body', 'foreground'):
+    raise DataError(f"data.slice_axis must be 0, 1 or 2, got {slice_axis}")
+  crop = _get(cfg, "crop", "none")
+  if crop not in ("none", "body", "foreground"):
     raise DataError(f"data.crop must be 'none', 'body' or 'foreground', got {crop!r}")
-  margin = int(_get(cfg, 'crop_margin', 8))
+  margin = int(_get(cfg, "crop_margin", 8))
   if margin < 0:
-    raise DataError(f'data.crop_margin must be >= 0, got {margin}')
-  return dict(size=list(size), slice_axis=slice_axis, crop=crop, crop_margin=margin,
-              norm=_norm_settings(cfg, modality))
+    raise DataError(f"data.crop_margin must be >= 0, got {margin}")
+  return dict(
+    size=list(size),
+    slice_axis=slice_axis,
+    crop=crop,
+    crop_margin=margin,
+    norm=_norm_settings(cfg, modality),
+  )
 
 
 def normalise(array: np.ndarray, norm: dict) -> np.ndarray:
   """Bring one volume to a modality-independent range so shared kernels see similar inputs."""
   array = np.asarray(array, np.float32)
-  if norm['kind'] == 'window':
-    lo, hi = (float(v) for v in norm['window'])
+  if norm["kind"] == "window":
+    lo, hi = (float(v) for v in norm["window"])
     if not lo < hi:
-      raise DataError(f'data.norm window must have low < high, got {(lo, hi)}')
+      raise DataError(f"data.norm window must have low < high, got {(lo, hi)}")
     return (np.clip(array, lo, hi) - lo) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
-  p_lo, p_hi = (float(v) for v in norm['percentiles'])
+  p_lo, p_hi = (float(v) for v in norm["percentiles"])
   if not 0.0 <= p_lo < p_hi <= 100.0:
-    raise DataError(f'data.norm percentiles must satisfy 0 <= low < high <= 100, '
-                    f'got {(p_lo, p_hi)}')
+    raise DataError(
+      f"data.norm percentiles must satisfy 0 <= low < high <= 100, got {(p_lo, p_hi)}"
+    )
   lo, hi = np.percentile(array, (p_lo, p_hi))
   array = np.clip(array, lo, hi)
   std = float(array.std())
@@ -132,8 +138,7 @@ def _box_of(mask2d: np.ndarray, margin: int) -> list[list[int]]:
   box = []
   for axis in (0, 1):
     hits = np.flatnonzero(mask2d.any(axis=1 - axis))
-    box.append([max(int(hits[0]) - margin, 0),
-                min(int(hits[-1]) + 1 + margin, mask2d.shape[axis])])
+    box.append([max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask2d.shape[axis])])
   return box
 
 
@@ -144,16 +149,19 @@ def _body_mask(image: np.ndarray) -> np.ndarray:
   return above.sum(axis=-1) >= max(1.0, _BODY_MIN_SLICES * image.shape[-1])
 
 
-def _crop_box(image: np.ndarray, label: np.ndarray | None, crop: str, margin: int,
-              source: str) -> list[list[int]]:
+def _crop_box(
+  image: np.ndarray, label: np.ndarray | None, crop: str, margin: int, source: str
+) -> list[list[int]]:
   """In-plane crop box in slice-last space (the slice axis is never cropped)."""
-  if crop == 'none':
+  if crop == "none":
     return [[0, image.shape[0]], [0, image.shape[1]]]
-  if crop == 'body':
+  if crop == "body":
     return _box_of(_body_mask(image), margin)
   if label is None:
-    raise DataError(f"data.crop='foreground' needs a label, {source} has none "
-                    "(use 'body' or 'none' where labels are absent)")
+    raise DataError(
+      f"data.crop='foreground' needs a label, {source} has none "
+      "(use 'body' or 'none' where labels are absent)"
+    )
   return _box_of((label > 0).any(axis=-1), margin)
 
 
@@ -166,28 +174,34 @@ def _resize(array: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray
   if tuple(array.shape[:2]) == tuple(shape):
     return np.array(array)
   factors = (shape[0] / array.shape[0], shape[1] / array.shape[1]) + (1.0,) * (array.ndim - 2)
-  return scipy.ndimage.zoom(array, factors, order=order, mode='nearest', grid_mode=True)
+  return scipy.ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
 
 
 def prepare(image: Volume, label: Volume | None, modality: str, cfg) -> Prepared:
   """Canonical volume (and label) -> network space, recording how to go back."""
   s = settings(cfg, modality)
   if label is not None and label.array.shape != image.array.shape:
-    raise DataError(f'{label.source}: label shape {label.array.shape} differs from image '
-                    f'shape {image.array.shape} ({image.source})')
-  img = np.moveaxis(normalise(image.array, s['norm']), s['slice_axis'], -1)
-  lab = None if label is None else np.moveaxis(np.asarray(label.array), s['slice_axis'], -1)
-  box = _crop_box(img, lab, s['crop'], s['crop_margin'], image.source)
+    raise DataError(
+      f"{label.source}: label shape {label.array.shape} differs from image "
+      f"shape {image.array.shape} ({image.source})"
+    )
+  img = np.moveaxis(normalise(image.array, s["norm"]), s["slice_axis"], -1)
+  lab = None if label is None else np.moveaxis(np.asarray(label.array), s["slice_axis"], -1)
+  box = _crop_box(img, lab, s["crop"], s["crop_margin"], image.source)
   (r0, r1), (c0, c1) = box
-  size = tuple(s['size'])
+  size = tuple(s["size"])
   out_image = _resize(img[r0:r1, c0:c1], size, order=1).astype(np.float32)
   out_label = None
   if lab is not None:
     out_label = _resize(lab[r0:r1, c0:c1].astype(np.int32), size, order=0)
-  geometry = dict(version=CACHE_VERSION,
-                  canonical_shape=[int(v) for v in image.array.shape],
-                  slice_axis=s['slice_axis'], crop_box=box, size=list(size),
-                  spacing=[float(v) for v in image.spacing])
+  geometry = dict(
+    version=CACHE_VERSION,
+    canonical_shape=[int(v) for v in image.array.shape],
+    slice_axis=s["slice_axis"],
+    crop_box=box,
+    size=list(size),
+    spacing=[float(v) for v in image.spacing],
+  )
   return Prepared(image=out_image, label=out_label, geometry=geometry)
 
 
@@ -198,14 +212,14 @@ def restore(array: np.ndarray, geometry: dict, *, is_label: bool) -> np.ndarray:
   than resizing labels); the region the crop removed is background with probability 1.
   """
   array = np.asarray(array)
-  axis = geometry['slice_axis']
-  shape = geometry['canonical_shape']
+  axis = geometry["slice_axis"]
+  shape = geometry["canonical_shape"]
   full = [n for i, n in enumerate(shape) if i != axis] + [shape[axis]]
-  expected = tuple(geometry['size']) + (full[2],)
+  expected = tuple(geometry["size"]) + (full[2],)
   if array.shape[:3] != expected or array.ndim != (3 if is_label else 4):
-    kind = 'labels [H,W,S]' if is_label else 'probabilities [H,W,S,C]'
-    raise DataError(f'restore expects {kind} with H,W,S = {expected}, got {array.shape}')
-  (r0, r1), (c0, c1) = geometry['crop_box']
+    kind = "labels [H,W,S]" if is_label else "probabilities [H,W,S,C]"
+    raise DataError(f"restore expects {kind} with H,W,S = {expected}, got {array.shape}")
+  (r0, r1), (c0, c1) = geometry["crop_box"]
   cropped = _resize(array, (r1 - r0, c1 - c0), order=0 if is_label else 1)
   if is_label:
     out = np.zeros(full, array.dtype)
@@ -233,14 +247,20 @@ def _stat(path: str) -> list:
 def cache_key(adapter, case, cfg) -> str:
   """Names a cache entry by everything its content depends on, so any change misses the cache."""
   try:
-    files = {k: None if p is None else [os.path.abspath(p), _stat(p)]
-             for k, p in (('image', case.image), ('label', case.label))}
+    files = {
+      k: None if p is None else [os.path.abspath(p), _stat(p)]
+      for k, p in (("image", case.image), ("label", case.label))
+    }
   except OSError as e:
-    raise DataError(f'case {case.id}: cannot read {e.filename}: {e.strerror}') from e
-  described = dict(version=CACHE_VERSION, files=files, modality=case.modality,
-                   adapter=type(adapter).__name__,
-                   classes=list(getattr(adapter, 'classes', ())),
-                   settings=settings(cfg, case.modality))
+    raise DataError(f"case {case.id}: cannot read {e.filename}: {e.strerror}") from e
+  described = dict(
+    version=CACHE_VERSION,
+    files=files,
+    modality=case.modality,
+    adapter=type(adapter).__name__,
+    classes=list(getattr(adapter, "classes", ())),
+    settings=settings(cfg, case.modality),
+  )
   digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
   return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', case.id)}-{digest}"
 
@@ -253,22 +273,26 @@ def _label_dtype(label: np.ndarray):
 def _write_entry(directory: str, prepared: Prepared) -> None:
   """Arrays saved Fortran-ordered: shape stays [H,W,S], but each slice is contiguous on disk,
   so the pipeline's slice reads through a memory map touch only that slice's pages."""
-  np.save(os.path.join(directory, 'image.npy'), np.asfortranarray(prepared.image))
+  np.save(os.path.join(directory, "image.npy"), np.asfortranarray(prepared.image))
   if prepared.label is not None:
     label = prepared.label.astype(_label_dtype(prepared.label))
-    np.save(os.path.join(directory, 'label.npy'), np.asfortranarray(label))
-  with open(os.path.join(directory, 'geometry.json'), 'w') as f:
+    np.save(os.path.join(directory, "label.npy"), np.asfortranarray(label))
+  with open(os.path.join(directory, "geometry.json"), "w") as f:
     json.dump(prepared.geometry, f)
 
 
 def _entry(directory: str, case) -> dict:
   """The dict the pipeline consumes for one cached case."""
-  with open(os.path.join(directory, 'geometry.json')) as f:
+  with open(os.path.join(directory, "geometry.json")) as f:
     geometry = json.load(f)
-  label = os.path.join(directory, 'label.npy')
-  return dict(image=os.path.join(directory, 'image.npy'),
-              label=label if os.path.exists(label) else None,
-              geometry=geometry, id=case.id, modality=case.modality)
+  label = os.path.join(directory, "label.npy")
+  return dict(
+    image=os.path.join(directory, "image.npy"),
+    label=label if os.path.exists(label) else None,
+    geometry=geometry,
+    id=case.id,
+    modality=case.modality,
+  )
 
 
 def cache_case(adapter, case, cfg, cache_dir) -> dict:
@@ -283,7 +307,7 @@ def cache_case(adapter, case, cfg, cache_dir) -> dict:
   os.makedirs(cache_dir, exist_ok=True)
   image, label = adapter.read(case)
   prepared = prepare(image, label, case.modality, cfg)
-  tmp = tempfile.mkdtemp(prefix='.tmp-', dir=cache_dir)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
   try:
     _write_entry(tmp, prepared)
     try:

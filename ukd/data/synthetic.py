@@ -48,88 +48,97 @@ import scipy.ndimage
 from ukd.data.volumes import DataError
 
 DEFAULT_SHAPE = (48, 48, 24)
-ANATOMIES = ('cardiac', 'abdominal')
-MODALITIES = ('ct', 'mr')
+ANATOMIES = ("cardiac", "abdominal")
+MODALITIES = ("ct", "mr")
 
 # CHAOS ground-truth grey values per BTCV code (liver, right kidney, left kidney, spleen);
 # CHAOS labels nothing else.
 CHAOS_GREY = {6: 63, 2: 126, 3: 189, 1: 252}
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_AXIS_LETTERS = {'L': (1, 0, 0), 'R': (-1, 0, 0), 'P': (0, 1, 0), 'A': (0, -1, 0),
-                 'S': (0, 0, 1), 'I': (0, 0, -1)}
+_AXIS_LETTERS = {
+  "L": (1, 0, 0),
+  "R": (-1, 0, 0),
+  "P": (0, 1, 0),
+  "A": (0, -1, 0),
+  "S": (0, 0, 1),
+  "I": (0, 0, -1),
+}
 _MR_MAX = 4095  # MR DICOM commonly stores 12 bits; the CHAOS writer declares BitsStored 12.
-_FAR = 1e4      # radius (mm) that makes an ellipsoid a cylinder within any field of view
+_FAR = 1e4  # radius (mm) that makes an ellipsoid a cylinder within any field of view
 
 
 class _Tissue(NamedTuple):
   """One tissue: its label code on disk (0 = unlabelled) and its mean CT / MR intensity."""
+
   code: int
-  ct: float   # HU
-  mr: float   # arbitrary units before bias field, noise and gain
+  ct: float  # HU
+  mr: float  # arbitrary units before bias field, noise and gain
 
 
 # Blood pools get different values (real CT angiography differs less) so the demo network can
 # tell LV, LA and aorta apart after a few minutes of training; position still matters.
 _CARDIAC = {
-    'air': _Tissue(0, -1000., 0.),
-    'fat': _Tissue(0, -100., 780.),
-    'muscle': _Tissue(0, 40., 260.),
-    'lung': _Tissue(0, -850., 40.),
-    'bone': _Tissue(0, 650., 320.),
-    'right_atrium': _Tissue(550, 170., 820.),
-    'right_ventricle': _Tissue(600, 210., 760.),
-    'pulmonary_artery': _Tissue(850, 240., 300.),
-    'left_atrium': _Tissue(420, 290., 620.),
-    'aorta': _Tissue(820, 440., 460.),
-    'myocardium': _Tissue(205, 110., 170.),
-    'left_ventricle': _Tissue(500, 360., 900.),
+  "air": _Tissue(0, -1000.0, 0.0),
+  "fat": _Tissue(0, -100.0, 780.0),
+  "muscle": _Tissue(0, 40.0, 260.0),
+  "lung": _Tissue(0, -850.0, 40.0),
+  "bone": _Tissue(0, 650.0, 320.0),
+  "right_atrium": _Tissue(550, 170.0, 820.0),
+  "right_ventricle": _Tissue(600, 210.0, 760.0),
+  "pulmonary_artery": _Tissue(850, 240.0, 300.0),
+  "left_atrium": _Tissue(420, 290.0, 620.0),
+  "aorta": _Tissue(820, 440.0, 460.0),
+  "myocardium": _Tissue(205, 110.0, 170.0),
+  "left_ventricle": _Tissue(500, 360.0, 900.0),
 }
 
 # MR values follow T2 with fat suppression (CHAOS T2-SPIR): fat dark, fluid bright,
 # flowing blood dark. CT follows the portal venous phase with the liver-spleen-kidney steps
 # widened (real CT soft-tissue contrast is lower) so the demo learns CT as fast as MR.
 _ABDOMINAL = {
-    'air': _Tissue(0, -1000., 0.),
-    'fat': _Tissue(0, -100., 90.),
-    'muscle': _Tissue(0, 50., 180.),
-    'lung': _Tissue(0, -850., 20.),
-    'bone': _Tissue(0, 500., 130.),
-    'liver': _Tissue(6, 100., 300.),
-    'stomach': _Tissue(7, 20., 950.),
-    'spleen': _Tissue(1, 160., 560.),
-    'gallbladder': _Tissue(4, 10., 1100.),
-    'right_kidney': _Tissue(2, 220., 700.),
-    'left_kidney': _Tissue(3, 220., 700.),
-    'inferior_vena_cava': _Tissue(9, 145., 110.),
-    'aorta': _Tissue(8, 180., 60.),
+  "air": _Tissue(0, -1000.0, 0.0),
+  "fat": _Tissue(0, -100.0, 90.0),
+  "muscle": _Tissue(0, 50.0, 180.0),
+  "lung": _Tissue(0, -850.0, 20.0),
+  "bone": _Tissue(0, 500.0, 130.0),
+  "liver": _Tissue(6, 100.0, 300.0),
+  "stomach": _Tissue(7, 20.0, 950.0),
+  "spleen": _Tissue(1, 160.0, 560.0),
+  "gallbladder": _Tissue(4, 10.0, 1100.0),
+  "right_kidney": _Tissue(2, 220.0, 700.0),
+  "left_kidney": _Tissue(3, 220.0, 700.0),
+  "inferior_vena_cava": _Tissue(9, 145.0, 110.0),
+  "aorta": _Tissue(8, 180.0, 60.0),
 }
 
 
 class _GridSpec(NamedTuple):
   """How a dataset's scanner frames the anatomy: field of view, array axes, obliquity."""
-  fov: tuple[float, float, float]     # mm along the array axes
-  axes: str                           # patient direction of each array axis (LPS letters)
+
+  fov: tuple[float, float, float]  # mm along the array axes
+  axes: str  # patient direction of each array axis (LPS letters)
   centre: tuple[float, float, float]  # LPS mm, in the anatomy's frame
-  max_tilt: float                     # degrees of random oblique rotation
+  max_tilt: float  # degrees of random oblique rotation
 
 
 # Cardiac fields of view are cropped around the heart (as most MM-WHS volumes are), MR a
 # little wider than CT; tight enough that the myocardium stays a few voxels thick when the
 # demo resizes slices to 64x64.
 _GRIDS = {
-    ('cardiac', 'ct'): _GridSpec((170., 170., 150.), 'RAS', (-12., 10., 25.), 0.),
-    ('cardiac', 'mr'): _GridSpec((185., 185., 170.), 'ARI', (-15., 15., 25.), 6.),
-    ('abdominal', 'ct'): _GridSpec((340., 340., 220.), 'LPS', (0., 10., 30.), 0.),
-    ('abdominal', 'mr'): _GridSpec((380., 380., 240.), 'PLI', (0., 10., 30.), 0.),
+  ("cardiac", "ct"): _GridSpec((170.0, 170.0, 150.0), "RAS", (-12.0, 10.0, 25.0), 0.0),
+  ("cardiac", "mr"): _GridSpec((185.0, 185.0, 170.0), "ARI", (-15.0, 15.0, 25.0), 6.0),
+  ("abdominal", "ct"): _GridSpec((340.0, 340.0, 220.0), "LPS", (0.0, 10.0, 30.0), 0.0),
+  ("abdominal", "mr"): _GridSpec((380.0, 380.0, 240.0), "PLI", (0.0, 10.0, 30.0), 0.0),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Phantom:
   """One synthetic case as it goes to disk."""
-  image: np.ndarray   # int16 HU (CT) or uint16 (MR), array axes as on disk
-  label: np.ndarray   # dataset codes: MM-WHS (cardiac) or BTCV (abdominal, both modalities)
+
+  image: np.ndarray  # int16 HU (CT) or uint16 (MR), array axes as on disk
+  label: np.ndarray  # dataset codes: MM-WHS (cardiac) or BTCV (abdominal, both modalities)
   affine: np.ndarray  # 4x4 voxel -> RAS mm (NIfTI convention)
 
   @property
@@ -152,6 +161,7 @@ def _column(vector) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class _Ellipsoid:
   """Solid ellipsoid; a huge radius turns it into an elliptic cylinder (body, spine)."""
+
   centre: np.ndarray
   radii: np.ndarray
   axes: np.ndarray  # columns: unit principal axes
@@ -162,12 +172,13 @@ class _Ellipsoid:
 
   def inside(self, points: np.ndarray) -> np.ndarray:
     q = (self.axes.T.astype(np.float32) @ (points - _column(self.centre))) / _column(self.radii)
-    return np.einsum('ij,ij->j', q, q) <= 1.0
+    return np.einsum("ij,ij->j", q, q) <= 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class _Tube:
   """Points within `radius` of a polyline: vessels that bend."""
+
   path: np.ndarray  # [K, 3]
   radius: float
 
@@ -182,7 +193,7 @@ class _Tube:
       relative = points - _column(start)
       along = np.clip(step @ relative / (step @ step), 0.0, 1.0)
       offset = relative - _column(step) * along
-      result |= np.einsum('ij,ij->j', offset, offset) <= self.radius ** 2
+      result |= np.einsum("ij,ij->j", offset, offset) <= self.radius**2
     return result
 
 
@@ -240,22 +251,21 @@ def _cardiac_shapes(rng: np.random.Generator):
   fat = rng.uniform(8.0, 16.0)
   outline = j.ellipsoid((-35, 30, 0), (135, 95, _FAR), shift=2)
   body = [
-      ('fat', outline),
-      ('muscle', _inset(outline, fat)),
-      ('lung', j.ellipsoid((-100, 35, 20), (50, 62, 130))),
-      ('lung', j.ellipsoid((30, 35, 20), (50, 62, 130))),
-      ('bone', j.ellipsoid((-35, 105, 0), (17, 17, _FAR), shift=2)),
+    ("fat", outline),
+    ("muscle", _inset(outline, fat)),
+    ("lung", j.ellipsoid((-100, 35, 20), (50, 62, 130))),
+    ("lung", j.ellipsoid((30, 35, 20), (50, 62, 130))),
+    ("bone", j.ellipsoid((-35, 105, 0), (17, 17, _FAR), shift=2)),
   ]
   lv_axes = _frame((0.55, -0.45, -0.7))
   heart = [
-      ('right_ventricle', j.ellipsoid((-28, -18, -8), (40, 22, 32), lv_axes)),
-      ('right_atrium', j.ellipsoid((-50, 15, 30), (24, 22, 26))),
-      ('pulmonary_artery',
-       j.tube([(-15, -30, 20), (-5, -32, 50), (15, -15, 80), (25, 15, 90)], 12)),
-      ('myocardium', j.ellipsoid((1, -1, -1), (48, 33, 33), lv_axes, shift=1, scale=0.04)),
-      ('left_atrium', j.ellipsoid((-10, 45, 35), (26, 20, 22))),
-      ('aorta', j.tube([(-26, 0, 20), (-32, -4, 55), (-30, 5, 95), (-20, 25, 120)], 15)),
-      ('left_ventricle', j.ellipsoid((0, 0, 0), (36, 21, 21), lv_axes, shift=0.5, scale=0.04)),
+    ("right_ventricle", j.ellipsoid((-28, -18, -8), (40, 22, 32), lv_axes)),
+    ("right_atrium", j.ellipsoid((-50, 15, 30), (24, 22, 26))),
+    ("pulmonary_artery", j.tube([(-15, -30, 20), (-5, -32, 50), (15, -15, 80), (25, 15, 90)], 12)),
+    ("myocardium", j.ellipsoid((1, -1, -1), (48, 33, 33), lv_axes, shift=1, scale=0.04)),
+    ("left_atrium", j.ellipsoid((-10, 45, 35), (26, 20, 22))),
+    ("aorta", j.tube([(-26, 0, 20), (-32, -4, 55), (-30, 5, 95), (-20, 25, 120)], 15)),
+    ("left_ventricle", j.ellipsoid((0, 0, 0), (36, 21, 21), lv_axes, shift=0.5, scale=0.04)),
   ]
   return body, heart
 
@@ -271,21 +281,21 @@ def _abdominal_shapes(rng: np.random.Generator):
   fat = rng.uniform(10.0, 25.0)
   outline = j.ellipsoid((0, 0, 0), (160, 115, _FAR), shift=2)
   body = [
-      ('fat', outline),
-      ('muscle', _inset(outline, fat)),
-      ('lung', j.ellipsoid((-75, 35, 185), (65, 70, 75))),
-      ('lung', j.ellipsoid((75, 35, 185), (65, 70, 75))),
-      ('bone', j.ellipsoid((0, 75, 0), (20, 20, _FAR), shift=2)),
+    ("fat", outline),
+    ("muscle", _inset(outline, fat)),
+    ("lung", j.ellipsoid((-75, 35, 185), (65, 70, 75))),
+    ("lung", j.ellipsoid((75, 35, 185), (65, 70, 75))),
+    ("bone", j.ellipsoid((0, 75, 0), (20, 20, _FAR), shift=2)),
   ]
   organs = [
-      ('liver', j.ellipsoid((-55, -5, 65), (85, 72, 70), _rotation((0, 0, 25)))),
-      ('stomach', j.ellipsoid((55, -35, 55), (45, 35, 50))),
-      ('spleen', j.ellipsoid((95, 40, 60), (25, 55, 45), _rotation((0, 0, -35)))),
-      ('gallbladder', j.ellipsoid((-45, -55, 10), (14, 16, 28))),
-      ('right_kidney', j.ellipsoid((-60, 50, -5), (28, 22, 55), _rotation((0, -15, 20)))),
-      ('left_kidney', j.ellipsoid((60, 48, 10), (28, 22, 55), _rotation((0, 15, -20)))),
-      ('inferior_vena_cava', j.tube([(-20, 35, -150), (-22, 38, 0), (-25, 30, 180)], 11)),
-      ('aorta', j.tube([(10, 45, -150), (8, 45, 0), (5, 47, 180)], 12)),
+    ("liver", j.ellipsoid((-55, -5, 65), (85, 72, 70), _rotation((0, 0, 25)))),
+    ("stomach", j.ellipsoid((55, -35, 55), (45, 35, 50))),
+    ("spleen", j.ellipsoid((95, 40, 60), (25, 55, 45), _rotation((0, 0, -35)))),
+    ("gallbladder", j.ellipsoid((-45, -55, 10), (14, 16, 28))),
+    ("right_kidney", j.ellipsoid((-60, 50, -5), (28, 22, 55), _rotation((0, -15, 20)))),
+    ("left_kidney", j.ellipsoid((60, 48, 10), (28, 22, 55), _rotation((0, 15, -20)))),
+    ("inferior_vena_cava", j.tube([(-20, 35, -150), (-22, 38, 0), (-25, 30, 180)], 11)),
+    ("aorta", j.tube([(10, 45, -150), (8, 45, 0), (5, 47, 180)], 12)),
   ]
   return body, organs
 
@@ -303,8 +313,10 @@ def _displacement(shape, spacing, rng: np.random.Generator, amplitude=4.0) -> np
       factors = []
       for axis, (n, step) in enumerate(zip(shape, spacing)):
         mm = np.arange(n, dtype=np.float32) * np.float32(step)
-        wave = np.cos(mm * np.float32(2 * np.pi / rng.uniform(120.0, 250.0))
-                      + np.float32(rng.uniform(0.0, 2 * np.pi)))
+        wave = np.cos(
+          mm * np.float32(2 * np.pi / rng.uniform(120.0, 250.0))
+          + np.float32(rng.uniform(0.0, 2 * np.pi))
+        )
         factors.append(wave.reshape([-1 if a == axis else 1 for a in range(3)]))
       amp = np.float32(rng.normal(0.0, amplitude))
       field[component] += amp * (factors[0] * factors[1]) * factors[2]
@@ -335,22 +347,32 @@ def _paint(tissue_names, layers, count: int) -> np.ndarray:
 def _cardiac_tissue(points, rng):
   """Thorax with a heart in a random pose (rotation up to 15 degrees, size +-10%)."""
   body_points = _pose(points, np.eye(3), np.zeros(3), rng.uniform(0.92, 1.08, 3))
-  heart_points = _pose(points, _rotation(rng.uniform(-15.0, 15.0, 3)), rng.normal(0.0, 5.0, 3),
-                       np.full(3, rng.uniform(0.9, 1.1)))
+  heart_points = _pose(
+    points,
+    _rotation(rng.uniform(-15.0, 15.0, 3)),
+    rng.normal(0.0, 5.0, 3),
+    np.full(3, rng.uniform(0.9, 1.1)),
+  )
   body, heart = _cardiac_shapes(rng)
   return _paint(list(_CARDIAC), [(body_points, body), (heart_points, heart)], points.shape[1])
 
 
 def _abdominal_tissue(points, rng):
   """Abdomen with a random pose (mostly about the feet-head axis) and size (+-8%)."""
-  local = _pose(points, _rotation(rng.uniform((-4, -4, -10), (4, 4, 10))),
-                rng.normal(0.0, 6.0, 3), rng.uniform(0.92, 1.08, 3))
+  local = _pose(
+    points,
+    _rotation(rng.uniform((-4, -4, -10), (4, 4, 10))),
+    rng.normal(0.0, 6.0, 3),
+    rng.uniform(0.92, 1.08, 3),
+  )
   body, organs = _abdominal_shapes(rng)
   return _paint(list(_ABDOMINAL), [(local, body + organs)], points.shape[1])
 
 
-_ANATOMY = {'cardiac': (_CARDIAC, _cardiac_tissue, np.uint16),
-            'abdominal': (_ABDOMINAL, _abdominal_tissue, np.uint8)}
+_ANATOMY = {
+  "cardiac": (_CARDIAC, _cardiac_tissue, np.uint16),
+  "abdominal": (_ABDOMINAL, _abdominal_tissue, np.uint8),
+}
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -393,12 +415,12 @@ def _noise(rng: np.random.Generator, shape) -> np.ndarray:
 def _render(tissue: np.ndarray, table: dict, modality: str, rng) -> np.ndarray:
   """Tissue map -> image: per-case contrast jitter, partial volume blur, bias and noise."""
   means = np.array([getattr(t, modality) for t in table.values()], np.float32)
-  if modality == 'ct':
+  if modality == "ct":
     means += rng.normal(0.0, 8.0, len(means)).astype(np.float32)
   else:
     means *= rng.uniform(0.96, 1.04, len(means)).astype(np.float32)
   image = scipy.ndimage.gaussian_filter(means[tissue], 0.6)
-  if modality == 'ct':
+  if modality == "ct":
     image += np.float32(rng.uniform(10.0, 18.0)) * _noise(rng, tissue.shape)
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16)
   image *= _bias_field(tissue.shape, rng)
@@ -412,19 +434,22 @@ def _render(tissue: np.ndarray, table: dict, modality: str, rng) -> np.ndarray:
 def _check_shape(shape) -> tuple[int, int, int]:
   shape = tuple(int(n) for n in shape)
   if len(shape) != 3 or min(shape) < 8:
-    raise DataError(f'synthetic shape must be 3 sizes of at least 8 voxels, got {shape}')
+    raise DataError(f"synthetic shape must be 3 sizes of at least 8 voxels, got {shape}")
   return shape
 
 
-def make_phantom(anatomy: str, modality: str, shape=DEFAULT_SHAPE, *, seed: int = 0,
-                 index: int = 0) -> Phantom:
+def make_phantom(
+  anatomy: str, modality: str, shape=DEFAULT_SHAPE, *, seed: int = 0, index: int = 0
+) -> Phantom:
   """One case in memory; `index` picks the case, so case k is the same whatever the count.
 
   Abdominal MR comes on the CHAOS DICOM grid (rows, columns, slices) with BTCV codes.
   """
   if anatomy not in ANATOMIES or modality not in MODALITIES:
-    raise DataError(f'synthetic phantom {anatomy!r}/{modality!r} unknown: anatomy in '
-                    f'{ANATOMIES}, modality in {MODALITIES}')
+    raise DataError(
+      f"synthetic phantom {anatomy!r}/{modality!r} unknown: anatomy in "
+      f"{ANATOMIES}, modality in {MODALITIES}"
+    )
   shape = _check_shape(shape)
   rng = np.random.default_rng([seed, ANATOMIES.index(anatomy), MODALITIES.index(modality), index])
   table, tissue_fn, label_dtype = _ANATOMY[anatomy]
@@ -451,7 +476,7 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
 def _check_counts(**counts) -> None:
   for name, n in counts.items():
     if int(n) != n or n < 0:
-      raise DataError(f'synthetic {name} must be a non-negative integer, got {n!r}')
+      raise DataError(f"synthetic {name} must be a non-negative integer, got {n!r}")
 
 
 def write_mmwhs(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0) -> list[str]:
@@ -462,14 +487,14 @@ def write_mmwhs(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0) 
   """
   _check_counts(n_ct=n_ct, n_mr=n_mr)
   written = []
-  for modality, count in (('ct', n_ct), ('mr', n_mr)):
-    folder = os.path.join(os.fspath(root), f'{modality}_train')
+  for modality, count in (("ct", n_ct), ("mr", n_mr)):
+    folder = os.path.join(os.fspath(root), f"{modality}_train")
     os.makedirs(folder, exist_ok=True)
     for index in range(count):
-      phantom = make_phantom('cardiac', modality, shape, seed=seed, index=index)
-      stem = os.path.join(folder, f'{modality}_train_{1001 + index}')
-      for suffix, array in (('image', phantom.image), ('label', phantom.label)):
-        path = f'{stem}_{suffix}.nii.gz'
+      phantom = make_phantom("cardiac", modality, shape, seed=seed, index=index)
+      stem = os.path.join(folder, f"{modality}_train_{1001 + index}")
+      for suffix, array in (("image", phantom.image), ("label", phantom.label)):
+        path = f"{stem}_{suffix}.nii.gz"
         _save_nifti(array, phantom.affine, path)
         written.append(path)
   return written
@@ -477,7 +502,7 @@ def write_mmwhs(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0) 
 
 def _ds(value: float) -> str:
   """DICOM decimal strings are limited to 16 characters."""
-  return f'{value:.4f}'
+  return f"{value:.4f}"
 
 
 def _write_chaos_series(patient_dir: str, phantom: Phantom, patient: int, seed: int) -> list[str]:
@@ -487,51 +512,53 @@ def _write_chaos_series(patient_dir: str, phantom: Phantom, patient: int, seed: 
   from pydicom.dataset import Dataset, FileMetaDataset
   from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-  dicom_dir = os.path.join(patient_dir, 'T2SPIR', 'DICOM_anon')
-  ground_dir = os.path.join(patient_dir, 'T2SPIR', 'Ground')
+  dicom_dir = os.path.join(patient_dir, "T2SPIR", "DICOM_anon")
+  ground_dir = os.path.join(patient_dir, "T2SPIR", "Ground")
   os.makedirs(dicom_dir, exist_ok=True)
   os.makedirs(ground_dir, exist_ok=True)
 
   def uid(*parts):  # deterministic, so reruns write identical files
-    return generate_uid(entropy_srcs=['ukd-synthetic', str(seed), str(patient), *map(str, parts)])
+    return generate_uid(entropy_srcs=["ukd-synthetic", str(seed), str(patient), *map(str, parts)])
 
   lps = np.linalg.inv(_RAS_FROM_LPS) @ phantom.affine
   row_step, column_step, slice_step = lps[:3, :3].T  # array axes: rows, columns, slices
   grey = np.zeros(256, np.uint8)
   for code, value in CHAOS_GREY.items():
     grey[code] = value
-  study, series, frame = uid('study'), uid('series'), uid('frame')
+  study, series, frame = uid("study"), uid("series"), uid("frame")
   written = []
   for k in range(phantom.image.shape[2]):
     number = k + 1
-    stem = f'IMG-0002-{number:05d}'
+    stem = f"IMG-0002-{number:05d}"
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = uid('image', number)
+    meta.MediaStorageSOPInstanceUID = uid("image", number)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = MRImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-    ds.PatientName, ds.PatientID = 'Anonymous', str(patient)
-    ds.Modality, ds.SeriesDescription, ds.SeriesNumber = 'MR', 'T2SPIR', 2
+    ds.PatientName, ds.PatientID = "Anonymous", str(patient)
+    ds.Modality, ds.SeriesDescription, ds.SeriesNumber = "MR", "T2SPIR", 2
     ds.InstanceNumber = number
     position = lps[:3, 3] + k * slice_step
     ds.ImagePositionPatient = [_ds(v) for v in position]
-    ds.ImageOrientationPatient = [_ds(v) for v in (*column_step / np.linalg.norm(column_step),
-                                                   *row_step / np.linalg.norm(row_step))]
+    ds.ImageOrientationPatient = [
+      _ds(v)
+      for v in (*column_step / np.linalg.norm(column_step), *row_step / np.linalg.norm(row_step))
+    ]
     ds.PixelSpacing = [_ds(np.linalg.norm(row_step)), _ds(np.linalg.norm(column_step))]
     ds.SliceThickness = ds.SpacingBetweenSlices = _ds(np.linalg.norm(slice_step))
     ds.SliceLocation = _ds(position[2])
     ds.Rows, ds.Columns = phantom.image.shape[:2]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME2'
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.ascontiguousarray(phantom.image[:, :, k]).astype('<u2').tobytes()
-    path = os.path.join(dicom_dir, stem + '.dcm')
+    ds.PixelData = np.ascontiguousarray(phantom.image[:, :, k]).astype("<u2").tobytes()
+    path = os.path.join(dicom_dir, stem + ".dcm")
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    mask_path = os.path.join(ground_dir, stem + '.png')
-    Image.fromarray(grey[phantom.label[:, :, k]], mode='L').save(mask_path)
+    mask_path = os.path.join(ground_dir, stem + ".png")
+    Image.fromarray(grey[phantom.label[:, :, k]], mode="L").save(mask_path)
     written += [path, mask_path]
   return written
 
@@ -549,23 +576,23 @@ def write_abdominal(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int =
   _check_counts(n_ct=n_ct, n_mr=n_mr)
   root = os.fspath(root)
   written = []
-  for name in ('img', 'label'):
-    os.makedirs(os.path.join(root, 'BTCV', name), exist_ok=True)
+  for name in ("img", "label"):
+    os.makedirs(os.path.join(root, "BTCV", name), exist_ok=True)
   for index in range(n_ct):
-    phantom = make_phantom('abdominal', 'ct', shape, seed=seed, index=index)
-    for name, array in (('img', phantom.image), ('label', phantom.label)):
-      path = os.path.join(root, 'BTCV', name, f'{name}{index + 1:04d}.nii.gz')
+    phantom = make_phantom("abdominal", "ct", shape, seed=seed, index=index)
+    for name, array in (("img", phantom.image), ("label", phantom.label)):
+      path = os.path.join(root, "BTCV", name, f"{name}{index + 1:04d}.nii.gz")
       _save_nifti(array, phantom.affine, path)
       written.append(path)
   for index in range(n_mr):
-    phantom = make_phantom('abdominal', 'mr', shape, seed=seed, index=index)
-    patient_dir = os.path.join(root, 'CHAOS', 'Train_Sets', 'MR', str(index + 1))
+    phantom = make_phantom("abdominal", "mr", shape, seed=seed, index=index)
+    patient_dir = os.path.join(root, "CHAOS", "Train_Sets", "MR", str(index + 1))
     written += _write_chaos_series(patient_dir, phantom, index + 1, seed)
   return written
 
 
-_WRITERS = {'mmwhs': write_mmwhs, 'abdominal': write_abdominal}
-_MARKER = '.ukd_synthetic.json'  # hidden, so the dataset adapters never list it
+_WRITERS = {"mmwhs": write_mmwhs, "abdominal": write_abdominal}
+_MARKER = ".ukd_synthetic.json"  # hidden, so the dataset adapters never list it
 
 
 def ensure(root, cfg) -> str:
@@ -577,31 +604,40 @@ def ensure(root, cfg) -> str:
   root that a later run would take for complete. A root that exists must hold phantoms made
   with the same settings: silently training on other data would be worse than stopping.
   """
-  settings = {'layout': str(cfg.get('layout', 'mmwhs')), 'n_ct': int(cfg.n_ct),
-              'n_mr': int(cfg.n_mr), 'shape': [int(n) for n in cfg.shape],
-              'seed': int(cfg.get('seed', 0))}
+  settings = {
+    "layout": str(cfg.get("layout", "mmwhs")),
+    "n_ct": int(cfg.n_ct),
+    "n_mr": int(cfg.n_mr),
+    "shape": [int(n) for n in cfg.shape],
+    "seed": int(cfg.get("seed", 0)),
+  }
   root = os.path.abspath(os.fspath(root))
   if os.path.exists(root):
     try:
       with open(os.path.join(root, _MARKER)) as f:
         found = json.load(f)
     except (OSError, ValueError):
-      raise DataError(f'{root}: exists but holds no synthetic dataset ({_MARKER} missing or '
-                      'unreadable); point data.root elsewhere') from None
+      raise DataError(
+        f"{root}: exists but holds no synthetic dataset ({_MARKER} missing or "
+        "unreadable); point data.root elsewhere"
+      ) from None
     if found != settings:
-      raise DataError(f'{root}: holds phantoms made with {found}, not {settings}; delete it or '
-                      'use another root')
+      raise DataError(
+        f"{root}: holds phantoms made with {found}, not {settings}; delete it or use another root"
+      )
     return root
-  if settings['layout'] not in _WRITERS:
-    raise DataError(f"data.synthetic.layout {settings['layout']!r} unknown: use one of "
-                    f'{sorted(_WRITERS)}')
-  _check_shape(settings['shape'])  # fail before anything is written
-  _check_counts(n_ct=settings['n_ct'], n_mr=settings['n_mr'])
+  if settings["layout"] not in _WRITERS:
+    raise DataError(
+      f"data.synthetic.layout {settings['layout']!r} unknown: use one of {sorted(_WRITERS)}"
+    )
+  _check_shape(settings["shape"])  # fail before anything is written
+  _check_counts(n_ct=settings["n_ct"], n_mr=settings["n_mr"])
   os.makedirs(os.path.dirname(root), exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.phantoms-', dir=os.path.dirname(root))
-  _WRITERS[settings['layout']](staging, settings['n_ct'], settings['n_mr'],
-                               shape=settings['shape'], seed=settings['seed'])
-  with open(os.path.join(staging, _MARKER), 'w') as f:
+  staging = tempfile.mkdtemp(prefix=".phantoms-", dir=os.path.dirname(root))
+  _WRITERS[settings["layout"]](
+    staging, settings["n_ct"], settings["n_mr"], shape=settings["shape"], seed=settings["seed"]
+  )
+  with open(os.path.join(staging, _MARKER), "w") as f:
     json.dump(settings, f, sort_keys=True)
   os.rename(staging, root)
   return root
@@ -609,25 +645,28 @@ def ensure(root, cfg) -> str:
 
 def main(argv=None) -> None:
   """python -m ukd.data.synthetic --layout=mmwhs --out=DIR --n_ct=4 --n_mr=4"""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-  parser.add_argument('--layout', choices=sorted(_WRITERS), required=True)
-  parser.add_argument('--out', required=True, help='dataset root to write')
-  parser.add_argument('--n_ct', type=int, default=4)
-  parser.add_argument('--n_mr', type=int, default=4)
-  parser.add_argument('--shape', default=','.join(map(str, DEFAULT_SHAPE)),
-                      help='array shape, comma separated; the last axis is the slice axis')
-  parser.add_argument('--seed', type=int, default=0)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--layout", choices=sorted(_WRITERS), required=True)
+  parser.add_argument("--out", required=True, help="dataset root to write")
+  parser.add_argument("--n_ct", type=int, default=4)
+  parser.add_argument("--n_mr", type=int, default=4)
+  parser.add_argument(
+    "--shape",
+    default=",".join(map(str, DEFAULT_SHAPE)),
+    help="array shape, comma separated; the last axis is the slice axis",
+  )
+  parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   try:
-    shape = tuple(int(n) for n in args.shape.split(','))
+    shape = tuple(int(n) for n in args.shape.split(","))
   except ValueError:
-    parser.error(f'--shape must be comma-separated integers, got {args.shape!r}')
+    parser.error(f"--shape must be comma-separated integers, got {args.shape!r}")
   try:
     written = _WRITERS[args.layout](args.out, args.n_ct, args.n_mr, shape=shape, seed=args.seed)
   except DataError as error:
     parser.error(str(error))
-  print(f'wrote {len(written)} files under {args.out}')
+  print(f"wrote {len(written)} files under {args.out}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

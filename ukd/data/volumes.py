@@ -25,205 +25,202 @@ _RAS = orientations.axcodes2ornt(("R", "A", "S"))
 
 
 class DataError(ValueError):
-    """Bad input data or dataset layout; the message names the file and the problem."""
+  """Bad input data or dataset layout; the message names the file and the problem."""
 
 
 def _fail(source, problem: str) -> DataError:
-    """One-line error so logs and test output show file and problem together."""
-    return DataError(f"{source}: {' '.join(str(problem).split())}")
+  """One-line error so logs and test output show file and problem together."""
+  return DataError(f"{source}: {' '.join(str(problem).split())}")
 
 
 @dataclasses.dataclass
 class Volume:
-    """3D array in canonical RAS orientation + what is needed to write results back exactly."""
+  """3D array in canonical RAS orientation + what is needed to write results back exactly."""
 
-    array: np.ndarray
-    spacing: tuple[float, float, float]
-    affine: np.ndarray
-    header: nib.Nifti1Header | None
-    original_shape: tuple[int, int, int]
-    source: str
+  array: np.ndarray
+  spacing: tuple[float, float, float]
+  affine: np.ndarray
+  header: nib.Nifti1Header | None
+  original_shape: tuple[int, int, int]
+  source: str
 
-    def to_original(self, canonical: np.ndarray) -> np.ndarray:
-        """Inverse reorientation; accepts extra trailing axes (e.g. probabilities [X,Y,Z,C]).
+  def to_original(self, canonical: np.ndarray) -> np.ndarray:
+    """Inverse reorientation; accepts extra trailing axes (e.g. probabilities [X,Y,Z,C]).
 
-        Predictions are made in canonical space; this undoes the flips and transposes so
-        the result lines up voxel by voxel with the file on disk.
-        """
-        canonical = np.asarray(canonical)
-        if canonical.shape[:3] != self.array.shape:
-            raise _fail(
-                self.source,
-                f"array of shape {canonical.shape} does not match the canonical shape "
-                f"{self.array.shape}",
-            )
-        to_disk = orientations.ornt_transform(_RAS, _orientation(self.affine, self.source))
-        return orientations.apply_orientation(canonical, to_disk)
+    Predictions are made in canonical space; this undoes the flips and transposes so
+    the result lines up voxel by voxel with the file on disk.
+    """
+    canonical = np.asarray(canonical)
+    if canonical.shape[:3] != self.array.shape:
+      raise _fail(
+        self.source,
+        f"array of shape {canonical.shape} does not match the canonical shape {self.array.shape}",
+      )
+    to_disk = orientations.ornt_transform(_RAS, _orientation(self.affine, self.source))
+    return orientations.apply_orientation(canonical, to_disk)
 
 
 def _orientation(affine: np.ndarray, source) -> np.ndarray:
-    """Orientation of the voxel axes; a degenerate affine cannot be made canonical."""
-    ornt = orientations.io_orientation(affine)
-    if np.isnan(ornt).any():
-        raise _fail(source, "affine is degenerate (an axis has no direction)")
-    return ornt
+  """Orientation of the voxel axes; a degenerate affine cannot be made canonical."""
+  ornt = orientations.io_orientation(affine)
+  if np.isnan(ornt).any():
+    raise _fail(source, "affine is degenerate (an axis has no direction)")
+  return ornt
 
 
 def _canonical(array: np.ndarray, affine: np.ndarray, source) -> tuple[np.ndarray, tuple]:
-    """Reorient to RAS and report voxel sizes along the new axes."""
-    ornt = _orientation(affine, source)
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _) in enumerate(ornt):
-        spacing[int(target)] = float(zooms[axis])
-    canonical = np.ascontiguousarray(orientations.apply_orientation(array, ornt))
-    return canonical, tuple(spacing)
+  """Reorient to RAS and report voxel sizes along the new axes."""
+  ornt = _orientation(affine, source)
+  zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+  spacing = [0.0, 0.0, 0.0]
+  for axis, (target, _) in enumerate(ornt):
+    spacing[int(target)] = float(zooms[axis])
+  canonical = np.ascontiguousarray(orientations.apply_orientation(array, ornt))
+  return canonical, tuple(spacing)
 
 
 def _exactly_3d(array: np.ndarray, source) -> np.ndarray:
-    """Squeeze trailing singleton axes (e.g. [X,Y,Z,1]); anything else must be 3D."""
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise _fail(source, f"expected a 3D volume, got shape {array.shape}")
-    return array
+  """Squeeze trailing singleton axes (e.g. [X,Y,Z,1]); anything else must be 3D."""
+  while array.ndim > 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim != 3:
+    raise _fail(source, f"expected a 3D volume, got shape {array.shape}")
+  return array
 
 
 def _check_finite(array: np.ndarray, source) -> None:
-    """NaN/Inf voxels would silently poison normalisation statistics and losses."""
-    if np.issubdtype(array.dtype, np.floating):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        if bad:
-            raise _fail(source, f"{bad} voxels are NaN or Inf")
+  """NaN/Inf voxels would silently poison normalisation statistics and losses."""
+  if np.issubdtype(array.dtype, np.floating):
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad:
+      raise _fail(source, f"{bad} voxels are NaN or Inf")
 
 
 def from_array(array, affine=None, source: str = "<array>") -> Volume:
-    """Wrap an in-memory 3D array; with affine None (identity) canonical == input."""
-    array = _exactly_3d(np.asarray(array), source)
-    _check_finite(array, source)
-    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        raise _fail(source, f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
-    canonical, spacing = _canonical(array, affine, source)
-    return Volume(canonical, spacing, affine, None, tuple(array.shape), str(source))
+  """Wrap an in-memory 3D array; with affine None (identity) canonical == input."""
+  array = _exactly_3d(np.asarray(array), source)
+  _check_finite(array, source)
+  affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+  if affine.shape != (4, 4) or not np.isfinite(affine).all():
+    raise _fail(source, f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
+  canonical, spacing = _canonical(array, affine, source)
+  return Volume(canonical, spacing, affine, None, tuple(array.shape), str(source))
 
 
 def _load(path):
-    """Open a NIfTI file, turning every way it can fail into a DataError."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise _fail(path, "file not found")
-    try:
-        image = nib.load(path)
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise _fail(path, f"cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(image.header, nib.Nifti1Header):
-        raise _fail(path, f"not a NIfTI file ({type(image).__name__})")
-    if not np.isfinite(image.affine).all():
-        raise _fail(path, "affine contains NaN or Inf")
-    return image
+  """Open a NIfTI file, turning every way it can fail into a DataError."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise _fail(path, "file not found")
+  try:
+    image = nib.load(path)
+  except Exception as exc:  # nibabel raises many types for corrupt files
+    raise _fail(path, f"cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
+  if not isinstance(image.header, nib.Nifti1Header):
+    raise _fail(path, f"not a NIfTI file ({type(image).__name__})")
+  if not np.isfinite(image.affine).all():
+    raise _fail(path, "affine contains NaN or Inf")
+  return image
 
 
 def _read_data(image, path, dtype=None) -> np.ndarray:
-    """Read voxel data; truncated/corrupt compressed files only fail here."""
-    try:
-        if dtype is None:
-            return np.asanyarray(image.dataobj)
-        return image.get_fdata(dtype=dtype)
-    except Exception as exc:
-        raise _fail(path, f"cannot read voxel data ({type(exc).__name__}: {exc})") from exc
+  """Read voxel data; truncated/corrupt compressed files only fail here."""
+  try:
+    if dtype is None:
+      return np.asanyarray(image.dataobj)
+    return image.get_fdata(dtype=dtype)
+  except Exception as exc:
+    raise _fail(path, f"cannot read voxel data ({type(exc).__name__}: {exc})") from exc
 
 
 def _wrap(array: np.ndarray, image, path) -> Volume:
-    canonical, spacing = _canonical(array, image.affine, path)
-    return Volume(
-        canonical, spacing, image.affine.copy(), image.header.copy(), tuple(array.shape), path
-    )
+  canonical, spacing = _canonical(array, image.affine, path)
+  return Volume(
+    canonical, spacing, image.affine.copy(), image.header.copy(), tuple(array.shape), path
+  )
 
 
 def read_image(path) -> Volume:
-    """Read an image as float32 (scaling applied) in canonical orientation."""
-    path = os.fspath(path)
-    image = _load(path)
-    array = _exactly_3d(_read_data(image, path, np.float32), path)
-    _check_finite(array, path)
-    return _wrap(array, image, path)
+  """Read an image as float32 (scaling applied) in canonical orientation."""
+  path = os.fspath(path)
+  image = _load(path)
+  array = _exactly_3d(_read_data(image, path, np.float32), path)
+  _check_finite(array, path)
+  return _wrap(array, image, path)
 
 
 def _as_int_codes(array: np.ndarray, path) -> np.ndarray:
-    """Label files are often stored as float; only whole numbers are valid codes."""
-    if np.issubdtype(array.dtype, np.integer):
-        return _cast(array, np.int32, path)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise _fail(path, f"label data type {array.dtype} is not numeric")
-    _check_finite(array, path)
-    fractional = array != np.round(array)
-    if fractional.any():
-        example = float(array[fractional][0])
-        raise _fail(path, f"label values must be integers, found {example}")
+  """Label files are often stored as float; only whole numbers are valid codes."""
+  if np.issubdtype(array.dtype, np.integer):
     return _cast(array, np.int32, path)
+  if not np.issubdtype(array.dtype, np.floating):
+    raise _fail(path, f"label data type {array.dtype} is not numeric")
+  _check_finite(array, path)
+  fractional = array != np.round(array)
+  if fractional.any():
+    example = float(array[fractional][0])
+    raise _fail(path, f"label values must be integers, found {example}")
+  return _cast(array, np.int32, path)
 
 
 def read_label(path, like: Volume | None = None) -> Volume:
-    """Read a label map as int32 RAW codes; with `like`, check it matches its image.
+  """Read a label map as int32 RAW codes; with `like`, check it matches its image.
 
-    A label whose grid differs from its image would train the network on misplaced
-    targets, so shape and affine must agree (affine within AFFINE_TOLERANCE).
-    """
-    path = os.fspath(path)
-    image = _load(path)
-    array = _exactly_3d(_read_data(image, path), path)
-    array = _as_int_codes(np.asarray(array), path)
-    if like is not None:
-        if tuple(array.shape) != tuple(like.original_shape):
-            raise _fail(
-                path,
-                f"label shape {tuple(array.shape)} differs from image shape "
-                f"{tuple(like.original_shape)} of {like.source}",
-            )
-        if not np.allclose(image.affine, like.affine, rtol=0, atol=AFFINE_TOLERANCE):
-            raise _fail(
-                path,
-                f"label affine {np.round(image.affine, 4).tolist()} differs from the "
-                f"affine {np.round(like.affine, 4).tolist()} of {like.source}",
-            )
-    return _wrap(array, image, path)
+  A label whose grid differs from its image would train the network on misplaced
+  targets, so shape and affine must agree (affine within AFFINE_TOLERANCE).
+  """
+  path = os.fspath(path)
+  image = _load(path)
+  array = _exactly_3d(_read_data(image, path), path)
+  array = _as_int_codes(np.asarray(array), path)
+  if like is not None:
+    if tuple(array.shape) != tuple(like.original_shape):
+      raise _fail(
+        path,
+        f"label shape {tuple(array.shape)} differs from image shape "
+        f"{tuple(like.original_shape)} of {like.source}",
+      )
+    if not np.allclose(image.affine, like.affine, rtol=0, atol=AFFINE_TOLERANCE):
+      raise _fail(
+        path,
+        f"label affine {np.round(image.affine, 4).tolist()} differs from the "
+        f"affine {np.round(like.affine, 4).tolist()} of {like.source}",
+      )
+  return _wrap(array, image, path)
 
 
 def _cast(array: np.ndarray, dtype, path) -> np.ndarray:
-    """Refuse casts that would wrap around (e.g. class 300 into uint8)."""
-    dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.integer) and array.size:
-        info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
-            raise _fail(
-                path, f"values {array.min()}..{array.max()} do not fit in {dtype.name}"
-            )
-    return array.astype(dtype)
+  """Refuse casts that would wrap around (e.g. class 300 into uint8)."""
+  dtype = np.dtype(dtype)
+  if np.issubdtype(dtype, np.integer) and array.size:
+    info = np.iinfo(dtype)
+    if array.min() < info.min or array.max() > info.max:
+      raise _fail(path, f"values {array.min()}..{array.max()} do not fit in {dtype.name}")
+  return array.astype(dtype)
 
 
 def write_like(canonical: np.ndarray, ref: Volume, path, dtype=np.uint8) -> None:
-    """Write a canonical-space array in ref's on-disk orientation with ref's affine and header.
+  """Write a canonical-space array in ref's on-disk orientation with ref's affine and header.
 
-    Reusing the header keeps the sform/qform codes, units and description, which is what
-    makes viewers place the prediction exactly on top of the input. A 4D array [X,Y,Z,C]
-    (class probabilities, float32) is allowed.
-    """
-    path = os.fspath(path)
-    canonical = np.asarray(canonical)
-    if canonical.ndim not in (3, 4):
-        raise _fail(path, f"expected a 3D or 4D array to write, got shape {canonical.shape}")
-    data = _cast(ref.to_original(canonical), dtype, path)
-    if ref.header is None:
-        image = nib.Nifti1Image(data, ref.affine)
-    else:
-        nifti2 = isinstance(ref.header, nib.Nifti2Header)
-        image_class = nib.Nifti2Image if nifti2 else nib.Nifti1Image
-        header = ref.header.copy()
-        header.set_data_dtype(data.dtype)
-        # Intensity display range and intent describe the input image, not this output.
-        header["cal_min"], header["cal_max"] = 0, 0
-        header.set_intent("none")
-        image = image_class(data, ref.affine, header=header)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    nib.save(image, path)
+  Reusing the header keeps the sform/qform codes, units and description, which is what
+  makes viewers place the prediction exactly on top of the input. A 4D array [X,Y,Z,C]
+  (class probabilities, float32) is allowed.
+  """
+  path = os.fspath(path)
+  canonical = np.asarray(canonical)
+  if canonical.ndim not in (3, 4):
+    raise _fail(path, f"expected a 3D or 4D array to write, got shape {canonical.shape}")
+  data = _cast(ref.to_original(canonical), dtype, path)
+  if ref.header is None:
+    image = nib.Nifti1Image(data, ref.affine)
+  else:
+    nifti2 = isinstance(ref.header, nib.Nifti2Header)
+    image_class = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    header = ref.header.copy()
+    header.set_data_dtype(data.dtype)
+    # Intensity display range and intent describe the input image, not this output.
+    header["cal_min"], header["cal_max"] = 0, 0
+    header.set_intent("none")
+    image = image_class(data, ref.affine, header=header)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  nib.save(image, path)

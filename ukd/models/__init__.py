@@ -18,9 +18,15 @@ def build(model_config, modalities):
   """Returns the Linen module described by `config.model` for the given modality names."""
   name = model_config.name
   if name not in NETWORKS:
-    raise ConfigError(f"config.model.name={name!r} is not a network; choose one of {sorted(NETWORKS)}")
-  kwargs = dict(num_classes=model_config.num_classes, modalities=tuple(modalities),
-                scheme=get_scheme(model_config.scheme), width=model_config.width)
+    raise ConfigError(
+      f"config.model.name={name!r} is not a network; choose one of {sorted(NETWORKS)}"
+    )
+  kwargs = dict(
+    num_classes=model_config.num_classes,
+    modalities=tuple(modalities),
+    scheme=get_scheme(model_config.scheme),
+    width=model_config.width,
+  )
   if name == "dilated2d":
     kwargs.update(dropout=model_config.dropout, upsample_mult=model_config.upsample_mult)
   return NETWORKS[name](**kwargs)
@@ -39,8 +45,9 @@ def example_input(model_config, spatial, batch: int = 1):
 
 def init_variables(model, model_config, spatial, rng):
   """Creates params and batch_stats; every modality's branch is initialised."""
-  return model.init(rng, example_input(model_config, spatial), modality=model.modalities[0],
-                    train=False)
+  return model.init(
+    rng, example_input(model_config, spatial), modality=model.modalities[0], train=False
+  )
 
 
 def count_params(model_config, modalities, spatial=None) -> dict:
@@ -58,5 +65,15 @@ def count_params(model_config, modalities, spatial=None) -> dict:
   return counts
 
 
-__all__ = ["build", "count_params", "input_spatial", "init_variables", "example_input", "SCHEMES", "Scheme",
-           "Sharing", "get_scheme", "DIMS"]
+__all__ = [
+  "build",
+  "count_params",
+  "input_spatial",
+  "init_variables",
+  "example_input",
+  "SCHEMES",
+  "Scheme",
+  "Sharing",
+  "get_scheme",
+  "DIMS",
+]

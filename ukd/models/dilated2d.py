@@ -19,13 +19,13 @@ from ukd.models.schemes import Scheme
 
 # (stage name, widths of its residual blocks in units of the base width, max-pool after it).
 RESIDUAL_STAGES = (
-    ("stage1", (1,), True),
-    ("stage2", (2,), True),
-    ("stage3", (4, 4), True),
-    ("stage4", (8, 8), False),
-    ("stage5", (16, 16), False),
-    ("stage6", (16, 16), False),
-    ("stage7", (32, 32), False),
+  ("stage1", (1,), True),
+  ("stage2", (2,), True),
+  ("stage3", (4, 4), True),
+  ("stage4", (8, 8), False),
+  ("stage5", (16, 16), False),
+  ("stage6", (16, 16), False),
+  ("stage7", (32, 32), False),
 )
 UPSAMPLE = 8  # three 2x2 pools, undone by one 8x depth-to-space
 
@@ -46,8 +46,13 @@ class ResidualBlock(nn.Module):
     for _ in range(2):
       h = layers.ModalityNorm(self.modalities, self.norm_shared)(h, modality, train)
       h = layers.leaky_relu(h)
-      h = layers.ModalityConv(self.modalities, self.conv_shared, features=self.features,
-                              kernel_size=(3, 3), dilation=self.dilation)(h, modality)
+      h = layers.ModalityConv(
+        self.modalities,
+        self.conv_shared,
+        features=self.features,
+        kernel_size=(3, 3),
+        dilation=self.dilation,
+      )(h, modality)
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return h + layers.pad_channels(x, self.features)
 
@@ -65,41 +70,49 @@ class Dilated2D(nn.Module):
   @nn.compact
   def __call__(self, x, modality: str, train: bool = False):
     if x.ndim != 4 or x.shape[1] % UPSAMPLE or x.shape[2] % UPSAMPLE:
-      raise ValueError(f"dilated2d expects [B, H, W, 3] with H and W divisible by {UPSAMPLE}; "
-                       f"got {x.shape}")
+      raise ValueError(
+        f"dilated2d expects [B, H, W, 3] with H and W divisible by {UPSAMPLE}; got {x.shape}"
+      )
     w, mods = self.width, self.modalities
     enc = self.scheme.sharing(("first", "encoder"))
-    h = layers.ModalityConv(mods, enc.conv, features=w, kernel_size=(3, 3), name="stem")(x, modality)
+    h = layers.ModalityConv(mods, enc.conv, features=w, kernel_size=(3, 3), name="stem")(
+      x, modality
+    )
 
     for name, widths, pool in RESIDUAL_STAGES:
       s = self.scheme.sharing(("encoder",))
       for i, k in enumerate(widths):
         h = ResidualBlock(k * w, mods, s.conv, s.norm, self.dropout, name=f"{name}_{i}")(
-            h, modality, train)
+          h, modality, train
+        )
       if pool:
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
 
     s = self.scheme.sharing(("encoder",))
     for i in range(2):
-      h = ResidualBlock(32 * w, mods, s.conv, s.norm, self.dropout, dilation=2,
-                        name=f"dilated_{i}")(h, modality, train)
+      h = ResidualBlock(
+        32 * w, mods, s.conv, s.norm, self.dropout, dilation=2, name=f"dilated_{i}"
+      )(h, modality, train)
 
     d = self.scheme.sharing(("decoder",))
     for i in range(2):
       h = layers.ModalityNorm(mods, d.norm, name=f"post_norm_{i}")(h, modality, train)
       h = layers.leaky_relu(h)
-      h = layers.ModalityConv(mods, d.conv, features=32 * w, kernel_size=(3, 3),
-                              name=f"post_conv_{i}")(h, modality)
+      h = layers.ModalityConv(
+        mods, d.conv, features=32 * w, kernel_size=(3, 3), name=f"post_conv_{i}"
+      )(h, modality)
 
     channels = UPSAMPLE * UPSAMPLE * self.num_classes * self.upsample_mult
-    h = layers.ModalityConv(mods, d.conv, features=channels, kernel_size=(3, 3),
-                            name="upsample_conv")(h, modality)
+    h = layers.ModalityConv(
+      mods, d.conv, features=channels, kernel_size=(3, 3), name="upsample_conv"
+    )(h, modality)
     h = layers.ModalityNorm(mods, d.norm, name="upsample_norm")(h, modality, train)
     h = depth_to_space(layers.leaky_relu(h), UPSAMPLE)
 
     last = self.scheme.sharing(("last", "decoder"))
-    return layers.ModalityConv(mods, last.conv, features=self.num_classes, kernel_size=(5, 5),
-                               use_bias=True, name="head")(h, modality)
+    return layers.ModalityConv(
+      mods, last.conv, features=self.num_classes, kernel_size=(5, 5), use_bias=True, name="head"
+    )(h, modality)
 
 
 def depth_to_space(x, block: int):

@@ -7,7 +7,8 @@ runs, so the variables tree holds every modality's parameters and statistics
 from the start (applying a modality never seen at init would otherwise fail).
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,8 +34,7 @@ class _PerModality(nn.Module):
 
   def _route(self, make: Callable[[str], nn.Module], x, modality: str, **kwargs) -> Any:
     if modality not in self.modalities:
-      raise ValueError(
-          f"unknown modality {modality!r}; this model knows {tuple(self.modalities)}")
+      raise ValueError(f"unknown modality {modality!r}; this model knows {tuple(self.modalities)}")
     branches = {name: make(name) for name in self._branch_names()}
     key = "shared" if self.shared else modality
     if self.is_initializing():
@@ -57,10 +57,23 @@ class ModalityConv(_PerModality):
   def __call__(self, x, modality: str):
     def make(name):
       if self.transpose:
-        return nn.ConvTranspose(self.features, self.kernel_size, strides=_tuple(self.strides, x),
-                                padding="SAME", use_bias=self.use_bias, name=name)
-      return nn.Conv(self.features, self.kernel_size, strides=self.strides, padding="SAME",
-                     kernel_dilation=self.dilation, use_bias=self.use_bias, name=name)
+        return nn.ConvTranspose(
+          self.features,
+          self.kernel_size,
+          strides=_tuple(self.strides, x),
+          padding="SAME",
+          use_bias=self.use_bias,
+          name=name,
+        )
+      return nn.Conv(
+        self.features,
+        self.kernel_size,
+        strides=self.strides,
+        padding="SAME",
+        kernel_dilation=self.dilation,
+        use_bias=self.use_bias,
+        name=name,
+      )
 
     return self._route(make, x, modality)
 

@@ -42,26 +42,33 @@ class Scheme:
 
 
 SCHEMES = {
-    s.name: s
-    for s in (
-        Scheme("single", SEPARATE,
-               doc="nothing shared: one separate network per modality"),
-        Scheme("joint", SHARED,
-               doc="everything shared, normalization statistics included"),
-        Scheme("separate_norm", SEPARATE_NORM,
-               doc="kernels shared, normalization per modality"),
-        Scheme("ukd", SEPARATE_NORM, kd=True,
-               doc="kernels shared, normalization per modality, KD loss (the paper)"),
-        Scheme("x_shape", SHARED, (("first", SEPARATE), ("last", SEPARATE)),
-               doc="modality-specific first and last stages, shared middle"),
-        Scheme("y_shape", SHARED, (("encoder", SEPARATE),),
-               doc="modality-specific encoder, shared decoder"),
-    )
+  s.name: s
+  for s in (
+    Scheme("single", SEPARATE, doc="nothing shared: one separate network per modality"),
+    Scheme("joint", SHARED, doc="everything shared, normalization statistics included"),
+    Scheme("separate_norm", SEPARATE_NORM, doc="kernels shared, normalization per modality"),
+    Scheme(
+      "ukd",
+      SEPARATE_NORM,
+      kd=True,
+      doc="kernels shared, normalization per modality, KD loss (the paper)",
+    ),
+    Scheme(
+      "x_shape",
+      SHARED,
+      (("first", SEPARATE), ("last", SEPARATE)),
+      doc="modality-specific first and last stages, shared middle",
+    ),
+    Scheme(
+      "y_shape", SHARED, (("encoder", SEPARATE),), doc="modality-specific encoder, shared decoder"
+    ),
+  )
 }
 
 
 def get_scheme(name: str) -> Scheme:
   if name not in SCHEMES:
     raise ConfigError(
-        f"config.model.scheme={name!r} is not a sharing scheme; choose one of {sorted(SCHEMES)}")
+      f"config.model.scheme={name!r} is not a sharing scheme; choose one of {sorted(SCHEMES)}"
+    )
   return SCHEMES[name]

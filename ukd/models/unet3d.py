@@ -15,15 +15,15 @@ from ukd.models.schemes import Scheme
 
 # (stage name, widths in units of width/16, kernel).  A 2x2x2 max-pool follows every level but the last.
 ENCODER = (
-    ("enc1", (16, 32), (3, 3, 3)),
-    ("enc2", (32, 64), (3, 3, 3)),
-    ("enc3", (64, 128), (3, 3, 1)),
-    ("bottom", (128, 256), (3, 3, 1)),
+  ("enc1", (16, 32), (3, 3, 3)),
+  ("enc2", (32, 64), (3, 3, 3)),
+  ("enc3", (64, 128), (3, 3, 1)),
+  ("bottom", (128, 256), (3, 3, 1)),
 )
 DECODER = (
-    ("dec3", 128, (3, 3, 1)),
-    ("dec2", 64, (3, 3, 3)),
-    ("dec1", 32, (3, 3, 3)),
+  ("dec3", 128, (3, 3, 1)),
+  ("dec2", 64, (3, 3, 3)),
+  ("dec1", 32, (3, 3, 3)),
 )
 POOL = (2, 2, 2)
 
@@ -37,8 +37,9 @@ class ConvNormAct(nn.Module):
 
   @nn.compact
   def __call__(self, x, modality, train):
-    x = layers.ModalityConv(self.modalities, self.conv_shared, features=self.features,
-                            kernel_size=self.kernel_size)(x, modality)
+    x = layers.ModalityConv(
+      self.modalities, self.conv_shared, features=self.features, kernel_size=self.kernel_size
+    )(x, modality)
     x = layers.ModalityNorm(self.modalities, self.norm_shared)(x, modality, train)
     return layers.leaky_relu(x)
 
@@ -64,17 +65,29 @@ class UNet3D(nn.Module):
         x = nn.max_pool(x, POOL, strides=POOL)
       s = self.scheme.sharing(("first", "encoder") if i == 0 else ("encoder",))
       for j, f in enumerate(widths):
-        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, name=f"{name}_{j}")(x, modality, train)
+        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, name=f"{name}_{j}")(
+          x, modality, train
+        )
       skips.append(x)
 
     s = self.scheme.sharing(("decoder",))
     for (name, f, kernel), skip in zip(DECODER, reversed(skips[:-1])):
-      x = layers.ModalityConv(mods, s.conv, features=scale(f), kernel_size=POOL, strides=POOL,
-                              transpose=True, name=f"{name}_up")(x, modality)
+      x = layers.ModalityConv(
+        mods,
+        s.conv,
+        features=scale(f),
+        kernel_size=POOL,
+        strides=POOL,
+        transpose=True,
+        name=f"{name}_up",
+      )(x, modality)
       x = jnp.concatenate([x, skip], axis=-1)
       for j in range(2):
-        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, name=f"{name}_{j}")(x, modality, train)
+        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, name=f"{name}_{j}")(
+          x, modality, train
+        )
 
     last = self.scheme.sharing(("last", "decoder"))
-    return layers.ModalityConv(mods, last.conv, features=self.num_classes, kernel_size=(1, 1, 1),
-                               use_bias=True, name="head")(x, modality)
+    return layers.ModalityConv(
+      mods, last.conv, features=self.num_classes, kernel_size=(1, 1, 1), use_bias=True, name="head"
+    )(x, modality)
