@@ -11,11 +11,11 @@ from ukd import config as config_lib
 
 def get_config(arg=None):
   c = config_lib.default()
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, scheme="ukd", runlocal=False)
   c.data.dataset = "abdominal"
   c.modalities = ("ct", "mr")
   c.model.name = "unet3d"
-  c.model.scheme = args.get("scheme", "ukd")
+  c.model.scheme = args["scheme"]
   c.model.num_classes = 5  # background, liver, right kidney, left kidney, spleen
   c.model.width = 16
   c.data.size = (256, 256)
@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.optim.decay_steps = 500
   c.total_steps = 50_000
   c.eval_every = c.checkpoint_every = 1000
-  if "runlocal" in args:
+  if args["runlocal"]:
     c.model.width = 4
     c.data.size = (64, 64)
     c.data.patch = (64, 64, 8)

@@ -12,11 +12,11 @@ from ukd import config as config_lib
 
 def get_config(arg=None):
   c = config_lib.default()
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, scheme="ukd", runlocal=False)
   c.data.dataset = "mmwhs"
   c.modalities = ("ct", "mr")
   c.model.name = "dilated2d"
-  c.model.scheme = args.get("scheme", "ukd")
+  c.model.scheme = args["scheme"]
   c.model.num_classes = 5  # background, MYO, LAC, LVC, AA
   c.model.width = 16
   c.model.dropout = 0.25  # keep probability 0.75
@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.total_steps = 150_000
   c.loss.dice, c.loss.ce, c.loss.kd, c.loss.temperature, c.loss.l2 = 1.0, 1.0, 0.5, 2.0, 1e-4
   c.eval_every = c.checkpoint_every = 2000
-  if "runlocal" in args:
+  if args["runlocal"]:
     c.model.width = 4
     c.data.size = (128, 128)
     c.total_steps = 200

@@ -4,6 +4,7 @@ import pytest
 
 from ukd import config as config_lib
 from ukd import models
+from ukd.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", ["mmwhs", "abdominal", "demo"])
@@ -32,9 +33,36 @@ def test_paper_settings():
   assert (a.optim.lr, a.optim.decay_steps) == (1e-4, 500)
 
 
-def test_parse_arg():
-  assert config_lib.parse_arg("scheme=joint,runlocal") == {"scheme": "joint", "runlocal": True}
-  assert config_lib.parse_arg(None) == {}
+def test_parse_arg_types_and_defaults():
+  parse = lambda arg: config_lib.parse_arg(arg, scheme="ukd", runlocal=False, steps=10, lr=0.5)
+  assert parse("scheme=joint,runlocal") == dict(scheme="joint", runlocal=True, steps=10, lr=0.5)
+  assert parse(None) == dict(scheme="ukd", runlocal=False, steps=10, lr=0.5)
+  assert parse("runlocal=False")["runlocal"] is False
+  assert parse("runlocal=yes,steps=7,lr=1e-3") == dict(
+    scheme="ukd", runlocal=True, steps=7, lr=1e-3
+  )
+
+
+@pytest.mark.parametrize(
+  "arg,message",
+  [
+    ("runlocl", "config argument 'runlocl' is not one of ['lr', 'runlocal', 'scheme', 'steps']"),
+    ("runlocal=maybe", "config argument runlocal='maybe' must be a bool"),
+    ("steps=ten", "config argument steps='ten' must be a int"),
+    ("steps", "config argument steps=None must be a int"),
+  ],
+)
+def test_parse_arg_rejects_unknown_keys_and_bad_values(arg, message):
+  with pytest.raises(ConfigError) as e:
+    config_lib.parse_arg(arg, scheme="ukd", runlocal=False, steps=10, lr=0.5)
+  assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("name", ["mmwhs", "abdominal", "demo", "study"])
+def test_every_config_rejects_a_misspelled_argument(name):
+  module = importlib.import_module(f"configs.{name}")
+  with pytest.raises(ConfigError, match="is not one of"):
+    module.get_config("runlocl")
 
 
 @pytest.mark.parametrize(
@@ -49,5 +77,5 @@ def test_parse_arg():
 def test_validate_names_the_field(field, value, message):
   config = config_lib.default()
   config[field] = value
-  with pytest.raises(config_lib.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+  with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
     config_lib.validate(config)

@@ -13,7 +13,7 @@ from helpers import tiny_config
 from PIL import Image
 
 from ukd import checkpoints, evaluate, models
-from ukd.data.datasets import Case
+from ukd.data.adapters import Case
 from ukd.data.volumes import from_array
 
 CLASSES = ("background", "A", "B")

@@ -14,7 +14,7 @@ from helpers import tiny_config
 from ukd import checkpoints, infer, models
 from ukd import state as state_lib
 from ukd.data import preprocess, volumes
-from ukd.data.volumes import DataError
+from ukd.errors import CheckpointError, DataError
 
 SIZE = (16, 16)
 PATCH = (16, 16, 8)
@@ -283,7 +283,7 @@ def test_load_predicts_like_the_live_variables(seg, workdir):
 )
 def test_a_dir_without_checkpoints_is_refused(tmp_path, path, step, message):
   os.makedirs(tmp_path / path, exist_ok=True)
-  with pytest.raises(checkpoints.CheckpointError, match=message):
+  with pytest.raises(CheckpointError, match=message):
     infer.load(str(tmp_path / path), step=step)
 
 
@@ -295,7 +295,7 @@ def test_a_dir_without_checkpoints_is_refused(tmp_path, path, step, message):
   ],
 )
 def test_an_unknown_step_is_refused(workdir, sub, step, message):
-  with pytest.raises(checkpoints.CheckpointError, match=message):
+  with pytest.raises(CheckpointError, match=message):
     infer.load(os.path.join(workdir, sub), step=step)
 
 
@@ -310,7 +310,7 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, change):
   checkpoints.save(mgr, 1, _zeros_like_network(trained), saved_config)
   mgr.wait_until_finished()
   mgr.close()
-  with pytest.raises(checkpoints.CheckpointError, match="does not fit") as error:
+  with pytest.raises(CheckpointError, match="does not fit") as error:
     infer.load(str(tmp_path))
   assert "\n" not in str(error.value)
 

@@ -5,6 +5,7 @@ Logits are chosen so that the softmax is exact: [ln 3, 0] -> (3/4, 1/4),
 formulas in the paper, not with the library's code.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -14,6 +15,9 @@ import numpy as np
 import pytest
 
 from ukd import losses
+
+# The paper's KD settings; a test overrides the one it is about.
+kd_loss = functools.partial(losses.kd_loss, temperature=2.0, distance="kl", absent="mask")
 
 LN3 = math.log(3.0)
 # Four voxels, two classes: probabilities (3/4, 1/4), (1/2, 1/2), (1/4, 3/4), (1/4, 3/4).
@@ -108,7 +112,7 @@ PB = [[0.5, 0.5], _softmax([0.5, 0.0])]
 
 def test_kd_worked_two_class_example():
   expected = (_sym_kl(PA[0], PB[0]) + _sym_kl(PA[1], PB[1])) / 2
-  value = losses.kd_loss({"a": A_LOGITS, "b": B_LOGITS}, {"a": A_LABELS, "b": B_LABELS})
+  value = kd_loss({"a": A_LOGITS, "b": B_LOGITS}, {"a": A_LABELS, "b": B_LABELS})
   assert float(value) == pytest.approx(expected, rel=1e-5)
 
 
@@ -117,17 +121,13 @@ def test_kd_temperature_divides_the_class_means():
   expected = (
     _sym_kl(_softmax([1.0, 0.0]), [0.5, 0.5]) + _sym_kl(_softmax([0.0, 2.0]), _softmax([1.0, 0.0]))
   ) / 2
-  value = losses.kd_loss(
-    {"a": A_LOGITS, "b": B_LOGITS}, {"a": A_LABELS, "b": B_LABELS}, temperature=1.0
-  )
+  value = kd_loss({"a": A_LOGITS, "b": B_LOGITS}, {"a": A_LABELS, "b": B_LABELS}, temperature=1.0)
   assert float(value) == pytest.approx(expected, rel=1e-5)
 
 
 def test_kd_l2_distance_worked_example():
   expected = (_sq_dist(PA[0], PB[0]) + _sq_dist(PA[1], PB[1])) / 2
-  value = losses.kd_loss(
-    {"a": A_LOGITS, "b": B_LOGITS}, {"a": A_LABELS, "b": B_LABELS}, distance="l2"
-  )
+  value = kd_loss({"a": A_LOGITS, "b": B_LOGITS}, {"a": A_LABELS, "b": B_LABELS}, distance="l2")
   assert float(value) == pytest.approx(expected, rel=1e-5)
 
 
@@ -135,21 +135,15 @@ def test_kd_identical_distributions_is_zero():
   # Different voxels, same class-wise means: (1, 3) and (3, 1) average to (2, 2) in 'b' as in 'a'.
   a_logits = np.array([[2.0, 2.0], [0.0, 1.0]], np.float32)
   b_logits = np.array([[1.0, 3.0], [3.0, 1.0], [0.0, 1.0]], np.float32)
-  value = losses.kd_loss(
-    {"a": a_logits, "b": b_logits}, {"a": np.array([0, 1]), "b": np.array([0, 0, 1])}
-  )
+  value = kd_loss({"a": a_logits, "b": b_logits}, {"a": np.array([0, 1]), "b": np.array([0, 0, 1])})
   assert float(value) == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize("distance", ["kl", "l2"])
 def test_kd_is_symmetric(distance):
-  ab = losses.kd_loss(
-    {"a": A_LOGITS, "b": B_LOGITS}, {"a": A_LABELS, "b": B_LABELS}, distance=distance
-  )
-  ba = losses.kd_loss(
-    {"b": B_LOGITS, "a": A_LOGITS}, {"b": B_LABELS, "a": A_LABELS}, distance=distance
-  )
-  swapped = losses.kd_loss(
+  ab = kd_loss({"a": A_LOGITS, "b": B_LOGITS}, {"a": A_LABELS, "b": B_LABELS}, distance=distance)
+  ba = kd_loss({"b": B_LOGITS, "a": A_LOGITS}, {"b": B_LABELS, "a": A_LABELS}, distance=distance)
+  swapped = kd_loss(
     {"a": B_LOGITS, "b": A_LOGITS}, {"a": B_LABELS, "b": A_LABELS}, distance=distance
   )
   assert float(ab) == pytest.approx(float(ba), rel=1e-6)
@@ -173,12 +167,12 @@ def test_kd_class_absent_in_one_modality_is_excluded():
     _sym_kl(_softmax([0.5, 0.0, 0.0]), [1 / 3] * 3)
     + _sym_kl(_softmax([0.0, 1.0, 0.0]), _softmax([0.0, 0.0, 1.0]))
   ) / 2
-  assert float(losses.kd_loss(logits, labels)) == pytest.approx(expected, rel=1e-5)
+  assert float(kd_loss(logits, labels)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_kd_gradients_finite_with_absent_classes():
   logits, labels = _three_class_case()
-  grads = jax.grad(losses.kd_loss)(logits, labels)
+  grads = jax.grad(kd_loss)(logits, labels)
   for grad in grads.values():
     assert np.all(np.isfinite(grad))
   # The voxel of class 2, absent in 'b', must not be pulled anywhere.
@@ -188,7 +182,7 @@ def test_kd_gradients_finite_with_absent_classes():
 def test_kd_no_shared_class_is_zero_with_finite_gradient():
   logits = {"a": jnp.array([[1.0, 0.0], [3.0, 0.0]]), "b": jnp.array([[0.0, 5.0]])}
   labels = {"a": jnp.array([0, 0]), "b": jnp.array([1])}
-  value, grads = jax.value_and_grad(losses.kd_loss)(logits, labels)
+  value, grads = jax.value_and_grad(kd_loss)(logits, labels)
   assert float(value) == 0.0
   for grad in grads.values():
     np.testing.assert_array_equal(grad, 0.0)
@@ -204,7 +198,7 @@ def test_kd_three_modalities_average_over_three_pairs():
     return (_sym_kl(p[0], q[0]) + _sym_kl(p[1], q[1])) / 2
 
   expected = (pair(PA, PB) + pair(PA, pc) + pair(PB, pc)) / 3
-  value = losses.kd_loss(
+  value = kd_loss(
     {"a": A_LOGITS, "b": B_LOGITS, "c": c_logits}, {"a": A_LABELS, "b": B_LABELS, "c": c_labels}
   )
   assert float(value) == pytest.approx(expected, rel=1e-5)
@@ -215,19 +209,58 @@ def test_kd_under_jit_with_spatial_axes():
   logits = {"a": A_LOGITS.reshape(1, 3, 1, 2), "b": B_LOGITS.reshape(3, 1, 1, 2)}
   labels = {"a": A_LABELS.reshape(1, 3, 1), "b": B_LABELS.reshape(3, 1, 1)}
   expected = (_sym_kl(PA[0], PB[0]) + _sym_kl(PA[1], PB[1])) / 2
-  assert float(jax.jit(losses.kd_loss)(logits, labels)) == pytest.approx(expected, rel=1e-5)
+  assert float(jax.jit(kd_loss)(logits, labels)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_kd_rejects_bad_arguments():
   logits, labels = {"a": A_LOGITS, "b": B_LOGITS}, {"a": A_LABELS, "b": B_LABELS}
   with pytest.raises(ValueError, match="distance"):
-    losses.kd_loss(logits, labels, distance="cosine")
+    kd_loss(logits, labels, distance="cosine")
   with pytest.raises(ValueError, match="at least 2 modalities"):
-    losses.kd_loss({"a": A_LOGITS}, {"a": A_LABELS})
+    kd_loss({"a": A_LOGITS}, {"a": A_LABELS})
   with pytest.raises(ValueError, match="different modalities"):
-    losses.kd_loss(logits, {"a": A_LABELS, "c": B_LABELS})
+    kd_loss(logits, {"a": A_LABELS, "c": B_LABELS})
   with pytest.raises(ValueError, match="temperature"):
-    losses.kd_loss(logits, labels, temperature=0.0)
+    kd_loss(logits, labels, temperature=0.0)
+  with pytest.raises(ValueError, match="absent"):
+    kd_loss(logits, labels, absent="drop")
+
+
+def _reference_kd(logits, labels, num_classes, temperature=2.0):
+  """A numpy transcription of the reference code's KD term (two modalities): per class,
+  sum(logits * mask) / (sum(mask) + 1e-6), softmax(/ T), symmetric KL over the classes
+  summed and divided by the number of classes, absent classes included."""
+
+  def probs(x, y, c):
+    mask = (y == c).astype(np.float64)[:, None]
+    avg = (x * mask).sum(axis=0) / (mask.sum() + 1e-6)
+    e = np.exp(avg / temperature - (avg / temperature).max())
+    return e / e.sum()
+
+  total = 0.0
+  for c in range(num_classes):
+    s, t = probs(logits["a"], labels["a"], c), probs(logits["b"], labels["b"], c)
+    total += (np.sum(s * np.log(s / t)) + np.sum(t * np.log(t / s))) / 2.0
+  return total / num_classes
+
+
+def test_kd_uniform_absent_equals_the_reference_formula():
+  logits, labels = _three_class_case()
+  expected = _reference_kd(logits, labels, 3)
+  value = kd_loss(logits, labels, absent="uniform")
+  assert float(value) == pytest.approx(expected, rel=1e-5)
+  # Class 2 is absent from 'b' and counts there, so the value differs from the masked form.
+  assert abs(float(value) - float(kd_loss(logits, labels))) > 1e-3
+  grads = jax.grad(functools.partial(kd_loss, absent="uniform"))(logits, labels)
+  assert all(np.all(np.isfinite(g)) for g in grads.values())
+
+
+def test_kd_uniform_absent_on_random_batches():
+  rng = np.random.default_rng(0)
+  logits = {m: rng.normal(size=(50, 4)).astype(np.float32) for m in "ab"}
+  labels = {"a": rng.integers(0, 4, 50), "b": rng.integers(0, 3, 50)}  # class 3 absent in 'b'
+  expected = _reference_kd(logits, labels, 4, temperature=2.0)
+  assert float(kd_loss(logits, labels, absent="uniform")) == pytest.approx(expected, rel=1e-4)
 
 
 # ---------------------------------------------------------------- L2
@@ -241,6 +274,8 @@ def test_l2_counts_only_kernels():
   }
   # 0.5 * (4 * 1^2 + 3 * 2^2) = 8
   assert float(losses.l2_loss(params)) == pytest.approx(8.0)
+  # Every parameter (the reference 3D code): + 0.5 * (2 * 1 + 4 * 25 + 4 * 1) = 8 + 53 = 61.
+  assert float(losses.l2_loss(params, scope="all")) == pytest.approx(61.0)
 
 
 def test_l2_on_a_flax_module():

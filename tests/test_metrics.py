@@ -84,14 +84,19 @@ def test_slab_against_single_voxel_with_three_spacings():
   corner = math.sqrt(0.5**2 + 2.0**2 + 5.0**2)  # 4 voxels
   slab_to_voxel = [centre] + [along_x] * 2 + [along_y] * 2 + [corner] * 4
   voxel_to_slab = [5.0]  # straight down to the centre
-  expected_assd = (sum(slab_to_voxel) / 9 + 5.0) / 2
+  # Pooled: every surface voxel of both masks once, 9 + 1 distances.
+  expected_assd = (sum(slab_to_voxel) + 5.0) / 10
   assert metrics.assd(pred, gt, spacing) == pytest.approx(expected_assd)
   assert metrics.assd(gt, pred, spacing) == pytest.approx(expected_assd)
+  # Mean of the two directed means (medpy <= 0.4): the single voxel weighs as much as the slab.
+  older = (sum(slab_to_voxel) / 9 + 5.0) / 2
+  assert metrics.assd_mean_of_means(pred, gt, spacing) == pytest.approx(older)
+  assert abs(older - expected_assd) > 0.05
   expected_hd95 = np.percentile(slab_to_voxel + voxel_to_slab, 95)
   assert metrics.hd95(pred, gt, spacing) == pytest.approx(expected_hd95)
 
 
-def test_directions_are_averaged_and_pooled_as_in_medpy():
+def test_directions_are_pooled_as_in_medpy_05_and_monai():
   # gt = pred (a 5x5 one-voxel slab) plus a 2-voxel outlier 4 slices (10 mm) above it.
   # pred -> gt: 25 zeros. gt -> pred: 25 zeros and 2 x 10 mm.
   spacing = (1.0, 1.0, 2.5)
@@ -99,8 +104,10 @@ def test_directions_are_averaged_and_pooled_as_in_medpy():
   gt = pred | _box((7, 7, 8), (3, 4), (3, 5), (5, 6))
   pred_to_gt = [0.0] * 25
   gt_to_pred = [0.0] * 25 + [10.0] * 2
-  # Mean of the two directed means: (0 + 20/27) / 2 (concatenating would give 20/52).
-  assert metrics.assd(pred, gt, spacing) == pytest.approx((0.0 + 20 / 27) / 2)
+  # Pooled (Heimann 2009, medpy >= 0.5, MONAI): 20 mm over 52 surface voxels.
+  assert metrics.assd(pred, gt, spacing) == pytest.approx(20 / 52)
+  # The older mean of the two directed means: (0 + 20/27) / 2.
+  assert metrics.assd_mean_of_means(pred, gt, spacing) == pytest.approx((0.0 + 20 / 27) / 2)
   # Pooled 95th percentile: 2 large values out of 52 -> 0 (the max of the two
   # directed 95th percentiles would give 7.0).
   assert metrics.hd95(pred, gt, spacing) == pytest.approx(
@@ -117,8 +124,10 @@ def test_array_border_counts_as_background():
   centre = np.zeros((3, 3, 3), bool)
   centre[1, 1, 1] = True
   to_centre = [1.0] * 6 + [math.sqrt(2)] * 12 + [math.sqrt(3)] * 8
-  expected = (sum(to_centre) / 26 + 1.0) / 2
+  expected = (sum(to_centre) + 1.0) / 27
   assert metrics.assd(full, centre, (1, 1, 1)) == pytest.approx(expected)
+  older = (sum(to_centre) / 26 + 1.0) / 2
+  assert metrics.assd_mean_of_means(full, centre, (1, 1, 1)) == pytest.approx(older)
   assert metrics.hd95(full, centre, (1, 1, 1)) == pytest.approx(
     np.percentile(to_centre + [1.0], 95)
   )

@@ -32,7 +32,15 @@ def _branch_keys(tree):
 
 def test_paper_2d_network_kernel_count():
   c = mc.ConfigDict(
-    dict(name="dilated2d", num_classes=5, scheme="ukd", width=16, dropout=0.25, upsample_mult=8)
+    dict(
+      name="dilated2d",
+      num_classes=5,
+      scheme="ukd",
+      width=16,
+      dropout=0.25,
+      upsample_mult=8,
+      init="reference",
+    )
   )
   counts = models.count_params(c, ("ct", "mr"))
   # Hand count: stem 432; blocks 16: 4,608; 32: 13,824; 64x2: 129,024; 128x2: 516,096;
@@ -163,3 +171,97 @@ def test_depth_to_space_matches_hand_layout():
   assert y.shape == (1, 2, 2, 2)
   np.testing.assert_array_equal(y[0, :, :, 0], [[0, 2], [4, 6]])
   np.testing.assert_array_equal(y[0, :, :, 1], [[1, 3], [5, 7]])
+
+
+# ---------------------------------------------------------------- one pass over all modalities
+
+
+def _first_norm_stats(scheme):
+  """(ct images, mr images, stem kernel, updated statistics of the first norm after the stem)."""
+  from ukd import steps
+
+  config = tiny_config(scheme=scheme)
+  model, variables = _init(config, spatial=(16, 16))
+  rng = np.random.default_rng(0)
+  # CT around +3, MR around -1 with another spread: per-modality and mixed statistics differ.
+  batch = {
+    "ct": {"image": rng.normal(3.0, 1.0, (4, 16, 16, 3)), "label": np.zeros((4, 16, 16), int)},
+    "mr": {"image": rng.normal(-1.0, 2.0, (4, 16, 16, 3)), "label": np.zeros((4, 16, 16), int)},
+  }
+  batch = jax.tree.map(jnp.asarray, batch)
+  _, (_, stats) = steps.loss_terms(
+    model, config, variables["params"], variables["batch_stats"], batch, jax.random.key(1)
+  )
+  stem = variables["params"]["stem"]
+  kernel = stem["shared"]["kernel"]
+  return batch, kernel, stats["stage1_0"]["ModalityNorm_0"]
+
+
+def _conv_moments(images, kernel):
+  """Per-channel mean and (biased) variance of the stem's output on `images`."""
+  out = jax.lax.conv_general_dilated(
+    images.astype(jnp.float32), kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  return np.asarray(out.mean(axis=(0, 1, 2))), np.asarray(out.var(axis=(0, 1, 2)))
+
+
+def test_shared_norm_trains_with_the_statistics_of_the_concatenated_batch():
+  batch, kernel, norm = _first_norm_stats("joint")
+  mixed = jnp.concatenate([batch["ct"]["image"], batch["mr"]["image"]])
+  mean, var = _conv_moments(mixed, kernel)
+  # Running averages start at mean 0 and variance 1; one step moves them by (1 - 0.9).
+  np.testing.assert_allclose(norm["shared"]["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(norm["shared"]["var"], 0.9 + 0.1 * var, rtol=1e-4)
+  ct_mean, _ = _conv_moments(batch["ct"]["image"], kernel)
+  assert not np.allclose(norm["shared"]["mean"], 0.1 * ct_mean, rtol=1e-2)
+
+
+def test_per_modality_norms_see_only_their_own_modality_in_the_same_pass():
+  batch, kernel, norm = _first_norm_stats("ukd")
+  for m in ("ct", "mr"):
+    mean, var = _conv_moments(batch[m]["image"], kernel)
+    np.testing.assert_allclose(norm[m]["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(norm[m]["var"], 0.9 + 0.1 * var, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- kernel initialisation
+
+
+def test_reference_initialiser_is_tensorflows_truncated_normal_std_001():
+  from ukd.models import layers
+
+  w = np.asarray(layers.KERNEL_INITS["reference"](jax.random.key(0), (400_000,)))
+  # TF's truncated_normal_initializer(stddev=0.01): a normal of std 0.01 cut at +-2 std, so
+  # the drawn values have std 0.01 * sqrt(1 - 2 * 2 * phi(2) / (2 * Phi(2) - 1)) = 0.008796.
+  phi2 = np.exp(-2.0) / np.sqrt(2 * np.pi)
+  Phi2m1 = 0.9544997361
+  expected = 0.01 * np.sqrt(1 - 4 * phi2 / Phi2m1)
+  assert expected == pytest.approx(0.008796, abs=1e-6)
+  # Sampling error of a std from 400k draws is about std / sqrt(2n) ~ 1e-5.
+  assert w.std() == pytest.approx(expected, abs=5e-5)
+  assert np.abs(w).max() <= 0.02 + 1e-7 and abs(w.mean()) < 1e-4
+
+
+@pytest.mark.parametrize("init", ["reference", "lecun"])
+def test_networks_use_the_configured_initialiser(init):
+  config = tiny_config()
+  config.model.width = 8
+  config.model.init = init
+  _, variables = _init(config)
+  kernels = [
+    np.asarray(leaf).ravel()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+    if path[-1].key == "kernel" and leaf.size > 1000
+  ]
+  spread = np.concatenate(kernels).std()
+  if init == "reference":
+    assert spread == pytest.approx(0.008796, rel=0.05)
+  else:
+    assert spread > 0.018  # lecun-normal: std 1/sqrt(fan_in) >= 1/sqrt(9 * 256) = 0.021 here
+
+
+def test_unknown_initialiser_is_a_config_error():
+  config = tiny_config()
+  config.model.init = "xavier"
+  with pytest.raises(ValueError, match="config.model.init='xavier'"):
+    models.build(config.model, config.modalities)

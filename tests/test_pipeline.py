@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ukd.data import pipeline
-from ukd.data.volumes import DataError
+from ukd.errors import DataError
 
 
 def save_entry(directory, name, image, label):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ukd.data import preprocess
-from ukd.data.volumes import DataError, from_array
+from ukd.data.volumes import from_array
+from ukd.errors import DataError
 
 Case = collections.namedtuple("Case", "id modality image label")
 

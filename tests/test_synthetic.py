@@ -10,7 +10,7 @@ import pytest
 import scipy.ndimage
 
 from ukd.data import synthetic
-from ukd.data.volumes import DataError
+from ukd.errors import DataError
 
 pydicom = pytest.importorskip("pydicom")
 Image = pytest.importorskip("PIL.Image")
@@ -329,7 +329,7 @@ def test_ensure_generates_once_then_reuses_and_refuses_other_settings(tmp_path):
 
 
 def test_mmwhs_adapter_reads_the_phantoms(mmwhs_root):
-  from ukd.data.datasets import get_adapter
+  from ukd.data.adapters import get_adapter
 
   adapter = get_adapter("mmwhs")
   cases = adapter.cases(str(mmwhs_root))
@@ -353,7 +353,7 @@ def test_mmwhs_adapter_reads_the_phantoms(mmwhs_root):
 
 
 def test_abdominal_adapter_reads_btcv_and_chaos_phantoms(abdominal_root):
-  from ukd.data.datasets import get_adapter
+  from ukd.data.adapters import get_adapter
 
   adapter = get_adapter("abdominal")
   cases = adapter.cases(str(abdominal_root))

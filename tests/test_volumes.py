@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ukd.data import volumes
-from ukd.data.volumes import DataError
+from ukd.errors import DataError
 
 
 def _save(path, data, affine, code=1, dtype=None):

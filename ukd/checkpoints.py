@@ -16,15 +16,38 @@ import ml_collections as mc
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from ukd.errors import CheckpointError
+
 BEST_METRIC = "val_dice"
-
-
-class CheckpointError(ValueError):
-  """A work dir or checkpoint that cannot be used, with a one-line reason."""
+CHECKPOINTS = "checkpoints"  # <workdir>/checkpoints/<step>
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+
+
+def resolve(path, step="best") -> tuple[str, int | str]:
+  """(work dir, step) for a work dir, its checkpoints dir or one step's dir.
+
+  A step dir (`<workdir>/checkpoints/<n>`) selects step n; `step` may then stay 'best' or
+  name the same step, anything else is refused.  Otherwise `step` is returned as given
+  ('best', 'latest' or a step number, for `select_step`).
+  """
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} does not exist")
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  if os.path.basename(parent) == CHECKPOINTS and name.isdigit():
+    if step not in ("best", int(name), name):
+      raise CheckpointError(f"{path} is step {name}, but step={step!r} was asked for")
+    step = int(name)
+  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+    return path, step
+  if name == CHECKPOINTS:
+    return parent, step
+  if os.path.basename(parent) == CHECKPOINTS:
+    return os.path.dirname(parent), step
+  raise CheckpointError(f"{path} holds no checkpoints (expected {path}/{CHECKPOINTS}/<step>)")
 
 
 def manager(workdir: str, *, keep_best: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
@@ -111,20 +134,6 @@ def select_step(mgr, which) -> int:
   if step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {mgr.directory}; have {sorted(steps)}")
   return step
-
-
-def find_workdir(path: str) -> str:
-  """Accepts a work dir, its checkpoints dir or one step's dir; returns the work dir."""
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise CheckpointError(f"{path} does not exist")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return path
-  if os.path.basename(path) == "checkpoints":
-    return os.path.dirname(path)
-  if os.path.basename(os.path.dirname(path)) == "checkpoints":
-    return os.path.dirname(os.path.dirname(path))
-  raise CheckpointError(f"{path} holds no checkpoints (expected {path}/checkpoints/<step>)")
 
 
 def restore_config(mgr, step: int) -> mc.ConfigDict:

@@ -7,6 +7,8 @@ hold a placeholder (ml_collections cannot override a field that is None).
 
 import ml_collections as mc
 
+from ukd.errors import ConfigError
+
 REQUIRED = "<required>"
 
 
@@ -24,6 +26,7 @@ def default() -> mc.ConfigDict:
   c.model.width = 16  # base width (16 in the paper)
   c.model.dropout = 0.25  # dropout rate of the 2D network (keep 0.75)
   c.model.upsample_mult = 8  # 2D: the last conv has 8*8*C*upsample_mult channels
+  c.model.init = "reference"  # kernels: 'reference' (truncated normal, std 0.01) | 'lecun'
 
   c.loss = mc.ConfigDict()
   c.loss.dice = 1.0  # weight of the soft Dice loss (per modality)
@@ -31,7 +34,9 @@ def default() -> mc.ConfigDict:
   c.loss.kd = 0.5  # weight of the KD loss (schemes with kd only)
   c.loss.temperature = 2.0  # KD softmax temperature
   c.loss.kd_distance = "kl"  # 'kl' (symmetric KL) or 'l2'
-  c.loss.l2 = 1e-4  # weight of 1/2 sum of squared conv kernels
+  c.loss.kd_absent = "mask"  # class absent from a modality's batch: 'mask' | 'uniform' (reference)
+  c.loss.l2 = 1e-4  # weight of 1/2 sum of squares of the parameters in l2_scope
+  c.loss.l2_scope = "kernels"  # 'kernels' (2D reference) or 'all' parameters (3D reference)
 
   c.optim = mc.ConfigDict()
   c.optim.lr = 1e-3  # Adam learning rate
@@ -50,6 +55,7 @@ def default() -> mc.ConfigDict:
   c.data.synthetic.n_mr = 10  # MR cases
   c.data.synthetic.shape = (96, 96, 40)  # voxels per phantom
   c.data.split_fractions = (0.6, 0.2, 0.2)  # train / val / test fractions per modality
+  c.data.train_fraction = 1.0  # share of each modality's training cases used (data budget)
   c.data.split_file = ""  # a splits.json to use instead of a seeded split
   c.data.cache_dir = ""  # preprocessed-volume cache ('' = <workdir>/cache)
   c.data.size = (256, 256)  # in-plane size the network sees
@@ -82,14 +88,42 @@ def default() -> mc.ConfigDict:
   return c
 
 
-def parse_arg(arg) -> dict:
-  """`configs/x.py:scheme=joint,runlocal` -> {'scheme': 'joint', 'runlocal': True}."""
-  pairs = [a.split("=", 1) if "=" in a else (a, True) for a in (arg or "").split(",") if a]
-  return dict(pairs)
+def parse_arg(arg, **known) -> dict:
+  """The `:key=value,flag` suffix of `--config=configs/x.py:...`, over the defaults `known`.
+
+  `parse_arg("scheme=joint,runlocal", scheme="ukd", runlocal=False)` ->
+  {'scheme': 'joint', 'runlocal': True}.  Each value is parsed as the type of its default
+  (bool: true/false/1/0/yes/no, a bare key meaning true; int; float; str); a key the config
+  does not know, or a value of the wrong type, is a one-line ConfigError.
+  """
+  values = dict(known)
+  for item in filter(None, (arg or "").split(",")):
+    key, has_value, text = item.partition("=")
+    if key not in known:
+      raise ConfigError(f"config argument {key!r} is not one of {sorted(known)}")
+    values[key] = _parse_value(key, text if has_value else None, known[key])
+  return values
 
 
-class ConfigError(ValueError):
-  """A config that cannot run, with a one-line message naming the field."""
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _parse_value(key, text, default):
+  if isinstance(default, bool):
+    if text is None or text.lower() in _BOOLEANS:
+      return True if text is None else _BOOLEANS[text.lower()]
+  elif text is None:
+    pass  # a bare key is only a switch for a boolean argument
+  elif isinstance(default, int | float):
+    try:
+      return type(default)(text)
+    except ValueError:
+      pass
+  else:
+    return text
+  raise ConfigError(
+    f"config argument {key}={text!r} must be a {type(default).__name__} (default {default!r})"
+  )
 
 
 def _positive(config, *names):
@@ -127,6 +161,14 @@ def validate(config: mc.ConfigDict) -> mc.ConfigDict:
       f"config.data.norm has no intensity normalisation for {missing}; "
       f"add e.g. --config.data.norm.{missing[0]}=..."
     )
-  if config.loss.kd_distance not in ("kl", "l2"):
-    raise ConfigError(f"config.loss.kd_distance={config.loss.kd_distance!r} must be 'kl' or 'l2'")
+  for field, allowed in (
+    ("loss.kd_distance", ("kl", "l2")),
+    ("loss.kd_absent", ("mask", "uniform")),
+    ("loss.l2_scope", ("kernels", "all")),
+  ):
+    section, name = field.split(".")
+    if config[section][name] not in allowed:
+      raise ConfigError(f"config.{field}={config[section][name]!r} must be one of {allowed}")
+  if not 0.0 < config.data.train_fraction <= 1.0:
+    raise ConfigError(f"config.data.train_fraction={config.data.train_fraction} must be in (0, 1]")
   return config

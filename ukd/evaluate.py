@@ -30,8 +30,8 @@ from absl import logging
 from PIL import Image
 
 from ukd import checkpoints, infer, metrics
-from ukd.data import datasets
-from ukd.data.volumes import DataError
+from ukd.data import adapters, splits
+from ukd.errors import DataError
 
 METRICS = ("dice", "assd", "hd95")
 # Distinct colours for classes 1, 2, ... (cycled when there are more classes).
@@ -253,21 +253,22 @@ def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
   from `splits.json`, so the test cases are the ones training never saw.  Prints the table
   and returns the summary.
   """
-  if split not in datasets.SPLIT_NAMES:
-    raise DataError(f"split {split!r} is not one of {list(datasets.SPLIT_NAMES)}")
-  workdir = checkpoints.find_workdir(workdir)
+  if split not in splits.SPLIT_NAMES:
+    raise DataError(f"split {split!r} is not one of {list(splits.SPLIT_NAMES)}")
+  workdir, step = checkpoints.resolve(workdir, step)
   seg = infer.load(workdir, step=step)
   config = seg.config
-  adapter = datasets.get_adapter(config.data.dataset, **config.data.options.to_dict())
-  cases = [c for c in adapter.cases(config.data.root) if c.modality in config.modalities]
-  splits = datasets.load_or_make_splits(
+  adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
+  cases = splits.cases_by_split(
+    adapter,
+    config.data.root,
+    config.modalities,
     workdir,
-    cases,
     seed=config.seed,
     fractions=tuple(config.data.split_fractions),
     split_file=config.data.split_file or None,
   )
-  chosen = [c for c in cases if c.id in splits[c.modality][split]]
+  chosen = [c for m in config.modalities for c in cases[m][split]]
   if not chosen:
     raise DataError(f"{workdir}: the {split} split has no cases of {list(config.modalities)}")
   result = evaluate_cases(

@@ -36,10 +36,9 @@ import numpy as np
 from absl import logging
 
 from ukd import checkpoints, models, steps
-from ukd import config as config_lib
 from ukd import state as state_lib
 from ukd.data import preprocess, volumes
-from ukd.data.volumes import DataError
+from ukd.errors import ConfigError, DataError
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
 # nnU-Net names the single channel of an image `<case>_0000.nii.gz`; its label is `<case>`.
@@ -110,12 +109,10 @@ class Segmenter:
     not needed); `mesh` defaults to all of this process's devices.  Inference runs within one
     process: every volume is small enough for one host, and its result is needed there."""
     if int(config.infer.batch_size) < 1:
-      raise config_lib.ConfigError(
-        f"config.infer.batch_size={config.infer.batch_size} must be at least 1"
-      )
+      raise ConfigError(f"config.infer.batch_size={config.infer.batch_size} must be at least 1")
     overlap = float(config.infer.overlap)
     if not 0.0 <= overlap < 1.0:
-      raise config_lib.ConfigError(f"config.infer.overlap={overlap} must be in [0, 1)")
+      raise ConfigError(f"config.infer.overlap={overlap} must be in [0, 1)")
     self.config = config
     self.step = step  # checkpoint step when loaded from a work dir (reports name it)
     self.mesh = mesh if mesh is not None else state_lib.make_mesh(jax.local_devices())
@@ -132,8 +129,7 @@ class Segmenter:
     (`step` may then stay 'best' or name the same step).  The variables land replicated on
     whatever devices this process has, whatever trained them.
     """
-    workdir = checkpoints.find_workdir(path)
-    step = _step_of_path(path, step)
+    workdir, step = checkpoints.resolve(path, step)
     mgr = checkpoints.manager(workdir, read_only=True)
     try:
       chosen = checkpoints.select_step(mgr, step)
@@ -268,17 +264,6 @@ def _abstract_variables(config, mesh):
   )
   sharding = state_lib.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
-def _step_of_path(path, step):
-  """A step dir (`.../checkpoints/<n>`) names its step; a different explicit `step` conflicts."""
-  path = os.path.abspath(path)
-  name, parent = os.path.basename(path), os.path.basename(os.path.dirname(path))
-  if parent != "checkpoints" or not name.isdigit():
-    return step
-  if step not in ("best", int(name), name):
-    raise checkpoints.CheckpointError(f"{path} is step {name}, but step={step!r} was asked for")
-  return int(name)
 
 
 def _spacing_affine(spacing) -> np.ndarray:

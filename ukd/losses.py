@@ -23,7 +23,13 @@ DICE_EPS = 1e-7
 # it bounds -log(p) (at about 5.3) so a few confidently wrong voxels cannot dominate.
 CE_MIN_PROB = 0.005
 
-_DISTANCES = ("kl", "l2")
+KD_DISTANCES = ("kl", "l2")
+# What KD does with a class absent from a modality's batch (see `kd_loss`).
+KD_ABSENT = ("mask", "uniform")
+# The reference code's guard in the class means' denominator, sum / (count + eps).
+REFERENCE_KD_EPS = 1e-6
+# Which parameters the L2 penalty covers: conv kernels (2D reference) or every one (3D reference).
+L2_SCOPES = ("kernels", "all")
 
 
 def _probs_and_onehot(logits, labels):
@@ -75,13 +81,14 @@ def weighted_ce_loss(logits, labels):
   return jnp.mean(-jnp.sum(weights * onehot * log_probs, axis=-1))
 
 
-def _class_log_distributions(logits, labels, temperature):
+def _class_log_distributions(logits, labels, temperature, absent):
   """Per-class soft predictions of one modality: log p^c [C, C] and presence [C].
 
   Row c is log softmax(mean of the logits over the voxels labelled c / T). The
   voxel sums are one matmul between the one-hot labels and the logits. An absent
-  class gets a zero mean (uniform distribution) through a safe divide: its row
-  stays finite, in value and gradient, and the caller masks it out.
+  class gets a zero mean, i.e. a uniform distribution: with absent='mask' through
+  a safe divide (the caller leaves the row out), with absent='uniform' through the
+  reference code's divide by (count + 1e-6), kept exactly.
   """
   logits = jnp.asarray(logits, jnp.float32)
   num_classes = logits.shape[-1]
@@ -90,7 +97,10 @@ def _class_log_distributions(logits, labels, temperature):
   # HIGHEST: accelerators otherwise run float32 matmuls with bfloat16 passes.
   sums = jnp.einsum("nc,nk->ck", onehot, flat_logits, precision=jax.lax.Precision.HIGHEST)
   counts = jnp.sum(onehot, axis=0)
-  means = sums / jnp.maximum(counts, 1.0)[:, None]
+  if absent == "uniform":
+    means = sums / (counts + REFERENCE_KD_EPS)[:, None]
+  else:
+    means = sums / jnp.maximum(counts, 1.0)[:, None]
   return jax.nn.log_softmax(means / temperature, axis=-1), counts > 0
 
 
@@ -104,27 +114,30 @@ def _pair_distance(log_p, log_q, distance):
   return jnp.sum((p - q) ** 2, axis=-1)
 
 
-def kd_loss(logits, labels, *, temperature=2.0, distance="kl"):
+def kd_loss(logits, labels, *, temperature, distance, absent):
   """Knowledge-distillation loss aligning modalities' class-wise predictions.
 
   `logits` and `labels` are dicts keyed by modality (the same keys). For each
   modality m and class c, p_m^c = softmax(mean of the logits over the voxels
   labelled c, whole batch / temperature): what the network "thinks" a typical
-  voxel of class c looks like in that modality. For each unordered pair of
-  modalities the per-class distances are averaged over the classes present in
-  BOTH modalities' batches; the loss is the mean over pairs.
+  voxel of class c looks like in that modality. The loss is the mean over
+  unordered pairs of modalities of a per-pair mean over classes.
 
   distance='kl' is the paper's symmetric KL, 1/2 [KL(p_a||p_b) + KL(p_b||p_a)];
   distance='l2' is its squared-Euclidean alternative, sum_k (p_a,k - p_b,k)^2.
 
-  Why the masking: the reference code gave an absent class a uniform
-  distribution, which pulls the other modality's class towards "no idea". Here
-  an absent class is left out of the pair's mean, and a pair with no shared class
-  contributes 0; every step is NaN-free in value and gradient.
+  absent='mask' (ukd's default) averages over the classes present in BOTH
+  modalities' batches, and a pair with no shared class contributes 0: an absent
+  class would otherwise pull the other modality's class towards a uniform "no
+  idea". absent='uniform' is the reference code exactly: an absent class keeps
+  its uniform distribution and the sum over classes is divided by C.
+  Every step is NaN-free in value and gradient either way.
   """
-  if distance not in _DISTANCES:
-    raise ValueError(f"kd_loss: unknown distance {distance!r}, expected one of {_DISTANCES}")
-  if isinstance(temperature, (int, float)) and temperature <= 0:
+  if distance not in KD_DISTANCES:
+    raise ValueError(f"kd_loss: unknown distance {distance!r}, expected one of {KD_DISTANCES}")
+  if absent not in KD_ABSENT:
+    raise ValueError(f"kd_loss: unknown absent-class rule {absent!r}, expected one of {KD_ABSENT}")
+  if isinstance(temperature, int | float) and temperature <= 0:
     raise ValueError(f"kd_loss: temperature must be positive, got {temperature}")
   if set(logits) != set(labels):
     raise ValueError(
@@ -136,12 +149,18 @@ def kd_loss(logits, labels, *, temperature=2.0, distance="kl"):
   if len(set(num_classes.values())) != 1:
     raise ValueError(f"kd_loss: modalities disagree on the number of classes: {num_classes}")
 
-  per_modality = {m: _class_log_distributions(logits[m], labels[m], temperature) for m in logits}
+  per_modality = {
+    m: _class_log_distributions(logits[m], labels[m], temperature, absent) for m in logits
+  }
   pair_losses = []
   for a, b in itertools.combinations(logits, 2):
     (log_pa, present_a), (log_pb, present_b) = per_modality[a], per_modality[b]
+    per_class = _pair_distance(log_pa, log_pb, distance)
+    if absent == "uniform":
+      pair_losses.append(jnp.mean(per_class))
+      continue
     shared = present_a & present_b
-    per_class = jnp.where(shared, _pair_distance(log_pa, log_pb, distance), 0.0)
+    per_class = jnp.where(shared, per_class, 0.0)
     pair_losses.append(jnp.sum(per_class) / jnp.maximum(jnp.sum(shared), 1))
   return jnp.mean(jnp.stack(pair_losses))
 
@@ -152,17 +171,22 @@ def _is_kernel(path):
   return getattr(last, "key", getattr(last, "name", None)) == "kernel"
 
 
-def l2_loss(params):
-  """0.5 * sum of squares of every convolution kernel in a Flax params tree.
+def l2_loss(params, scope="kernels"):
+  """0.5 * sum of squares of the parameters the reference code penalises.
 
-  Leaves whose path ends in 'kernel' (Conv, ConvTranspose) count; biases and
-  normalization scales/offsets do not, as in the reference code. The caller
-  multiplies by the weight (1e-4) and ADDS the result to the loss, so it goes
-  through Adam's normalisation like any other gradient: this is the paper's
-  L2 regularisation, not decoupled weight decay (AdamW).
+  scope='kernels': leaves whose path ends in 'kernel' (Conv, ConvTranspose); biases and
+  normalization scales/offsets do not count, as in the reference 2D code. scope='all':
+  every trainable parameter, as the reference 3D code penalises. The caller multiplies
+  by the weight (1e-4) and ADDS the result to the loss, so it goes through Adam's
+  normalisation like any other gradient: this is the paper's L2 regularisation, not
+  decoupled weight decay (AdamW).
   """
+  if scope not in L2_SCOPES:
+    raise ValueError(f"l2_loss: unknown scope {scope!r}, expected one of {L2_SCOPES}")
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   squares = [
-    jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32))) for path, leaf in leaves if _is_kernel(path)
+    jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32)))
+    for path, leaf in leaves
+    if scope == "all" or _is_kernel(path)
   ]
   return 0.5 * sum(squares, jnp.zeros((), jnp.float32))

@@ -16,9 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ukd import checkpoints
-from ukd import config as config_lib
-from ukd.data import volumes
+from ukd import errors
 
 config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/mmwhs.py[:arg].", lock_config=True
@@ -38,8 +36,6 @@ flags.DEFINE_bool("probabilities", False, "predict: also write class probabiliti
 flags.mark_flag_as_required("workdir")
 
 FLAGS = flags.FLAGS
-# Errors that are the user's to fix: printed as one line, no traceback.
-USER_ERRORS = (config_lib.ConfigError, volumes.DataError, checkpoints.CheckpointError)
 
 
 def run(argv):
@@ -58,9 +54,9 @@ def run(argv):
         config.keys()  # a config file that failed to load raises on first use
     except (OSError, SyntaxError, AttributeError, ImportError) as e:
       reason = str(e).strip().splitlines()[-1].strip()
-      raise config_lib.ConfigError(f"cannot load --config: {reason}") from None
+      raise errors.ConfigError(f"cannot load --config: {reason}") from None
     if config is None:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         "--config is required for --mode=train, e.g. --config=configs/demo.py"
       )
     train.train_and_evaluate(config, FLAGS.workdir)
@@ -69,7 +65,7 @@ def run(argv):
   else:
     for name in ("input", "output", "modality"):
       if not getattr(FLAGS, name):
-        raise config_lib.ConfigError(f"--{name} is required for --mode=predict")
+        raise errors.ConfigError(f"--{name} is required for --mode=predict")
     segmenter = infer.load(FLAGS.workdir, step=FLAGS.step)
     written = infer.predict_paths(
       segmenter, FLAGS.input, FLAGS.output, FLAGS.modality, probabilities=FLAGS.probabilities
@@ -83,17 +79,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     run(argv)
-  except USER_ERRORS as e:
+  except errors.UkdError as e:  # the user's to fix: one line, no traceback
     logging.flush()
     print(f"ukd: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except Exception as e:  # noqa: BLE001 - a run-stopping condition with its own message
-    from ukd.train import TrainingError
-
-    if isinstance(e, TrainingError):
-      print(f"ukd: error: {e}", file=sys.stderr)
-      sys.exit(3)
-    raise
+    sys.exit(3 if isinstance(e, errors.TrainingError) else 2)
 
 
 def _packaged_configs(argv):

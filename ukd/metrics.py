@@ -8,9 +8,12 @@ including the paper's baselines, were computed with):
     view still has a closed surface;
   * d(A->B) = for each surface voxel of A, the Euclidean distance in mm to the
     nearest surface voxel of B (`distance_transform_edt` with the voxel spacing);
-  * ASSD = (mean d(P->G) + mean d(G->P)) / 2, the mean of the two directed means
-    (medpy `assd`; current MONAI instead averages the concatenation of both
-    directions, which weighs the mask with the larger surface more);
+  * ASSD = the mean of the distances of both surfaces pooled together,
+    (sum d(P->G) + sum d(G->P)) / (|S_P| + |S_G|): the usual definition (Heimann et
+    al., IEEE TMI 2009), computed so by medpy >= 0.5 and MONAI;
+  * ASSD as medpy <= 0.4 computed it, (mean d(P->G) + mean d(G->P)) / 2, the mean
+    of the two directed means, is `assd_mean_of_means`, for comparison with older
+    tables; the two differ where one surface is much larger than the other;
   * HD95 = 95th percentile (numpy's linear interpolation) of the pooled distances
     of both directions (medpy `hd95`; MONAI takes the max of the two directed
     95th percentiles).
@@ -106,25 +109,42 @@ def _surface_distances(pred, gt, spacing):
 
 
 def _distance_metrics(pred, gt, spacing):
-  """(assd, hd95) of two checked masks, with the empty-mask rules of this module."""
+  """{'assd', 'assd_mean_of_means', 'hd95'} of two checked masks, with the empty-mask rules of
+  this module; the surface distances are computed once for all three."""
   pred_empty, gt_empty = not pred.any(), not gt.any()
   if pred_empty and gt_empty:
-    return 0.0, 0.0
+    return dict.fromkeys(DISTANCE_METRICS, 0.0)
   if pred_empty or gt_empty:
-    return float("nan"), float("nan")
+    return dict.fromkeys(DISTANCE_METRICS, float("nan"))
   pred_to_gt, gt_to_pred = _surface_distances(pred, gt, spacing)
-  assd_value = (pred_to_gt.mean() + gt_to_pred.mean()) / 2.0
-  hd95_value = np.percentile(np.concatenate([pred_to_gt, gt_to_pred]), 95)
-  return float(assd_value), float(hd95_value)
+  pooled = np.concatenate([pred_to_gt, gt_to_pred])
+  return {
+    "assd": float(pooled.mean()),
+    "assd_mean_of_means": float((pred_to_gt.mean() + gt_to_pred.mean()) / 2.0),
+    "hd95": float(np.percentile(pooled, 95)),
+  }
+
+
+DISTANCE_METRICS = ("assd", "assd_mean_of_means", "hd95")
 
 
 def assd(pred, gt, spacing):
-  """Average symmetric surface distance in mm: (mean d(P->G) + mean d(G->P)) / 2.
+  """Average symmetric surface distance in mm: the mean over both surfaces' voxels of the
+  distance to the other surface, (sum d(P->G) + sum d(G->P)) / (|S_P| + |S_G|).
 
   Both masks empty -> 0.0; exactly one empty -> NaN (see the module docstring).
   """
   pred, gt = _check_masks(pred, gt)
-  return _distance_metrics(pred, gt, _check_spacing(spacing))[0]
+  return _distance_metrics(pred, gt, _check_spacing(spacing))["assd"]
+
+
+def assd_mean_of_means(pred, gt, spacing):
+  """ASSD as medpy <= 0.4 computed it: (mean d(P->G) + mean d(G->P)) / 2, in mm.
+
+  Kept to compare with tables computed that way; same empty-mask rules as `assd`.
+  """
+  pred, gt = _check_masks(pred, gt)
+  return _distance_metrics(pred, gt, _check_spacing(spacing))["assd_mean_of_means"]
 
 
 def hd95(pred, gt, spacing):
@@ -133,7 +153,7 @@ def hd95(pred, gt, spacing):
   Both masks empty -> 0.0; exactly one empty -> NaN (see the module docstring).
   """
   pred, gt = _check_masks(pred, gt)
-  return _distance_metrics(pred, gt, _check_spacing(spacing))[1]
+  return _distance_metrics(pred, gt, _check_spacing(spacing))["hd95"]
 
 
 def evaluate_case(pred_labels, gt_labels, spacing, class_names):
@@ -159,8 +179,8 @@ def evaluate_case(pred_labels, gt_labels, spacing, class_names):
     if index == 0:
       continue
     pred, gt = pred_labels == index, gt_labels == index
-    assd_value, hd95_value = _distance_metrics(pred, gt, spacing)
-    results[name] = {"dice": dice(pred, gt), "assd": assd_value, "hd95": hd95_value}
+    distances = _distance_metrics(pred, gt, spacing)
+    results[name] = {"dice": dice(pred, gt), "assd": distances["assd"], "hd95": distances["hd95"]}
   return results
 
 

@@ -16,6 +16,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ukd import models
+from ukd.errors import ConfigError
 
 DATA_AXIS = "data"
 
@@ -79,7 +80,7 @@ def batch_sharding(mesh):
 def check_batch_size(config, mesh):
   n = mesh.shape[DATA_AXIS]
   if config.batch_size % n:
-    raise ValueError(
+    raise ConfigError(
       f"config.batch_size={config.batch_size} (per modality) must be divisible by "
       f"the {n} devices of the data mesh"
     )

@@ -1,8 +1,8 @@
 """The jit-compiled train and eval steps.
 
 A train step takes one batch per modality, e.g. {'ct': {'image', 'label'},
-'mr': {...}}: the batches are paired by step, not by anatomy.  Each modality
-runs through the same network with its own normalization layers; the loss is the
+'mr': {...}}: the batches are paired by step, not by anatomy.  All modalities
+run through the network in one pass (see `loss_terms`); the loss is the
 sum of every modality's Dice and weighted cross-entropy, plus the KD term (when
 the scheme uses it) and the L2 penalty on the kernels.
 """
@@ -18,34 +18,42 @@ from ukd import state as state_lib
 
 
 def loss_terms(model, config, params, batch_stats, batch, rng):
-  """Returns (total loss, (named loss terms, updated batch_stats))."""
+  """Returns (total loss, (named loss terms, updated batch_stats)).
+
+  One forward pass over every modality's samples at once, the batch being the
+  modalities' batches concatenated in `config.modalities` order: a shared layer
+  (conv or norm) runs once on the mixed batch, so a shared norm normalises with the
+  statistics of all modalities together, as its running average does at test time;
+  a per-modality layer runs on its own modality's part only.
+  """
   modalities = tuple(config.modalities)
-  stats = batch_stats
-  logits, labels, terms = {}, {}, {}
-  for i, m in enumerate(modalities):
-    out, updates = model.apply(
-      {"params": params, "batch_stats": stats},
-      batch[m]["image"],
-      modality=m,
-      train=True,
-      mutable=["batch_stats"],
-      rngs={"dropout": jax.random.fold_in(rng, i)},
-    )
-    # Shared norms are updated by each modality in turn; per-modality ones only by their own.
-    stats = updates["batch_stats"]
-    logits[m], labels[m] = out, batch[m]["label"]
-    terms[f"dice/{m}"] = losses.dice_loss(out, labels[m])
-    terms[f"ce/{m}"] = losses.weighted_ce_loss(out, labels[m])
+  images = jnp.concatenate([batch[m]["image"] for m in modalities], axis=0)
+  out, updates = model.apply(
+    {"params": params, "batch_stats": batch_stats},
+    images,
+    modality=modalities,
+    train=True,
+    mutable=["batch_stats"],
+    rngs={"dropout": rng},
+  )
+  logits = dict(zip(modalities, jnp.split(out, len(modalities), axis=0)))
+  labels = {m: batch[m]["label"] for m in modalities}
+  terms = {}
+  for m in modalities:
+    terms[f"dice/{m}"] = losses.dice_loss(logits[m], labels[m])
+    terms[f"ce/{m}"] = losses.weighted_ce_loss(logits[m], labels[m])
 
   w = config.loss
   total = sum(w.dice * terms[f"dice/{m}"] + w.ce * terms[f"ce/{m}"] for m in modalities)
   if model.scheme.kd and len(modalities) > 1:
-    terms["kd"] = losses.kd_loss(logits, labels, temperature=w.temperature, distance=w.kd_distance)
+    terms["kd"] = losses.kd_loss(
+      logits, labels, temperature=w.temperature, distance=w.kd_distance, absent=w.kd_absent
+    )
     total = total + w.kd * terms["kd"]
-  terms["l2"] = losses.l2_loss(params)
+  terms["l2"] = losses.l2_loss(params, w.l2_scope)
   total = total + w.l2 * terms["l2"]
   terms["loss"] = total
-  return total, (terms, stats)
+  return total, (terms, updates["batch_stats"])
 
 
 def train_step(model, config, tx, state: state_lib.TrainState, batch):

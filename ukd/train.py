@@ -15,18 +15,15 @@ import numpy as np
 from ukd import checkpoints, evaluate, infer, models, steps, writers
 from ukd import config as config_lib
 from ukd import state as state_lib
-from ukd.data import datasets, pipeline, preprocess, synthetic
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot go on (e.g. a non-finite loss), with a one-line reason."""
+from ukd.data import adapters, pipeline, preprocess, splits, synthetic
+from ukd.errors import ConfigError, TrainingError
 
 
 @dataclasses.dataclass
 class Data:
   """What the run needs from the dataset: classes, cases by split, cached training volumes."""
 
-  adapter: datasets.Adapter
+  adapter: adapters.Adapter
   class_names: tuple[str, ...]
   cases: dict  # {modality: {split: [Case]}}
   train_sources: dict  # {modality: [cache entries]}
@@ -41,34 +38,32 @@ def prepare_data(config, workdir) -> Data:
     synthetic.ensure(root, config.data.synthetic)
     config.data.root = root
   if config.data.root in (config_lib.REQUIRED, ""):
-    raise config_lib.ConfigError(
-      "config.data.root is not set: pass --config.data.root=/path/to/dataset"
-    )
-  adapter = datasets.get_adapter(config.data.dataset, **config.data.options.to_dict())
-  all_cases = adapter.cases(config.data.root)
+    raise ConfigError("config.data.root is not set: pass --config.data.root=/path/to/dataset")
+  adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
   modalities = tuple(config.modalities)
-  found = {c.modality for c in all_cases}
-  missing = [m for m in modalities if m not in found]
-  if missing:
-    raise config_lib.ConfigError(
-      f"config.modalities lists {missing} but {config.data.root} has no such cases "
-      f"(found {sorted(found)})"
-    )
-  splits = datasets.load_or_make_splits(
+  cases = splits.cases_by_split(
+    adapter,
+    config.data.root,
+    modalities,
     workdir,
-    [c for c in all_cases if c.modality in modalities],
     seed=config.seed,
     fractions=tuple(config.data.split_fractions),
     split_file=config.data.split_file or None,
   )
-  by_id = {(c.modality, c.id): c for c in all_cases}
-  cases = {m: {s: [by_id[(m, i)] for i in ids] for s, ids in splits[m].items()} for m in modalities}
+  for m in modalities:
+    cases[m]["train"] = training_subset(cases[m]["train"], config.data.train_fraction)
   cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
   sources = {
     m: preprocess.cache_cases(adapter, cases[m]["train"], config.data, cache_dir)
     for m in modalities
   }
   return Data(adapter, tuple(adapter.classes), cases, sources)
+
+
+def training_subset(cases, fraction: float):
+  """The first round(fraction * n) training cases (at least one): the split is already a
+  seeded shuffle, so this is a random subset, and a smaller budget is nested in a larger."""
+  return cases[: max(1, round(fraction * len(cases)))]
 
 
 def validate(segmenter, data: Data, split="val"):

@@ -37,7 +37,7 @@ import zlib
 import grain
 import numpy as np
 
-from ukd.data.volumes import DataError
+from ukd.errors import DataError
 
 # Steps available; effectively endless (training stops by step count, not by exhaustion).
 _MAX_STEPS = 2**62

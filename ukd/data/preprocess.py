@@ -30,7 +30,8 @@ import tempfile
 import numpy as np
 import scipy.ndimage
 
-from ukd.data.volumes import DataError, Volume
+from ukd.data.volumes import Volume
+from ukd.errors import DataError
 
 # Bump when the content or layout of cache entries changes, so old entries are not reused.
 CACHE_VERSION = 1

@@ -45,7 +45,7 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage
 
-from ukd.data.volumes import DataError
+from ukd.errors import DataError
 
 DEFAULT_SHAPE = (48, 48, 24)
 ANATOMIES = ("cardiac", "abdominal")

@@ -17,20 +17,13 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from ukd.errors import DataError, error
+
 # Label and image affines written by different tools differ by float32 rounding of the
 # qform/sform (well below a micrometre); real mismatches are voxel-sized.
 AFFINE_TOLERANCE = 1e-3
 
 _RAS = orientations.axcodes2ornt(("R", "A", "S"))
-
-
-class DataError(ValueError):
-  """Bad input data or dataset layout; the message names the file and the problem."""
-
-
-def _fail(source, problem: str) -> DataError:
-  """One-line error so logs and test output show file and problem together."""
-  return DataError(f"{source}: {' '.join(str(problem).split())}")
 
 
 @dataclasses.dataclass
@@ -52,7 +45,8 @@ class Volume:
     """
     canonical = np.asarray(canonical)
     if canonical.shape[:3] != self.array.shape:
-      raise _fail(
+      raise error(
+        DataError,
         self.source,
         f"array of shape {canonical.shape} does not match the canonical shape {self.array.shape}",
       )
@@ -64,7 +58,7 @@ def _orientation(affine: np.ndarray, source) -> np.ndarray:
   """Orientation of the voxel axes; a degenerate affine cannot be made canonical."""
   ornt = orientations.io_orientation(affine)
   if np.isnan(ornt).any():
-    raise _fail(source, "affine is degenerate (an axis has no direction)")
+    raise error(DataError, source, "affine is degenerate (an axis has no direction)")
   return ornt
 
 
@@ -84,7 +78,7 @@ def _exactly_3d(array: np.ndarray, source) -> np.ndarray:
   while array.ndim > 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim != 3:
-    raise _fail(source, f"expected a 3D volume, got shape {array.shape}")
+    raise error(DataError, source, f"expected a 3D volume, got shape {array.shape}")
   return array
 
 
@@ -93,7 +87,7 @@ def _check_finite(array: np.ndarray, source) -> None:
   if np.issubdtype(array.dtype, np.floating):
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     if bad:
-      raise _fail(source, f"{bad} voxels are NaN or Inf")
+      raise error(DataError, source, f"{bad} voxels are NaN or Inf")
 
 
 def from_array(array, affine=None, source: str = "<array>") -> Volume:
@@ -102,7 +96,7 @@ def from_array(array, affine=None, source: str = "<array>") -> Volume:
   _check_finite(array, source)
   affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
   if affine.shape != (4, 4) or not np.isfinite(affine).all():
-    raise _fail(source, f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
+    raise error(DataError, source, f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
   canonical, spacing = _canonical(array, affine, source)
   return Volume(canonical, spacing, affine, None, tuple(array.shape), str(source))
 
@@ -111,15 +105,15 @@ def _load(path):
   """Open a NIfTI file, turning every way it can fail into a DataError."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise _fail(path, "file not found")
+    raise error(DataError, path, "file not found")
   try:
     image = nib.load(path)
   except Exception as exc:  # nibabel raises many types for corrupt files
-    raise _fail(path, f"cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
+    raise error(DataError, path, f"cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
   if not isinstance(image.header, nib.Nifti1Header):
-    raise _fail(path, f"not a NIfTI file ({type(image).__name__})")
+    raise error(DataError, path, f"not a NIfTI file ({type(image).__name__})")
   if not np.isfinite(image.affine).all():
-    raise _fail(path, "affine contains NaN or Inf")
+    raise error(DataError, path, "affine contains NaN or Inf")
   return image
 
 
@@ -130,7 +124,7 @@ def _read_data(image, path, dtype=None) -> np.ndarray:
       return np.asanyarray(image.dataobj)
     return image.get_fdata(dtype=dtype)
   except Exception as exc:
-    raise _fail(path, f"cannot read voxel data ({type(exc).__name__}: {exc})") from exc
+    raise error(DataError, path, f"cannot read voxel data ({type(exc).__name__}: {exc})") from exc
 
 
 def _wrap(array: np.ndarray, image, path) -> Volume:
@@ -154,12 +148,12 @@ def _as_int_codes(array: np.ndarray, path) -> np.ndarray:
   if np.issubdtype(array.dtype, np.integer):
     return _cast(array, np.int32, path)
   if not np.issubdtype(array.dtype, np.floating):
-    raise _fail(path, f"label data type {array.dtype} is not numeric")
+    raise error(DataError, path, f"label data type {array.dtype} is not numeric")
   _check_finite(array, path)
   fractional = array != np.round(array)
   if fractional.any():
     example = float(array[fractional][0])
-    raise _fail(path, f"label values must be integers, found {example}")
+    raise error(DataError, path, f"label values must be integers, found {example}")
   return _cast(array, np.int32, path)
 
 
@@ -175,13 +169,15 @@ def read_label(path, like: Volume | None = None) -> Volume:
   array = _as_int_codes(np.asarray(array), path)
   if like is not None:
     if tuple(array.shape) != tuple(like.original_shape):
-      raise _fail(
+      raise error(
+        DataError,
         path,
         f"label shape {tuple(array.shape)} differs from image shape "
         f"{tuple(like.original_shape)} of {like.source}",
       )
     if not np.allclose(image.affine, like.affine, rtol=0, atol=AFFINE_TOLERANCE):
-      raise _fail(
+      raise error(
+        DataError,
         path,
         f"label affine {np.round(image.affine, 4).tolist()} differs from the "
         f"affine {np.round(like.affine, 4).tolist()} of {like.source}",
@@ -195,7 +191,9 @@ def _cast(array: np.ndarray, dtype, path) -> np.ndarray:
   if np.issubdtype(dtype, np.integer) and array.size:
     info = np.iinfo(dtype)
     if array.min() < info.min or array.max() > info.max:
-      raise _fail(path, f"values {array.min()}..{array.max()} do not fit in {dtype.name}")
+      raise error(
+        DataError, path, f"values {array.min()}..{array.max()} do not fit in {dtype.name}"
+      )
   return array.astype(dtype)
 
 
@@ -209,7 +207,7 @@ def write_like(canonical: np.ndarray, ref: Volume, path, dtype=np.uint8) -> None
   path = os.fspath(path)
   canonical = np.asarray(canonical)
   if canonical.ndim not in (3, 4):
-    raise _fail(path, f"expected a 3D or 4D array to write, got shape {canonical.shape}")
+    raise error(DataError, path, f"expected a 3D or 4D array to write, got shape {canonical.shape}")
   data = _cast(ref.to_original(canonical), dtype, path)
   if ref.header is None:
     image = nib.Nifti1Image(data, ref.affine)

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ukd.config import ConfigError
+from ukd.errors import ConfigError
+from ukd.models import layers
 from ukd.models.dilated2d import Dilated2D
 from ukd.models.schemes import SCHEMES, Scheme, Sharing, get_scheme
 from ukd.models.unet3d import UNet3D
@@ -21,11 +22,17 @@ def build(model_config, modalities):
     raise ConfigError(
       f"config.model.name={name!r} is not a network; choose one of {sorted(NETWORKS)}"
     )
+  if model_config.init not in layers.KERNEL_INITS:
+    raise ConfigError(
+      f"config.model.init={model_config.init!r} is not an initialiser; "
+      f"choose one of {sorted(layers.KERNEL_INITS)}"
+    )
   kwargs = dict(
     num_classes=model_config.num_classes,
     modalities=tuple(modalities),
     scheme=get_scheme(model_config.scheme),
     width=model_config.width,
+    kernel_init=model_config.init,
   )
   if name == "dilated2d":
     kwargs.update(dropout=model_config.dropout, upsample_mult=model_config.upsample_mult)

@@ -8,7 +8,11 @@ Layout (base width w = 16 in the paper, C classes):
   a 3x3 conv to 8*8*C*k channels (+BN+LReLU, k = 8 in the paper); 8x depth-to-space;
   a 5x5 conv to C logits.
 Each residual block is two BN -> leaky ReLU -> 3x3 conv -> dropout layers with a
-zero-padding shortcut where the width grows.  At w = 16, C = 5 the kernels hold
+zero-padding shortcut where the width grows; the two layers after the dilated
+blocks end in dropout too, as in the reference code.  Kernels start from the
+reference's truncated normal (std 0.01) unless `init='lecun'`.  One difference
+from the reference is kept: its last two convolutions pad symmetrically (mirror),
+these pad with zeros like every other layer.  At w = 16, C = 5 the kernels hold
 39,302,456 weights.
 """
 
@@ -38,6 +42,7 @@ class ResidualBlock(nn.Module):
   conv_shared: bool
   norm_shared: bool
   dropout: float
+  kernel_init: str
   dilation: int = 1
 
   @nn.compact
@@ -52,13 +57,17 @@ class ResidualBlock(nn.Module):
         features=self.features,
         kernel_size=(3, 3),
         dilation=self.dilation,
+        kernel_init=self.kernel_init,
       )(h, modality)
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return h + layers.pad_channels(x, self.features)
 
 
 class Dilated2D(nn.Module):
-  """The 2D network; input [B, H, W, 3] (3 adjacent slices), logits [B, H, W, C]."""
+  """The 2D network; input [B, H, W, 3] (3 adjacent slices), logits [B, H, W, C].
+
+  `modality` is one name or a tuple of names for a batch of equal modality parts
+  (see `layers`)."""
 
   num_classes: int
   modalities: tuple[str, ...]
@@ -66,23 +75,25 @@ class Dilated2D(nn.Module):
   width: int = 16
   dropout: float = 0.25
   upsample_mult: int = 8
+  kernel_init: str = "reference"
 
   @nn.compact
-  def __call__(self, x, modality: str, train: bool = False):
+  def __call__(self, x, modality, train: bool = False):
     if x.ndim != 4 or x.shape[1] % UPSAMPLE or x.shape[2] % UPSAMPLE:
       raise ValueError(
         f"dilated2d expects [B, H, W, 3] with H and W divisible by {UPSAMPLE}; got {x.shape}"
       )
-    w, mods = self.width, self.modalities
+    w, mods, init = self.width, self.modalities, self.kernel_init
+    drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
     enc = self.scheme.sharing(("first", "encoder"))
-    h = layers.ModalityConv(mods, enc.conv, features=w, kernel_size=(3, 3), name="stem")(
-      x, modality
-    )
+    h = layers.ModalityConv(
+      mods, enc.conv, features=w, kernel_size=(3, 3), kernel_init=init, name="stem"
+    )(x, modality)
 
     for name, widths, pool in RESIDUAL_STAGES:
       s = self.scheme.sharing(("encoder",))
       for i, k in enumerate(widths):
-        h = ResidualBlock(k * w, mods, s.conv, s.norm, self.dropout, name=f"{name}_{i}")(
+        h = ResidualBlock(k * w, mods, s.conv, s.norm, self.dropout, init, name=f"{name}_{i}")(
           h, modality, train
         )
       if pool:
@@ -91,7 +102,7 @@ class Dilated2D(nn.Module):
     s = self.scheme.sharing(("encoder",))
     for i in range(2):
       h = ResidualBlock(
-        32 * w, mods, s.conv, s.norm, self.dropout, dilation=2, name=f"dilated_{i}"
+        32 * w, mods, s.conv, s.norm, self.dropout, init, dilation=2, name=f"dilated_{i}"
       )(h, modality, train)
 
     d = self.scheme.sharing(("decoder",))
@@ -99,19 +110,26 @@ class Dilated2D(nn.Module):
       h = layers.ModalityNorm(mods, d.norm, name=f"post_norm_{i}")(h, modality, train)
       h = layers.leaky_relu(h)
       h = layers.ModalityConv(
-        mods, d.conv, features=32 * w, kernel_size=(3, 3), name=f"post_conv_{i}"
+        mods, d.conv, features=32 * w, kernel_size=(3, 3), kernel_init=init, name=f"post_conv_{i}"
       )(h, modality)
+      h = drop(h)
 
     channels = UPSAMPLE * UPSAMPLE * self.num_classes * self.upsample_mult
     h = layers.ModalityConv(
-      mods, d.conv, features=channels, kernel_size=(3, 3), name="upsample_conv"
+      mods, d.conv, features=channels, kernel_size=(3, 3), kernel_init=init, name="upsample_conv"
     )(h, modality)
     h = layers.ModalityNorm(mods, d.norm, name="upsample_norm")(h, modality, train)
     h = depth_to_space(layers.leaky_relu(h), UPSAMPLE)
 
     last = self.scheme.sharing(("last", "decoder"))
     return layers.ModalityConv(
-      mods, last.conv, features=self.num_classes, kernel_size=(5, 5), use_bias=True, name="head"
+      mods,
+      last.conv,
+      features=self.num_classes,
+      kernel_size=(5, 5),
+      use_bias=True,
+      kernel_init=init,
+      name="head",
     )(h, modality)
 
 

@@ -1,10 +1,17 @@
 """Layers that are either shared by all modalities or kept one per modality.
 
 A `ModalityConv` or `ModalityNorm` holds a single submodule named 'shared' when
-shared, else one submodule per modality name.  The modality is a static Python
-string, so each modality compiles to its own graph.  During `init` every branch
-runs, so the variables tree holds every modality's parameters and statistics
-from the start (applying a modality never seen at init would otherwise fail).
+shared, else one submodule per modality name.  During `init` every branch runs,
+so the variables tree holds every modality's parameters and statistics from the
+start (applying a modality never seen at init would otherwise fail).
+
+The `modality` argument is static: one name (the whole batch is that modality),
+or a tuple of names, meaning the batch is the concatenation of equal parts in
+that order.  With a tuple, a shared layer runs ONCE on the whole mixed batch and a
+per-modality layer runs each branch on its own part.  That is what makes a shared
+batch norm train as it is tested: its statistics cover every modality's samples
+of the step, exactly like the running average it uses at evaluation, while a
+per-modality norm still sees only its own modality.
 """
 
 from collections.abc import Callable
@@ -17,6 +24,14 @@ import jax.numpy as jnp
 # The reference implementation's batch-norm settings (TensorFlow's decay 0.9, epsilon 1e-3).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-3
+
+# Kernel initialisers by `config.model.init`: 'reference' is the authors' TensorFlow
+# truncated_normal_initializer(stddev=0.01) (a normal of std 0.01 cut at 2 std, so the
+# drawn weights have std 0.01 * 0.8796); 'lecun' is Flax's default, lecun-normal.
+KERNEL_INITS = {
+  "reference": nn.initializers.truncated_normal(stddev=0.01),
+  "lecun": nn.initializers.lecun_normal(),
+}
 
 
 def leaky_relu(x):
@@ -32,21 +47,28 @@ class _PerModality(nn.Module):
   def _branch_names(self):
     return ("shared",) if self.shared else tuple(self.modalities)
 
-  def _route(self, make: Callable[[str], nn.Module], x, modality: str, **kwargs) -> Any:
-    if modality not in self.modalities:
+  def _route(self, make: Callable[[str], nn.Module], x, modality, **kwargs) -> Any:
+    groups = (modality,) if isinstance(modality, str) else tuple(modality)
+    unknown = [m for m in groups if m not in self.modalities]
+    if unknown or not groups:
       raise ValueError(f"unknown modality {modality!r}; this model knows {tuple(self.modalities)}")
     branches = {name: make(name) for name in self._branch_names()}
-    key = "shared" if self.shared else modality
     if self.is_initializing():
-      outputs = {name: branch(x, **kwargs) for name, branch in branches.items()}
-      return outputs[key]
-    return branches[key](x, **kwargs)
+      for branch in branches.values():
+        branch(x, **kwargs)
+    if self.shared:
+      return branches["shared"](x, **kwargs)
+    if len(groups) == 1:
+      return branches[groups[0]](x, **kwargs)
+    parts = jnp.split(x, len(groups), axis=0)
+    return jnp.concatenate([branches[m](p, **kwargs) for m, p in zip(groups, parts)], axis=0)
 
 
 class ModalityConv(_PerModality):
   """A convolution (or transposed convolution) shared by modalities or per modality."""
 
   features: int = 0
+  kernel_init: str = "reference"  # a key of KERNEL_INITS
   kernel_size: tuple[int, ...] = (3, 3)
   strides: int | tuple[int, ...] = 1
   dilation: int = 1
@@ -54,7 +76,9 @@ class ModalityConv(_PerModality):
   transpose: bool = False
 
   @nn.compact
-  def __call__(self, x, modality: str):
+  def __call__(self, x, modality):
+    initializer = KERNEL_INITS[self.kernel_init]
+
     def make(name):
       if self.transpose:
         return nn.ConvTranspose(
@@ -63,6 +87,7 @@ class ModalityConv(_PerModality):
           strides=_tuple(self.strides, x),
           padding="SAME",
           use_bias=self.use_bias,
+          kernel_init=initializer,
           name=name,
         )
       return nn.Conv(
@@ -72,6 +97,7 @@ class ModalityConv(_PerModality):
         padding="SAME",
         kernel_dilation=self.dilation,
         use_bias=self.use_bias,
+        kernel_init=initializer,
         name=name,
       )
 
@@ -82,7 +108,7 @@ class ModalityNorm(_PerModality):
   """Batch normalization with scale, offset and running statistics per modality (or shared)."""
 
   @nn.compact
-  def __call__(self, x, modality: str, train: bool):
+  def __call__(self, x, modality, train: bool):
     def make(name):
       return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
 

@@ -8,7 +8,7 @@ is adding an entry to `SCHEMES`; no network code changes.
 
 import dataclasses
 
-from ukd.config import ConfigError
+from ukd.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

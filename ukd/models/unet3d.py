@@ -1,10 +1,12 @@
-"""The paper's 3D abdominal U-Net.
+"""The paper's 3D abdominal U-Net, laid out as the authors' 3D code.
 
 Encoder: [16, 32] pool [32, 64] pool [64, 128] pool [128, 256], the two deepest
-levels with 3x3x1 kernels (the patches are thin: 256x256x8).  Decoder: stride-2
-transposed convolutions, skip concatenation, two convolutions at 128, 64 and 32
-channels.  A 1x1x1 head gives the logits.  Every convolution is followed by
-batch normalization and leaky ReLU.  Widths scale with `width / 16`.
+levels with 3x3x1 kernels (the patches are thin: 256x256x8).  Decoder, per level:
+a stride-2 transposed convolution (to 128, 128 and 64 channels with 3x3x1, 3x3x1
+and 3x3x3 kernels) followed by batch normalization and leaky ReLU, concatenation
+with the encoder's skip, then two convolutions at 128 (3x3x1), 64 and 32 channels.
+A 1x1x1 head gives the logits.  Every convolution is followed by batch
+normalization and leaky ReLU.  Widths scale with `width / 16`.
 """
 
 import flax.linen as nn
@@ -13,51 +15,67 @@ import jax.numpy as jnp
 from ukd.models import layers
 from ukd.models.schemes import Scheme
 
-# (stage name, widths in units of width/16, kernel).  A 2x2x2 max-pool follows every level but the last.
+# (stage name, widths in units of width/16, kernel).  A 2x2x2 max-pool follows every level
+# but the last.
 ENCODER = (
   ("enc1", (16, 32), (3, 3, 3)),
   ("enc2", (32, 64), (3, 3, 3)),
   ("enc3", (64, 128), (3, 3, 1)),
   ("bottom", (128, 256), (3, 3, 1)),
 )
+# (stage name, transposed-conv width and kernel, width and kernel of its two convolutions).
 DECODER = (
-  ("dec3", 128, (3, 3, 1)),
-  ("dec2", 64, (3, 3, 3)),
-  ("dec1", 32, (3, 3, 3)),
+  ("dec3", 128, (3, 3, 1), 128, (3, 3, 1)),
+  ("dec2", 128, (3, 3, 1), 64, (3, 3, 3)),
+  ("dec1", 64, (3, 3, 3), 32, (3, 3, 3)),
 )
 POOL = (2, 2, 2)
 
 
 class ConvNormAct(nn.Module):
+  """A (transposed) convolution, batch norm, leaky ReLU; each shared or per modality."""
+
   features: int
   kernel_size: tuple[int, ...]
   modalities: tuple[str, ...]
   conv_shared: bool
   norm_shared: bool
+  kernel_init: str
+  transpose: bool = False
 
   @nn.compact
   def __call__(self, x, modality, train):
     x = layers.ModalityConv(
-      self.modalities, self.conv_shared, features=self.features, kernel_size=self.kernel_size
+      self.modalities,
+      self.conv_shared,
+      features=self.features,
+      kernel_size=self.kernel_size,
+      strides=POOL if self.transpose else 1,
+      transpose=self.transpose,
+      kernel_init=self.kernel_init,
     )(x, modality)
     x = layers.ModalityNorm(self.modalities, self.norm_shared)(x, modality, train)
     return layers.leaky_relu(x)
 
 
 class UNet3D(nn.Module):
-  """Input [B, H, W, S, 1]; logits [B, H, W, S, C].  H, W and S must be divisible by 8."""
+  """Input [B, H, W, S, 1]; logits [B, H, W, S, C].  H, W and S must be divisible by 8.
+
+  `modality` is one name or a tuple of names for a batch of equal modality parts (see
+  `layers`)."""
 
   num_classes: int
   modalities: tuple[str, ...]
   scheme: Scheme
   width: int = 16
+  kernel_init: str = "reference"
 
   @nn.compact
-  def __call__(self, x, modality: str, train: bool = False):
+  def __call__(self, x, modality, train: bool = False):
     if x.ndim != 5 or any(n % 8 for n in x.shape[1:4]):
       raise ValueError(f"unet3d expects [B, H, W, S, 1] with H, W, S divisible by 8; got {x.shape}")
-    mods = self.modalities
-    scale = lambda f: max(1, f * self.width // 16)  # noqa: E731
+    mods, init = self.modalities, self.kernel_init
+    scale = lambda f: max(1, f * self.width // 16)
 
     skips = []
     for i, (name, widths, kernel) in enumerate(ENCODER):
@@ -65,29 +83,29 @@ class UNet3D(nn.Module):
         x = nn.max_pool(x, POOL, strides=POOL)
       s = self.scheme.sharing(("first", "encoder") if i == 0 else ("encoder",))
       for j, f in enumerate(widths):
-        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, name=f"{name}_{j}")(
+        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, init, name=f"{name}_{j}")(
           x, modality, train
         )
       skips.append(x)
 
     s = self.scheme.sharing(("decoder",))
-    for (name, f, kernel), skip in zip(DECODER, reversed(skips[:-1])):
-      x = layers.ModalityConv(
-        mods,
-        s.conv,
-        features=scale(f),
-        kernel_size=POOL,
-        strides=POOL,
-        transpose=True,
-        name=f"{name}_up",
-      )(x, modality)
+    for (name, up, up_kernel, f, kernel), skip in zip(DECODER, reversed(skips[:-1])):
+      x = ConvNormAct(
+        scale(up), up_kernel, mods, s.conv, s.norm, init, transpose=True, name=f"{name}_up"
+      )(x, modality, train)
       x = jnp.concatenate([x, skip], axis=-1)
       for j in range(2):
-        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, name=f"{name}_{j}")(
+        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, init, name=f"{name}_{j}")(
           x, modality, train
         )
 
     last = self.scheme.sharing(("last", "decoder"))
     return layers.ModalityConv(
-      mods, last.conv, features=self.num_classes, kernel_size=(1, 1, 1), use_bias=True, name="head"
+      mods,
+      last.conv,
+      features=self.num_classes,
+      kernel_size=(1, 1, 1),
+      use_bias=True,
+      kernel_init=init,
+      name="head",
     )(x, modality)

@@ -1,0 +1,186 @@
+"""Dataset adapters: find the labelled cases of a public dataset layout and read them.
+
+Each adapter knows one layout on disk and the label codes of its annotations; it hands out
+`Case` records (paths only, cheap to list) and reads a case into canonical `Volume`s whose
+label array holds class indices 0..C-1 in the order of `Adapter.classes`. Datasets whose
+CT and MR parts come from different collections (BTCV + CHAOS) map onto one class list, so
+the two modalities share a label space, which the shared network and the distillation loss
+need.
+
+Layout problems (missing folders, unpaired files, unknown label codes) raise `DataError`
+rather than skipping cases: a silently smaller training set is hard to notice later.
+
+This module holds the registry (`register`, `get_adapter`), the `Case` and `Adapter` types
+and the listing helpers the layouts share; one module per dataset family registers its
+adapters when this package is imported: `mmwhs`, `abdominal` (BTCV + CHAOS) and `folder`
+(nnU-Net style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from ukd.data.volumes import Volume, read_image, read_label
+from ukd.errors import DataError, error
+
+_NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One labelled volume: identity and where its files are; nothing is loaded yet."""
+
+  id: str
+  modality: str
+  image: str
+  label: str | None
+
+
+class Adapter:
+  """One dataset layout; subclasses set `classes` and implement `cases` and `read`.
+
+  `ignore_unknown_labels=True` maps label codes the adapter does not know to background
+  instead of failing, for datasets with stray annotation codes.
+  """
+
+  classes: tuple[str, ...] = ("background",)
+
+  def __init__(self, *, ignore_unknown_labels: bool = False):
+    self.ignore_unknown_labels = bool(ignore_unknown_labels)
+
+  def cases(self, root: str) -> list[Case]:
+    """All labelled cases of every modality under `root`."""
+    raise NotImplementedError
+
+  def read(self, case: Case) -> tuple[Volume, Volume | None]:
+    """Image (float32) and label (class indices) of a case, both canonical."""
+    raise NotImplementedError
+
+  def _read_nifti(self, case: Case, lookup: Callable[[int], int | None]):
+    """Shared NIfTI path: label geometry checked against its image, codes mapped."""
+    image = read_image(case.image)
+    if case.label is None:
+      return image, None
+    label = read_label(case.label, like=image)
+    return image, map_labels(label, lookup, self.ignore_unknown_labels)
+
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register(name: str):
+  """Make an adapter class available to `get_adapter` (and so to configs) by name."""
+
+  def add(cls):
+    _REGISTRY[name] = cls
+    return cls
+
+  return add
+
+
+def get_adapter(name: str, **options) -> Adapter:
+  """Build the adapter registered as `name`; unknown names/options are DataErrors."""
+  if name not in _REGISTRY:
+    raise error(DataError, f"dataset '{name}'", f"unknown adapter; known: {sorted(_REGISTRY)}")
+  cls = _REGISTRY[name]
+  try:
+    inspect.signature(cls).bind(**options)
+  except TypeError as exc:
+    raise error(DataError, f"dataset '{name}' options {sorted(options)}", str(exc)) from None
+  return cls(**options)
+
+
+def map_labels(
+  label: Volume, lookup: Callable[[int], int | None], ignore_unknown: bool = False
+) -> Volume:
+  """Replace raw label codes by class indices; `lookup` returns None for unknown codes."""
+  codes, inverse = np.unique(label.array, return_inverse=True)
+  indices = [lookup(int(code)) for code in codes]
+  unknown = [int(code) for code, index in zip(codes, indices) if index is None]
+  if unknown and not ignore_unknown:
+    raise error(
+      DataError,
+      label.source,
+      f"unknown label codes {unknown}; set ignore_unknown_labels=True to treat them as background",
+    )
+  table = np.array([0 if index is None else index for index in indices], np.int32)
+  mapped = table[inverse].reshape(label.array.shape)
+  return dataclasses.replace(label, array=mapped)
+
+
+# ----------------------------------------------------------------------------------------
+# Listing helpers
+# ----------------------------------------------------------------------------------------
+
+
+def require_dir(path: str, what: str) -> str:
+  """`path` if it is a folder, else a DataError saying which `what` is missing."""
+  if not os.path.isdir(path):
+    raise error(DataError, path, f"{what} not found")
+  return path
+
+
+def visible(folder: str) -> list[str]:
+  """Entries of a folder without hidden files (.DS_Store and the like)."""
+  return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
+def match_files(folder: str, pattern: str) -> dict[str, str]:
+  """{key: path} for NIfTI files in `folder` whose stem fully matches `pattern` (group 1).
+
+  NIfTI files with other names are errors: they are probably cases under a name this
+  adapter does not expect, and skipping them would shrink the dataset unnoticed.
+  """
+  found = {}
+  for name in visible(require_dir(folder, "folder")):
+    nifti = _NIFTI.match(name)
+    if nifti is None:
+      continue
+    key = re.fullmatch(pattern, nifti.group("stem"))
+    if key is None:
+      raise error(
+        DataError, os.path.join(folder, name), f"unexpected file name (expected {pattern})"
+      )
+    if key.group(1) in found:
+      raise error(DataError, os.path.join(folder, name), f"same case as {found[key.group(1)]}")
+    found[key.group(1)] = os.path.join(folder, name)
+  return found
+
+
+def pair_cases(images: dict[str, str], labels: dict[str, str], modality: str, where: str, make_id):
+  """Cases from {key: path} dicts; an image without label (or vice versa) is an error."""
+  for key, path in images.items():
+    if key not in labels:
+      raise error(DataError, path, "image has no matching label file")
+  for key, path in labels.items():
+    if key not in images:
+      raise error(DataError, path, "label has no matching image file")
+  if not images:
+    raise error(DataError, where, f"no {modality} cases found")
+  return [Case(make_id(key), modality, images[key], labels[key]) for key in sorted(images)]
+
+
+def check_modalities(modalities, allowed: tuple[str, ...], adapter: str) -> tuple[str, ...]:
+  """An adapter's `modalities` option as a tuple: at least one, each one of `allowed`."""
+  modalities = tuple(modalities)
+  if not modalities or any(m not in allowed for m in modalities):
+    raise error(DataError, f"{adapter} option modalities={modalities}", f"choose from {allowed}")
+  return modalities
+
+
+def require_root(root) -> str:
+  """The dataset root as a string path; it must be an existing folder."""
+  root = os.fspath(root)
+  return require_dir(root, "dataset root")
+
+
+# The dataset families register their adapters on import; they use the names above.
+import ukd.data.adapters.abdominal  # noqa: E402, F401
+import ukd.data.adapters.folder  # noqa: E402, F401
+import ukd.data.adapters.mmwhs  # noqa: E402, F401

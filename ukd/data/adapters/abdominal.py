@@ -1,0 +1,125 @@
+"""Abdominal CT and MR: BTCV CT (NIfTI) and CHAOS T2-SPIR MR, the `abdominal` adapter."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from ukd.data.adapters import (
+  Adapter,
+  Case,
+  check_modalities,
+  map_labels,
+  match_files,
+  pair_cases,
+  register,
+  require_dir,
+  require_root,
+  visible,
+)
+from ukd.data.dicom import read_dicom_series
+from ukd.data.volumes import Volume
+from ukd.errors import DataError, error
+
+ABDOMINAL_CLASSES = ("background", "liver", "right_kidney", "left_kidney", "spleen")
+
+# BTCV: 1 spleen, 2 right kidney, 3 left kidney, 6 liver; 4 gallbladder, 5 esophagus,
+# 7 stomach, 8 aorta, 9 IVC, 10 portal/splenic vein, 11 pancreas, 12/13 adrenal glands are
+# not annotated in CHAOS and so become background.
+BTCV_CODES = {0: 0, 6: 1, 2: 2, 3: 3, 1: 4, **{code: 0 for code in (4, 5, 7, 8, 9, 10, 11, 12, 13)}}
+
+# CHAOS masks nominally use 63/126/189/252 but document value ranges (resampled or
+# re-saved PNGs drift); the NIfTI conversions accepted here use the same grey values.
+CHAOS_RANGES = ((55, 70, 1), (110, 135, 2), (175, 200, 3), (240, 255, 4))
+
+
+def chaos_class(code: int) -> int | None:
+  """CHAOS grey value -> class index (ranges from the CHAOS documentation)."""
+  if code == 0:
+    return 0
+  for low, high, index in CHAOS_RANGES:
+    if low <= code <= high:
+      return index
+  return None
+
+
+@register("abdominal")
+class AbdominalAdapter(Adapter):
+  """BTCV CT (NIfTI) and CHAOS T2-SPIR MR (DICOM + PNG masks, or NIfTI conversions).
+
+  CT: <root>/<ct_dir>/img/imgNNNN.nii.gz + label/labelNNNN.nii.gz, or the distributed
+  <root>/<ct_dir>/RawData/Training/{img,label}/.
+  MR: <root>/<mr_dir>/Train_Sets/MR/<patient>/T2SPIR/{DICOM_anon/*.dcm, Ground/*.png},
+  or <root>/<mr_dir>/{images,labels}/<name>.nii.gz with the CHAOS grey values as codes.
+  """
+
+  classes = ABDOMINAL_CLASSES
+
+  def __init__(
+    self,
+    *,
+    ct_dir: str = "BTCV",
+    mr_dir: str = "CHAOS",
+    modalities=("ct", "mr"),
+    ignore_unknown_labels: bool = False,
+  ):
+    super().__init__(ignore_unknown_labels=ignore_unknown_labels)
+    self.ct_dir, self.mr_dir = ct_dir, mr_dir
+    self.modalities = check_modalities(modalities, ("ct", "mr"), "abdominal")
+
+  def cases(self, root: str) -> list[Case]:
+    root = require_root(root)
+    listers = {"ct": self._btcv_cases, "mr": self._chaos_cases}
+    return [case for m in self.modalities for case in listers[m](root)]
+
+  def _btcv_cases(self, root: str) -> list[Case]:
+    base = os.path.join(root, self.ct_dir)
+    for sub in ("", os.path.join("RawData", "Training")):
+      if os.path.isdir(os.path.join(base, sub, "img")):
+        folder = os.path.join(base, sub)
+        break
+    else:
+      raise error(DataError, base, "no BTCV img/ or RawData/Training/img/ folder found")
+    images = match_files(os.path.join(folder, "img"), r"img(\d+)")
+    label_dir = require_dir(os.path.join(folder, "label"), "BTCV label folder")
+    labels = match_files(label_dir, r"label(\d+)")
+    return pair_cases(images, labels, "ct", folder, lambda key: f"btcv_{key}")
+
+  def _chaos_cases(self, root: str) -> list[Case]:
+    base = os.path.join(root, self.mr_dir)
+    dicom_root = os.path.join(base, "Train_Sets", "MR")
+    if os.path.isdir(dicom_root):
+      return _chaos_dicom_cases(dicom_root)
+    if os.path.isdir(os.path.join(base, "images")):
+      images = match_files(os.path.join(base, "images"), r"(.+)")
+      label_dir = require_dir(os.path.join(base, "labels"), "CHAOS labels folder")
+      labels = match_files(label_dir, r"(.+)")
+      return pair_cases(images, labels, "mr", base, lambda key: f"chaos_{key}")
+    raise error(DataError, base, "no CHAOS Train_Sets/MR/ or images/ folder found")
+
+  def read(self, case: Case) -> tuple[Volume, Volume | None]:
+    if case.modality == "ct":
+      return self._read_nifti(case, BTCV_CODES.get)
+    if os.path.isdir(case.image):
+      image, label = read_dicom_series(case.image, case.label)
+      if label is not None:
+        label = map_labels(label, chaos_class, self.ignore_unknown_labels)
+      return image, label
+    return self._read_nifti(case, chaos_class)
+
+
+def _chaos_dicom_cases(dicom_root: str) -> list[Case]:
+  """One case per patient folder; a patient without T2-SPIR DICOMs or masks is an error."""
+  cases = []
+  for patient in visible(dicom_root):
+    series = os.path.join(dicom_root, patient, "T2SPIR")
+    dicom_dir = os.path.join(series, "DICOM_anon")
+    if not glob.glob(os.path.join(dicom_dir, "*.dcm")):
+      raise error(DataError, dicom_dir, "no T2-SPIR DICOM slices (*.dcm) found")
+    ground = os.path.join(series, "Ground")
+    if not glob.glob(os.path.join(ground, "*.png")):
+      raise error(DataError, ground, "image has no label: no PNG masks found")
+    cases.append(Case(f"chaos_{patient}", "mr", dicom_dir, ground))
+  if not cases:
+    raise error(DataError, dicom_root, "no mr cases found")
+  return cases

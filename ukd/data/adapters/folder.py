@@ -1,0 +1,115 @@
+"""nnU-Net style folders (imagesTr / labelsTr / dataset.json, one per modality): `folder`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from ukd.data.adapters import (
+  Adapter,
+  Case,
+  pair_cases,
+  register,
+  require_dir,
+  require_root,
+  visible,
+)
+from ukd.data.volumes import Volume
+from ukd.errors import DataError, error
+
+
+def _read_dataset_json(path: str) -> tuple[tuple[str, ...], str]:
+  """Class names (by index) and file ending from an nnU-Net v1 or v2 dataset.json."""
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+    labels = meta["labels"]
+  except (OSError, ValueError, KeyError, TypeError) as exc:
+    problem = f"cannot read dataset.json labels ({type(exc).__name__}: {exc})"
+    raise error(DataError, path, problem) from exc
+  if not isinstance(labels, dict) or not labels:
+    raise error(DataError, path, "'labels' must be a non-empty mapping")
+  if all(str(key).isdigit() for key in labels):  # v1: {"0": "background", ...}
+    by_index = {int(key): str(name) for key, name in labels.items()}
+  else:  # v2: {"background": 0, ...}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+      raise error(
+        DataError, path, "label values must be integers (region-based labels unsupported)"
+      )
+    by_index = {int(index): str(name) for name, index in labels.items()}
+  if sorted(by_index) != list(range(len(by_index))) or len(by_index) != len(labels):
+    raise error(
+      DataError, path, f"label indices must be 0..C-1 without gaps, got {sorted(by_index)}"
+    )
+  classes = tuple(by_index[i] for i in range(len(by_index)))
+  if classes[0] != "background":
+    raise error(DataError, path, f"label 0 must be 'background', got '{classes[0]}'")
+  return classes, str(meta.get("file_ending", ".nii.gz"))
+
+
+@register("folder")
+class FolderAdapter(Adapter):
+  """nnU-Net style folders, one per modality: imagesTr/<case>_0000<ext>, labelsTr/<case><ext>.
+
+  `modalities` maps a modality name to its folder (absolute or relative to the root).
+  Class names come from each folder's dataset.json and must agree across modalities,
+  because all modalities share one network head. They are known after `cases(root)`.
+  """
+
+  def __init__(self, *, modalities: dict[str, str], ignore_unknown_labels: bool = False):
+    super().__init__(ignore_unknown_labels=ignore_unknown_labels)
+    if not isinstance(modalities, dict) or not modalities:
+      raise error(
+        DataError, f"folder option modalities={modalities!r}", "must map modality names to folders"
+      )
+    self.modalities = dict(modalities)
+    self._classes: tuple[str, ...] | None = None
+
+  @property
+  def classes(self) -> tuple[str, ...]:
+    if self._classes is None:
+      raise DataError("folder dataset: class names come from dataset.json; call cases(root) first")
+    return self._classes
+
+  def cases(self, root: str) -> list[Case]:
+    root = require_root(root)
+    cases, agreed, agreed_at = [], None, None
+    for modality, folder in self.modalities.items():
+      folder = os.path.join(root, os.fspath(folder))
+      require_dir(folder, f"{modality} dataset folder")
+      meta_path = os.path.join(folder, "dataset.json")
+      classes, ending = _read_dataset_json(meta_path)
+      if agreed is not None and classes != agreed:
+        raise error(
+          DataError, meta_path, f"classes {list(classes)} differ from {list(agreed)} in {agreed_at}"
+        )
+      agreed, agreed_at = classes, meta_path
+      cases += _folder_cases(folder, modality, ending)
+    self._classes = agreed
+    return cases
+
+  def read(self, case: Case) -> tuple[Volume, Volume | None]:
+    count = len(self.classes)
+    return self._read_nifti(case, lambda code: code if 0 <= code < count else None)
+
+
+def _folder_cases(folder: str, modality: str, ending: str) -> list[Case]:
+  """Pair imagesTr/<case>_0000 with labelsTr/<case>; other channels are not supported."""
+  image_dir = require_dir(os.path.join(folder, "imagesTr"), "imagesTr folder")
+  label_dir = require_dir(os.path.join(folder, "labelsTr"), "labelsTr folder")
+  images, labels = {}, {}
+  for name in visible(image_dir):
+    match = re.fullmatch(r"(.+)_(\d{4})" + re.escape(ending), name)
+    if match is None:
+      raise error(DataError, os.path.join(image_dir, name), f"expected <case>_0000{ending}")
+    if match.group(2) != "0000":
+      raise error(
+        DataError, os.path.join(image_dir, name), "only single-channel cases (_0000) are supported"
+      )
+    images[match.group(1)] = os.path.join(image_dir, name)
+  for name in visible(label_dir):
+    if not name.endswith(ending):
+      raise error(DataError, os.path.join(label_dir, name), f"expected <case>{ending}")
+    labels[name[: -len(ending)]] = os.path.join(label_dir, name)
+  return pair_cases(images, labels, modality, folder, lambda key: key)

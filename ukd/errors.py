@@ -1,0 +1,38 @@
+"""The errors a user can fix, in one place.
+
+Everything ukd reports about the user's own input (a config, a dataset, a work dir) or about
+a run that cannot go on raises a `UkdError` with a one-line message that names the setting or
+file first.  The command line (`ukd.main`) catches exactly `UkdError` and prints it as
+`ukd: error: <message>` without a traceback; any other exception is a bug and keeps its
+traceback.  Keeping the classes here, rather than next to the code that raises them, lets
+every module raise them without importing the others, and lets the command line catch them
+without importing JAX.
+
+The subclasses also derive from ValueError (bad input) or RuntimeError (a run that stops), so
+callers that catch those keep working.
+"""
+
+
+class UkdError(Exception):
+  """A problem for the user to fix, with a one-line message; shown without a traceback."""
+
+
+class ConfigError(UkdError, ValueError):
+  """A config or command line that cannot run; the message names the field or flag."""
+
+
+class DataError(UkdError, ValueError):
+  """Bad input data or dataset layout; the message names the file and the problem."""
+
+
+class CheckpointError(UkdError, ValueError):
+  """A work dir or checkpoint that cannot be used, with a one-line reason."""
+
+
+class TrainingError(UkdError, RuntimeError):
+  """A run that cannot go on (e.g. a non-finite loss), with a one-line reason."""
+
+
+def error(cls: type[UkdError], source, problem) -> UkdError:
+  """`cls("<source>: <problem>")` on one line, so logs show the file and its problem together."""
+  return cls(f"{source}: {' '.join(str(problem).split())}")

@@ -1,0 +1,422 @@
+"""The paper's comparison in one command: every sharing scheme (and ablation) on the same data.
+
+  python -m ukd.study --config=configs/study.py --workdir=runs/study [--only=ukd,single]
+                      [--seeds=0,1]
+
+A study config (`configs/study.py`) holds a `base` training config and named variants, each
+nested overrides of `base` (`{'loss': {'kd': 0.0}}`): `schemes` (the paper's table) and `ablations` (the second
+table).  Every (variant, seed) trains through the same `train.train_and_evaluate` in its own
+ordinary work dir, `<dir>/runs/<name>-seed<k>/`, on the same dataset and, for a given seed,
+the same split; all runs share one preprocessing cache.  A run that finished leaves
+`study_result.json` (its test rows) and is skipped next time; an interrupted run resumes from
+its checkpoint, since `train_and_evaluate` does.
+
+Written to the study dir, from every finished run the config names:
+  study.csv  one row per (variant, seed, modality, structure): dice, assd, hd95
+  study.md   the tables (Dice % and ASSD mm per structure, mean +- std over seeds, parameter
+             counts) and a paired Wilcoxon signed-rank test per modality between the
+             reference variant and each other one, over (seed, test case) pairs
+  study.png  mean Dice per variant and modality, one dot per seed, bar = mean over seeds
+ASSD is the pooled form (`ukd.metrics.assd`).
+"""
+
+import csv
+import json
+import os
+import sys
+import tempfile
+
+import ml_collections as mc
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ukd.errors import ConfigError, UkdError
+
+RESULT = "study_result.json"
+METRICS = ("dice", "assd", "hd95")
+
+
+def default() -> mc.ConfigDict:
+  """The study fields every study config fills in."""
+  c = mc.ConfigDict()
+  c.base = mc.ConfigDict()  # the training config every run starts from
+  c.schemes = {}  # name -> nested overrides of base, e.g. {'model': {'scheme': 'joint'}}
+  c.ablations = {}  # name -> nested overrides of base: the second table
+  c.reference = "ukd"  # the variant the paired tests compare every other one with
+  c.train = "schemes"  # which variants to train: schemes | ablations | all
+  c.seeds = (0, 1, 2)  # seeds of every trained variant (parameters, split, sampling)
+  return c
+
+
+# ---- Runs ----------------------------------------------------------------------------------
+
+
+def run_name(name: str, seed: int) -> str:
+  return f"{name}-seed{seed}"
+
+
+def run_config(study, overrides: dict, seed: int, study_dir: str) -> mc.ConfigDict:
+  """The base config with a variant's overrides; phantoms and cache shared by every run."""
+  config = mc.ConfigDict(study.base.to_dict())
+  _override(config, _plain(overrides), "config")
+  config.seed = int(seed)
+  if config.data.synthetic.enabled:
+    config.data.root = os.path.join(study_dir, "phantoms")
+  config.data.cache_dir = os.path.join(study_dir, "cache")
+  return config
+
+
+def _plain(value):
+  return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
+def _override(node, overrides: dict, where: str) -> None:
+  """Sets nested `overrides` on a ConfigDict; a field it does not have is a ConfigError."""
+  for key, value in overrides.items():
+    if key not in node:
+      raise ConfigError(f"a study variant sets {where}.{key}, which does not exist")
+    if isinstance(value, dict) and isinstance(node[key], mc.ConfigDict):
+      _override(node[key], value, f"{where}.{key}")
+    else:
+      node[key] = value
+
+
+def _read_rows(path) -> list[dict]:
+  with open(path, newline="") as f:
+    return [
+      {**r, **{k: float(r[k]) if r[k] not in ("", "nan") else float("nan") for k in METRICS}}
+      for r in csv.DictReader(f)
+    ]
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Temp file in the same folder, then rename: a kill never leaves half a file."""
+  folder = os.path.dirname(path)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def train_run(config, rundir: str) -> dict:
+  """Trains and tests one run unless it already finished; returns its saved result."""
+  from ukd import models, train
+
+  result_path = os.path.join(rundir, RESULT)
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  train.train_and_evaluate(config, rundir)
+  rows = _read_rows(os.path.join(rundir, "eval", "cases.csv"))
+  counts = models.count_params(config.model, tuple(config.modalities))
+  result = {"rows": rows, "params": counts["params"], "kernels": counts["kernels"]}
+  _write_atomic(result_path, json.dumps(result, allow_nan=True))
+  return result
+
+
+def planned_runs(study, only=None, seeds=None) -> list[tuple[str, str, int]]:
+  """(table, variant, seed) for every run to train, in order."""
+  tables = {"schemes": ("schemes",), "ablations": ("ablations",), "all": ("schemes", "ablations")}
+  if study.train not in tables:
+    raise ConfigError(f"config.train={study.train!r} must be one of {sorted(tables)}")
+  seeds = tuple(seeds if seeds is not None else study.seeds)
+  known = set(study.schemes) | set(study.ablations)
+  unknown = sorted(set(only or ()) - known)
+  if unknown:
+    raise ConfigError(f"--only names unknown variants {unknown}; known: {sorted(known)}")
+  runs = []
+  for table in tables[study.train]:
+    names = list(study[table])
+    if table == "ablations":
+      names = [study.reference, *names]  # the reference row of the ablation table
+    for name in names:
+      if only and name not in only:
+        continue
+      runs += [(table, name, s) for s in seeds if (name, s) not in {(n, k) for _, n, k in runs}]
+  return runs
+
+
+def variant_overrides(study, name: str) -> dict:
+  return _plain(study.schemes[name] if name in study.schemes else study.ablations[name])
+
+
+def run_study(study, study_dir: str, only=None, seeds=None) -> dict:
+  """Trains every planned run not yet finished, then writes the report from all finished ones."""
+  os.makedirs(os.path.join(study_dir, "runs"), exist_ok=True)
+  runs = planned_runs(study, only, seeds)
+  for i, (_, name, seed) in enumerate(runs):
+    rundir = os.path.join(study_dir, "runs", run_name(name, seed))
+    done = os.path.exists(os.path.join(rundir, RESULT))
+    print(f"[{i + 1}/{len(runs)}] {run_name(name, seed)}{' (done)' if done else ''}", flush=True)
+    train_run(run_config(study, variant_overrides(study, name), seed, study_dir), rundir)
+  return write_report(study, study_dir)
+
+
+# ---- Report --------------------------------------------------------------------------------
+
+
+def finished_results(study, study_dir: str) -> dict:
+  """{variant: {seed: result}} for every finished run of a variant the study names."""
+  out = {}
+  runs = os.path.join(study_dir, "runs")
+  for entry in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+    name, _, seed = entry.rpartition("-seed")
+    path = os.path.join(runs, entry, RESULT)
+    if seed.isdigit() and (name in study.schemes or name in study.ablations):
+      if os.path.exists(path):
+        with open(path) as f:
+          out.setdefault(name, {})[int(seed)] = json.load(f)
+  return out
+
+
+def case_means(rows, modality: str, metric: str) -> dict:
+  """{case: mean over structures} of one modality."""
+  by_case = {}
+  for r in rows:
+    if r["modality"] == modality:
+      by_case.setdefault(r["case"], []).append(r[metric])
+  return {case: float(np.mean(v)) for case, v in by_case.items()}
+
+
+def _seed_values(results, modality, metric, structure=None) -> list[float]:
+  """One number per seed: the mean over test cases (of a structure, or of the case means).
+  Cases where a distance is undefined (NaN: exactly one mask empty) are left out."""
+  values = []
+  for result in results.values():
+    if structure is None:
+      per_case = list(case_means(result["rows"], modality, metric).values())
+    else:
+      per_case = [
+        r[metric] for r in result["rows"] if r["modality"] == modality and r["class"] == structure
+      ]
+    values.append(float(np.nanmean(per_case)) if np.isfinite(per_case).any() else float("nan"))
+  return values
+
+
+def _cell(values, scale, digits) -> str:
+  values = [v for v in values if np.isfinite(v)]
+  if not values:
+    return "n/a"
+  return f"{np.mean(values) * scale:.{digits}f} ± {np.std(values) * scale:.{digits}f}"
+
+
+def _structures_and_modalities(results):
+  rows = [r for seeds in results.values() for res in seeds.values() for r in res["rows"]]
+  modalities = list(dict.fromkeys(r["modality"] for r in rows))
+  structures = list(dict.fromkeys(r["class"] for r in rows))
+  return structures, modalities
+
+
+def _markdown(header, body) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def metric_table(results, names, metric, scale, digits, with_params=False) -> str:
+  """Rows = variants; columns = each structure and the mean, per modality."""
+  structures, modalities = _structures_and_modalities(results)
+  header = ["Variant", "Seeds"]
+  for m in modalities:
+    header += [f"{m.upper()} {s}" for s in structures] + [f"{m.upper()} mean"]
+  if with_params:
+    header.append("Parameters")
+  body = []
+  for name in names:
+    if name not in results:
+      continue
+    seeds = results[name]
+    row = [name, str(len(seeds))]
+    for m in modalities:
+      row += [_cell(_seed_values(seeds, m, metric, s), scale, digits) for s in structures]
+      row.append(_cell(_seed_values(seeds, m, metric), scale, digits))
+    if with_params:
+      row.append(f"{next(iter(seeds.values()))['params']:,}")
+    body.append(row)
+  return _markdown(header, body)
+
+
+def paired_tests(results, reference: str, names) -> list[dict]:
+  """Wilcoxon signed-rank per modality: reference vs each variant, over the (seed, test case)
+  pairs both have, on the per-case mean Dice over structures."""
+  from scipy import stats
+
+  out = []
+  if reference not in results:
+    return out
+  _, modalities = _structures_and_modalities(results)
+  for name in names:
+    if name == reference or name not in results:
+      continue
+    for m in modalities:
+      ref, other = [], []
+      for seed in sorted(set(results[reference]) & set(results[name])):
+        a = case_means(results[reference][seed]["rows"], m, "dice")
+        b = case_means(results[name][seed]["rows"], m, "dice")
+        for case in sorted(set(a) & set(b)):
+          ref.append(a[case])
+          other.append(b[case])
+      diff = np.asarray(ref) - np.asarray(other)
+      p = float("nan")
+      if len(diff) and np.any(diff != 0):
+        p = float(stats.wilcoxon(ref, other).pvalue)
+      out.append(
+        {
+          "variant": name,
+          "modality": m,
+          "pairs": len(diff),
+          "mean_diff": float(diff.mean()) if len(diff) else float("nan"),
+          "wins": int((diff > 0).sum()),
+          "p": p,
+        }
+      )
+  return out
+
+
+def _tests_table(tests, reference) -> str:
+  body = [
+    [
+      t["variant"],
+      t["modality"].upper(),
+      str(t["pairs"]),
+      f"{t['mean_diff'] * 100:+.1f}",
+      f"{t['wins']}/{t['pairs']}",
+      "n/a" if not np.isfinite(t["p"]) else f"{t['p']:.3g}",
+    ]
+    for t in tests
+  ]
+  header = [
+    "Compared with",
+    "Modality",
+    "Pairs",
+    f"{reference} - it (Dice points)",
+    f"{reference} better",
+    "Wilcoxon p",
+  ]
+  return _markdown(header, body)
+
+
+def write_csv(results, path: str) -> None:
+  lines = [",".join(["variant", "seed", "modality", "structure", *METRICS])]
+  for name, seeds in results.items():
+    for seed, result in sorted(seeds.items()):
+      by_key = {}
+      for r in result["rows"]:
+        by_key.setdefault((r["modality"], r["class"]), []).append(r)
+      for (modality, structure), rows in by_key.items():
+        values = [f"{np.nanmean([r[k] for r in rows]):.6g}" for k in METRICS]
+        lines.append(",".join([name, str(seed), modality, structure, *values]))
+  _write_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_chart(results, names, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  names = [n for n in names if n in results]
+  _, modalities = _structures_and_modalities(results)
+  fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.0))
+  width = 0.8 / max(1, len(modalities))
+  for j, m in enumerate(modalities):
+    for i, name in enumerate(names):
+      values = np.asarray(_seed_values(results[name], m, "dice")) * 100
+      x = i + (j - (len(modalities) - 1) / 2) * width
+      ax.bar(x, np.nanmean(values), width, color=f"C{j}", label=m.upper() if i == 0 else None)
+      ax.plot([x] * len(values), values, "k.", markersize=4)
+      ax.errorbar(x, np.nanmean(values), yerr=np.nanstd(values), color="k", capsize=3)
+  ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+  ax.set_ylabel("mean test Dice (%)")
+  ax.set_title("Mean Dice over structures per variant (dots: seeds; bars: mean ± std)")
+  ax.legend()
+  lows = [np.nanmin(_seed_values(results[n], m, "dice")) for n in names for m in modalities]
+  ax.set_ylim(max(0.0, min(lows) * 100 - 10), 100)
+  fig.tight_layout()
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
+  os.close(fd)
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def write_report(study, study_dir: str) -> dict:
+  """study.md, study.csv and study.png from every finished run; returns what went in."""
+  results = finished_results(study, study_dir)
+  if not results:
+    raise UkdError(f"{study_dir}: no finished study runs to report")
+  schemes = list(study.schemes)
+  ablations = [study.reference, *study.ablations]
+  tests = paired_tests(results, study.reference, schemes)
+  ablation_tests = paired_tests(results, study.reference, list(study.ablations))
+  parts = [
+    "# Sharing schemes",
+    "",
+    "Test Dice (%) per structure and modality: mean ± std over seeds of each run's mean over",
+    "its test volumes; `Parameters` counts every trainable parameter.",
+    "",
+    metric_table(results, schemes, "dice", 100.0, 1, with_params=True),
+    "",
+    "Test ASSD (mm; pooled over both surfaces, as medpy >= 0.5 and MONAI):",
+    "",
+    metric_table(results, schemes, "assd", 1.0, 2),
+    "",
+    f"Paired Wilcoxon signed-rank tests, `{study.reference}` against each scheme, on the mean",
+    "Dice over structures of each (seed, test volume) pair:",
+    "",
+    _tests_table(tests, study.reference),
+  ]
+  if any(name in results for name in study.ablations):
+    parts += [
+      "",
+      "# Ablations",
+      "",
+      f"Each row changes one setting of `{study.reference}`; test Dice (%):",
+      "",
+      metric_table(results, ablations, "dice", 100.0, 1),
+      "",
+      "Test ASSD (mm):",
+      "",
+      metric_table(results, ablations, "assd", 1.0, 2),
+      "",
+      _tests_table(ablation_tests, study.reference),
+    ]
+  _write_atomic(os.path.join(study_dir, "study.md"), "\n".join(parts) + "\n")
+  write_csv(results, os.path.join(study_dir, "study.csv"))
+  write_chart(results, [*schemes, *study.ablations], os.path.join(study_dir, "study.png"))
+  return {"results": results, "tests": tests + ablation_tests}
+
+
+# ---- Command line --------------------------------------------------------------------------
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    if f.config is None or f.workdir is None:
+      raise ConfigError("--config and --workdir are required, e.g. --config=configs/study.py")
+    try:
+      seeds = None if f.seeds is None else [int(s) for s in f.seeds]
+    except ValueError:
+      raise ConfigError(f"--seeds={','.join(f.seeds)} must be integers") from None
+    run_study(f.config, f.workdir, only=f.only, seeds=seeds)
+  except UkdError as e:
+    print(f"ukd: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"wrote {os.path.join(f.workdir, 'study.md')}, study.csv and study.png")
+
+
+def cli():
+  # Flags are defined here, not at import: the study config imports this module for `default`.
+  config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/study.py[:arg].")
+  flags.DEFINE_string("workdir", None, "Study dir: runs/, study.md, study.csv, study.png.")
+  flags.DEFINE_list("only", None, "Train only these variants, e.g. ukd,single.")
+  flags.DEFINE_list("seeds", None, "Train only these seeds, e.g. 0,1.")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
