@@ -34,10 +34,10 @@ def _sibling(name):
 
 
 def _synthetic_base():
-  """The demo's phantoms and network, trained for 300 steps a run."""
+  """The demo's phantoms and network (lecun-normal init), trained for 600 steps a run."""
   c = _sibling("demo").get_config()
   c.data.root = config_lib.REQUIRED  # set by the study: <study dir>/phantoms
-  c.total_steps = 300
+  c.total_steps = 600
   c.eval_every = c.checkpoint_every = 100
   c.overlays = False
   return c
