@@ -16,10 +16,10 @@ import os
 import tempfile
 import time
 
-import ml_collections
 import numpy as np
 from absl import app, flags
 
+from ukd import config as config_lib
 from ukd.data import pipeline
 
 _SIZE = flags.DEFINE_integer("size", 256, "In-plane size of the volumes (H = W).")
@@ -66,23 +66,19 @@ def _write_sources(directory: str) -> dict:
 
 def main(argv):
   del argv
-  augment = dict(flip=True, rotate=15.0, scale=0.1, intensity=0.1)
-  config = ml_collections.ConfigDict(
-    dict(
-      batch_size=_BATCH.value,
-      model=dict(dims=_DIMS.value),
-      data=dict(
-        patch=(_SIZE.value, _SIZE.value, 8),
-        fg_fraction=_FG.value,
-        workers=_WORKERS.value,
-        prefetch=2,
-        augment=augment if _AUGMENT.value else {},
-      ),
-    )
+  config = config_lib.default()
+  config.batch_size = _BATCH.value
+  config.model.name = {2: "dilated2d", 3: "unet3d"}[_DIMS.value]
+  config.data.update(
+    dict(patch=(_SIZE.value, _SIZE.value, 8), fg_fraction=_FG.value, workers=_WORKERS.value)
   )
+  config.data.prefetch = 2
+  if _AUGMENT.value:
+    config.data.augment.update(dict(flip=True, rotate=15.0, scale=0.1, intensity=0.1))
   with tempfile.TemporaryDirectory() as directory:
     sources = _write_sources(directory)
-    it = pipeline.make_train_iterator(sources, config, seed=0)
+    spec = pipeline.Spec.from_config(config)
+    it = pipeline.make_train_iterator(sources, spec, list(sources), seed=0)
     try:
       for _ in range(_WARMUP.value):
         next(it)
@@ -111,7 +107,6 @@ def _train_step_rate(repeats: int = 3) -> float:
   """Steps per second of the paper's 2D train step on random data, after compilation."""
   import jax
 
-  from ukd import config as config_lib
   from ukd import models, steps
   from ukd import state as state_lib
 

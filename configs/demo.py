@@ -4,7 +4,7 @@ r"""The 5-minute demo: synthetic cardiac phantoms (MM-WHS layout), a small 2D ne
 
 Generates phantom CT and MR volumes into <workdir>/phantoms on first use, trains the
 paper's 2D network (scheme ukd) at a small width, validates, checkpoints, then
-evaluates the test split and writes <workdir>/eval/ (metrics.json, cases.csv, pictures).
+evaluates the test split into <workdir>/eval/test-step<N>/ (metrics.json, cases.csv, pictures).
 `configs/demo.py:scheme=joint` trains another scheme; `:tiny` is the test suite's variant.
 """
 

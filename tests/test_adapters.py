@@ -245,3 +245,32 @@ def test_folder_empty_dataset(tmp_path):
 def test_folder_classes_need_cases_first():
   with pytest.raises(DataError, match="cases"):
     _ = adapters.get_adapter("folder", modalities={"ct": "ct"}).classes
+
+
+# ----------------------------------------------------------------------------------------
+# Label codes predictions are written with
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "name, modality, codes",
+  [
+    ("mmwhs", "ct", (0, 205, 420, 500, 820)),
+    ("mmwhs", "mr", (0, 205, 420, 500, 820)),
+    # BTCV: 6 liver, 2 right kidney, 3 left kidney, 1 spleen (classes in that order).
+    ("abdominal", "ct", (0, 6, 2, 3, 1)),
+    ("abdominal", "mr", (0, 63, 126, 189, 252)),
+  ],
+)
+def test_label_codes_are_the_datasets_own_and_read_back_as_their_class(name, modality, codes):
+  adapter = adapters.get_adapter(name)
+  assert adapter.label_codes(modality) == codes
+  table = adapter.code_table(modality)
+  assert [table[code] for code in codes] == list(range(len(adapter.classes)))
+
+
+def test_folder_label_codes_are_the_dataset_json_values(tmp_path):
+  _nnunet(str(tmp_path / "ct"), {"background": 0, "liver": 1, "tumour": 2})
+  adapter = adapters.get_adapter("folder", modalities={"ct": "ct"})
+  adapter.cases(str(tmp_path))
+  assert adapter.label_codes("ct") == (0, 1, 2)

@@ -1,7 +1,9 @@
 """The command line end to end on tiny phantoms: train, checkpoint, resume, evaluate, predict."""
 
+import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +12,8 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+
+from ukd import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny"]
@@ -47,13 +51,25 @@ def test_train_writes_checkpoints_logs_and_evaluation(trained):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "4"
   assert set(losses(workdir)) == {1, 2, 3, 4}
   assert os.listdir(os.path.join(workdir, "tensorboard"))
-  metrics = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+  (scored,) = os.listdir(os.path.join(workdir, "eval"))  # test-step<best>
+  record = json.load(open(os.path.join(workdir, "eval", scored, "metrics.json")))
+  assert scored == f"test-step{record['step']}" and record["split"] == "test"
+  assert record["step"] in (2, 4)
   for m in ("ct", "mr"):
-    assert 0.0 <= metrics[m]["mean"]["dice"]["mean"] <= 1.0
+    assert 0.0 <= record["metrics"][m]["mean"]["dice"]["mean"] <= 1.0
     for name in ("MYO", "LAC", "LVC", "AA"):
-      assert name in metrics[m]
-  assert os.path.exists(os.path.join(workdir, "eval", "cases.csv"))
-  assert os.path.exists(os.path.join(workdir, "splits.json"))
+      assert name in record["metrics"][m]
+  assert os.path.exists(os.path.join(workdir, "eval", scored, "cases.csv"))
+  # Each checkpoint keeps the split it trained with, and the dataset's classes and codes.
+  with open(os.path.join(workdir, "splits.json")) as f:
+    split = json.load(f)
+  mgr = checkpoints.manager(workdir, read_only=True)
+  for step in mgr.all_steps():
+    saved = checkpoints.restore_dataset(mgr, step)
+    assert saved["splits"] == split
+    assert saved["classes"] == ["background", "MYO", "LAC", "LVC", "AA"]
+    assert saved["label_codes"] == {m: [0, 205, 420, 500, 820] for m in ("ct", "mr")}
+  mgr.close()
   assert "Dice" in out.stdout
 
 
@@ -73,7 +89,8 @@ def test_evaluate_and_predict_modes(trained, tmp_path):
   source = nib.load(image)
   assert written.shape == source.shape
   np.testing.assert_allclose(written.affine, source.affine)
-  assert written.get_data_dtype() == np.uint8
+  assert written.get_data_dtype() == np.uint16  # MM-WHS codes: 205, 420, 500, 820
+  assert set(np.unique(np.asarray(written.dataobj))) <= {0, 205, 420, 500, 820}
 
 
 @pytest.mark.parametrize(
@@ -83,6 +100,7 @@ def test_evaluate_and_predict_modes(trained, tmp_path):
     (["--config=configs/nope.py"], "cannot load --config"),
     (["--config=configs/demo.py", "--config.model.scheme=nope"], "config.model.scheme='nope'"),
     (["--config=configs/demo.py", "--config.batch_size=0"], "config.batch_size=0"),
+    (["--config=configs/demo.py", "--config.data.crop=foreground"], "data.crop='foreground'"),
     (["--mode=evaluate"], "holds no checkpoints"),
     (["--mode=predict", "--input=x.nii.gz", "--output=o"], "--modality is required"),
   ],
@@ -148,3 +166,133 @@ def test_nonfinite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(traine
   assert max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == 4
   assert set(losses(workdir)) == {1, 2, 3, 4}
   assert "MYO" in ukd("--mode=evaluate", f"--workdir={workdir}", "--step=latest").stdout
+
+
+def test_sigterm_saves_the_step_reached_and_the_resumed_run_equals_an_uninterrupted_one(
+  trained, tmp_path
+):
+  """Preemption (SIGTERM) during setup: the run stops after step 1 with step 1 saved, exits
+  143, and the same command continues to step 4 with the uninterrupted run's losses."""
+  workdir, _ = trained
+  reference = losses(workdir)
+  preempted = str(tmp_path / "preempted")
+  args = [
+    sys.executable,
+    "-m",
+    "ukd.main",
+    *TINY,
+    f"--workdir={preempted}",
+    "--config.overlays=False",
+    f"--config.data.root={os.path.join(workdir, 'phantoms')}",
+  ]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not os.path.exists(preempted) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=240)
+  assert proc.returncode == 143, stderr[-3000:]
+  assert "ukd: stopped: preempted at step 1" in stderr and "Traceback" not in stderr
+  assert sorted(os.listdir(os.path.join(preempted, "checkpoints"))) == ["1"]
+  out = ukd(*args[3:])
+  assert "resumed from step 1" in out.stdout + out.stderr
+  resumed = losses(preempted)
+  assert set(resumed) == {1, 2, 3, 4}
+  for step in range(1, 5):
+    assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+def _one_error_line(out):
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  lines = [line for line in out.stderr.splitlines() if line.startswith("ukd: error:")]
+  assert len(lines) == 1, out.stderr[-3000:]
+  return lines[0]
+
+
+def test_predict_refuses_existing_outputs_unless_overwrite_and_writes_codes_or_indices(
+  trained, tmp_path
+):
+  workdir, _ = trained
+  image = os.path.join(workdir, "phantoms", "ct_train", "ct_train_1001_image.nii.gz")
+  target = tmp_path / "ct_train_1001_image.nii.gz"
+  target.write_bytes(b"someone's ground truth")
+  args = ["--mode=predict", f"--workdir={workdir}", f"--input={image}", f"--output={tmp_path}"]
+  line = _one_error_line(ukd(*args, "--modality=ct", check=False))
+  assert line == f"ukd: error: {target}: already exists; pass --overwrite to replace it"
+  assert target.read_bytes() == b"someone's ground truth"
+  out = ukd(*args, "--modality=ct", "--overwrite", "--label_codes=index")
+  assert f"wrote 2 file(s) to {tmp_path}" in out.stdout
+  written = nib.load(target)
+  assert written.get_data_dtype() == np.uint8
+  assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 3, 4}
+  with open(tmp_path / "ct_train_1001_image.json") as f:
+    assert json.load(f)["classes"] == {
+      "0": "background",
+      "1": "MYO",
+      "2": "LAC",
+      "3": "LVC",
+      "4": "AA",
+    }
+
+
+def test_check_mode_summarises_the_dataset_and_names_a_broken_file(trained, tmp_path):
+  workdir, _ = trained
+  out = ukd("--mode=check", *TINY, f"--workdir={workdir}")
+  assert "ct: 3 cases" in out.stdout and "mr: 3 cases" in out.stdout
+  assert "MYO (205) in 3/3" in out.stdout and "AA (820) in 3/3" in out.stdout
+  root = str(tmp_path / "phantoms")
+  shutil.copytree(os.path.join(workdir, "phantoms"), root)
+  broken = os.path.join(root, "mr_train", "mr_train_1002_label.nii.gz")
+  with open(broken, "wb") as f:
+    f.write(b"not a nifti file")
+  line = _one_error_line(
+    ukd("--mode=check", *TINY, f"--workdir={tmp_path}", f"--config.data.root={root}", check=False)
+  )
+  assert line.startswith(f"ukd: error: {broken}: cannot read as NIfTI")
+
+
+def test_a_batch_the_devices_cannot_share_fails_before_any_data_is_touched(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  out = subprocess.run(
+    [sys.executable, "-m", "ukd.main", *TINY, f"--workdir={tmp_path}", "--config.batch_size=3"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+    env=env,
+  )
+  line = _one_error_line(out)
+  assert line == (
+    "ukd: error: config.batch_size=3 (per modality) must be divisible by the 2 devices of "
+    "the data mesh"
+  )
+  assert os.listdir(tmp_path) == []  # no phantoms generated, nothing cached
+
+
+def test_evaluation_keeps_the_checkpoints_test_cases_when_the_dataset_grows(trained, tmp_path):
+  """splits.json deleted and cases added to the dataset: the test cases stay those of the
+  trained checkpoint (a fresh split would have mixed training cases into the test)."""
+  workdir, _ = trained
+  with open(os.path.join(workdir, "splits.json")) as f:
+    tested = {(m, case) for m, parts in json.load(f).items() for case in parts["test"]}
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("phantoms", "cache", "eval"))
+  os.remove(os.path.join(copy, "splits.json"))
+  phantoms = os.path.join(workdir, "phantoms")  # where the checkpoint's config points
+  added = []
+  try:
+    for m in ("ct", "mr"):
+      for number in (1091, 1092, 1093):
+        for part in ("image", "label"):
+          source = os.path.join(phantoms, f"{m}_train", f"{m}_train_1001_{part}.nii.gz")
+          added.append(os.path.join(phantoms, f"{m}_train", f"{m}_train_{number}_{part}.nii.gz"))
+          shutil.copy(source, added[-1])
+    ukd("--mode=evaluate", f"--workdir={copy}")
+  finally:
+    for path in added:
+      os.remove(path)
+  (scored,) = os.listdir(os.path.join(copy, "eval"))
+  with open(os.path.join(copy, "eval", scored, "cases.csv")) as f:
+    rows = {(r["modality"], r["case"]) for r in csv.DictReader(f)}
+  assert rows == tested
+  assert not os.path.exists(os.path.join(copy, "splits.json"))

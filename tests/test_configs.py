@@ -12,7 +12,7 @@ def test_configs_load_validate_and_take_a_scheme(name):
   module = importlib.import_module(f"configs.{name}")
   config = module.get_config(None)
   assert config.model.scheme == "ukd"
-  config_lib.validate(config)
+  config_lib.check(config)
   models.build(config.model, config.modalities)
   assert module.get_config("scheme=joint").model.scheme == "joint"
 
@@ -78,4 +78,39 @@ def test_validate_names_the_field(field, value, message):
   config = config_lib.default()
   config[field] = value
   with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-    config_lib.validate(config)
+    config_lib.check(config)
+
+
+def test_resolve_fills_discovered_fields_freezes_and_leaves_the_callers_config():
+  original = importlib.import_module("configs.demo").get_config(None)
+  before = original.to_dict()
+  resolved = config_lib.resolve(original, root="/data/phantoms", num_classes=7)
+  assert resolved.data.root == "/data/phantoms" and resolved.model.num_classes == 7
+  assert original.to_dict() == before  # discovered values are returned, not written back
+  with pytest.raises((AttributeError, TypeError, ValueError)):
+    resolved.model.num_classes = 3
+  # What a checkpoint saves comes back identical and frozen.
+  again = config_lib.frozen(resolved.to_dict())
+  assert again == resolved and isinstance(again, type(resolved))
+
+
+def test_resolve_checks_the_config():
+  config = importlib.import_module("configs.demo").get_config(None)
+  config.loss.kd_absent = "ignore"
+  with pytest.raises(ConfigError, match="config.loss.kd_absent='ignore'"):
+    config_lib.resolve(config, root="/x", num_classes=5)
+
+
+def test_pod_variant_scales_the_schedule_with_the_global_batch():
+  c = importlib.import_module("configs.mmwhs").get_config("pod")
+  # 64 = 8 x the paper's batch: lr x sqrt(8), decay interval and length / 8.
+  assert c.batch_size == 64
+  assert c.optim.lr == pytest.approx(1e-3 * 8**0.5)
+  assert (c.optim.decay_steps, c.total_steps, c.eval_every) == (125, 18_750, 250)
+  config_lib.check(c)
+
+
+def test_mmwhs_prepares_data_from_the_image_alone():
+  c = importlib.import_module("configs.mmwhs").get_config(None)
+  assert (c.data.slice_axis, c.data.crop) == (1, "body")
+  assert c.data.augment.rotate > 0 and c.data.augment.scale > 0

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import jax
 import nibabel as nib
@@ -13,8 +14,11 @@ from helpers import tiny_config
 from PIL import Image
 
 from ukd import checkpoints, evaluate, models
+from ukd.data import adapters
+from ukd.data import splits as splits_lib
 from ukd.data.adapters import Case
 from ukd.data.volumes import from_array
+from ukd.errors import DataError
 
 CLASSES = ("background", "A", "B")
 SHAPE = (16, 16, 6)
@@ -59,8 +63,9 @@ class StubSegmenter:
   """Returns the prediction listed for the case: metrics known in advance, no network."""
 
   config = tiny_config()
+  step = 7
 
-  def predict_volume(self, vol, modality, label=None):
+  def predict_volume(self, vol, modality):
     pred = TRUTH[vol.source][1].astype(np.uint8)
     return pred, np.eye(len(CLASSES), dtype=np.float32)[pred]
 
@@ -68,7 +73,9 @@ class StubSegmenter:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
   out = tmp_path_factory.mktemp("eval")
-  return out, evaluate.evaluate_cases(StubSegmenter(), StubAdapter(), CASES, out_dir=str(out))
+  return out, evaluate.evaluate_cases(
+    StubSegmenter(), StubAdapter(), CASES, out_dir=str(out), split="val"
+  )
 
 
 def test_summary_counts_undefined_distances_instead_of_averaging_them(result):
@@ -90,7 +97,10 @@ def test_metrics_json_has_the_documented_keys_and_no_nan(result):
   with open(out / "metrics.json") as f:
     text = f.read()
   assert "NaN" not in text
-  saved = json.loads(text)
+  record = json.loads(text)
+  assert {k: record[k] for k in ("step", "split")} == {"step": 7, "split": "val"}
+  assert set(record) == {"step", "split", "metrics"}
+  saved = record["metrics"]
   assert set(saved) == {"ct", "mr"}
   assert set(saved["ct"]) == {"A", "B", "mean"}
   assert set(saved["ct"]["mean"]) == {"dice", "assd", "hd95"}
@@ -187,39 +197,106 @@ def _write_folder_dataset(root):
       )
 
 
-def test_evaluate_scores_the_test_split_of_a_work_dir(tmp_path, capsys):
-  _write_folder_dataset(str(tmp_path / "data"))
+def _folder_config(root):
   config = tiny_config()
   config.data.size = (16, 16)
   config.infer.batch_size = 8
   config.data.dataset = "folder"
-  config.data.root = str(tmp_path / "data")
+  config.data.root = root
   # The dataset has a modality the network was not trained on: it is left out.
   config.data.options.modalities = {"ct": "ct", "mr": "mr", "pet": "pet"}
-  # Zero weights predict background everywhere: the plumbing is under test here, not accuracy.
+  return config
+
+
+def _zero_checkpoint(workdir, config, dice_by_step=None, dataset=None):
+  """Zero weights predict background everywhere: the plumbing is under test, not accuracy."""
   model = models.build(config.model, config.modalities)
   shapes = jax.eval_shape(
     lambda: models.init_variables(model, config.model, (16, 16), jax.random.key(0))
   )
-  workdir = str(tmp_path / "run")
   mgr = checkpoints.manager(workdir)
-  checkpoints.save(mgr, 2, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), config)
+  for step, dice in (dice_by_step or {2: None}).items():
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    checkpoints.save(mgr, step, zeros, config, val_dice=dice, dataset=dataset)
   mgr.wait_until_finished()
   mgr.close()
 
-  summary = evaluate.evaluate(workdir)
+
+def _tested_ids(out_dir):
+  with open(os.path.join(out_dir, "cases.csv"), newline="") as f:
+    return {(r["modality"], r["case"]) for r in csv.DictReader(f)}
+
+
+def test_evaluate_scores_the_test_split_of_a_work_dir(tmp_path, capsys):
+  _write_folder_dataset(str(tmp_path / "data"))
+  config = _folder_config(str(tmp_path / "data"))
+  workdir = str(tmp_path / "run")
+  _zero_checkpoint(workdir, config, dice_by_step={2: 0.5, 4: 0.4})  # best 2, latest 4
+
+  result = evaluate.evaluate(workdir)
 
   with open(os.path.join(workdir, "splits.json")) as f:
     splits = json.load(f)
   assert set(splits) == {"ct", "mr"}
   tested = {m: splits[m]["test"] for m in ("ct", "mr")}
   assert all(len(ids) == 1 for ids in tested.values())
+  summary = result["summary"]
   assert set(summary) == {"ct", "mr"} and summary["ct"]["mean"]["dice"]["n"] == 1
-  out = os.path.join(workdir, "eval")
+  out = os.path.join(workdir, "eval", "test-step2")
+  assert (result["dir"], result["step"], result["split"]) == (out, 2, "test")
   with open(os.path.join(out, "metrics.json")) as f:
-    assert json.load(f)["mr"]["A"]["dice"]["n"] == 1
+    record = json.load(f)
+  assert (record["step"], record["split"]) == (2, "test")
+  assert record["metrics"]["mr"]["A"]["dice"]["n"] == 1
   for m, ids in tested.items():
     assert os.path.exists(os.path.join(out, "overlays", m, f"{ids[0]}.png"))
   printed = capsys.readouterr().out
-  assert "test split, checkpoint step 2, 2 volumes" in printed
+  assert f"test split, checkpoint step 2, 2 volumes -> {out}" in printed
   assert "| Mean" in printed and "CT Dice (%)" in printed
+
+  # Another step and another split each get their own folder; the first is left as it was.
+  before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+  evaluate.evaluate(workdir, step="latest")
+  evaluate.evaluate(workdir, split="val", step=4, overlays=False)
+  assert sorted(os.listdir(os.path.join(workdir, "eval"))) == [
+    "test-step2",
+    "test-step4",
+    "val-step4",
+  ]
+  assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+  assert _tested_ids(os.path.join(workdir, "eval", "val-step4")) == {
+    (m, i) for m in ("ct", "mr") for i in splits[m]["val"]
+  }
+
+
+def test_evaluation_uses_the_split_its_checkpoint_trained_with(tmp_path):
+  """splits.json gone and the dataset grown: a re-split would test on other cases (even on
+  ones the network trained on); the checkpoint's own record keeps the test cases."""
+  root = str(tmp_path / "data")
+  _write_folder_dataset(root)
+  config = _folder_config(root)
+  parts = {"train": ["case0"], "val": ["case1"], "test": ["case2"]}
+  record = {"splits": {"ct": parts, "mr": parts}, "classes": ["background", "A", "B"]}
+  workdir = str(tmp_path / "run")
+  _zero_checkpoint(workdir, config, dataset=record)
+  for m in ("ct", "mr"):  # two more cases per modality, copies of case0
+    folder = os.path.join(root, m)
+    for k in (3, 4):
+      for sub, suffix in (("imagesTr", "_0000"), ("labelsTr", "")):
+        source = os.path.join(folder, sub, f"case0{suffix}.nii.gz")
+        shutil.copy(source, os.path.join(folder, sub, f"case{k}{suffix}.nii.gz"))
+  resplit = splits_lib.load_or_make_splits(
+    str(tmp_path / "fresh"),
+    adapters.get_adapter("folder", **config.data.options.to_dict()).cases(root),
+    seed=config.seed,
+  )
+  assert any(resplit[m]["test"] != ["case2"] for m in ("ct", "mr"))  # what used to happen
+
+  result = evaluate.evaluate(workdir)
+  assert _tested_ids(result["dir"]) == {("ct", "case2"), ("mr", "case2")}
+  assert not os.path.exists(os.path.join(workdir, "splits.json"))
+
+  os.remove(os.path.join(root, "mr", "imagesTr", "case2_0000.nii.gz"))
+  os.remove(os.path.join(root, "mr", "labelsTr", "case2.nii.gz"))
+  with pytest.raises(DataError, match=r"checkpoints/2/dataset: mr test cases \['case2'\]"):
+    evaluate.evaluate(workdir)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import jax
 import nibabel as nib
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from ukd import checkpoints, infer, models
+from ukd import checkpoints, evaluate, infer, models
 from ukd import state as state_lib
 from ukd.data import preprocess, volumes
-from ukd.errors import CheckpointError, DataError
+from ukd.data.adapters import Case
+from ukd.errors import CheckpointError, ConfigError, DataError
 
 SIZE = (16, 16)
 PATCH = (16, 16, 8)
@@ -25,9 +27,20 @@ OBLIQUE_LPS = np.array(
 )
 
 
+# What training records of its dataset: MM-WHS-like codes, one of them beyond a byte.
+RECORD = {
+  "splits": {"ct": {"train": ["a"], "val": ["b"], "test": ["c"]}},
+  "classes": ["background", "MYO", "AA"],
+  "label_codes": {"ct": [0, 205, 820], "mr": [0, 63, 126]},
+}
+
+
 def _config(name="dilated2d", batch=8, width=2):
   config = tiny_config(name)
   config.model.width = width
+  # lecun-normal: the reference's std-0.01 kernels give an untrained network near-equal class
+  # scores, whose argmax float rounding can flip.
+  config.model.init = "lecun"
   config.data.size = SIZE
   config.data.patch = PATCH
   config.infer.batch_size = batch
@@ -90,7 +103,7 @@ def workdir(state2d, tmp_path_factory):
   config, state = state2d
   path = str(tmp_path_factory.mktemp("run"))
   mgr = checkpoints.manager(path)
-  checkpoints.save(mgr, STEP, state, config)
+  checkpoints.save(mgr, STEP, state, config, dataset=RECORD)
   mgr.wait_until_finished()
   mgr.close()
   return path
@@ -147,13 +160,15 @@ def test_results_do_not_depend_on_the_batch_size(state2d):
   results = []
   for batch in (1, 7):
     config = _config(batch=batch)
-    results.append(infer.Segmenter(config, _variables(state)).predict_volume(volume, "mr"))
+    seg = infer.Segmenter(config, _variables(state))
+    results.append(seg.predict_volume(volume, "mr", probabilities=True))
   assert np.array_equal(results[0][0], results[1][0])
   np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-6)
 
 
-def test_volumes_of_any_slice_count_reuse_the_compiled_network(seg):
+def test_volumes_of_any_slice_count_and_new_weights_reuse_the_compiled_network(seg):
   seg.predict(_ct_like((16, 16, 9)), "ct")
+  original = jax.device_get(seg.variables)
   compiles = []
 
   def listener(event, duration, **kwargs):
@@ -166,9 +181,12 @@ def test_volumes_of_any_slice_count_reuse_the_compiled_network(seg):
     assert len(compiles) == 1
     seg.predict(_ct_like((16, 16, 9), seed=2), "ct")
     seg.predict(_ct_like((20, 12, 13), seed=3), "ct")
-    infer.Segmenter(seg.config, seg.variables).predict(_ct_like((16, 16, 9), seed=4), "ct")
+    # Training's validations: the run's one Segmenter takes each step's weights.
+    seg.update(jax.tree.map(lambda x: np.asarray(x) * 1.01, original))
+    seg.predict(_ct_like((16, 16, 9), seed=4), "ct")
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+    seg.update(original)  # the fixture is shared
   assert len(compiles) == 1
 
 
@@ -193,7 +211,7 @@ def test_window_starts_cover_the_volume_with_the_overlap():
 
 def test_one_window_equals_whole_volume_inference(seg3d):
   volume = volumes.from_array(_ct_like(PATCH))
-  labels, probs = seg3d.predict_volume(volume, "ct")
+  labels, probs = seg3d.predict_volume(volume, "ct", probabilities=True)
 
   prepared = preprocess.prepare(volume, None, "ct", seg3d.config.data)
   model = models.build(seg3d.config.model, seg3d.config.modalities)
@@ -210,7 +228,9 @@ def test_one_window_equals_whole_volume_inference(seg3d):
 def test_sliding_windows_are_batch_invariant_on_any_slice_count(seg3d, slices):
   volume = volumes.from_array(_ct_like((16, 16, slices)))
   results = [
-    infer.Segmenter(_config("unet3d", batch=b), seg3d.variables).predict_volume(volume, "mr")
+    infer.Segmenter(_config("unet3d", batch=b), seg3d.variables).predict_volume(
+      volume, "mr", probabilities=True
+    )
     for b in (1, 3)
   ]
   assert results[0][1].shape == (16, 16, slices, 3)
@@ -253,10 +273,12 @@ def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
   written = infer.predict_paths(seg, str(inputs), str(out), "ct", probabilities=True)
   assert written == [
     str(out / n)
-    for n in ("a.nii.gz", "a_probabilities.nii.gz", "b.nii.gz", "b_probabilities.nii.gz")
+    for n in ("a.nii.gz", "a.json", "a_probabilities.nii.gz")
+    + ("b.nii.gz", "b.json", "b_probabilities.nii.gz")
   ]
-  assert nib.load(written[2]).shape == (16, 16, 4)
-  assert infer.predict_paths(seg, str(inputs / "b.nii"), str(out), "ct") == [str(out / "b.nii.gz")]
+  assert nib.load(written[3]).shape == (16, 16, 4)
+  again = infer.predict_paths(seg, str(inputs / "b.nii"), str(out), "ct", overwrite=True)
+  assert again == [str(out / "b.nii.gz"), str(out / "b.json")]
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -264,13 +286,13 @@ def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
 
 def test_load_predicts_like_the_live_variables(seg, workdir):
   volume = _ct_like((16, 16, 6), seed=5)
-  expected = seg.predict_volume(volumes.from_array(volume), "mr")
+  expected = seg.predict_volume(volumes.from_array(volume), "mr", probabilities=True)
   ckpt = os.path.join(workdir, "checkpoints")
   for path in (workdir, ckpt, os.path.join(ckpt, str(STEP))):
     loaded = infer.load(path)
     assert loaded.step == STEP
     assert list(loaded.config.modalities) == ["ct", "mr"]
-    labels, probs = loaded.predict_volume(volumes.from_array(volume), "mr")
+    labels, probs = loaded.predict_volume(volumes.from_array(volume), "mr", probabilities=True)
     assert np.array_equal(labels, expected[0]) and np.array_equal(probs, expected[1])
 
 
@@ -334,7 +356,7 @@ volume = np.random.default_rng(0).normal(0, 300, (16, 16, 7)).astype(np.float32)
 out = {{}}
 for n in (1, 3):
   seg = infer.Segmenter(config, variables, state_lib.make_mesh(jax.devices()[:n]))
-  labels, probs = seg.predict_volume(volumes.from_array(volume), "ct")
+  labels, probs = seg.predict_volume(volumes.from_array(volume), "ct", probabilities=True)
   out[n] = (seg.batch_size, labels, probs)
 print(json.dumps(dict(devices=len(jax.devices()), batch=out[3][0],
                       labels_equal=bool(np.array_equal(out[1][1], out[3][1])),
@@ -357,3 +379,146 @@ def test_batches_are_sharded_over_several_devices():
   assert result["devices"] == 3
   assert result["batch"] == 6  # 4 rounded up to a multiple of the 3 devices
   assert result["labels_equal"] and result["probs_diff"] < 1e-5
+
+
+# --- people's files ---------------------------------------------------------------------------
+
+
+def _nnunet_inputs(folder):
+  """imagesTr as nnU-Net names it: `case_0000.nii.gz`, whose label is `case.nii.gz`."""
+  folder.mkdir()
+  for name in ("a_0000.nii.gz", "b_0000.nii.gz"):
+    _save(_ct_like((16, 16, 4)), OBLIQUE_LPS, folder / name)
+  return folder
+
+
+def test_predicting_into_a_folder_with_those_names_refuses_before_any_work(seg, tmp_path):
+  inputs = _nnunet_inputs(tmp_path / "imagesTr")
+  labels = tmp_path / "labelsTr"
+  labels.mkdir()
+  (labels / "b.nii.gz").write_bytes(b"ground truth")
+  with pytest.raises(DataError) as error:
+    infer.predict_paths(seg, str(inputs), str(labels), "ct")
+  assert (
+    str(error.value) == f"{labels / 'b.nii.gz'}: already exists; pass --overwrite to replace it"
+  )
+  assert sorted(os.listdir(labels)) == ["b.nii.gz"]  # not even a.nii.gz was predicted
+  assert (labels / "b.nii.gz").read_bytes() == b"ground truth"
+  written = infer.predict_paths(seg, str(inputs), str(labels), "ct", overwrite=True)
+  assert len(written) == 4 and nib.load(labels / "b.nii.gz").shape == (16, 16, 4)
+  for name in ("a.nii.gz", "a.json", "b.nii.gz"):
+    (labels / name).unlink()  # b.json alone, the sidecar, is refused as well
+  with pytest.raises(DataError, match=r"b\.json: already exists"):
+    infer.predict_paths(seg, str(inputs), str(labels), "ct")
+
+
+def test_files_hold_the_datasets_label_codes_and_name_them(seg, workdir, tmp_path):
+  loaded = infer.load(workdir)
+  assert loaded.dataset == RECORD
+  assert loaded.label_table("ct") == [(0, "background"), (205, "MYO"), (820, "AA")]
+  assert loaded.label_table("mr") == [(0, "background"), (63, "MYO"), (126, "AA")]
+  assert loaded.label_table("ct", "index") == [(0, "background"), (1, "MYO"), (2, "AA")]
+  source = _save(_ct_like((6, 20, 12)), OBLIQUE_LPS, tmp_path / "scan.nii.gz")
+  loaded.predict_file(source, tmp_path / "codes.nii.gz", "ct")
+  loaded.predict_file(source, tmp_path / "index.nii.gz", "ct", label_codes="index")
+  codes, index = (nib.load(tmp_path / f"{n}.nii.gz") for n in ("codes", "index"))
+  assert codes.get_data_dtype() == np.uint16 and index.get_data_dtype() == np.uint8
+  index = np.asarray(index.dataobj)
+  assert set(np.unique(index)) == {0, 1, 2}  # the random network predicts every class here
+  assert np.array_equal(np.asarray(codes.dataobj), np.array([0, 205, 820])[index])
+  with open(tmp_path / "codes.json") as f:
+    assert json.load(f) == {"classes": {"0": "background", "205": "MYO", "820": "AA"}}
+  with open(tmp_path / "index.json") as f:
+    assert json.load(f) == {"classes": {"0": "background", "1": "MYO", "2": "AA"}}
+  # Live variables know no dataset: class indices, with placeholder names.
+  assert seg.label_table("ct") == [(0, "background"), (1, "class_1"), (2, "class_2")]
+  with pytest.raises(ConfigError, match="label_codes='raw' must be one of"):
+    infer.predict_paths(seg, source, tmp_path / "out", "ct", label_codes="raw")
+
+
+def test_a_foreground_crop_is_refused_rather_than_taken_from_the_label(state2d):
+  _, state = state2d
+  config = _config()
+  config.data.crop = "foreground"
+  seg = infer.Segmenter(config, _variables(state))
+  with pytest.raises(ConfigError, match=r"^config\.data\.crop='foreground' crops around the"):
+    seg.predict(_ct_like((16, 16, 4)), "ct")
+
+
+def test_evaluation_predicts_from_the_image_alone(state2d, monkeypatch):
+  """Scored against two different labels, a case gets the same prediction, which is the one
+  the image alone gives; with crop 'foreground' evaluation used to crop around the label."""
+  _, state = state2d
+  config = _config()
+  config.data.crop = "body"
+  seg = infer.Segmenter(config, _variables(state))
+  image = volumes.from_array(_ct_like((16, 16, 6), seed=7))
+  expected, _ = seg.predict_volume(image, "ct")
+  near, far = np.zeros((16, 16, 6), np.int32), np.zeros((16, 16, 6), np.int32)
+  near[2:6, 2:6, 1:4], far[9:15, 8:14, 2:5] = 1, 2
+
+  class OneCase:
+    classes = ("background", "A", "B")
+
+    def __init__(self, label):
+      self.label = label
+
+    def read(self, case):
+      return image, volumes.from_array(self.label)
+
+  predicted = []
+  real = seg.predict_volume
+
+  def recording(vol, modality, **options):
+    result = real(vol, modality, **options)
+    predicted.append(result[0])
+    return result
+
+  monkeypatch.setattr(seg, "predict_volume", recording)
+  case = Case("c", "ct", "c.nii.gz", "c_label.nii.gz")
+  for label in (near, far):
+    evaluate.evaluate_cases(seg, OneCase(label), [case], overlays=False)
+  assert len(predicted) == 2
+  assert all(np.array_equal(p, expected) for p in predicted)
+  config.data.crop = "foreground"
+  with pytest.raises(ConfigError, match="data.crop='foreground'"):
+    evaluate.evaluate_cases(infer.Segmenter(config, seg.variables), OneCase(near), [case])
+
+
+def test_large_volumes_are_restored_a_run_of_slices_at_a_time(seg, monkeypatch):
+  """Peak host memory of a prediction, above the volume itself, stays a few bytes per voxel.
+
+  Volume V = 96 x 96 x 160 voxels (float32, 4V bytes), C = 3 classes, network 16 x 16.
+  Restoring all probabilities at once holds them at full resolution twice (resized, then
+  placed into the uncropped grid): 2 x 4CV = 24V bytes.  In runs of slices the peak is
+  normalising the image (a float32 copy and one temporary: 8V), then the labels (V) and one
+  run of slices (a tenth of the volume here: 24V / 10 and an int64 argmax of it, 0.8V):
+  under 12V bytes, at most half the old peak whatever C.
+  """
+  shape, classes = (96, 96, 160), 3
+  voxels = int(np.prod(shape))
+  monkeypatch.setattr(
+    preprocess, "RESTORE_CHUNK_BYTES", shape[0] * shape[1] * classes * 4 * shape[2] // 10
+  )
+  volume = volumes.from_array(_ct_like(shape, seed=3))
+  seg.predict_volume(volumes.from_array(_ct_like((16, 16, 9))), "ct")  # compiled beforehand
+  prepared = preprocess.prepare(volume, None, "ct", seg.config.data)
+  network = seg._predict_slices(prepared.image, "ct")
+
+  def peak_bytes(run):
+    tracemalloc.start()
+    try:
+      before = tracemalloc.get_traced_memory()[0]
+      result = run()
+      return result, tracemalloc.get_traced_memory()[1] - before
+    finally:
+      tracemalloc.stop()
+
+  (labels, probs), peak = peak_bytes(lambda: seg.predict_volume(volume, "ct"))
+  assert probs is None and labels.shape == shape and labels.dtype == np.uint8
+  assert peak < 12 * voxels, peak / voxels
+  at_once, old_peak = peak_bytes(
+    lambda: np.argmax(preprocess.restore(network, prepared.geometry, is_label=False), -1)
+  )
+  assert old_peak >= 2 * 4 * classes * voxels, old_peak / voxels  # the bound tells them apart
+  assert np.array_equal(labels, at_once)

@@ -154,7 +154,7 @@ def test_summarize_leaves_nan_out_and_counts_it():
   assert nothing["n"] == 0 and nothing["n_empty"] == 1 and math.isnan(nothing["mean"])
 
 
-# ---------------------------------------------------------------- evaluate_case
+# ---------------------------------------------------------------- structure_scores
 
 
 def test_evaluate_case_per_foreground_class():
@@ -163,7 +163,7 @@ def test_evaluate_case_per_foreground_class():
   gt[_box(shape, (0, 3), (0, 3), (0, 3))] = 1
   gt[_box(shape, (4, 6), (4, 6), (4, 6))] = 2
   pred = np.where(gt == 1, 1, 0)  # structure 2 missed, structure 3 absent in both
-  result = metrics.evaluate_case(pred, gt, (1.0, 1.0, 2.0), ("background", "a", "b", "c"))
+  result = metrics.structure_scores(pred, gt, (1.0, 1.0, 2.0), ("background", "a", "b", "c"))
   assert list(result) == ["a", "b", "c"]
   assert result["a"] == {"dice": 1.0, "assd": 0.0, "hd95": 0.0}
   assert result["b"]["dice"] == 0.0
@@ -174,7 +174,7 @@ def test_evaluate_case_per_foreground_class():
 def test_evaluate_case_rejects_labels_beyond_the_classes():
   labels = np.full((2, 2, 2), 3, np.int32)
   with pytest.raises(ValueError, match="outside"):
-    metrics.evaluate_case(labels, labels, (1, 1, 1), ("background", "a"))
+    metrics.structure_scores(labels, labels, (1, 1, 1), ("background", "a"))
 
 
 # ---------------------------------------------------------------- input checks
@@ -189,7 +189,7 @@ def test_bad_spacing(spacing):
   with pytest.raises(ValueError, match="spacing"):
     metrics.assd(cube, cube, spacing)
   with pytest.raises(ValueError, match="spacing"):
-    metrics.evaluate_case(cube.astype(int), cube.astype(int), spacing, ("background", "a"))
+    metrics.structure_scores(cube.astype(int), cube.astype(int), spacing, ("background", "a"))
 
 
 def test_shape_mismatch_names_both_shapes():

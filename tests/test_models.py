@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import ml_collections as mc
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, toy_batch
 
 from ukd import models
 from ukd.models.dilated2d import depth_to_space
@@ -40,6 +40,7 @@ def test_paper_2d_network_kernel_count():
       dropout=0.25,
       upsample_mult=8,
       init="reference",
+      dtype="float32",
     )
   )
   counts = models.count_params(c, ("ct", "mr"))
@@ -265,3 +266,34 @@ def test_unknown_initialiser_is_a_config_error():
   config.model.init = "xavier"
   with pytest.raises(ValueError, match="config.model.init='xavier'"):
     models.build(config.model, config.modalities)
+
+
+def test_bfloat16_computes_convolutions_in_bf16_and_keeps_everything_else_float32():
+  from ukd import steps
+
+  config = tiny_config()
+  config.model.dtype = "bfloat16"
+  model, variables = _init(config, spatial=(16, 16))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  batch = jax.tree.map(jnp.asarray, toy_batch(config, (16, 16)))
+  _, (terms, stats) = steps.loss_terms(
+    model, config, variables["params"], variables["batch_stats"], batch, jax.random.key(0)
+  )
+  assert all(v.dtype == jnp.float32 for v in terms.values())
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(stats))
+  # The convolutions themselves run in bf16: the lowered step holds bf16 convolutions.
+  hlo = (
+    jax.jit(lambda v, x: model.apply(v, x, modality="ct"))
+    .lower(variables, batch["ct"]["image"])
+    .as_text()
+  )
+  assert "bf16" in hlo and "convolution" in hlo
+  f32 = tiny_config()
+  _, f32_variables = _init(f32, spatial=(16, 16))
+  logits16 = model.apply(variables, batch["ct"]["image"], modality="ct")
+  logits32 = models.build(f32.model, f32.modalities).apply(
+    f32_variables, batch["ct"]["image"], modality="ct"
+  )
+  # Same weights (same seed), bf16 rounding only: close, not equal.
+  diff = np.abs(np.asarray(logits16, np.float32) - np.asarray(logits32))
+  assert 0 < diff.max() < 0.05 * (np.abs(np.asarray(logits32)).max() + 1e-3) + 0.05

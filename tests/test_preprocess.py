@@ -1,6 +1,7 @@
 """Network-space preparation: normalisation, crop, resize, exact restore and the on-disk cache."""
 
 import collections
+import hashlib
 import os
 
 import ml_collections
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from ukd.data import preprocess
+from ukd.data.adapters import Adapter
 from ukd.data.volumes import from_array
 from ukd.errors import DataError
 
@@ -141,12 +143,13 @@ def test_restore_rejects_a_wrong_shape():
     preprocess.restore(np.zeros((32, 32, 4)), prep.geometry, is_label=True)
 
 
-class NpyAdapter:
+class NpyAdapter(Adapter):
   """Reads .npy pairs and counts reads, so tests can see cache hits."""
 
   classes = ("background", "a", "b")
 
-  def __init__(self):
+  def __init__(self, **options):
+    super().__init__(**options)
     self.reads = 0
 
   def read(self, case):
@@ -216,3 +219,60 @@ def test_cache_cases_keeps_order(tmp_path):
   cases = [write_case(tmp_path, f"ct_{i}") for i in range(3)]
   entries = preprocess.cache_cases(NpyAdapter(), cases, make_cfg(), str(tmp_path / "c"), workers=2)
   assert [e["id"] for e in entries] == ["ct_0", "ct_1", "ct_2"]
+
+
+def test_a_label_rewritten_with_the_same_size_and_mtime_is_not_reused(tmp_path):
+  case, adapter, cache = write_case(tmp_path), NpyAdapter(), str(tmp_path / "cache")
+  first = preprocess.cache_case(adapter, case, make_cfg(), cache)
+  before = os.stat(case.label)
+  edited = blob_label()
+  edited[edited == 2] = 1  # same dtype and shape: the file keeps its size
+  np.save(case.label, edited)
+  os.utime(case.label, ns=(before.st_atime_ns, before.st_mtime_ns))
+  after = os.stat(case.label)
+  assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+  second = preprocess.cache_case(adapter, case, make_cfg(), cache)
+  assert adapter.reads == 2 and second["label"] != first["label"]
+  assert np.load(first["label"]).max() == 2 and np.load(second["label"]).max() == 1
+
+
+def test_large_files_are_fingerprinted_by_their_first_and_last_mib(tmp_path, monkeypatch):
+  monkeypatch.setattr(preprocess, "_SAMPLE_BYTES", 4)
+  path = tmp_path / "f.bin"
+  path.write_bytes(b"head" + b"middle" + b"tail")
+  key = preprocess._fingerprint(str(path))
+  assert key[2] == hashlib.sha256(b"headtail").hexdigest()
+  path.write_bytes(b"head" + b"MIDDLE" + b"tail")  # the middle is not read
+  assert preprocess._fingerprint(str(path))[2] == key[2]
+  path.write_bytes(b"head" + b"middle" + b"TAIL")
+  assert preprocess._fingerprint(str(path))[2] != key[2]
+  path.write_bytes(b"headtail")  # up to twice the sample: the whole file
+  assert preprocess._fingerprint(str(path))[2] == hashlib.sha256(b"headtail").hexdigest()
+
+
+def test_the_label_code_table_and_unknown_label_rule_are_part_of_the_key(tmp_path):
+  case = write_case(tmp_path)
+  keys = {preprocess.cache_key(NpyAdapter(), case, make_cfg())}
+  keys.add(preprocess.cache_key(NpyAdapter(ignore_unknown_labels=True), case, make_cfg()))
+
+  class Recoded(NpyAdapter):
+    def code_table(self, modality):
+      return {0: 0, 1: 2, 2: 1}
+
+  keys.add(preprocess.cache_key(Recoded(), case, make_cfg()))
+  assert len(keys) == 3
+
+
+@pytest.mark.parametrize("crop", ["none", "body"])
+def test_chunked_restore_and_argmax_equal_the_whole_volume_at_once(crop, monkeypatch):
+  rng = np.random.default_rng(0)
+  image = from_array(rng.normal(0, 300, (20, 7, 13)).astype(np.float32))
+  prep = preprocess.prepare(image, None, "ct", make_cfg(size=(8, 6), slice_axis=1, crop=crop))
+  probs = rng.dirichlet(np.ones(4), size=(8, 6, 7)).astype(np.float32)
+  whole = preprocess.restore(probs, prep.geometry, is_label=False)
+  # 20 x 13 voxels x 4 classes x 4 bytes per slice: 3 slices per run, the last run shorter.
+  monkeypatch.setattr(preprocess, "RESTORE_CHUNK_BYTES", 3 * 20 * 13 * 4 * 4)
+  labels, kept = preprocess.restore_labels(probs, prep.geometry, probabilities=True)
+  assert np.array_equal(kept, whole)
+  assert labels.dtype == np.uint8 and np.array_equal(labels, np.argmax(whole, -1))
+  assert preprocess.restore_labels(probs, prep.geometry)[1] is None

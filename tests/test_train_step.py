@@ -111,9 +111,9 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
   class FakeMesh:
     shape = {"data": 2}
 
-  state_lib.check_batch_size(config, mesh)  # one CPU device divides anything
+  state_lib.check_batch_size(config.batch_size, mesh)  # one CPU device divides anything
   with pytest.raises(ValueError, match="batch_size=3"):
-    state_lib.check_batch_size(config, FakeMesh())
+    state_lib.check_batch_size(config.batch_size, FakeMesh())
 
 
 def test_four_devices_equal_one_device():

@@ -221,3 +221,63 @@ def test_bad_labels_raise_data_error(tmp_path, shape, affine, values, problem):
 def test_from_array_rejects_2d():
   with pytest.raises(DataError, match="<array>.*3D"):
     volumes.from_array(np.zeros((3, 3)))
+
+
+def _sform_only(path, affine, unit="mm"):
+  """An sform alone: nibabel cannot store a zero voxel size in a qform."""
+  image = nib.Nifti1Image(_data(), None)
+  image.set_sform(affine, code=1)
+  image.header.set_xyzt_units(xyz=unit)
+  nib.save(image, str(path))
+  return str(path)
+
+
+@pytest.mark.parametrize(
+  "spacing, problem",
+  [
+    ((1.0, 0.0, 1.0), r"\[1.0, 0.0, 1.0\] mm is outside \[0.01, 50.0\] mm"),
+    ((0.5, 0.5, 0.005), r"0.005\] mm is outside"),
+    ((1.0, 60.0, 1.0), r"60.0, 1.0\] mm is outside"),
+  ],
+  ids=["zero", "below 0.01 mm", "above 50 mm"],
+)
+def test_implausible_spacing_is_a_one_line_error_naming_the_file(tmp_path, spacing, problem):
+  path = _sform_only(tmp_path / "odd.nii.gz", np.diag([*spacing, 1.0]))
+  for read in (volumes.read_image, volumes.read_label):
+    with pytest.raises(DataError, match=problem) as info:
+      read(path)
+    assert "odd.nii.gz" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("unit", ["meter", "micron"])
+def test_spatial_units_other_than_millimetres_are_refused(tmp_path, unit):
+  path = _sform_only(tmp_path / f"{unit}.nii.gz", np.diag([0.5, 0.5, 2.0, 1.0]), unit)
+  with pytest.raises(DataError, match=f"{unit}.nii.gz: spatial unit is '{unit}'"):
+    volumes.read_image(path)
+
+
+@pytest.mark.parametrize("unit", ["mm", "unknown"])
+def test_millimetres_and_unknown_units_are_read_as_mm(tmp_path, unit):
+  path = _sform_only(tmp_path / f"{unit}.nii.gz", np.diag([0.5, 0.5, 2.0, 1.0]), unit)
+  assert volumes.read_image(path).spacing == (0.5, 0.5, 2.0)
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path, monkeypatch):
+  ref = volumes.read_image(_save(tmp_path / "img.nii.gz", _data(), LPS))
+  out = tmp_path / "pred.nii.gz"
+  volumes.write_like(np.ones(ref.array.shape, np.uint8), ref, out)
+  old = out.read_bytes()
+
+  def half_then_fail(image, path):
+    with open(path, "wb") as f:
+      f.write(old[: len(old) // 2])  # what a kill mid-write leaves behind
+    raise OSError("disk full")
+
+  monkeypatch.setattr(nib, "save", half_then_fail)
+  with pytest.raises(OSError, match="disk full"):
+    volumes.write_like(np.zeros(ref.array.shape, np.uint8), ref, out)
+  assert out.read_bytes() == old
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["img.nii.gz", "pred.nii.gz"]
+  with pytest.raises(OSError, match="disk full"):
+    volumes.write_like(np.zeros(ref.array.shape, np.uint8), ref, tmp_path / "new.nii.gz")
+  assert not (tmp_path / "new.nii.gz").exists()

@@ -1,7 +1,9 @@
 """Orbax checkpoints of a work dir: the train state, the config and the data iterators.
 
-Layout: `<workdir>/checkpoints/<step>/{state,config,data,metrics}`.  Orbax writes
-each step into a temporary directory and renames it when complete, so a process
+Layout: `<workdir>/checkpoints/<step>/{state,config,data,dataset,metrics}`; `dataset` records
+the splits, class names and label codes the run trained with, so evaluating or predicting
+with a checkpoint never depends on a work dir's splits.json or a dataset that changed since.
+Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves at most a temporary directory that the next run removes;
 the last complete step is always restorable.  Two kinds of checkpoint are kept
 at once: the latest (for resume) and the best by validation mean Dice (for
@@ -68,20 +70,34 @@ def manager(workdir: str, *, keep_best: int = 1, read_only: bool = False) -> ocp
     enable_async_checkpointing=not read_only,
     cleanup_tmp_directories=not read_only,
     read_only=read_only,
+    # A reader saves nothing; saying so up front spares a warning about it at every load.
+    save_interval_steps=0 if read_only else 1,
     create=not read_only,
   )
   return ocp.CheckpointManager(
-    directory(workdir), item_names=("state", "config", "data"), options=options
+    directory(workdir), item_names=("state", "config", "data", "dataset"), options=options
   )
 
 
-def save(mgr, step: int, state, config, data_iterator=None, val_dice: float | None = None):
-  """Saves asynchronously; `val_dice` ranks the checkpoint for 'best'."""
+def save(
+  mgr,
+  step: int,
+  state,
+  config,
+  data_iterator=None,
+  val_dice: float | None = None,
+  dataset: dict | None = None,
+):
+  """Saves asynchronously; `val_dice` ranks the checkpoint for 'best'.  `dataset` (JSON:
+  {'splits': {modality: {split: ids}}, 'classes': names, 'label_codes': {modality: codes}})
+  is what `restore_dataset` gives back."""
   import grain  # grain registers its orbax handlers on import
 
   items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  if dataset is not None:
+    items["dataset"] = ocp.args.JsonSave(dataset)
   args = ocp.args.Composite(**items)
   metrics = None if val_dice is None else {BEST_METRIC: float(val_dice)}
   mgr.save(step, args=args, metrics=metrics, force=True)
@@ -139,6 +155,13 @@ def select_step(mgr, which) -> int:
 def restore_config(mgr, step: int) -> mc.ConfigDict:
   restored = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return mc.ConfigDict(restored["config"])
+
+
+def restore_dataset(mgr, step: int) -> dict | None:
+  """The dataset record `save` kept with `step`; None when it kept none (older checkpoints)."""
+  if not os.path.isdir(os.path.join(str(mgr.directory), str(step), "dataset")):
+    return None
+  return mgr.restore(step, args=ocp.args.Composite(dataset=ocp.args.JsonRestore()))["dataset"]
 
 
 def restore_variables(mgr, step: int, abstract_variables):

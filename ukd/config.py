@@ -26,6 +26,7 @@ def default() -> mc.ConfigDict:
   c.model.width = 16  # base width (16 in the paper)
   c.model.dropout = 0.25  # dropout rate of the 2D network (keep 0.75)
   c.model.upsample_mult = 8  # 2D: the last conv has 8*8*C*upsample_mult channels
+  c.model.dtype = "float32"  # convolutions: 'float32' | 'bfloat16' (params, norms, losses f32)
   c.model.init = "reference"  # kernels: 'reference' (truncated normal, std 0.01) | 'lecun'
 
   c.loss = mc.ConfigDict()
@@ -48,7 +49,6 @@ def default() -> mc.ConfigDict:
   c.data.dataset = "mmwhs"  # adapter: mmwhs | abdominal | folder
   c.data.root = REQUIRED  # dataset root directory
   c.data.options = mc.ConfigDict()  # adapter options (e.g. folder: modalities={...})
-  c.data.class_names = ("background",)  # filled from the dataset when training starts
   c.data.synthetic = mc.ConfigDict()  # phantoms generated into the root on first use
   c.data.synthetic.enabled = False  # generate (root '' or unset: <workdir>/phantoms)
   c.data.synthetic.n_ct = 10  # CT cases
@@ -78,7 +78,6 @@ def default() -> mc.ConfigDict:
   c.infer = mc.ConfigDict()
   c.infer.batch_size = 32  # slices (2D) or windows (3D) per device call
   c.infer.overlap = 0.5  # 3D sliding-window overlap
-  c.infer.checkpoint = "best"  # 'best' | 'latest' | a step number
 
   c.log_every = 50  # steps between metric lines
   c.eval_every = 1000  # steps between validations (0 = only at the end)
@@ -135,8 +134,9 @@ def _positive(config, *names):
       raise ConfigError(f"config.{name}={value!r} must be a positive number")
 
 
-def validate(config: mc.ConfigDict) -> mc.ConfigDict:
-  """Checks what would otherwise fail deep inside a run; returns an unlocked copy."""
+def check(config: mc.ConfigDict) -> mc.ConfigDict:
+  """Checks what would otherwise fail deep inside a run; returns a checked copy, so the
+  caller's object is never changed by a run."""
   config = mc.ConfigDict(config.to_dict())
   _positive(
     config,
@@ -172,3 +172,21 @@ def validate(config: mc.ConfigDict) -> mc.ConfigDict:
   if not 0.0 < config.data.train_fraction <= 1.0:
     raise ConfigError(f"config.data.train_fraction={config.data.train_fraction} must be in (0, 1]")
   return config
+
+
+def resolve(config, *, root: str, num_classes: int) -> mc.FrozenConfigDict:
+  """The config a run (and its checkpoints) uses: checked, with what the dataset decided
+  filled in (the dataset root, e.g. generated phantoms, and the class count), and frozen.
+
+  Everything below training and inference reads this one immutable object; nothing may
+  change it halfway, so the config saved with a checkpoint is the one the run used.
+  """
+  resolved = check(config)
+  resolved.data.root = str(root)
+  resolved.model.num_classes = int(num_classes)
+  return mc.FrozenConfigDict(resolved)
+
+
+def frozen(saved: dict) -> mc.FrozenConfigDict:
+  """A config saved with a checkpoint (already resolved), checked and frozen again."""
+  return mc.FrozenConfigDict(check(mc.ConfigDict(saved)))

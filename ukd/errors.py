@@ -12,9 +12,13 @@ The subclasses also derive from ValueError (bad input) or RuntimeError (a run th
 callers that catch those keep working.
 """
 
+import sys
+
 
 class UkdError(Exception):
   """A problem for the user to fix, with a one-line message; shown without a traceback."""
+
+  exit_code = 2  # the command line's exit status
 
 
 class ConfigError(UkdError, ValueError):
@@ -32,7 +36,29 @@ class CheckpointError(UkdError, ValueError):
 class TrainingError(UkdError, RuntimeError):
   """A run that cannot go on (e.g. a non-finite loss), with a one-line reason."""
 
+  exit_code = 3
+
+
+class Preempted(UkdError):
+  """SIGTERM (Cloud TPU or SLURM preemption, Kubernetes eviction) stopped training after a
+  checkpoint of the step reached was saved; the same command resumes from it. Exits 143
+  (128 + SIGTERM), as a process ended by that signal does, so schedulers requeue it."""
+
+  exit_code = 143
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted at step {step}; checkpoint saved, the same command resumes")
+    self.step = step
+
 
 def error(cls: type[UkdError], source, problem) -> UkdError:
   """`cls("<source>: <problem>")` on one line, so logs show the file and its problem together."""
   return cls(f"{source}: {' '.join(str(problem).split())}")
+
+
+def exit_with(e: UkdError) -> None:
+  """The command lines' ending for a UkdError: one `ukd: error: ...` line (`ukd: stopped:`
+  for a preemption) on stderr, no traceback, and the error's exit status."""
+  kind = "stopped" if isinstance(e, Preempted) else "error"
+  print(f"ukd: {kind}: {e}", file=sys.stderr)
+  sys.exit(e.exit_code)

@@ -12,8 +12,9 @@ Aggregation and empty structures (see `ukd.metrics` for the per-volume rules):
     volume with a NaN structure has a NaN mean, so it is counted in 'n_empty' rather than
     averaged over its remaining structures, which would hide the miss.
 
-Outputs of `evaluate_cases(..., out_dir=d)`:
-  d/metrics.json   metrics[modality][structure | 'mean'][dice | assd | hd95] =
+Outputs of `evaluate_cases(..., out_dir=d)` (`evaluate` uses d = <workdir>/eval/<split>-step<N>):
+  d/metrics.json   {'step': checkpoint step, 'split': split scored, 'metrics': m} with
+                   m[modality][structure | 'mean'][dice | assd | hd95] =
                    {'mean', 'std', 'n', 'n_empty'}  (NaN written as null)
   d/cases.csv      case, modality, class, dice, assd, hd95: one row per volume and structure
   d/overlays/<modality>/<case id>.png   image | ground truth | prediction on three slices
@@ -21,7 +22,7 @@ Outputs of `evaluate_cases(..., out_dir=d)`:
 """
 
 import csv
-import json
+import io
 import math
 import os
 
@@ -29,7 +30,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from ukd import checkpoints, infer, metrics
+from ukd import checkpoints, files, infer, metrics
 from ukd.data import adapters, splits
 from ukd.errors import DataError
 
@@ -152,20 +153,22 @@ def overlay_image(image, label, pred, axis: int = 2) -> np.ndarray:
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True) -> dict:
+def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True, split=None) -> dict:
   """Predicts and scores every case; returns {'cases': rows, 'summary': ..., 'overlays': ...}.
 
   'cases' holds one row per case and structure, 'summary' is `summarize_rows`' result and
   'overlays' maps '<modality>/<case id>' to overlay pictures (empty with overlays=False).
-  With `out_dir` the files listed in the module docstring are written.
+  With `out_dir` the files listed in the module docstring are written, metrics.json naming
+  `seg.step` and `split`.  Predictions see the image only, as prediction does
+  (`Segmenter.predict_volume`); the label is read for scoring and pictures.
   """
   rows, pictures = [], {}
   for i, case in enumerate(cases):
     image, label = adapter.read(case)
     if label is None:
       raise DataError(f"case {case.id}: no label to evaluate against ({case.image})")
-    pred, _ = seg.predict_volume(image, case.modality, label)
-    scores = metrics.evaluate_case(pred, label.array, image.spacing, adapter.classes)
+    pred, _ = seg.predict_volume(image, case.modality)
+    scores = metrics.structure_scores(pred, label.array, image.spacing, adapter.classes)
     rows += _case_rows(case, scores)
     logging.info(
       "[%d/%d] %s %s: Dice %s",
@@ -181,7 +184,7 @@ def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True) -> dict:
       )
   summary = summarize_rows(rows, adapter.classes)
   if out_dir is not None:
-    write_results(out_dir, rows, summary, pictures)
+    write_results(out_dir, rows, summary, pictures, step=seg.step, split=split)
   return {"cases": rows, "summary": summary, "overlays": pictures}
 
 
@@ -194,19 +197,18 @@ def _json_safe(value):
   return value
 
 
-def write_results(out_dir, rows, summary, pictures) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
-    f.write("\n")
-  with open(os.path.join(out_dir, "cases.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=("case", "modality", "class") + METRICS)
-    writer.writeheader()
-    writer.writerows(rows)
+def write_results(out_dir, rows, summary, pictures, *, step=None, split=None) -> None:
+  """The files of the module docstring, each written atomically (`ukd.files`)."""
+  record = {"step": step, "split": split, "metrics": _json_safe(summary)}
+  files.write_json(os.path.join(out_dir, "metrics.json"), record, allow_nan=False)
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=("case", "modality", "class") + METRICS)
+  writer.writeheader()
+  writer.writerows(rows)
+  files.write_text(os.path.join(out_dir, "cases.csv"), table.getvalue(), newline="")
   for name, picture in pictures.items():
-    path = os.path.join(out_dir, "overlays", f"{name}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(picture).save(path)
+    with files.replacing(os.path.join(out_dir, "overlays", f"{name}.png")) as tmp:
+      Image.fromarray(picture).save(tmp, format="PNG")
 
 
 def _cell(stats, scale: float, digits: int) -> str:
@@ -246,12 +248,20 @@ def format_table(summary, class_names) -> str:
   return "\n".join([line(header), rule] + [line(row) for row in body])
 
 
+def output_dir(workdir, split: str, step: int) -> str:
+  """`<workdir>/eval/<split>-step<N>`: every evaluation keeps its own folder, so scoring
+  another checkpoint or split never mixes its files with an earlier one's."""
+  return os.path.join(os.fspath(workdir), "eval", f"{split}-step{step}")
+
+
 def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
-  """Scores a work dir's checkpoint on one split of its dataset; writes `<workdir>/eval/`.
+  """Scores a work dir's checkpoint on one split of its dataset into `output_dir`.
 
   Everything comes from the work dir: the network and config from the checkpoint, the split
-  from `splits.json`, so the test cases are the ones training never saw.  Prints the table
-  and returns the summary.
+  from what the checkpoint recorded (`checkpoints.save`; `splits.json` for checkpoints that
+  recorded none), so the test cases are the ones training never saw, even if the dataset
+  gained cases since.  Prints the table; returns {'summary', 'cases' (rows), 'dir', 'step',
+  'split'}.
   """
   if split not in splits.SPLIT_NAMES:
     raise DataError(f"split {split!r} is not one of {list(splits.SPLIT_NAMES)}")
@@ -259,21 +269,28 @@ def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
   seg = infer.load(workdir, step=step)
   config = seg.config
   adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
-  cases = splits.cases_by_split(
-    adapter,
-    config.data.root,
-    config.modalities,
-    workdir,
-    seed=config.seed,
-    fractions=tuple(config.data.split_fractions),
-    split_file=config.data.split_file or None,
-  )
+  if seg.dataset and seg.dataset.get("splits"):
+    source = os.path.join(checkpoints.directory(workdir), str(seg.step), "dataset")
+    cases = splits.cases_of_saved_split(
+      adapter, config.data.root, config.modalities, seg.dataset["splits"], source
+    )
+  else:
+    cases = splits.cases_by_split(
+      adapter,
+      config.data.root,
+      config.modalities,
+      workdir,
+      seed=config.seed,
+      fractions=tuple(config.data.split_fractions),
+      split_file=config.data.split_file or None,
+    )
   chosen = [c for m in config.modalities for c in cases[m][split]]
   if not chosen:
     raise DataError(f"{workdir}: the {split} split has no cases of {list(config.modalities)}")
-  result = evaluate_cases(
-    seg, adapter, chosen, out_dir=os.path.join(workdir, "eval"), overlays=overlays
-  )
-  print(f"{split} split, checkpoint step {seg.step}, {len(chosen)} volumes")
+  out_dir = output_dir(workdir, split, seg.step)
+  result = evaluate_cases(seg, adapter, chosen, out_dir=out_dir, overlays=overlays, split=split)
+  print(f"{split} split, checkpoint step {seg.step}, {len(chosen)} volumes -> {out_dir}")
   print(format_table(result["summary"], adapter.classes))
-  return result["summary"]
+  return dict(
+    summary=result["summary"], cases=result["cases"], dir=out_dir, step=seg.step, split=split
+  )

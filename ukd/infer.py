@@ -5,10 +5,12 @@ during training); `load(path)` restores a work dir's checkpoint together with th
 in it, so a network always runs with the preprocessing it was trained with.
 
 Every volume takes the same road: canonical Volume -> `preprocess.prepare` (network space
-[H, W, S]) -> class probabilities [H, W, S, C] -> `preprocess.restore` (linear interpolation,
-onto the canonical grid) -> argmax -> `Volume.to_original` for the caller's own orientation.
-Restoring probabilities rather than labels gives smoother boundaries than nearest-neighbour
-label resizing.
+[H, W, S], from the image alone) -> class probabilities [H, W, S, C] ->
+`preprocess.restore_labels` (linear interpolation onto the canonical grid, then argmax, a run
+of slices at a time so a large CT never holds all classes at full resolution) ->
+`Volume.to_original` for the caller's own orientation.  Restoring probabilities rather than
+labels gives smoother boundaries than nearest-neighbour label resizing.  Files are written in
+the dataset's own label codes (`Segmenter.label_table`).
 
   * 2D networks see every slice with its two neighbours as channels, edges replicated, exactly
     as the training pipeline builds its inputs.
@@ -25,7 +27,6 @@ sample's result does not depend on which batch it landed in.
 
 import functools
 import itertools
-import json
 import math
 import os
 import re
@@ -35,38 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ukd import checkpoints, models, steps
+from ukd import checkpoints, files, models, steps
+from ukd import config as config_lib
 from ukd import state as state_lib
 from ukd.data import preprocess, volumes
-from ukd.errors import ConfigError, DataError
+from ukd.errors import ConfigError, DataError, error
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
 # nnU-Net names the single channel of an image `<case>_0000.nii.gz`; its label is `<case>`.
 _CHANNEL_SUFFIX = re.compile(r"_0000$")
-
-
-_COMPILED: dict = {}  # model description (JSON) -> jitted softmax(network)
-
-
-def _compiled_probabilities(config):
-  """One jitted softmax(network) per network description.
-
-  Keyed by `config.model` and the modalities, so a Segmenter built anew for every validation
-  during training reuses the function, and with it the executables, compiled for the previous
-  one; jax then compiles once per (modality, batch shape).
-  """
-  model_config = config.model.to_dict() if hasattr(config.model, "to_dict") else config.model
-  key = json.dumps({"model": model_config, "modalities": list(config.modalities)}, sort_keys=True)
-  if key not in _COMPILED:
-    eval_step = steps.make_eval_step(models.build(config.model, config.modalities))
-
-    @functools.partial(jax.jit, static_argnames="modality")
-    def probabilities(variables, batch, modality):
-      logits = eval_step(variables, batch, modality)
-      return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-    _COMPILED[key] = probabilities
-  return _COMPILED[key]
 
 
 def gaussian_importance(shape) -> np.ndarray:
@@ -104,10 +82,15 @@ def _fill_batch(samples: np.ndarray, size: int) -> np.ndarray:
 class Segmenter:
   """A network with its variables on the devices and the config it was trained with."""
 
+  # What a checkpoint recorded of the dataset it was trained on ({'classes', 'label_codes',
+  # 'splits'}: `checkpoints.save`); None for live variables and older checkpoints.
+  dataset: dict | None = None
+
   def __init__(self, config, variables, mesh=None, *, step: int | None = None):
     """`variables` holds 'params' and 'batch_stats' (anything else, e.g. optimizer state, is
     not needed); `mesh` defaults to all of this process's devices.  Inference runs within one
-    process: every volume is small enough for one host, and its result is needed there."""
+    process, on its own devices: every volume is small enough for one host, and its result is
+    needed there (several hosts share out the cases instead: `evaluate.evaluate_cases`)."""
     if int(config.infer.batch_size) < 1:
       raise ConfigError(f"config.infer.batch_size={config.infer.batch_size} must be at least 1")
     overlap = float(config.infer.overlap)
@@ -116,7 +99,15 @@ class Segmenter:
     self.config = config
     self.step = step  # checkpoint step when loaded from a work dir (reports name it)
     self.mesh = mesh if mesh is not None else state_lib.make_mesh(jax.local_devices())
-    self._probabilities = _compiled_probabilities(config)
+    eval_step = steps.make_eval_step(models.build(config.model, config.modalities))
+    # Compiled once per (modality, batch shape) for this Segmenter's life: training holds one
+    # Segmenter for every validation and hands it new weights through `update`.
+    self._probabilities = jax.jit(
+      lambda variables, batch, modality: jax.nn.softmax(
+        eval_step(variables, batch, modality).astype(jnp.float32), axis=-1
+      ),
+      static_argnames="modality",
+    )
     devices = self.mesh.shape[state_lib.DATA_AXIS]
     self.batch_size = -(-int(config.infer.batch_size) // devices) * devices
     self.update(variables)
@@ -133,18 +124,23 @@ class Segmenter:
     mgr = checkpoints.manager(workdir, read_only=True)
     try:
       chosen = checkpoints.select_step(mgr, step)
-      config = checkpoints.restore_config(mgr, chosen)
+      config = config_lib.frozen(checkpoints.restore_config(mgr, chosen).to_dict())
       mesh = state_lib.make_mesh(jax.local_devices())
       variables = checkpoints.restore_variables(mgr, chosen, _abstract_variables(config, mesh))
+      dataset = checkpoints.restore_dataset(mgr, chosen)
     finally:
       mgr.close()
     logging.info("restored step %d of %s", chosen, workdir)
-    return cls(config, variables, mesh, step=chosen)
+    segmenter = cls(config, variables, mesh, step=chosen)
+    segmenter.dataset = dataset
+    return segmenter
 
   def update(self, variables) -> None:
     """Takes new weights without recompiling; copied, so a train step that donates its state
-    cannot delete them."""
+    cannot delete them. Weights replicated over several hosts' devices (multi-host training)
+    are taken from this process's own replica: inference runs on this process's devices."""
     kept = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    kept = jax.tree.map(_local_replica, kept)
     self.variables = jax.device_put(kept, state_lib.replicated(self.mesh), may_alias=False)
 
   # --- public prediction API ------------------------------------------------------------------
@@ -165,28 +161,54 @@ class Segmenter:
     labels, _ = self.predict_volume(vol, modality)
     return vol.to_original(labels)
 
-  def predict_volume(self, vol: volumes.Volume, modality: str, label=None):
-    """(labels uint8 [X,Y,Z], probabilities float32 [X,Y,Z,C]), both on `vol`'s canonical grid.
+  def predict_volume(self, vol: volumes.Volume, modality: str, *, probabilities: bool = False):
+    """(labels uint8 [X,Y,Z], probabilities float32 [X,Y,Z,C] or None), on `vol`'s canonical
+    grid; the probabilities only with `probabilities=True`, since at full resolution they take
+    4 bytes per voxel and class.
 
-    `label` is only read when `data.crop == 'foreground'`, where the crop box comes from it.
+    The image alone decides everything, the crop included (`check_crop`): evaluation predicts
+    exactly as prediction does, never helped by the label it is scored against.
     """
     self._check_modality(modality)
-    if self.config.data.crop != "foreground":
-      label = None  # preparing it would only cost time
-    prepared = preprocess.prepare(vol, label, modality, self.config.data)
+    check_crop(self.config)
+    prepared = preprocess.prepare(vol, None, modality, self.config.data)
     if models.DIMS[self.config.model.name] == 2:
       network = self._predict_slices(prepared.image, modality)
     else:
       network = self._predict_windows(prepared.image, modality)
-    probs = preprocess.restore(network, prepared.geometry, is_label=False)
-    return np.argmax(probs, axis=-1).astype(np.uint8), probs
+    return preprocess.restore_labels(network, prepared.geometry, probabilities=probabilities)
 
-  def predict_file(self, in_path, out_path, modality: str, probabilities=None) -> None:
-    """NIfTI in, uint8 label map out with the input's exact affine and header; with
-    `probabilities` (a path) also the float32 class probabilities [X, Y, Z, C]."""
+  def label_table(self, modality: str, label_codes: str = "dataset") -> list[tuple[int, str]]:
+    """(code written to files, class name) for class indices 0..C-1.
+
+    'dataset' gives the codes of the dataset the network was trained on (MM-WHS 205, 420, ...,
+    as its checkpoint recorded them); 'index' gives 0..C-1.  A network without that record
+    (live variables, older checkpoints) writes indices.
+    """
+    if label_codes not in LABEL_CODES:
+      raise ConfigError(f"label_codes={label_codes!r} must be one of {LABEL_CODES}")
+    count = int(self.config.model.num_classes)
+    record = self.dataset or {}
+    names = list(record.get("classes") or ["background"] + [f"class_{i}" for i in range(1, count)])
+    codes = list(range(count))
+    if label_codes == "dataset" and record.get("label_codes"):
+      codes = [int(c) for c in record["label_codes"][modality]]
+    return list(zip(codes, names))
+
+  def predict_file(
+    self, in_path, out_path, modality: str, probabilities=None, label_codes: str = "dataset"
+  ) -> None:
+    """NIfTI in, label map out with the input's exact affine and header, in the dataset's codes
+    (`label_table`; uint8, or uint16 when a code exceeds 255), and `<name>.json` beside it
+    naming each code's class.  With `probabilities` (a path) also the float32 class
+    probabilities [X, Y, Z, C], channel k for class index k."""
+    table = self.label_table(modality, label_codes)
     vol = volumes.read_image(in_path)
-    labels, probs = self.predict_volume(vol, modality)
-    volumes.write_like(labels, vol, out_path, dtype=np.uint8)
+    labels, probs = self.predict_volume(vol, modality, probabilities=bool(probabilities))
+    dtype = np.uint8 if max(code for code, _ in table) <= 255 else np.uint16
+    codes = np.array([code for code, _ in table], dtype)
+    volumes.write_like(codes[labels], vol, out_path, dtype=dtype)
+    files.write_json(sidecar_path(out_path), {"classes": {str(c): name for c, name in table}})
     if probabilities:
       volumes.write_like(probs, vol, probabilities, dtype=np.float32)
 
@@ -255,6 +277,27 @@ class Segmenter:
 load = Segmenter.load
 
 
+def _local_replica(x):
+  """This process's copy of a replicated array that spans other processes' devices too."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x.addressable_data(0)
+  return x
+
+
+# How predicted files encode classes: the dataset's own codes, or class indices 0..C-1.
+LABEL_CODES = ("dataset", "index")
+
+
+def check_crop(config) -> None:
+  """Prediction sees no ground truth, so it cannot crop around it; evaluation must predict
+  the same way, or its scores would be helped by the label they are scored against."""
+  if config.data.crop == "foreground":
+    raise ConfigError(
+      "config.data.crop='foreground' crops around the ground truth, which prediction does not "
+      "have; use 'body' (found from the image) or 'none'"
+    )
+
+
 def _abstract_variables(config, mesh):
   """Shapes of params and batch_stats, placed replicated: the target orbax restores onto."""
   model = models.build(config.model, config.modalities)
@@ -301,29 +344,51 @@ def output_name(path) -> str:
   return _CHANNEL_SUFFIX.sub("", _NIFTI.sub("", os.path.basename(path)))
 
 
+def sidecar_path(out_path) -> str:
+  """`<name>.nii.gz` -> `<name>.json`: where `predict_file` names the classes of its codes."""
+  out_path = os.fspath(out_path)
+  return _NIFTI.sub("", out_path) + ".json"
+
+
 def predict_paths(
-  seg: Segmenter, input_path, output_dir, modality: str, probabilities: bool = False
+  seg: Segmenter,
+  input_path,
+  output_dir,
+  modality: str,
+  probabilities: bool = False,
+  *,
+  overwrite: bool = False,
+  label_codes: str = "dataset",
 ) -> list[str]:
   """Predicts a file or a folder of NIfTI files into `<output_dir>/<name>.nii.gz`.
 
-  With `probabilities`, `<name>_probabilities.nii.gz` holds the float32 class probabilities.
-  Returns every written path.  All names are checked before the first prediction, so a clash
-  (or an output that would overwrite its input) fails before minutes of work.
+  `<name>.json` names the classes of its label codes (`label_codes`: 'dataset' or 'index');
+  with `probabilities`, `<name>_probabilities.nii.gz` holds the float32 class probabilities.
+  Returns every written path.  All names are checked before the first prediction, so a clash,
+  an output that would overwrite its input, or one that already exists (nnU-Net names the
+  label of `case_0000.nii.gz` `case.nii.gz`: predicting imagesTr into labelsTr would replace
+  the ground truth) fails before minutes of work; `overwrite=True` replaces existing outputs.
   """
   seg._check_modality(modality)
-  files = _input_files(input_path)
-  targets = {}
-  for path in files:
+  seg.label_table(modality, label_codes)  # a bad choice fails before any work
+  inputs = _input_files(input_path)
+  targets, taken = {}, set()
+  for path in inputs:
     out = os.path.join(os.fspath(output_dir), output_name(path) + ".nii.gz")
-    if out in targets.values():
-      raise DataError(f"{path}: its output {out} would overwrite another input's prediction")
-    if os.path.abspath(out) == os.path.abspath(path):
-      raise DataError(f"{path}: the output would overwrite this input; choose another --output")
-    targets[path] = out
-  written = []
-  for i, (path, out) in enumerate(targets.items()):
     probs = out[: -len(".nii.gz")] + "_probabilities.nii.gz" if probabilities else None
-    seg.predict_file(path, out, modality, probabilities=probs)
-    written += [out] + ([probs] if probs else [])
-    logging.info("[%d/%d] %s -> %s", i + 1, len(files), path, out)
+    outputs = [out, sidecar_path(out)] + ([probs] if probs else [])
+    for target in outputs:
+      if os.path.abspath(target) in taken:
+        raise DataError(f"{path}: its output {target} would overwrite another input's output")
+      if os.path.abspath(target) == os.path.abspath(path):
+        raise DataError(f"{path}: the output would overwrite this input; choose another --output")
+      if not overwrite and os.path.lexists(target):
+        raise error(DataError, target, "already exists; pass --overwrite to replace it")
+      taken.add(os.path.abspath(target))
+    targets[path] = (out, probs, outputs)
+  written = []
+  for i, (path, (out, probs, outputs)) in enumerate(targets.items()):
+    seg.predict_file(path, out, modality, probabilities=probs, label_codes=label_codes)
+    written += outputs
+    logging.info("[%d/%d] %s -> %s", i + 1, len(inputs), path, out)
   return written

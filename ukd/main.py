@@ -1,9 +1,10 @@
-"""Command line: train, evaluate or predict.
+"""Command line: train, evaluate, predict, or check a dataset.
 
   python -m ukd.main --config=configs/demo.py --workdir=/tmp/ukd_demo
   python -m ukd.main --config=configs/mmwhs.py --workdir=runs/mmwhs --config.data.root=/data/MMWHS
   python -m ukd.main --mode=evaluate --workdir=runs/mmwhs
   python -m ukd.main --mode=predict --workdir=runs/mmwhs --input=scans/ --output=preds/ --modality=ct
+  python -m ukd.main --mode=check --config=configs/mmwhs.py --workdir=runs/mmwhs --config.data.root=/data/MMWHS
 
 Training resumes automatically from the work dir's latest checkpoint.  Errors in
 the user's input end the program with one line naming the file or setting.
@@ -16,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ukd import errors
+from ukd import errors, writers
 
 config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/mmwhs.py[:arg].", lock_config=True
@@ -25,14 +26,27 @@ flags.DEFINE_string("workdir", None, "Work dir: checkpoints, logs, splits, cache
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "evaluate", "predict"],
-  "train (then evaluate on the test split), evaluate, or predict.",
+  ["train", "evaluate", "predict", "check"],
+  "train (then evaluate on the test split), evaluate, predict, or check (read every case of "
+  "the --config's dataset and summarise it).",
 )
+flags.DEFINE_string(
+  "coordinator_address", None, "Multi-process run: HOST:PORT of process 0's coordinator."
+)
+flags.DEFINE_integer("num_processes", None, "Multi-process run: how many processes in all.")
+flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index, 0..N-1.")
 flags.DEFINE_string("step", "best", "Checkpoint for evaluate / predict: best, latest or a step.")
 flags.DEFINE_string("input", None, "predict: a NIfTI file or a folder of them.")
 flags.DEFINE_string("output", None, "predict: the folder for the predicted label maps.")
 flags.DEFINE_string("modality", None, "predict: the modality of the inputs, e.g. ct or mr.")
 flags.DEFINE_bool("probabilities", False, "predict: also write class probabilities.")
+flags.DEFINE_bool("overwrite", False, "predict: replace outputs that already exist.")
+flags.DEFINE_enum(
+  "label_codes",
+  "dataset",
+  ["dataset", "index"],
+  "predict: write the dataset's own label codes (e.g. MM-WHS 205, 420, ...) or class indices.",
+)
 flags.mark_flag_as_required("workdir")
 
 FLAGS = flags.FLAGS
@@ -43,11 +57,10 @@ def run(argv):
   # Imported here so that `--help` and flag errors answer without loading JAX.
   import jax
 
-  from ukd import evaluate, infer, train
+  from ukd import check, evaluate, infer, train
 
-  if os.environ.get("UKD_DISTRIBUTED"):
-    jax.distributed.initialize()  # multi-host: peers found from the cluster's metadata
-  if FLAGS.mode == "train":
+  start_distributed(jax)
+  if FLAGS.mode in ("train", "check"):
     try:
       config = FLAGS.config
       if config is not None:
@@ -57,9 +70,12 @@ def run(argv):
       raise errors.ConfigError(f"cannot load --config: {reason}") from None
     if config is None:
       raise errors.ConfigError(
-        "--config is required for --mode=train, e.g. --config=configs/demo.py"
+        f"--config is required for --mode={FLAGS.mode}, e.g. --config=configs/demo.py"
       )
-    train.train_and_evaluate(config, FLAGS.workdir)
+    if FLAGS.mode == "check":
+      check.check_config(config, train.dataset_root(config, FLAGS.workdir))
+    else:
+      train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "evaluate":
     evaluate.evaluate(FLAGS.workdir, step=FLAGS.step)
   else:
@@ -68,21 +84,58 @@ def run(argv):
         raise errors.ConfigError(f"--{name} is required for --mode=predict")
     segmenter = infer.load(FLAGS.workdir, step=FLAGS.step)
     written = infer.predict_paths(
-      segmenter, FLAGS.input, FLAGS.output, FLAGS.modality, probabilities=FLAGS.probabilities
+      segmenter,
+      FLAGS.input,
+      FLAGS.output,
+      FLAGS.modality,
+      probabilities=FLAGS.probabilities,
+      overwrite=FLAGS.overwrite,
+      label_codes=FLAGS.label_codes,
     )
-    print(f"wrote {len(written)} prediction(s) to {FLAGS.output}")
+    print(f"wrote {len(written)} file(s) to {FLAGS.output}")
+
+
+def start_distributed(jax) -> None:
+  """Joins a multi-process run before JAX touches a device.
+
+  `--coordinator_address/--num_processes/--process_id` work anywhere (several hosts, or
+  several processes on one machine); `UKD_DISTRIBUTED=1` lets jax find its peers itself on a
+  Cloud TPU pod or under SLURM. CPU processes reduce over gloo (the option only concerns
+  the CPU backend, so it is set in every case)."""
+  given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if any(v is not None for v in given):
+    if any(v is None for v in given):
+      raise errors.ConfigError(
+        "--coordinator_address, --num_processes and --process_id go together; missing: "
+        + ", ".join(
+          f"--{n}"
+          for n, v in zip(("coordinator_address", "num_processes", "process_id"), given)
+          if v is None
+        )
+      )
+    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+      raise errors.ConfigError(
+        f"--process_id={FLAGS.process_id} must be in [0, --num_processes={FLAGS.num_processes})"
+      )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
+  elif os.environ.get("UKD_DISTRIBUTED"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize()  # peers from the TPU metadata or SLURM's variables
 
 
 def main(argv):
   if not FLAGS["verbosity"].present:
-    # Libraries log every checkpoint at INFO; the run's own progress is printed. -v 0 shows all.
-    logging.set_verbosity(logging.WARNING)
+    writers.quiet_libraries()
   try:
     run(argv)
   except errors.UkdError as e:  # the user's to fix: one line, no traceback
     logging.flush()
-    print(f"ukd: error: {e}", file=sys.stderr)
-    sys.exit(3 if isinstance(e, errors.TrainingError) else 2)
+    errors.exit_with(e)
 
 
 def _packaged_configs(argv):

@@ -156,7 +156,7 @@ def hd95(pred, gt, spacing):
   return _distance_metrics(pred, gt, _check_spacing(spacing))["hd95"]
 
 
-def evaluate_case(pred_labels, gt_labels, spacing, class_names):
+def structure_scores(pred_labels, gt_labels, spacing, class_names):
   """Per-structure metrics of one volume: {class_name: {'dice', 'assd', 'hd95'}}.
 
   `pred_labels` / `gt_labels` are integer label volumes of class indices and

@@ -77,11 +77,11 @@ def batch_sharding(mesh):
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(config, mesh):
+def check_batch_size(batch_size: int, mesh):
   n = mesh.shape[DATA_AXIS]
-  if config.batch_size % n:
+  if batch_size % n:
     raise ConfigError(
-      f"config.batch_size={config.batch_size} (per modality) must be divisible by "
+      f"config.batch_size={batch_size} (per modality) must be divisible by "
       f"the {n} devices of the data mesh"
     )
 

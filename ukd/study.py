@@ -23,15 +23,14 @@ ASSD is the pooled form (`ukd.metrics.assd`).
 import csv
 import json
 import os
-import sys
-import tempfile
 
 import ml_collections as mc
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from ukd.errors import ConfigError, UkdError
+from ukd import files, writers
+from ukd.errors import ConfigError, UkdError, exit_with
 
 RESULT = "study_result.json"
 METRICS = ("dice", "assd", "hd95")
@@ -78,8 +77,11 @@ def _override(node, overrides: dict, where: str) -> None:
       raise ConfigError(f"a study variant sets {where}.{key}, which does not exist")
     if isinstance(value, dict) and isinstance(node[key], mc.ConfigDict):
       _override(node[key], value, f"{where}.{key}")
-    else:
+      continue
+    try:
       node[key] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"a study variant sets {where}.{key}={value!r}: {e}") from None
 
 
 def _read_rows(path) -> list[dict]:
@@ -90,15 +92,6 @@ def _read_rows(path) -> list[dict]:
     ]
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """Temp file in the same folder, then rename: a kill never leaves half a file."""
-  folder = os.path.dirname(path)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def train_run(config, rundir: str) -> dict:
   """Trains and tests one run unless it already finished; returns its saved result."""
   from ukd import models, train
@@ -107,11 +100,11 @@ def train_run(config, rundir: str) -> dict:
   if os.path.exists(result_path):
     with open(result_path) as f:
       return json.load(f)
-  train.train_and_evaluate(config, rundir)
-  rows = _read_rows(os.path.join(rundir, "eval", "cases.csv"))
+  tested = train.train_and_evaluate(config, rundir)["test"]
+  rows = _read_rows(os.path.join(tested["dir"], "cases.csv"))
   counts = models.count_params(config.model, tuple(config.modalities))
   result = {"rows": rows, "params": counts["params"], "kernels": counts["kernels"]}
-  _write_atomic(result_path, json.dumps(result, allow_nan=True))
+  files.write_text(result_path, json.dumps(result, allow_nan=True))
   return result
 
 
@@ -125,6 +118,13 @@ def planned_runs(study, only=None, seeds=None) -> list[tuple[str, str, int]]:
   unknown = sorted(set(only or ()) - known)
   if unknown:
     raise ConfigError(f"--only names unknown variants {unknown}; known: {sorted(known)}")
+  trained = {n for t in tables[study.train] for n in study[t]} | {study.reference}
+  untrained = sorted(set(only or ()) - trained)
+  if untrained:
+    raise ConfigError(
+      f"--only names {untrained}, which config.train={study.train!r} does not train; "
+      "use the config's :ablations variant or --config.train=all"
+    )
   runs = []
   for table in tables[study.train]:
     names = list(study[table])
@@ -143,8 +143,8 @@ def variant_overrides(study, name: str) -> dict:
 
 def run_study(study, study_dir: str, only=None, seeds=None) -> dict:
   """Trains every planned run not yet finished, then writes the report from all finished ones."""
-  os.makedirs(os.path.join(study_dir, "runs"), exist_ok=True)
   runs = planned_runs(study, only, seeds)
+  os.makedirs(os.path.join(study_dir, "runs"), exist_ok=True)
   for i, (_, name, seed) in enumerate(runs):
     rundir = os.path.join(study_dir, "runs", run_name(name, seed))
     done = os.path.exists(os.path.join(rundir, RESULT))
@@ -306,7 +306,7 @@ def write_csv(results, path: str) -> None:
       for (modality, structure), rows in by_key.items():
         values = [f"{np.nanmean([r[k] for r in rows]):.6g}" for k in METRICS]
         lines.append(",".join([name, str(seed), modality, structure, *values]))
-  _write_atomic(path, "\n".join(lines) + "\n")
+  files.write_text(path, "\n".join(lines) + "\n")
 
 
 def write_chart(results, names, path: str) -> None:
@@ -333,11 +333,9 @@ def write_chart(results, names, path: str) -> None:
   lows = [np.nanmin(_seed_values(results[n], m, "dice")) for n in names for m in modalities]
   ax.set_ylim(max(0.0, min(lows) * 100 - 10), 100)
   fig.tight_layout()
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
-  os.close(fd)
-  fig.savefig(tmp, dpi=120)
+  with files.replacing(path) as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def write_report(study, study_dir: str) -> dict:
@@ -381,7 +379,7 @@ def write_report(study, study_dir: str) -> dict:
       "",
       _tests_table(ablation_tests, study.reference),
     ]
-  _write_atomic(os.path.join(study_dir, "study.md"), "\n".join(parts) + "\n")
+  files.write_text(os.path.join(study_dir, "study.md"), "\n".join(parts) + "\n")
   write_csv(results, os.path.join(study_dir, "study.csv"))
   write_chart(results, [*schemes, *study.ablations], os.path.join(study_dir, "study.png"))
   return {"results": results, "tests": tests + ablation_tests}
@@ -394,7 +392,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    writers.quiet_libraries()
   try:
     if f.config is None or f.workdir is None:
       raise ConfigError("--config and --workdir are required, e.g. --config=configs/study.py")
@@ -404,8 +402,7 @@ def main(argv):
       raise ConfigError(f"--seeds={','.join(f.seeds)} must be integers") from None
     run_study(f.config, f.workdir, only=f.only, seeds=seeds)
   except UkdError as e:
-    print(f"ukd: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    exit_with(e)
   print(f"wrote {os.path.join(f.workdir, 'study.md')}, study.csv and study.png")
 
 

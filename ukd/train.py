@@ -7,16 +7,19 @@ data iterators' positions, so a resumed run's losses equal an uninterrupted one'
 
 import dataclasses
 import os
+import signal
+import threading
 
 import jax
 import ml_collections as mc
 import numpy as np
+from jax.experimental import multihost_utils
 
-from ukd import checkpoints, evaluate, infer, models, steps, writers
+from ukd import check, checkpoints, evaluate, infer, models, steps, writers
 from ukd import config as config_lib
 from ukd import state as state_lib
 from ukd.data import adapters, pipeline, preprocess, splits, synthetic
-from ukd.errors import ConfigError, TrainingError
+from ukd.errors import ConfigError, Preempted, TrainingError
 
 
 @dataclasses.dataclass
@@ -25,36 +28,56 @@ class Data:
 
   adapter: adapters.Adapter
   class_names: tuple[str, ...]
-  cases: dict  # {modality: {split: [Case]}}
+  cases: dict  # {modality: {split: [Case]}}, the whole split (training uses a subset)
   train_sources: dict  # {modality: [cache entries]}
 
+  def record(self) -> dict:
+    """What checkpoints keep of the dataset (`checkpoints.save`): the split, so evaluation
+    scores the same test cases whatever happens to splits.json or the dataset, and the class
+    names and label codes, so predictions are written in the dataset's own codes."""
+    return dict(
+      splits={m: {s: [c.id for c in cs] for s, cs in by.items()} for m, by in self.cases.items()},
+      classes=list(self.class_names),
+      label_codes={m: list(self.adapter.label_codes(m)) for m in self.cases},
+    )
 
-def prepare_data(config, workdir) -> Data:
-  """Dataset root -> cases -> splits -> preprocessed, cached training volumes."""
-  if config.data.get("synthetic", {}).get("enabled"):
-    root = config.data.root
+
+def dataset_root(config, workdir) -> str:
+  """`config.data.root`; for synthetic phantoms with no root, `<workdir>/phantoms`. Phantoms
+  are generated there on first use."""
+  root = config.data.root
+  if config.data.synthetic.enabled:
     if root in (config_lib.REQUIRED, ""):
       root = os.path.join(workdir, "phantoms")
     synthetic.ensure(root, config.data.synthetic)
-    config.data.root = root
-  if config.data.root in (config_lib.REQUIRED, ""):
+  if root in (config_lib.REQUIRED, ""):
     raise ConfigError("config.data.root is not set: pass --config.data.root=/path/to/dataset")
+  return root
+
+
+def prepare_data(config, root, workdir) -> Data:
+  """Dataset root -> cases -> splits -> preprocessed, cached training volumes."""
   adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
   modalities = tuple(config.modalities)
   cases = splits.cases_by_split(
     adapter,
-    config.data.root,
+    root,
     modalities,
     workdir,
     seed=config.seed,
     fractions=tuple(config.data.split_fractions),
     split_file=config.data.split_file or None,
   )
-  for m in modalities:
-    cases[m]["train"] = training_subset(cases[m]["train"], config.data.train_fraction)
+  # Every case of every split, before minutes of preprocessing: a broken test case fails now.
+  check.check_cases(adapter, [c for m in modalities for part in cases[m].values() for c in part])
   cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
   sources = {
-    m: preprocess.cache_cases(adapter, cases[m]["train"], config.data, cache_dir)
+    m: preprocess.cache_cases(
+      adapter,
+      training_subset(cases[m]["train"], config.data.train_fraction),
+      config.data,
+      cache_dir,
+    )
     for m in modalities
   }
   return Data(adapter, tuple(adapter.classes), cases, sources)
@@ -66,7 +89,7 @@ def training_subset(cases, fraction: float):
   return cases[: max(1, round(fraction * len(cases)))]
 
 
-def validate(segmenter, data: Data, split="val"):
+def score_validation(segmenter, data: Data, split="val"):
   """Whole-volume validation: mean Dice per modality and class, and one overlay per modality."""
   scalars, pictures = {}, {}
   for m in segmenter.config.modalities:
@@ -82,35 +105,72 @@ def validate(segmenter, data: Data, split="val"):
   return scalars, pictures
 
 
-def _check_finite(metrics, step):
-  bad = steps.nonfinite_terms(metrics)
-  if bad:
-    terms = ", ".join(f"{k}={float(metrics[k])}" for k in bad)
-    raise TrainingError(
-      f"non-finite loss at step {step}: {terms}; the work dir keeps the last good checkpoint"
-    )
+def _variables(state) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _synced(pending) -> dict:
+  """Fetches the metrics of the steps since the last sync; stops the run at the first step
+  whose loss is not finite, before anything of that step is saved. Returns the last step's."""
+  for step, metrics in jax.device_get(pending):
+    bad = steps.nonfinite_terms(metrics)
+    if bad:
+      terms = ", ".join(f"{k}={float(metrics[k])}" for k in bad)
+      raise TrainingError(
+        f"non-finite loss at step {step}: {terms}; the work dir keeps the last good checkpoint"
+      )
+  return metrics
+
+
+class Preemption:
+  """Cloud TPU / SLURM preemption and Kubernetes eviction send SIGTERM, then kill a while
+  later. One process: a SIGTERM handler sets a flag that the loop reads after each step.
+  Several processes: jax's coordination service hears the notice on any host and picks one
+  step for all (`reached_preemption_sync_point`), so every host saves the same step."""
+
+  def __init__(self):
+    self.requested = False
+    self.multi_process = jax.process_count() > 1
+    if not self.multi_process and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._request)
+
+  def _request(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self.multi_process:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
 
 def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
-  config = config_lib.validate(config)
+  """Trains (or resumes) in `workdir`, then evaluates the test split. `config` is not changed:
+  the run uses `config_lib.resolve`'s frozen copy, which is what its checkpoints hold."""
+  config = config_lib.check(config)
+  # Listening from the start: a SIGTERM during setup or compilation stops the run after its
+  # first step, with that step saved.
+  preemption = Preemption()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-
-  # ---- Data: cases, splits, preprocessed cache ---------------------------------------------
-  data = prepare_data(config, workdir)
-  config.model.num_classes = len(data.class_names)
-  config.data.class_names = data.class_names
-
-  # ---- Mesh, model, state --------------------------------------------------------------------
   mesh = state_lib.make_mesh()
-  state_lib.check_batch_size(config, mesh)
+  state_lib.check_batch_size(config.batch_size, mesh)  # before minutes of preprocessing
+  infer.check_crop(config)  # so is a crop that validation could not reproduce
+
+  # ---- Data: cases, splits, preprocessed cache; then the config is resolved and frozen -----
+  root = dataset_root(config, workdir)
+  data = prepare_data(config, root, workdir)
+  config = config_lib.resolve(config, root=root, num_classes=len(data.class_names))
+
+  # ---- Model, state --------------------------------------------------------------------------
   model = models.build(config.model, config.modalities)
   spatial = models.input_spatial(config)
   state = state_lib.create(config, model, spatial, jax.random.key(config.seed), mesh)
   train_iter = pipeline.make_train_iterator(
     data.train_sources,
-    config,
+    pipeline.Spec.from_config(config),
+    config.modalities,
     seed=config.seed,
     shard_index=jax.process_index(),
     shard_count=jax.process_count(),
@@ -129,32 +189,50 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
   writer.write_config(config)
   train_step = steps.make_train_step(model, config, mesh)
   progress = writers.Progress(config.total_steps, start, enabled=is_main)
+  # One Segmenter for the whole run: each validation hands it the current weights, and its
+  # compiled functions serve every validation.
+  segmenter = infer.Segmenter(config, _variables(state))
 
   # ---- Loop ----------------------------------------------------------------------------------
   step, val = start, {}
+  pending = []  # (step, metrics still on the device) since the last sync with the host
   try:
     while step < config.total_steps:
       batch = state_lib.to_global_batch(next(train_iter), mesh)
       state, metrics = train_step(state, batch)
       step += 1
-      metrics = jax.device_get(metrics)
-      _check_finite(metrics, step)
-      progress.update(step, metrics)
-      if step % config.log_every == 0 or step == config.total_steps:
+      pending.append((step, metrics))
+      last = step == config.total_steps
+      validate = (config.eval_every and step % config.eval_every == 0) or last
+      preempted = preemption.reached(step)
+      save = step % config.checkpoint_every == 0 or last or preempted
+      # The host waits for the device only here, so input loading overlaps device compute;
+      # every step's losses are still checked before anything is saved.
+      if step % config.log_every == 0 or validate or save:
+        metrics = _synced(pending)
+        pending = []
+        progress.update(step, metrics)
         writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
 
-      last = step == config.total_steps
       val = {}
-      if (config.eval_every and step % config.eval_every == 0) or last:
-        segmenter = infer.Segmenter(
-          config, {"params": state.params, "batch_stats": state.batch_stats}, mesh=mesh
-        )
-        val, pictures = validate(segmenter, data)
+      if validate:
+        segmenter.update(_variables(state))
+        val, pictures = score_validation(segmenter, data)
         writer.scalars(step, val)
         writer.images(step, pictures)
         progress.note(step, f"validation mean Dice {val['val_dice/mean']:.3f}")
-      if step % config.checkpoint_every == 0 or last:
-        checkpoints.save(mgr, step, state, config, train_iter, val_dice=val.get("val_dice/mean"))
+      if save:
+        checkpoints.save(
+          mgr,
+          step,
+          state,
+          config,
+          train_iter,
+          val_dice=val.get("val_dice/mean"),
+          dataset=data.record(),
+        )
+      if preempted:
+        raise Preempted(step)
   finally:
     progress.close()
     mgr.wait_until_finished()
@@ -166,5 +244,5 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
       closer()
 
   # ---- Test evaluation -----------------------------------------------------------------------
-  summary = evaluate.evaluate(workdir, overlays=config.overlays)
-  return {"step": step, "val": val, "test": summary}
+  tested = evaluate.evaluate(workdir, overlays=config.overlays)  # summary, rows, its folder
+  return {"step": step, "val": val, "test": tested}

@@ -9,8 +9,12 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
+from absl import logging
+
+from ukd import files
 
 
 class MetricWriter:
@@ -69,10 +73,7 @@ def _truncate_jsonl(path: str, last_step: int):
         keep.append(line)
     except (ValueError, KeyError):
       continue  # a line cut short by a kill
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  files.write_text(path, "".join(keep))
 
 
 class Progress:
@@ -149,3 +150,11 @@ def _duration(seconds: float) -> str:
   h, rest = divmod(seconds, 3600)
   m, s = divmod(rest, 60)
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def quiet_libraries() -> None:
+  """Keeps library chatter (Orbax notices at every checkpoint load, deprecation warnings) off
+  the user's terminal, which then shows the project's own lines only; `--verbosity` (any
+  value) leaves logging as absl sets it."""
+  logging.set_verbosity(logging.ERROR)
+  warnings.simplefilter("ignore")

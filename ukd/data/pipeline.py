@@ -5,30 +5,26 @@ host's slice of the global batch of every modality, and sample ``b`` of modality
 with its own generator seeded by (seed, m, global sample index). Hence:
   * modalities are independent streams ("paired by step, not by anatomy"), yet zipped per step;
   * a batch depends only on (seed, step), so it is the same for any number of worker processes
-    and resuming from ``get_state()`` is exact;
+    or hosts, and resuming is starting the dataset at the resumed step: nothing about the
+    iterator needs saving, and a run may resume on another number of hosts;
   * host ``h`` of ``n`` takes global samples [h*B/n, (h+1)*B/n) of every step: hosts never
     overlap and together they yield exactly the batch a single host would.
 
-Config fields read (defaults in brackets):
-  model.dims             2: slice + its two neighbours as channels; 3: patches [H,W,S,1]
-                         (or the `dims` argument; else from model.name: unet3d 3, dilated2d 2)
-  modalities             output order; every one needs sources [the keys of `sources`]
+Settings: `Spec.from_config(config)` reads them from a full (resolved) config, with no
+defaults of its own, and checks each, naming the field:
+  model.name             dilated2d: a slice with its two neighbours as channels [H,W,3];
+                         unet3d: patches [H,W,S,1]
   batch_size             per modality, global (all hosts together)
-  data.patch             3D patch (H, W, S) [(256, 256, 8)]; H, W at most the prepared size
-  data.fg_fraction [0.]  probability that a sample is centred on a slice with foreground
-  data.augment           all off by default, as in the paper:
-                           flip [False]   random flips of each in-plane axis
-                           rotate [0.]    max rotation in degrees
-                           scale [0.]     max relative zoom (0.1 = 0.9..1.1)
-                           intensity [0.] max intensity jitter: x * (1 + a) + b, |a|, |b| <= it
-  data.workers [0]       grain worker processes (0 = in the training process)
-  data.prefetch [2]      batches buffered per process
+  data.patch             3D patch (H, W, S); H, W at most the prepared size
+  data.fg_fraction       probability that a sample is centred on a slice with foreground
+  data.augment           flip (random flips of each in-plane axis), rotate (max degrees),
+                         scale (max relative zoom, 0.1 = 0.9..1.1), intensity (max jitter:
+                         x * (1 + a) + b, |a|, |b| <= it)
+  data.workers           grain worker processes (0 = in the training process)
+  data.prefetch          batches buffered per process
 
 Worker processes are spawned by grain: outside ``absl.app.run`` call
-``absl.flags.FLAGS.mark_as_parsed()`` first, and ``close()`` the iterator when done. A saved
-iterator state fits only the worker count it was saved with. Checkpoint the iterator with
-orbax: ``ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`` and restore with
-``grain.checkpoint.CheckpointRestore(it)`` (one JSON file per process).
+``absl.flags.FLAGS.mark_as_parsed()`` first, and ``close()`` the iterator when done.
 """
 
 import dataclasses
@@ -41,34 +37,60 @@ from ukd.errors import DataError
 
 # Steps available; effectively endless (training stops by step count, not by exhaustion).
 _MAX_STEPS = 2**62
-_AUGMENT_DEFAULTS = dict(flip=False, rotate=0.0, scale=0.0, intensity=0.0)
+_AUGMENT_KEYS = ("flip", "rotate", "scale", "intensity")
+# Sample dimensionality of each network (ukd.models.DIMS; not imported, so that input worker
+# processes need no JAX).
 _DIMS_BY_MODEL = {"dilated2d": 2, "unet3d": 3}
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """Validated sampling settings shared by every modality's sampler."""
+  """Checked sampling and loading settings shared by every modality's sampler."""
 
   dims: int
   batch: int  # global, per modality
   patch: tuple[int, int, int] | None
   fg_fraction: float
   augment: dict
+  workers: int
+  prefetch: int
 
-
-def _get(cfg, name, default):
-  """ConfigDict and dict both answer .get; absent or None means the default."""
-  value = cfg.get(name, default) if cfg is not None else default
-  return default if value is None else value
+  @classmethod
+  def from_config(cls, config, dims: int | None = None) -> "Spec":
+    """The settings of a full config (see the module docstring); `dims` overrides the
+    network's own (2D slices for a 3D network, say)."""
+    if dims is None:
+      dims = _DIMS_BY_MODEL.get(config.model.name)
+    if dims not in (2, 3):
+      raise DataError(
+        f"model.name={config.model.name!r} is not one of {sorted(_DIMS_BY_MODEL)} (dims={dims!r})"
+      )
+    batch = config.batch_size
+    if not isinstance(batch, int) or batch < 1:
+      raise DataError(f"batch_size must be a positive int (per modality, global), got {batch!r}")
+    data = config.data
+    patch = None
+    if dims == 3:
+      patch = tuple(data.patch)
+      if len(patch) != 3 or not all(isinstance(v, int) and v >= 1 for v in patch):
+        raise DataError(f"data.patch must be three positive ints (H, W, S), got {patch}")
+    fg = float(data.fg_fraction)
+    if not 0.0 <= fg <= 1.0:
+      raise DataError(f"data.fg_fraction must be in [0, 1], got {fg}")
+    workers, prefetch = int(data.workers), int(data.prefetch)
+    if workers < 0 or prefetch < 1:
+      raise DataError(
+        f"data.workers must be >= 0 and data.prefetch >= 1, got {workers} and {prefetch}"
+      )
+    return cls(int(dims), batch, patch, fg, _augment_spec(data.augment), workers, prefetch)
 
 
 def _augment_spec(raw) -> dict:
-  """Augmentation settings with defaults; unknown keys are typos, not silently ignored."""
+  """Checked augmentation settings; a missing or unknown key is an error, not a default."""
   raw = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
-  unknown = sorted(set(raw) - set(_AUGMENT_DEFAULTS))
-  if unknown:
-    raise DataError(f"data.augment has unknown keys {unknown} (known: {sorted(_AUGMENT_DEFAULTS)})")
-  aug = {**_AUGMENT_DEFAULTS, **raw}
+  if sorted(raw) != sorted(_AUGMENT_KEYS):
+    raise DataError(f"data.augment has keys {sorted(raw)}; expected exactly {list(_AUGMENT_KEYS)}")
+  aug = dict(raw)
   for key in ("rotate", "scale", "intensity"):
     aug[key] = float(aug[key])
     if aug[key] < 0:
@@ -77,37 +99,6 @@ def _augment_spec(raw) -> dict:
     raise DataError(f"data.augment.scale must be < 1 (a relative zoom), got {aug['scale']}")
   aug["flip"] = bool(aug["flip"])
   return aug
-
-
-def _dims(config, dims) -> int:
-  """2D or 3D sampling: explicit argument, else model.dims, else implied by model.name."""
-  model = _get(config, "model", {})
-  if dims is None:
-    dims = _get(model, "dims", None) or _DIMS_BY_MODEL.get(_get(model, "name", None))
-  if dims not in (2, 3):
-    raise DataError(
-      f"model.dims must be 2 or 3 (or model.name one of {sorted(_DIMS_BY_MODEL)}),"
-      f" got dims={dims!r}"
-    )
-  return int(dims)
-
-
-def read_spec(config, dims=None) -> Spec:
-  """Pull and check the sampling settings, naming the offending field on error."""
-  data = _get(config, "data", {})
-  dims = _dims(config, dims)
-  batch = _get(config, "batch_size", None)
-  if not isinstance(batch, int) or batch < 1:
-    raise DataError(f"batch_size must be a positive int (per modality, global), got {batch!r}")
-  patch = None
-  if dims == 3:
-    patch = tuple(_get(data, "patch", (256, 256, 8)))
-    if len(patch) != 3 or not all(isinstance(v, int) and v >= 1 for v in patch):
-      raise DataError(f"data.patch must be three positive ints (H, W, S), got {patch}")
-  fg = float(_get(data, "fg_fraction", 0.0))
-  if not 0.0 <= fg <= 1.0:
-    raise DataError(f"data.fg_fraction must be in [0, 1], got {fg}")
-  return Spec(dims, batch, patch, fg, _augment_spec(_get(data, "augment", {})))
 
 
 def _check_entries(modality: str, entries, spec: Spec) -> list[tuple[str, str]]:
@@ -297,31 +288,22 @@ class StepBatch:
     return out
 
 
-def _modalities(sources: dict, config) -> list[str]:
-  """Modalities in config order when the config lists them; each must have sources."""
-  listed = list(_get(config, "modalities", ())) or list(sources)
-  for modality in listed:
-    if not sources.get(modality):
-      raise DataError(f"sources[{modality!r}] is empty: no training volumes for this modality")
-  return listed
-
-
 def make_train_iterator(
   sources: dict,
-  config,
+  spec: Spec,
+  modalities,
   *,
   seed: int,
+  start_step: int = 0,
   shard_index: int = 0,
   shard_count: int = 1,
-  dims: int | None = None,
 ):
-  """Endless iterator of {modality: {'image', 'label'}} batches for one host.
+  """Endless iterator of {modality: {'image', 'label'}} batches for one host, from the batch
+  of step `start_step + 1` on (the step a resumed run trains next).
 
-  Returns a grain DatasetIterator: get_state()/set_state() resume exactly, and it can be saved
-  with grain.checkpoint.CheckpointSave. Each host gets batch_size // shard_count samples of each
-  modality per step (see the module docstring).
+  `sources` maps each of `modalities` (the output order) to its cache entries. Each host gets
+  batch // shard_count samples of each modality per step (see the module docstring).
   """
-  spec = read_spec(config, dims)
   if not 0 <= shard_index < shard_count:
     raise DataError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
   if spec.batch % shard_count:
@@ -331,25 +313,20 @@ def make_train_iterator(
     )
   if not isinstance(seed, int) or seed < 0:
     raise DataError(f"seed must be a non-negative int, got {seed!r}")
-  samplers = {
-    m: ModalitySampler(_check_entries(m, sources[m], spec), spec)
-    for m in _modalities(sources, config)
-  }
-  data = _get(config, "data", {})
-  workers = int(_get(data, "workers", 0))
-  prefetch = int(_get(data, "prefetch", 2))
-  if workers < 0 or prefetch < 1:
-    raise DataError(
-      f"data.workers must be >= 0 and data.prefetch >= 1, got {workers} and {prefetch}"
-    )
-  ds = grain.MapDataset.range(_MAX_STEPS).map(
+  for modality in modalities:
+    if not sources.get(modality):
+      raise DataError(f"sources[{modality!r}] is empty: no training volumes for this modality")
+  samplers = {m: ModalitySampler(_check_entries(m, sources[m], spec), spec) for m in modalities}
+  if not isinstance(start_step, int) or start_step < 0:
+    raise DataError(f"start_step must be a non-negative int, got {start_step!r}")
+  ds = grain.MapDataset.range(start_step, _MAX_STEPS).map(
     StepBatch(samplers, seed, spec.batch, shard_index, shard_count)
   )
   # One reading thread per process: sampling is numpy work, more threads only fight the GIL;
   # parallelism comes from worker processes.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
-  if workers > 0:
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=spec.prefetch))
+  if spec.workers > 0:
     ds = ds.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+      grain.MultiprocessingOptions(num_workers=spec.workers, per_worker_buffer_size=spec.prefetch)
     )
   return iter(ds)

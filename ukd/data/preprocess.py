@@ -24,20 +24,19 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 import scipy.ndimage
 
+from ukd import files
 from ukd.data.volumes import Volume
 from ukd.errors import DataError
 
 # Bump when the content or layout of cache entries changes, so old entries are not reused.
 CACHE_VERSION = 1
 
-_DEFAULT_WINDOW = (-1000.0, 1000.0)
-_DEFAULT_PERCENTILES = (0.5, 99.5)
+# What each normalisation kind needs besides 'kind' (config.data.norm.<modality>).
+_NORM_FIELDS = {"window": ("window",), "zscore": ("percentiles",)}
 # 'body' crop: a voxel is body when it is above this fraction of the way from the minimum to the
 # 99th percentile of the normalised volume (air and scanner padding sit at the minimum) ...
 _BODY_LEVEL = 0.1
@@ -54,12 +53,6 @@ class Prepared:
   geometry: dict
 
 
-def _get(cfg, name, default):
-  """ConfigDict and dict both answer .get; configs written before a field existed still work."""
-  value = cfg.get(name, default)
-  return default if value is None else value
-
-
 def _plain(value):
   """ConfigDict / tuples -> JSON-stable dicts and lists (the cache key hashes this form)."""
   if hasattr(value, "to_dict"):
@@ -74,33 +67,32 @@ def _plain(value):
 
 
 def _norm_settings(cfg, modality: str) -> dict:
-  """This modality's normalisation entry with defaults filled in (also part of the cache key)."""
-  table = _plain(_get(cfg, "norm", {}))
+  """This modality's normalisation entry, checked (also part of the cache key)."""
+  table = _plain(cfg.norm)
   if modality not in table:
     raise DataError(f"data.norm has no entry for modality {modality!r} (entries: {sorted(table)})")
   entry = dict(table[modality])
   kind = entry.get("kind")
-  if kind == "window":
-    entry.setdefault("window", list(_DEFAULT_WINDOW))
-  elif kind == "zscore":
-    entry.setdefault("percentiles", list(_DEFAULT_PERCENTILES))
-  else:
+  if kind not in _NORM_FIELDS:
     raise DataError(f"data.norm.{modality}.kind must be 'window' or 'zscore', got {kind!r}")
+  missing = [f for f in _NORM_FIELDS[kind] if f not in entry]
+  if missing:
+    raise DataError(f"data.norm.{modality} ({kind}) needs {missing}")
   return entry
 
 
 def settings(cfg, modality: str) -> dict:
   """Every setting that changes `prepare`'s output, as plain data."""
-  size = tuple(int(v) for v in _get(cfg, "size", (256, 256)))
+  size = tuple(int(v) for v in cfg.size)
   if len(size) != 2 or min(size) < 1:
     raise DataError(f"data.size must be two positive ints (H, W), got {size}")
-  slice_axis = int(_get(cfg, "slice_axis", 2))
+  slice_axis = int(cfg.slice_axis)
   if slice_axis not in (0, 1, 2):
     raise DataError(f"data.slice_axis must be 0, 1 or 2, got {slice_axis}")
-  crop = _get(cfg, "crop", "none")
+  crop = cfg.crop
   if crop not in ("none", "body", "foreground"):
     raise DataError(f"data.crop must be 'none', 'body' or 'foreground', got {crop!r}")
-  margin = int(_get(cfg, "crop_margin", 8))
+  margin = int(cfg.crop_margin)
   if margin < 0:
     raise DataError(f"data.crop_margin must be >= 0, got {margin}")
   return dict(
@@ -206,13 +198,8 @@ def prepare(image: Volume, label: Volume | None, modality: str, cfg) -> Prepared
   return Prepared(image=out_image, label=out_label, geometry=geometry)
 
 
-def restore(array: np.ndarray, geometry: dict, *, is_label: bool) -> np.ndarray:
-  """Network-space labels [H,W,S] or probabilities [H,W,S,C] -> the input volume's canonical grid.
-
-  Probabilities are resized linearly (the caller takes the argmax afterwards, which is smoother
-  than resizing labels); the region the crop removed is background with probability 1.
-  """
-  array = np.asarray(array)
+def _network_shape(array: np.ndarray, geometry: dict, is_label: bool) -> list[int]:
+  """The canonical grid in slice-last order, after checking `array` is this geometry's."""
   axis = geometry["slice_axis"]
   shape = geometry["canonical_shape"]
   full = [n for i, n in enumerate(shape) if i != axis] + [shape[axis]]
@@ -220,46 +207,119 @@ def restore(array: np.ndarray, geometry: dict, *, is_label: bool) -> np.ndarray:
   if array.shape[:3] != expected or array.ndim != (3 if is_label else 4):
     kind = "labels [H,W,S]" if is_label else "probabilities [H,W,S,C]"
     raise DataError(f"restore expects {kind} with H,W,S = {expected}, got {array.shape}")
+  return full
+
+
+def _restore_planes(array: np.ndarray, geometry: dict, full, is_label: bool) -> np.ndarray:
+  """Network-space slices [H,W,k(,C)] -> the canonical in-plane grid, still slice-last.
+
+  Slices are independent (the resize keeps the slice axis), so any run of slices restores to
+  exactly what it is within the whole volume.
+  """
   (r0, r1), (c0, c1) = geometry["crop_box"]
   cropped = _resize(array, (r1 - r0, c1 - c0), order=0 if is_label else 1)
   if is_label:
-    out = np.zeros(full, array.dtype)
+    out = np.zeros(full[:2] + [array.shape[2]], array.dtype)
   else:
-    out = np.zeros(full + [array.shape[3]], np.float32)
+    out = np.zeros(full[:2] + list(array.shape[2:]), np.float32)
     out[..., 0] = 1.0
   out[r0:r1, c0:c1] = cropped
-  return np.moveaxis(out, 2, axis)
+  return out
 
 
-def _stat(path: str) -> list:
-  """Size and mtime of a file, or of every file under a directory (DICOM series, PNG masks)."""
-  if os.path.isdir(path):
-    found = []
-    for root, _, files in sorted(os.walk(path)):
-      for name in sorted(files):
-        full = os.path.join(root, name)
-        st = os.stat(full)
-        found.append([os.path.relpath(full, path), st.st_size, st.st_mtime_ns])
-    return found
+def restore(array: np.ndarray, geometry: dict, *, is_label: bool) -> np.ndarray:
+  """Network-space labels [H,W,S] or probabilities [H,W,S,C] -> the input volume's canonical grid.
+
+  Probabilities are resized linearly (the caller takes the argmax afterwards, which is smoother
+  than resizing labels); the region the crop removed is background with probability 1.
+  """
+  array = np.asarray(array)
+  full = _network_shape(array, geometry, is_label)
+  return np.moveaxis(_restore_planes(array, geometry, full, is_label), 2, geometry["slice_axis"])
+
+
+# Full-resolution probabilities are materialised this many bytes at a time: a 512x512x600 CT
+# with 5 classes would need 3 GiB for one copy of all of them.
+RESTORE_CHUNK_BYTES = 128 * 2**20
+
+
+def restore_labels(probs: np.ndarray, geometry: dict, *, probabilities: bool = False):
+  """Network-space probabilities [H,W,S,C] -> (labels, probabilities or None) on the canonical
+  grid: the argmax of `restore(probs, is_label=False)`, bit for bit, without holding it all.
+
+  Slices are restored and reduced in runs of at most RESTORE_CHUNK_BYTES of full-resolution
+  probabilities; the restored probabilities are kept (float32 [X,Y,Z,C]) only when asked for.
+  Labels are uint8 class indices (int32 beyond 256 classes).
+  """
+  probs = np.asarray(probs)
+  full = _network_shape(probs, geometry, is_label=False)
+  classes = probs.shape[3]
+  labels = np.empty(full, np.uint8 if classes <= 256 else np.int32)
+  kept = np.empty(full + [classes], np.float32) if probabilities else None
+  plane_bytes = full[0] * full[1] * classes * 4
+  run = max(1, RESTORE_CHUNK_BYTES // plane_bytes)
+  for start in range(0, full[2], run):
+    part = slice(start, start + run)
+    planes = _restore_planes(probs[:, :, part], geometry, full, is_label=False)
+    labels[:, :, part] = np.argmax(planes, axis=-1)
+    if kept is not None:
+      kept[:, :, part] = planes
+  axis = geometry["slice_axis"]
+  labels = np.ascontiguousarray(np.moveaxis(labels, 2, axis))
+  return labels, None if kept is None else np.moveaxis(kept, 2, axis)
+
+
+# Content sampled for a file's fingerprint: the whole file up to twice this, else its first and
+# last this many bytes (headers, and the end a rewrite or a truncation changes).
+_SAMPLE_BYTES = 2**20
+
+
+def _file_fingerprint(path: str) -> list:
+  """Size, mtime and a hash of the content: a file rewritten in place with the same size and
+  mtime (a restored backup, `os.utime`, a tool that keeps times) still changes its key."""
   st = os.stat(path)
-  return [st.st_size, st.st_mtime_ns]
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    if st.st_size <= 2 * _SAMPLE_BYTES:
+      digest.update(f.read())
+    else:
+      digest.update(f.read(_SAMPLE_BYTES))
+      f.seek(-_SAMPLE_BYTES, os.SEEK_END)
+      digest.update(f.read(_SAMPLE_BYTES))
+  return [st.st_size, st.st_mtime_ns, digest.hexdigest()]
+
+
+def _fingerprint(path: str) -> list:
+  """`_file_fingerprint` of a file, or of every file under a directory (DICOM, PNG masks)."""
+  if not os.path.isdir(path):
+    return _file_fingerprint(path)
+  found = []
+  for root, _, names in sorted(os.walk(path)):
+    for name in sorted(names):
+      full = os.path.join(root, name)
+      found.append([os.path.relpath(full, path), *_file_fingerprint(full)])
+  return found
 
 
 def cache_key(adapter, case, cfg) -> str:
-  """Names a cache entry by everything its content depends on, so any change misses the cache."""
+  """Names a cache entry by everything its content depends on, so any change misses the cache:
+  the files (by content, `_fingerprint`), how label codes become classes (the adapter's code
+  table and `ignore_unknown_labels`) and the preprocessing settings."""
   try:
-    files = {
-      k: None if p is None else [os.path.abspath(p), _stat(p)]
+    paths = {
+      k: None if p is None else [os.path.abspath(p), _fingerprint(p)]
       for k, p in (("image", case.image), ("label", case.label))
     }
   except OSError as e:
     raise DataError(f"case {case.id}: cannot read {e.filename}: {e.strerror}") from e
   described = dict(
     version=CACHE_VERSION,
-    files=files,
+    files=paths,
     modality=case.modality,
     adapter=type(adapter).__name__,
-    classes=list(getattr(adapter, "classes", ())),
+    classes=list(adapter.classes),
+    codes=sorted(adapter.code_table(case.modality).items()),
+    ignore_unknown_labels=adapter.ignore_unknown_labels,
     settings=settings(cfg, case.modality),
   )
   digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
@@ -299,26 +359,16 @@ def _entry(directory: str, case) -> dict:
 def cache_case(adapter, case, cfg, cache_dir) -> dict:
   """Prepare one case once and reuse it.
 
-  The entry is built in a temporary directory and renamed into place: rename is atomic, so a
-  killed process leaves at most a stray '.tmp-*' directory, never a half-written entry.
+  The entry is built in a temporary directory and renamed into place (`files.new_directory`),
+  so a killed process leaves at most a stray '.tmp-*' directory, never a half-written entry.
   """
   final = os.path.join(cache_dir, cache_key(adapter, case, cfg))
   if os.path.isdir(final):
     return _entry(final, case)
-  os.makedirs(cache_dir, exist_ok=True)
   image, label = adapter.read(case)
   prepared = prepare(image, label, case.modality, cfg)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
-  try:
+  with files.new_directory(final) as tmp:
     _write_entry(tmp, prepared)
-    try:
-      os.rename(tmp, final)
-    except OSError:
-      if not os.path.isdir(final):
-        raise
-      # Another process finished the same entry first: keep theirs.
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful rename
   return _entry(final, case)
 
 

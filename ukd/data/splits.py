@@ -13,6 +13,7 @@ import random
 
 import numpy as np
 
+from ukd import files
 from ukd.errors import ConfigError, DataError, error
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -88,16 +89,6 @@ def _load_splits(path: str, ids: dict[str, list[str]]) -> dict:
   return result
 
 
-def _write_json(path: str, value) -> None:
-  """Write via a temporary file so an interrupted run never leaves half a split file."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temporary = f"{path}.tmp"
-  with open(temporary, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(temporary, path)
-
-
 def load_or_make_splits(
   workdir, cases, *, seed: int, fractions=(0.6, 0.2, 0.2), split_file=None
 ) -> dict:
@@ -120,8 +111,36 @@ def load_or_make_splits(
     return _load_splits(saved, ids)
   else:
     splits = _make_splits(ids, seed, fractions)
-  _write_json(saved, splits)
+  files.write_json(saved, splits, sort_keys=True)  # atomic: never half a split file
   return splits
+
+
+def list_cases(adapter, root, modalities) -> list:
+  """The dataset's cases of `modalities`; a listed modality without cases is a ConfigError
+  (the dataset's other modalities are left out)."""
+  listed = adapter.cases(root)
+  found = {c.modality for c in listed}
+  missing = [m for m in modalities if m not in found]
+  if missing:
+    raise ConfigError(
+      f"config.modalities lists {missing} but {root} has no such cases (found {sorted(found)})"
+    )
+  return [c for c in listed if c.modality in modalities]
+
+
+def _hand_out(listed, modalities, splits: dict, source) -> dict:
+  """{modality: {split: [Case]}} for the ids of `splits`; an id the dataset lacks names
+  `source`, the split that listed it."""
+  by_id = {(c.modality, c.id): c for c in listed}
+  out = {}
+  for m in modalities:
+    out[m] = {}
+    for split, ids in splits[m].items():
+      lost = [i for i in ids if (m, i) not in by_id]
+      if lost:
+        raise error(DataError, source, f"{m} {split} cases {lost} are no longer in the dataset")
+      out[m][split] = [by_id[(m, i)] for i in ids]
+  return out
 
 
 def cases_by_split(
@@ -133,20 +152,20 @@ def cases_by_split(
   A listed modality the dataset has no cases of is a ConfigError; the dataset's other
   modalities are left out of the split.
   """
-  listed = adapter.cases(root)
   modalities = tuple(modalities)
-  found = {c.modality for c in listed}
-  missing = [m for m in modalities if m not in found]
-  if missing:
-    raise ConfigError(
-      f"config.modalities lists {missing} but {root} has no such cases (found {sorted(found)})"
-    )
+  listed = list_cases(adapter, root, modalities)
   splits = load_or_make_splits(
-    workdir,
-    [c for c in listed if c.modality in modalities],
-    seed=seed,
-    fractions=fractions,
-    split_file=split_file,
+    workdir, listed, seed=seed, fractions=fractions, split_file=split_file
   )
-  by_id = {(c.modality, c.id): c for c in listed}
-  return {m: {s: [by_id[(m, i)] for i in ids] for s, ids in splits[m].items()} for m in modalities}
+  return _hand_out(listed, modalities, splits, os.path.join(os.fspath(workdir), "splits.json"))
+
+
+def cases_of_saved_split(adapter, root, modalities, saved: dict, source) -> dict:
+  """{modality: {split: [Case]}} by a split saved elsewhere (a checkpoint's record, `source`):
+  cases the dataset gained since are in no split, so a grown dataset evaluates on the same
+  test cases; a case it lost is a DataError."""
+  modalities = tuple(modalities)
+  absent = [m for m in modalities if m not in saved]
+  if absent:
+    raise error(DataError, source, f"the saved split has no modalities {absent}")
+  return _hand_out(list_cases(adapter, root, modalities), modalities, saved, source)

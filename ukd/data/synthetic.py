@@ -38,13 +38,13 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 import scipy.ndimage
 
+from ukd import files
 from ukd.errors import DataError
 
 DEFAULT_SHAPE = (48, 48, 24)
@@ -470,7 +470,8 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
   image = nib.Nifti1Image(array, affine)
   image.set_qform(affine, code=1)
   image.set_sform(affine, code=1)
-  nib.save(image, path)
+  with files.replacing(path) as tmp:
+    nib.save(image, tmp)
 
 
 def _check_counts(**counts) -> None:
@@ -556,9 +557,11 @@ def _write_chaos_series(patient_dir: str, phantom: Phantom, patient: int, seed: 
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = np.ascontiguousarray(phantom.image[:, :, k]).astype("<u2").tobytes()
     path = os.path.join(dicom_dir, stem + ".dcm")
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    with files.replacing(path) as tmp:
+      pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
     mask_path = os.path.join(ground_dir, stem + ".png")
-    Image.fromarray(grey[phantom.label[:, :, k]], mode="L").save(mask_path)
+    with files.replacing(mask_path) as tmp:
+      Image.fromarray(grey[phantom.label[:, :, k]], mode="L").save(tmp)
     written += [path, mask_path]
   return written
 
@@ -632,15 +635,13 @@ def ensure(root, cfg) -> str:
     )
   _check_shape(settings["shape"])  # fail before anything is written
   _check_counts(n_ct=settings["n_ct"], n_mr=settings["n_mr"])
-  os.makedirs(os.path.dirname(root), exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".phantoms-", dir=os.path.dirname(root))
-  _WRITERS[settings["layout"]](
-    staging, settings["n_ct"], settings["n_mr"], shape=settings["shape"], seed=settings["seed"]
-  )
-  with open(os.path.join(staging, _MARKER), "w") as f:
-    json.dump(settings, f, sort_keys=True)
-  os.rename(staging, root)
-  return root
+  with files.new_directory(root) as staging:
+    _WRITERS[settings["layout"]](
+      staging, settings["n_ct"], settings["n_mr"], shape=settings["shape"], seed=settings["seed"]
+    )
+    with open(os.path.join(staging, _MARKER), "w") as f:
+      json.dump(settings, f, sort_keys=True)
+  return ensure(root, cfg)  # checks the settings of phantoms another process finished first
 
 
 def main(argv=None) -> None:

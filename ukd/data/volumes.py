@@ -17,11 +17,14 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from ukd import files
 from ukd.errors import DataError, error
 
 # Label and image affines written by different tools differ by float32 rounding of the
 # qform/sform (well below a micrometre); real mismatches are voxel-sized.
 AFFINE_TOLERANCE = 1e-3
+# Plausible voxel sizes in mm: micro-CT reaches ~0.01 mm, thick-slice scans a few cm.
+MIN_SPACING, MAX_SPACING = 0.01, 50.0
 
 _RAS = orientations.axcodes2ornt(("R", "A", "S"))
 
@@ -62,10 +65,32 @@ def _orientation(affine: np.ndarray, source) -> np.ndarray:
   return ornt
 
 
+def _check_spacing(zooms, source) -> None:
+  """Voxel sizes outside [MIN_SPACING, MAX_SPACING] mm are a broken header (a zero, metres
+  written as millimetres), not anatomy: every distance and resize downstream would be off."""
+  bad = [float(z) for z in zooms if not MIN_SPACING <= z <= MAX_SPACING]
+  if bad:
+    raise error(
+      DataError,
+      source,
+      f"voxel spacing {[round(float(z), 6) for z in zooms]} mm is outside "
+      f"[{MIN_SPACING}, {MAX_SPACING}] mm; check the file's affine / pixdim",
+    )
+
+
+def _check_units(header, source) -> None:
+  """Spacing is read as millimetres: a header that says metres or microns would make every
+  distance wrong by 1000x.  'unknown' (code 0, what many tools write) is conventionally mm."""
+  unit = header.get_xyzt_units()[0]
+  if unit not in ("mm", "unknown"):
+    raise error(DataError, source, f"spatial unit is {unit!r}; ukd reads spacing in 'mm'")
+
+
 def _canonical(array: np.ndarray, affine: np.ndarray, source) -> tuple[np.ndarray, tuple]:
-  """Reorient to RAS and report voxel sizes along the new axes."""
-  ornt = _orientation(affine, source)
+  """Reorient to RAS and report voxel sizes along the new axes (checked: `_check_spacing`)."""
   zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+  _check_spacing(zooms, source)
+  ornt = _orientation(affine, source)
   spacing = [0.0, 0.0, 0.0]
   for axis, (target, _) in enumerate(ornt):
     spacing[int(target)] = float(zooms[axis])
@@ -114,6 +139,7 @@ def _load(path):
     raise error(DataError, path, f"not a NIfTI file ({type(image).__name__})")
   if not np.isfinite(image.affine).all():
     raise error(DataError, path, "affine contains NaN or Inf")
+  _check_units(image.header, path)
   return image
 
 
@@ -202,7 +228,7 @@ def write_like(canonical: np.ndarray, ref: Volume, path, dtype=np.uint8) -> None
 
   Reusing the header keeps the sform/qform codes, units and description, which is what
   makes viewers place the prediction exactly on top of the input. A 4D array [X,Y,Z,C]
-  (class probabilities, float32) is allowed.
+  (class probabilities, float32) is allowed.  Written atomically (`ukd.files`).
   """
   path = os.fspath(path)
   canonical = np.asarray(canonical)
@@ -220,5 +246,5 @@ def write_like(canonical: np.ndarray, ref: Volume, path, dtype=np.uint8) -> None
     header["cal_min"], header["cal_max"] = 0, 0
     header.set_intent("none")
     image = image_class(data, ref.affine, header=header)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  nib.save(image, path)
+  with files.replacing(path) as tmp:
+    nib.save(image, tmp)

@@ -27,12 +27,15 @@ def build(model_config, modalities):
       f"config.model.init={model_config.init!r} is not an initialiser; "
       f"choose one of {sorted(layers.KERNEL_INITS)}"
     )
+  if model_config.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype={model_config.dtype!r} must be 'float32' or 'bfloat16'")
   kwargs = dict(
     num_classes=model_config.num_classes,
     modalities=tuple(modalities),
     scheme=get_scheme(model_config.scheme),
     width=model_config.width,
     kernel_init=model_config.init,
+    dtype=model_config.dtype,
   )
   if name == "dilated2d":
     kwargs.update(dropout=model_config.dropout, upsample_mult=model_config.upsample_mult)

@@ -43,6 +43,7 @@ class ResidualBlock(nn.Module):
   norm_shared: bool
   dropout: float
   kernel_init: str
+  dtype: str
   dilation: int = 1
 
   @nn.compact
@@ -58,6 +59,7 @@ class ResidualBlock(nn.Module):
         kernel_size=(3, 3),
         dilation=self.dilation,
         kernel_init=self.kernel_init,
+        dtype=self.dtype,
       )(h, modality)
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return h + layers.pad_channels(x, self.features)
@@ -76,6 +78,7 @@ class Dilated2D(nn.Module):
   dropout: float = 0.25
   upsample_mult: int = 8
   kernel_init: str = "reference"
+  dtype: str = "float32"  # convolutions' computation dtype (bfloat16: mixed precision)
 
   @nn.compact
   def __call__(self, x, modality, train: bool = False):
@@ -87,22 +90,36 @@ class Dilated2D(nn.Module):
     drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
     enc = self.scheme.sharing(("first", "encoder"))
     h = layers.ModalityConv(
-      mods, enc.conv, features=w, kernel_size=(3, 3), kernel_init=init, name="stem"
+      mods,
+      enc.conv,
+      features=w,
+      kernel_size=(3, 3),
+      kernel_init=init,
+      dtype=self.dtype,
+      name="stem",
     )(x, modality)
 
     for name, widths, pool in RESIDUAL_STAGES:
       s = self.scheme.sharing(("encoder",))
       for i, k in enumerate(widths):
-        h = ResidualBlock(k * w, mods, s.conv, s.norm, self.dropout, init, name=f"{name}_{i}")(
-          h, modality, train
-        )
+        h = ResidualBlock(
+          k * w, mods, s.conv, s.norm, self.dropout, init, self.dtype, name=f"{name}_{i}"
+        )(h, modality, train)
       if pool:
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
 
     s = self.scheme.sharing(("encoder",))
     for i in range(2):
       h = ResidualBlock(
-        32 * w, mods, s.conv, s.norm, self.dropout, init, dilation=2, name=f"dilated_{i}"
+        32 * w,
+        mods,
+        s.conv,
+        s.norm,
+        self.dropout,
+        init,
+        self.dtype,
+        dilation=2,
+        name=f"dilated_{i}",
       )(h, modality, train)
 
     d = self.scheme.sharing(("decoder",))
@@ -110,13 +127,25 @@ class Dilated2D(nn.Module):
       h = layers.ModalityNorm(mods, d.norm, name=f"post_norm_{i}")(h, modality, train)
       h = layers.leaky_relu(h)
       h = layers.ModalityConv(
-        mods, d.conv, features=32 * w, kernel_size=(3, 3), kernel_init=init, name=f"post_conv_{i}"
+        mods,
+        d.conv,
+        features=32 * w,
+        kernel_size=(3, 3),
+        kernel_init=init,
+        dtype=self.dtype,
+        name=f"post_conv_{i}",
       )(h, modality)
       h = drop(h)
 
     channels = UPSAMPLE * UPSAMPLE * self.num_classes * self.upsample_mult
     h = layers.ModalityConv(
-      mods, d.conv, features=channels, kernel_size=(3, 3), kernel_init=init, name="upsample_conv"
+      mods,
+      d.conv,
+      features=channels,
+      kernel_size=(3, 3),
+      kernel_init=init,
+      dtype=self.dtype,
+      name="upsample_conv",
     )(h, modality)
     h = layers.ModalityNorm(mods, d.norm, name="upsample_norm")(h, modality, train)
     h = depth_to_space(layers.leaky_relu(h), UPSAMPLE)
@@ -129,6 +158,7 @@ class Dilated2D(nn.Module):
       kernel_size=(5, 5),
       use_bias=True,
       kernel_init=init,
+      dtype=self.dtype,
       name="head",
     )(h, modality)
 

@@ -69,6 +69,7 @@ class ModalityConv(_PerModality):
 
   features: int = 0
   kernel_init: str = "reference"  # a key of KERNEL_INITS
+  dtype: str = "float32"  # computation dtype; parameters stay float32
   kernel_size: tuple[int, ...] = (3, 3)
   strides: int | tuple[int, ...] = 1
   dilation: int = 1
@@ -78,6 +79,7 @@ class ModalityConv(_PerModality):
   @nn.compact
   def __call__(self, x, modality):
     initializer = KERNEL_INITS[self.kernel_init]
+    dtype = jnp.dtype(self.dtype)
 
     def make(name):
       if self.transpose:
@@ -88,6 +90,8 @@ class ModalityConv(_PerModality):
           padding="SAME",
           use_bias=self.use_bias,
           kernel_init=initializer,
+          dtype=dtype,
+          param_dtype=jnp.float32,
           name=name,
         )
       return nn.Conv(
@@ -98,6 +102,8 @@ class ModalityConv(_PerModality):
         kernel_dilation=self.dilation,
         use_bias=self.use_bias,
         kernel_init=initializer,
+        dtype=dtype,
+        param_dtype=jnp.float32,
         name=name,
       )
 
@@ -110,7 +116,8 @@ class ModalityNorm(_PerModality):
   @nn.compact
   def __call__(self, x, modality, train: bool):
     def make(name):
-      return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+      # float32 whatever the convolutions compute in: statistics and normalised outputs.
+      return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=jnp.float32, name=name)
 
     return self._route(make, x, modality, use_running_average=not train)
 

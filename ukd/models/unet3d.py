@@ -41,6 +41,7 @@ class ConvNormAct(nn.Module):
   conv_shared: bool
   norm_shared: bool
   kernel_init: str
+  dtype: str
   transpose: bool = False
 
   @nn.compact
@@ -53,6 +54,7 @@ class ConvNormAct(nn.Module):
       strides=POOL if self.transpose else 1,
       transpose=self.transpose,
       kernel_init=self.kernel_init,
+      dtype=self.dtype,
     )(x, modality)
     x = layers.ModalityNorm(self.modalities, self.norm_shared)(x, modality, train)
     return layers.leaky_relu(x)
@@ -69,6 +71,7 @@ class UNet3D(nn.Module):
   scheme: Scheme
   width: int = 16
   kernel_init: str = "reference"
+  dtype: str = "float32"  # convolutions' computation dtype (bfloat16: mixed precision)
 
   @nn.compact
   def __call__(self, x, modality, train: bool = False):
@@ -83,21 +86,29 @@ class UNet3D(nn.Module):
         x = nn.max_pool(x, POOL, strides=POOL)
       s = self.scheme.sharing(("first", "encoder") if i == 0 else ("encoder",))
       for j, f in enumerate(widths):
-        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, init, name=f"{name}_{j}")(
-          x, modality, train
-        )
+        x = ConvNormAct(
+          scale(f), kernel, mods, s.conv, s.norm, init, self.dtype, name=f"{name}_{j}"
+        )(x, modality, train)
       skips.append(x)
 
     s = self.scheme.sharing(("decoder",))
     for (name, up, up_kernel, f, kernel), skip in zip(DECODER, reversed(skips[:-1])):
       x = ConvNormAct(
-        scale(up), up_kernel, mods, s.conv, s.norm, init, transpose=True, name=f"{name}_up"
+        scale(up),
+        up_kernel,
+        mods,
+        s.conv,
+        s.norm,
+        init,
+        self.dtype,
+        transpose=True,
+        name=f"{name}_up",
       )(x, modality, train)
       x = jnp.concatenate([x, skip], axis=-1)
       for j in range(2):
-        x = ConvNormAct(scale(f), kernel, mods, s.conv, s.norm, init, name=f"{name}_{j}")(
-          x, modality, train
-        )
+        x = ConvNormAct(
+          scale(f), kernel, mods, s.conv, s.norm, init, self.dtype, name=f"{name}_{j}"
+        )(x, modality, train)
 
     last = self.scheme.sharing(("last", "decoder"))
     return layers.ModalityConv(
@@ -107,5 +118,6 @@ class UNet3D(nn.Module):
       kernel_size=(1, 1, 1),
       use_bias=True,
       kernel_init=init,
+      dtype=self.dtype,
       name="head",
     )(x, modality)

@@ -45,6 +45,9 @@ class Case:
 class Adapter:
   """One dataset layout; subclasses set `classes` and implement `cases` and `read`.
 
+  `code_table(modality)` maps the raw codes of a modality's annotations to class indices (by
+  default the codes are the indices); `label_codes(modality)` goes back, giving the code a
+  prediction writes for each class index, so predicted files read like the dataset's own.
   `ignore_unknown_labels=True` maps label codes the adapter does not know to background
   instead of failing, for datasets with stray annotation codes.
   """
@@ -62,12 +65,30 @@ class Adapter:
     """Image (float32) and label (class indices) of a case, both canonical."""
     raise NotImplementedError
 
-  def _read_nifti(self, case: Case, lookup: Callable[[int], int | None]):
+  def code_table(self, modality: str) -> dict[int, int]:
+    """Raw label code -> class index for `modality`; codes not in it are unknown."""
+    return {index: index for index in range(len(self.classes))}
+
+  def label_codes(self, modality: str) -> tuple[int, ...]:
+    """The code written for class index 0..C-1: the one code `code_table` maps to it (0 for
+    background, whatever else the table sends there).  Tables that map several codes to one
+    class (value ranges) override this with their nominal codes."""
+    table = self.code_table(modality)
+    codes = [0]
+    for index in range(1, len(self.classes)):
+      found = [code for code, to in table.items() if to == index]
+      if len(found) != 1:
+        raise ValueError(f"{type(self).__name__}: class {index} has codes {found}, not one")
+      codes.append(found[0])
+    return tuple(codes)
+
+  def _read_nifti(self, case: Case):
     """Shared NIfTI path: label geometry checked against its image, codes mapped."""
     image = read_image(case.image)
     if case.label is None:
       return image, None
     label = read_label(case.label, like=image)
+    lookup = self.code_table(case.modality).get
     return image, map_labels(label, lookup, self.ignore_unknown_labels)
 
 

@@ -33,6 +33,10 @@ BTCV_CODES = {0: 0, 6: 1, 2: 2, 3: 3, 1: 4, **{code: 0 for code in (4, 5, 7, 8, 
 CHAOS_RANGES = ((55, 70, 1), (110, 135, 2), (175, 200, 3), (240, 255, 4))
 
 
+# The grey values CHAOS nominally gives classes 0..4: what MR predictions are written with.
+CHAOS_CODES = (0, 63, 126, 189, 252)
+
+
 def chaos_class(code: int) -> int | None:
   """CHAOS grey value -> class index (ranges from the CHAOS documentation)."""
   if code == 0:
@@ -41,6 +45,10 @@ def chaos_class(code: int) -> int | None:
     if low <= code <= high:
       return index
   return None
+
+
+# Masks are 8-bit PNGs (or NIfTI conversions of them): every grey value a mask can hold.
+CHAOS_TABLE = {code: chaos_class(code) for code in range(256) if chaos_class(code) is not None}
 
 
 @register("abdominal")
@@ -97,15 +105,19 @@ class AbdominalAdapter(Adapter):
       return pair_cases(images, labels, "mr", base, lambda key: f"chaos_{key}")
     raise error(DataError, base, "no CHAOS Train_Sets/MR/ or images/ folder found")
 
+  def code_table(self, modality: str) -> dict[int, int]:
+    return BTCV_CODES if modality == "ct" else CHAOS_TABLE
+
+  def label_codes(self, modality: str) -> tuple[int, ...]:
+    return CHAOS_CODES if modality == "mr" else super().label_codes(modality)
+
   def read(self, case: Case) -> tuple[Volume, Volume | None]:
-    if case.modality == "ct":
-      return self._read_nifti(case, BTCV_CODES.get)
-    if os.path.isdir(case.image):
-      image, label = read_dicom_series(case.image, case.label)
-      if label is not None:
-        label = map_labels(label, chaos_class, self.ignore_unknown_labels)
-      return image, label
-    return self._read_nifti(case, chaos_class)
+    if case.modality == "ct" or not os.path.isdir(case.image):
+      return self._read_nifti(case)
+    image, label = read_dicom_series(case.image, case.label)
+    if label is not None:
+      label = map_labels(label, CHAOS_TABLE.get, self.ignore_unknown_labels)
+    return image, label
 
 
 def _chaos_dicom_cases(dicom_root: str) -> list[Case]:

@@ -90,8 +90,7 @@ class FolderAdapter(Adapter):
     return cases
 
   def read(self, case: Case) -> tuple[Volume, Volume | None]:
-    count = len(self.classes)
-    return self._read_nifti(case, lambda code: code if 0 <= code < count else None)
+    return self._read_nifti(case)  # codes are the dataset.json indices
 
 
 def _folder_cases(folder: str, modality: str, ending: str) -> list[Case]:

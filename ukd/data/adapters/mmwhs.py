@@ -37,8 +37,11 @@ class MMWHSAdapter(Adapter):
     root = require_root(root)
     return [case for m in self.modalities for case in _mmwhs_cases(root, m)]
 
+  def code_table(self, modality: str) -> dict[int, int]:
+    return MMWHS_CODES
+
   def read(self, case: Case) -> tuple[Volume, Volume | None]:
-    return self._read_nifti(case, MMWHS_CODES.get)
+    return self._read_nifti(case)
 
 
 def _mmwhs_cases(root: str, modality: str) -> list[Case]:
