@@ -75,7 +75,7 @@ def manager(workdir: str, *, keep_best: int = 1, read_only: bool = False) -> ocp
     create=not read_only,
   )
   return ocp.CheckpointManager(
-    directory(workdir), item_names=("state", "config", "data", "dataset"), options=options
+    directory(workdir), item_names=("state", "config", "dataset"), options=options
   )
 
 
@@ -84,18 +84,15 @@ def save(
   step: int,
   state,
   config,
-  data_iterator=None,
+  *,
   val_dice: float | None = None,
   dataset: dict | None = None,
 ):
   """Saves asynchronously; `val_dice` ranks the checkpoint for 'best'.  `dataset` (JSON:
   {'splits': {modality: {split: ids}}, 'classes': names, 'label_codes': {modality: codes}})
-  is what `restore_dataset` gives back."""
-  import grain  # grain registers its orbax handlers on import
-
+  is what `restore_dataset` gives back.  The input pipeline's position is the step itself
+  (`pipeline.make_train_iterator(start_step=...)`), so it needs no item of its own."""
   items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
   if dataset is not None:
     items["dataset"] = ocp.args.JsonSave(dataset)
   args = ocp.args.Composite(**items)
@@ -103,16 +100,10 @@ def save(
   mgr.save(step, args=args, metrics=metrics, force=True)
 
 
-def restore_train(mgr, step: int, abstract_state, data_iterator):
-  """Restores the full train state (onto the abstract state's shardings) and the iterators."""
-  import grain
-
+def restore_train(mgr, step: int, abstract_state):
+  """Restores the full train state onto the abstract state's shardings."""
   restored = mgr.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator),
-    ),
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
   )
   return restored["state"]
 

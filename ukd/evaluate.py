@@ -23,11 +23,14 @@ Outputs of `evaluate_cases(..., out_dir=d)` (`evaluate` uses d = <workdir>/eval/
 
 import csv
 import io
+import json
 import math
 import os
 
+import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from ukd import checkpoints, files, infer, metrics
@@ -163,7 +166,10 @@ def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True, split=No
   (`Segmenter.predict_volume`); the label is read for scoring and pictures.
   """
   rows, pictures = [], {}
-  for i, case in enumerate(cases):
+  # Several processes share out the cases (each on its own devices) and gather the scores;
+  # process 0 writes the files.
+  mine = cases[jax.process_index() :: jax.process_count()]
+  for i, case in enumerate(mine):
     image, label = adapter.read(case)
     if label is None:
       raise DataError(f"case {case.id}: no label to evaluate against ({case.image})")
@@ -173,7 +179,7 @@ def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True, split=No
     logging.info(
       "[%d/%d] %s %s: Dice %s",
       i + 1,
-      len(cases),
+      len(mine),
       case.modality,
       case.id,
       " ".join(f"{name}={s['dice']:.3f}" for name, s in scores.items()),
@@ -182,10 +188,25 @@ def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True, split=No
       pictures[f"{case.modality}/{case.id}"] = overlay_image(
         image.array, label.array, pred, seg.config.data.slice_axis
       )
+  order = {(c.modality, c.id): i for i, c in enumerate(cases)}
+  rows = sorted(gather_rows(rows), key=lambda r: order[(r["modality"], r["case"])])
   summary = summarize_rows(rows, adapter.classes)
-  if out_dir is not None:
+  if out_dir is not None and jax.process_index() == 0:
     write_results(out_dir, rows, summary, pictures, step=seg.step, split=split)
   return {"cases": rows, "summary": summary, "overlays": pictures}
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+  """Every process's rows, on every process (one process: `rows` itself). Rows travel as
+  JSON bytes through `process_allgather`, padded to the longest."""
+  if jax.process_count() == 1:
+    return rows
+  data = np.frombuffer(json.dumps(rows).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([data.size], np.int64)).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[: data.size] = data
+  everyone = multihost_utils.process_allgather(padded)
+  return [r for part, n in zip(everyone, lengths) for r in json.loads(bytes(part[: int(n)]))]
 
 
 def _json_safe(value):
@@ -289,8 +310,9 @@ def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
     raise DataError(f"{workdir}: the {split} split has no cases of {list(config.modalities)}")
   out_dir = output_dir(workdir, split, seg.step)
   result = evaluate_cases(seg, adapter, chosen, out_dir=out_dir, overlays=overlays, split=split)
-  print(f"{split} split, checkpoint step {seg.step}, {len(chosen)} volumes -> {out_dir}")
-  print(format_table(result["summary"], adapter.classes))
+  if jax.process_index() == 0:
+    print(f"{split} split, checkpoint step {seg.step}, {len(chosen)} volumes -> {out_dir}")
+    print(format_table(result["summary"], adapter.classes))
   return dict(
     summary=result["summary"], cases=result["cases"], dir=out_dir, step=seg.step, split=split
   )

@@ -48,20 +48,27 @@ def make_optimizer(config):
 def create(config, model, spatial, rng, mesh=None) -> TrainState:
   """Initialises parameters (every modality's branches), statistics and optimizer state.
 
-  With a mesh, the state is placed replicated on it: the layout the train step returns, so
-  the step compiles once rather than again on its second call.
+  With a mesh, the state is computed by a jit whose output is replicated on the mesh: the
+  layout the train step returns, so the step compiles once rather than again on its second
+  call. Every process computes the same values from the same key, which is how a mesh that
+  spans several processes gets its replicas (a host's arrays cannot be put onto devices of
+  other hosts).
   """
-  init_rng, state_rng = jax.random.split(rng)
-  variables = models.init_variables(model, config.model, spatial, init_rng)
-  params = variables["params"]
-  state = TrainState(
-    step=jax.numpy.zeros((), jax.numpy.int32),
-    params=params,
-    batch_stats=variables.get("batch_stats", {}),
-    opt_state=make_optimizer(config).init(params),
-    rng=state_rng,
-  )
-  return state if mesh is None else jax.device_put(state, replicated(mesh))
+  key_data = np.asarray(jax.random.key_data(rng))
+
+  def build():
+    init_rng, state_rng = jax.random.split(jax.random.wrap_key_data(key_data))
+    variables = models.init_variables(model, config.model, spatial, init_rng)
+    params = variables["params"]
+    return TrainState(
+      step=jax.numpy.zeros((), jax.numpy.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=make_optimizer(config).init(params),
+      rng=state_rng,
+    )
+
+  return build() if mesh is None else jax.jit(build, out_shardings=replicated(mesh))()
 
 
 def make_mesh(devices=None):

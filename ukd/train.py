@@ -99,10 +99,25 @@ def score_validation(segmenter, data: Data, split="val"):
     result = evaluate.evaluate_cases(segmenter, data.adapter, cases)
     for name, values in result["summary"][m].items():
       scalars[f"val_dice/{m}/{name}"] = values["dice"]["mean"]
-    pictures[m] = result["overlays"][f"{m}/{cases[0].id}"]
+    # The first case's overlay; with several processes, process 0 (which writes) has it.
+    picture = result["overlays"].get(f"{m}/{cases[0].id}")
+    if picture is not None:
+      pictures[m] = picture
   means = [v for k, v in scalars.items() if k.endswith("/mean")]
   scalars["val_dice/mean"] = float(np.mean(means)) if means else float("nan")
   return scalars, pictures
+
+
+def main_process_first(fn):
+  """`fn()` on process 0, then, past a barrier, on the others. What process 0 writes to a
+  shared work dir (phantoms, splits.json, cache entries) the others then find and read rather
+  than write again; on storage each host has for itself, each writes its own copy, the same
+  one (the split is seeded, the cache deterministic)."""
+  if jax.process_count() == 1:
+    return fn()
+  result = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("ukd: process 0 prepared the data")
+  return fn() if jax.process_index() != 0 else result
 
 
 def _variables(state) -> dict:
@@ -159,31 +174,34 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
   infer.check_crop(config)  # so is a crop that validation could not reproduce
 
   # ---- Data: cases, splits, preprocessed cache; then the config is resolved and frozen -----
-  root = dataset_root(config, workdir)
-  data = prepare_data(config, root, workdir)
+  root = main_process_first(lambda: dataset_root(config, workdir))
+  data = main_process_first(lambda: prepare_data(config, root, workdir))
   config = config_lib.resolve(config, root=root, num_classes=len(data.class_names))
 
   # ---- Model, state --------------------------------------------------------------------------
   model = models.build(config.model, config.modalities)
   spatial = models.input_spatial(config)
   state = state_lib.create(config, model, spatial, jax.random.key(config.seed), mesh)
-  train_iter = pipeline.make_train_iterator(
-    data.train_sources,
-    pipeline.Spec.from_config(config),
-    config.modalities,
-    seed=config.seed,
-    shard_index=jax.process_index(),
-    shard_count=jax.process_count(),
-  )
 
   # ---- Checkpoint: resume when the work dir has one ------------------------------------------
   mgr = checkpoints.manager(workdir, keep_best=config.keep_best)
   start = mgr.latest_step() or 0
   if start:
     checkpoints.check_resumable(mgr, start, config)
-    state = checkpoints.restore_train(mgr, start, jax.eval_shape(lambda: state), train_iter)
+    state = checkpoints.restore_train(mgr, start, jax.eval_shape(lambda: state))
     if is_main:
       print(f"resumed from step {start} in {workdir}", flush=True)
+
+  # ---- Input: this host's slice of every step's batch, from the step after `start` ----------
+  train_iter = pipeline.make_train_iterator(
+    data.train_sources,
+    pipeline.Spec.from_config(config),
+    config.modalities,
+    seed=config.seed,
+    start_step=start,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+  )
 
   writer = writers.MetricWriter(workdir, start_step=start, enabled=is_main)
   writer.write_config(config)
@@ -223,13 +241,7 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
         progress.note(step, f"validation mean Dice {val['val_dice/mean']:.3f}")
       if save:
         checkpoints.save(
-          mgr,
-          step,
-          state,
-          config,
-          train_iter,
-          val_dice=val.get("val_dice/mean"),
-          dataset=data.record(),
+          mgr, step, state, config, val_dice=val.get("val_dice/mean"), dataset=data.record()
         )
       if preempted:
         raise Preempted(step)
