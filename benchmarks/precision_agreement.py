@@ -3,7 +3,8 @@
   python -m benchmarks.precision_agreement --config=configs/demo.py --workdir=/tmp/precision
 
 Trains `<workdir>/float32` and `<workdir>/bfloat16` (the config with `model.dtype` set; an
-existing finished run is reused), predicts every test case of both modalities with each, and
+existing finished run is reused), predicts every test case of both modalities with each run's
+last checkpoint (the same step; the best-by-validation step may differ between runs), and
 prints the share of voxels on which the two label maps agree and each run's mean test Dice.
 The mixed-precision claim to check: agreement >= 99 % and mean Dice within 0.01.
 """
@@ -43,7 +44,8 @@ def _test_cases(segmenter, workdir):
 def compare(workdirs: dict) -> dict:
   """{'agreement': share of equal voxels over all test cases, 'dice': {dtype: {modality: mean
   Dice over cases and structures}}} for runs that share data, split and seed."""
-  segmenters = {d: infer.load(w) for d, w in workdirs.items()}
+  # The last step of both runs: the best-by-validation step can differ between them.
+  segmenters = {d: infer.load(w, step="latest") for d, w in workdirs.items()}
   adapter, cases = _test_cases(segmenters["float32"], workdirs["float32"])
   equal = total = 0
   dice = {d: {} for d in segmenters}

@@ -4,55 +4,56 @@ Layout: `<workdir>/checkpoints/<step>/{state,config,data,dataset,metrics}`; `dat
 the splits, class names and label codes the run trained with, so evaluating or predicting
 with a checkpoint never depends on a work dir's splits.json or a dataset that changed since.
 Orbax writes each step into a temporary directory and renames it when complete, so a process
-killed mid-save leaves at most a temporary directory that the next run removes;
+killed mid-save leaves at most a temporary directory that the next run removes (on GCS,
+which has no rename, a step counts once Orbax has written its commit_success file);
 the last complete step is always restorable.  Two kinds of checkpoint are kept
 at once: the latest (for resume) and the best by validation mean Dice (for
 inference), through a preservation policy rather than `max_to_keep`, which with
 a `best_fn` alone could delete the latest.
 """
 
-import os
-
 import jax
 import ml_collections as mc
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from ukd import files
 from ukd.errors import CheckpointError
 
 BEST_METRIC = "val_dice"
 CHECKPOINTS = "checkpoints"  # <workdir>/checkpoints/<step>
 
 
-def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+def directory(workdir) -> epath.Path:
+  return files.path(workdir) / CHECKPOINTS
 
 
-def resolve(path, step="best") -> tuple[str, int | str]:
-  """(work dir, step) for a work dir, its checkpoints dir or one step's dir.
+def resolve(path, step="best") -> tuple[epath.Path, int | str]:
+  """(work dir, step) for a work dir, its checkpoints dir or one step's dir, local or remote.
 
   A step dir (`<workdir>/checkpoints/<n>`) selects step n; `step` may then stay 'best' or
   name the same step, anything else is refused.  Otherwise `step` is returned as given
   ('best', 'latest' or a step number, for `select_step`).
   """
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
+  path = files.path(path)
+  if not path.exists():
     raise CheckpointError(f"{path} does not exist")
-  name, parent = os.path.basename(path), os.path.dirname(path)
-  if os.path.basename(parent) == CHECKPOINTS and name.isdigit():
+  name, parent = path.name, path.parent
+  if parent.name == CHECKPOINTS and name.isdigit():
     if step not in ("best", int(name), name):
       raise CheckpointError(f"{path} is step {name}, but step={step!r} was asked for")
     step = int(name)
-  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+  if (path / CHECKPOINTS).is_dir():
     return path, step
   if name == CHECKPOINTS:
     return parent, step
-  if os.path.basename(parent) == CHECKPOINTS:
-    return os.path.dirname(parent), step
+  if parent.name == CHECKPOINTS:
+    return parent.parent, step
   raise CheckpointError(f"{path} holds no checkpoints (expected {path}/{CHECKPOINTS}/<step>)")
 
 
-def manager(workdir: str, *, keep_best: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir, *, keep_best: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
     best_fn=lambda metrics: metrics[BEST_METRIC],
     best_mode="max",
@@ -150,7 +151,7 @@ def restore_config(mgr, step: int) -> mc.ConfigDict:
 
 def restore_dataset(mgr, step: int) -> dict | None:
   """The dataset record `save` kept with `step`; None when it kept none (older checkpoints)."""
-  if not os.path.isdir(os.path.join(str(mgr.directory), str(step), "dataset")):
+  if not (epath.Path(mgr.directory) / str(step) / "dataset").is_dir():
     return None
   return mgr.restore(step, args=ocp.args.Composite(dataset=ocp.args.JsonRestore()))["dataset"]
 

@@ -47,7 +47,7 @@ def default() -> mc.ConfigDict:
 
   c.data = mc.ConfigDict()
   c.data.dataset = "mmwhs"  # adapter: mmwhs | abdominal | folder
-  c.data.root = REQUIRED  # dataset root directory
+  c.data.root = REQUIRED  # dataset root directory (local or gs://bucket/path)
   c.data.options = mc.ConfigDict()  # adapter options (e.g. folder: modalities={...})
   c.data.synthetic = mc.ConfigDict()  # phantoms generated into the root on first use
   c.data.synthetic.enabled = False  # generate (root '' or unset: <workdir>/phantoms)
@@ -57,7 +57,7 @@ def default() -> mc.ConfigDict:
   c.data.split_fractions = (0.6, 0.2, 0.2)  # train / val / test fractions per modality
   c.data.train_fraction = 1.0  # share of each modality's training cases used (data budget)
   c.data.split_file = ""  # a splits.json to use instead of a seeded split
-  c.data.cache_dir = ""  # preprocessed-volume cache ('' = <workdir>/cache)
+  c.data.cache_dir = ""  # volume cache ('' = <workdir>/cache); gs://... -> ~/.cache/ukd/<hash>
   c.data.size = (256, 256)  # in-plane size the network sees
   c.data.slice_axis = 2  # canonical (RAS) axis along which slices are taken
   c.data.crop = "none"  # none | body | foreground: in-plane crop before resize

@@ -30,6 +30,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
@@ -220,15 +221,16 @@ def _json_safe(value):
 
 def write_results(out_dir, rows, summary, pictures, *, step=None, split=None) -> None:
   """The files of the module docstring, each written atomically (`ukd.files`)."""
+  out_dir = epath.Path(out_dir)
   record = {"step": step, "split": split, "metrics": _json_safe(summary)}
-  files.write_json(os.path.join(out_dir, "metrics.json"), record, allow_nan=False)
+  files.write_json(out_dir / "metrics.json", record, allow_nan=False)
   table = io.StringIO(newline="")
   writer = csv.DictWriter(table, fieldnames=("case", "modality", "class") + METRICS)
   writer.writeheader()
   writer.writerows(rows)
-  files.write_text(os.path.join(out_dir, "cases.csv"), table.getvalue(), newline="")
+  files.write_text(out_dir / "cases.csv", table.getvalue(), newline="")
   for name, picture in pictures.items():
-    with files.replacing(os.path.join(out_dir, "overlays", f"{name}.png")) as tmp:
+    with files.replacing(out_dir / "overlays" / f"{name}.png") as tmp:
       Image.fromarray(picture).save(tmp, format="PNG")
 
 
@@ -272,7 +274,7 @@ def format_table(summary, class_names) -> str:
 def output_dir(workdir, split: str, step: int) -> str:
   """`<workdir>/eval/<split>-step<N>`: every evaluation keeps its own folder, so scoring
   another checkpoint or split never mixes its files with an earlier one's."""
-  return os.path.join(os.fspath(workdir), "eval", f"{split}-step{step}")
+  return os.fspath(epath.Path(workdir) / "eval" / f"{split}-step{step}")
 
 
 def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
@@ -291,7 +293,7 @@ def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
   config = seg.config
   adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
   if seg.dataset and seg.dataset.get("splits"):
-    source = os.path.join(checkpoints.directory(workdir), str(seg.step), "dataset")
+    source = checkpoints.directory(workdir) / str(seg.step) / "dataset"
     cases = splits.cases_of_saved_split(
       adapter, config.data.root, config.modalities, seg.dataset["splits"], source
     )

@@ -1,23 +1,102 @@
-"""Atomic file writes: a file ukd writes is either its old self or complete, never half of one.
+"""Paths, local or on cloud storage, and atomic file writes.
 
+Paths.  A work dir, dataset root, prediction folder or study dir may be a local path or a URL
+of an object store (`gs://bucket/run`; s3://, az:// and hf:// as well): `path` turns what the
+user gave into an `etils.epath.Path` (a local path made absolute, as `os.path.abspath` does;
+a URL as given), and every file ukd reads or writes goes through epath, so one code path
+serves both.  Functions further down take the paths they are handed as they are
+(`epath.Path(p)`); only `path` resolves.  Readers that need a local file (nibabel, pydicom,
+Pillow) get one from `local_file`.
+
+Atomic writes: a file ukd writes is either its old self or complete, never half of one.
 A run can be killed at any moment (a full disk, a pre-empted machine, Ctrl-C), and a truncated
-prediction, metrics.json or splits.json under its final name looks like a finished one.  So
-every file is written under a temporary name in the same folder (same file system, so the
-rename cannot become a copy) and renamed onto its final name with `os.replace`, which is
-atomic on POSIX and Windows.  The temporary name holds the process id and a random part, so
+prediction, metrics.json or splits.json under its final name looks like a finished one.
+
+Locally, every file is written under a temporary name in the same folder (same file system,
+so the rename cannot become a copy) and renamed onto its final name with `os.replace`, which
+is atomic on POSIX and Windows.  The temporary name holds the process id and a random part, so
 two processes (or threads) writing the same file never share one, and it keeps the final
 name's extension, so writers that choose a format by extension (nibabel's `.nii.gz`,
 Pillow's `.png`) still do.  A write that raises removes its temporary file; one killed
 outright leaves a hidden `.tmp-<pid>-*` file, never a truncated file under the final name.
 Results made of several files (a cache entry, a phantom dataset) are built in a temporary
 folder and renamed the same way (`new_directory`).
+
+An object store has no rename, but it creates an object only when its upload completes: a
+file is written to a local temporary file and copied to its name in one upload (`upload`),
+so a kill leaves the old object or none, never a truncated one.
 """
 
 import contextlib
 import json
 import os
+import posixpath
+import re
 import secrets
 import shutil
+import tempfile
+
+from etils import epath
+
+from ukd.errors import ConfigError, error
+
+# The URL schemes epath reads and writes (through fsspec: gcsfs, s3fs, adlfs, huggingface_hub).
+REMOTE_SCHEMES = ("gs", "s3", "az", "hf")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_remote(p) -> bool:
+  """Whether `p` names an object store (`gs://...`) rather than a local file."""
+  match = _URL.match(os.fspath(p))
+  return match is not None and match.group(1) in REMOTE_SCHEMES
+
+
+def path(p) -> epath.Path:
+  """A user's path as an `epath.Path`: local paths made absolute, `gs://...` left as it is.
+
+  Without this, `os.path.abspath("gs://bucket/run")` is a local folder named `gs:`.  A URL
+  of a scheme epath cannot write to is refused rather than taken for a local name.
+  """
+  text = os.fspath(p)
+  match = _URL.match(text)
+  if match is None:
+    return epath.Path(os.path.abspath(text))
+  if match.group(1) not in REMOTE_SCHEMES:
+    schemes = ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
+    raise error(ConfigError, text, f"unsupported storage {match.group(1)}://; use {schemes}")
+  return epath.Path(text)
+
+
+def makedirs(folder) -> None:
+  """Creates a local folder and its parents; on an object store, where folders do not
+  exist (an object's name holds its whole path), there is nothing to create."""
+  if not is_remote(folder):
+    os.makedirs(folder, exist_ok=True)
+
+
+def glob(folder, pattern: str) -> list[str]:
+  """Paths (as strings) of `folder`'s entries matching `pattern`, sorted; [] when there is
+  no such folder."""
+  return sorted(os.fspath(p) for p in epath.Path(folder).glob(pattern))
+
+
+def upload(local, dst) -> None:
+  """Copies the local file `local` to `dst` on an object store in one upload: the object
+  appears when the upload completes, whole."""
+  epath.Path(local).copy(epath.Path(dst), overwrite=True)
+
+
+@contextlib.contextmanager
+def local_file(p):
+  """Yields a local path holding the file `p`: `p` itself when local, else a temporary copy
+  with the same name (readers that go by extension still do), removed afterwards."""
+  if not is_remote(p):
+    yield os.fspath(p)
+    return
+  with tempfile.TemporaryDirectory(prefix="ukd-") as staging:
+    local = os.path.join(staging, posixpath.basename(os.fspath(p)))
+    epath.Path(p).copy(local)
+    yield local
 
 
 def _temporary(path: str) -> str:
@@ -32,12 +111,20 @@ def _temporary(path: str) -> str:
 
 @contextlib.contextmanager
 def replacing(path):
-  """Yields a temporary path next to `path`; a clean exit renames it onto `path`.
+  """Yields a temporary local path; a clean exit puts it in place as `path`.
 
-  `with files.replacing("out.nii.gz") as tmp: nib.save(image, tmp)`.  Missing folders are
-  created.  If the body raises, `path` keeps what it held before and the temporary is removed.
+  `with files.replacing("out.nii.gz") as tmp: nib.save(image, tmp)`.  Locally the temporary
+  sits next to `path` and is renamed onto it; for a remote `path` it sits in a local
+  temporary folder and is uploaded (`upload`).  Missing folders are created.  If the body
+  raises, `path` keeps what it held before and the temporary is removed.
   """
   path = os.fspath(path)
+  if is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="ukd-") as staging:
+      tmp = os.path.join(staging, posixpath.basename(path))
+      yield tmp
+      upload(tmp, path)
+    return
   tmp = _temporary(path)
   try:
     yield tmp
@@ -49,13 +136,23 @@ def replacing(path):
 
 @contextlib.contextmanager
 def new_directory(path):
-  """Yields an empty temporary folder next to `path`; a clean exit renames it to `path`.
+  """Yields an empty temporary local folder; a clean exit makes it `path`.
 
-  For results made of several files (a cache entry, a generated dataset): they appear all
-  at once or not at all.  If `path` appeared meanwhile (another process finished the same
-  work first) theirs is kept and ours removed; a body that raises leaves nothing behind.
+  For results made of several files (a cache entry, a generated dataset).  Locally the
+  folder is renamed to `path`, so the files appear all at once or not at all.  An object
+  store has no folders to rename: each file is uploaded whole (`upload`), one after another,
+  hidden files (names starting with '.') last, so a marker file written into the folder
+  (the phantoms' `.ukd_synthetic.json`) appears only once everything else is there.  If
+  `path` appeared meanwhile (another process finished the same work first) theirs is kept
+  and ours removed; a body that raises leaves nothing behind.
   """
   path = os.fspath(path)
+  if is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="ukd-") as staging:
+      yield staging
+      if not epath.Path(path).exists():
+        _upload_tree(staging, path)
+    return
   tmp = _temporary(path)
   os.mkdir(tmp)
   try:
@@ -67,6 +164,18 @@ def new_directory(path):
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
+
+
+def _upload_tree(folder: str, dst: str) -> None:
+  """Every file under the local `folder` to the same relative name under `dst`, hidden
+  files last (`new_directory`)."""
+  found = [
+    os.path.relpath(os.path.join(root, name), folder)
+    for root, _, names in os.walk(folder)
+    for name in names
+  ]
+  for relative in sorted(found, key=lambda r: (os.path.basename(r).startswith("."), r)):
+    upload(os.path.join(folder, relative), epath.Path(dst) / relative)
 
 
 def write_text(path, text: str, newline: str | None = None) -> None:

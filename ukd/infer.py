@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from ukd import checkpoints, files, models, steps
 from ukd import config as config_lib
@@ -325,18 +326,24 @@ def _spacing_affine(spacing) -> np.ndarray:
 def _input_files(input_path) -> list[str]:
   """The NIfTI file itself, or a folder's .nii/.nii.gz files (not recursive), sorted."""
   input_path = os.fspath(input_path)
-  if os.path.isfile(input_path):
+  folder = epath.Path(input_path)
+  if folder.is_file():
     return [input_path]
-  if not os.path.isdir(input_path):
+  if not folder.is_dir():
     raise DataError(f"{input_path}: input not found")
   found = sorted(
-    os.path.join(input_path, name)
-    for name in os.listdir(input_path)
-    if _NIFTI.search(name) and not name.startswith(".")
+    os.path.join(input_path, entry.name)
+    for entry in folder.iterdir()
+    if _NIFTI.search(entry.name) and not entry.name.startswith(".")
   )
   if not found:
     raise DataError(f"{input_path}: no .nii or .nii.gz files in this folder")
   return found
+
+
+def _exists(path) -> bool:
+  """Whether `path` exists; locally a dangling link counts too (a write would replace it)."""
+  return epath.Path(path).exists() if files.is_remote(path) else os.path.lexists(path)
 
 
 def output_name(path) -> str:
@@ -378,13 +385,13 @@ def predict_paths(
     probs = out[: -len(".nii.gz")] + "_probabilities.nii.gz" if probabilities else None
     outputs = [out, sidecar_path(out)] + ([probs] if probs else [])
     for target in outputs:
-      if os.path.abspath(target) in taken:
+      if files.path(target) in taken:
         raise DataError(f"{path}: its output {target} would overwrite another input's output")
-      if os.path.abspath(target) == os.path.abspath(path):
+      if files.path(target) == files.path(path):
         raise DataError(f"{path}: the output would overwrite this input; choose another --output")
-      if not overwrite and os.path.lexists(target):
+      if not overwrite and _exists(target):
         raise error(DataError, target, "already exists; pass --overwrite to replace it")
-      taken.add(os.path.abspath(target))
+      taken.add(files.path(target))
     targets[path] = (out, probs, outputs)
   written = []
   for i, (path, (out, probs, outputs)) in enumerate(targets.items()):

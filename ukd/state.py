@@ -54,10 +54,9 @@ def create(config, model, spatial, rng, mesh=None) -> TrainState:
   spans several processes gets its replicas (a host's arrays cannot be put onto devices of
   other hosts).
   """
-  key_data = np.asarray(jax.random.key_data(rng))
 
-  def build():
-    init_rng, state_rng = jax.random.split(jax.random.wrap_key_data(key_data))
+  def build(rng):
+    init_rng, state_rng = jax.random.split(rng)
     variables = models.init_variables(model, config.model, spatial, init_rng)
     params = variables["params"]
     return TrainState(
@@ -68,7 +67,11 @@ def create(config, model, spatial, rng, mesh=None) -> TrainState:
       rng=state_rng,
     )
 
-  return build() if mesh is None else jax.jit(build, out_shardings=replicated(mesh))()
+  if mesh is None:
+    return build(rng)
+  key_data = np.asarray(jax.random.key_data(rng))  # a constant, the same in every process
+  make = jax.jit(lambda: build(jax.random.wrap_key_data(key_data)), out_shardings=replicated(mesh))
+  return make()
 
 
 def make_mesh(devices=None):

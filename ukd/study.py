@@ -21,12 +21,14 @@ ASSD is the pooled form (`ukd.metrics.assd`).
 """
 
 import csv
+import io
 import json
 import os
 
 import ml_collections as mc
 import numpy as np
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from ukd import files, writers
@@ -61,8 +63,8 @@ def run_config(study, overrides: dict, seed: int, study_dir: str) -> mc.ConfigDi
   _override(config, _plain(overrides), "config")
   config.seed = int(seed)
   if config.data.synthetic.enabled:
-    config.data.root = os.path.join(study_dir, "phantoms")
-  config.data.cache_dir = os.path.join(study_dir, "cache")
+    config.data.root = os.fspath(epath.Path(study_dir) / "phantoms")
+  config.data.cache_dir = os.fspath(epath.Path(study_dir) / "cache")
   return config
 
 
@@ -85,7 +87,7 @@ def _override(node, overrides: dict, where: str) -> None:
 
 
 def _read_rows(path) -> list[dict]:
-  with open(path, newline="") as f:
+  with io.StringIO(epath.Path(path).read_bytes().decode(), newline="") as f:
     return [
       {**r, **{k: float(r[k]) if r[k] not in ("", "nan") else float("nan") for k in METRICS}}
       for r in csv.DictReader(f)
@@ -96,12 +98,11 @@ def train_run(config, rundir: str) -> dict:
   """Trains and tests one run unless it already finished; returns its saved result."""
   from ukd import models, train
 
-  result_path = os.path.join(rundir, RESULT)
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
+  result_path = epath.Path(rundir) / RESULT
+  if result_path.exists():
+    return json.loads(result_path.read_text())
   tested = train.train_and_evaluate(config, rundir)["test"]
-  rows = _read_rows(os.path.join(tested["dir"], "cases.csv"))
+  rows = _read_rows(epath.Path(tested["dir"]) / "cases.csv")
   counts = models.count_params(config.model, tuple(config.modalities))
   result = {"rows": rows, "params": counts["params"], "kernels": counts["kernels"]}
   files.write_text(result_path, json.dumps(result, allow_nan=True))
@@ -144,10 +145,11 @@ def variant_overrides(study, name: str) -> dict:
 def run_study(study, study_dir: str, only=None, seeds=None) -> dict:
   """Trains every planned run not yet finished, then writes the report from all finished ones."""
   runs = planned_runs(study, only, seeds)
-  os.makedirs(os.path.join(study_dir, "runs"), exist_ok=True)
+  study_dir = files.path(study_dir)
+  files.makedirs(study_dir / "runs")
   for i, (_, name, seed) in enumerate(runs):
-    rundir = os.path.join(study_dir, "runs", run_name(name, seed))
-    done = os.path.exists(os.path.join(rundir, RESULT))
+    rundir = study_dir / "runs" / run_name(name, seed)
+    done = (rundir / RESULT).exists()
     print(f"[{i + 1}/{len(runs)}] {run_name(name, seed)}{' (done)' if done else ''}", flush=True)
     train_run(run_config(study, variant_overrides(study, name), seed, study_dir), rundir)
   return write_report(study, study_dir)
@@ -159,14 +161,13 @@ def run_study(study, study_dir: str, only=None, seeds=None) -> dict:
 def finished_results(study, study_dir: str) -> dict:
   """{variant: {seed: result}} for every finished run of a variant the study names."""
   out = {}
-  runs = os.path.join(study_dir, "runs")
-  for entry in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+  runs = epath.Path(study_dir) / "runs"
+  for entry in sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []:
     name, _, seed = entry.rpartition("-seed")
-    path = os.path.join(runs, entry, RESULT)
+    path = runs / entry / RESULT
     if seed.isdigit() and (name in study.schemes or name in study.ablations):
-      if os.path.exists(path):
-        with open(path) as f:
-          out.setdefault(name, {})[int(seed)] = json.load(f)
+      if path.exists():
+        out.setdefault(name, {})[int(seed)] = json.loads(path.read_text())
   return out
 
 
@@ -296,7 +297,7 @@ def _tests_table(tests, reference) -> str:
   return _markdown(header, body)
 
 
-def write_csv(results, path: str) -> None:
+def write_csv(results, path) -> None:
   lines = [",".join(["variant", "seed", "modality", "structure", *METRICS])]
   for name, seeds in results.items():
     for seed, result in sorted(seeds.items()):
@@ -309,7 +310,7 @@ def write_csv(results, path: str) -> None:
   files.write_text(path, "\n".join(lines) + "\n")
 
 
-def write_chart(results, names, path: str) -> None:
+def write_chart(results, names, path) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -379,9 +380,10 @@ def write_report(study, study_dir: str) -> dict:
       "",
       _tests_table(ablation_tests, study.reference),
     ]
-  files.write_text(os.path.join(study_dir, "study.md"), "\n".join(parts) + "\n")
-  write_csv(results, os.path.join(study_dir, "study.csv"))
-  write_chart(results, [*schemes, *study.ablations], os.path.join(study_dir, "study.png"))
+  study_dir = epath.Path(study_dir)
+  files.write_text(study_dir / "study.md", "\n".join(parts) + "\n")
+  write_csv(results, study_dir / "study.csv")
+  write_chart(results, [*schemes, *study.ablations], study_dir / "study.png")
   return {"results": results, "tests": tests + ablation_tests}
 
 

@@ -15,7 +15,7 @@ import ml_collections as mc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ukd import check, checkpoints, evaluate, infer, models, steps, writers
+from ukd import check, checkpoints, evaluate, files, infer, models, steps, writers
 from ukd import config as config_lib
 from ukd import state as state_lib
 from ukd.data import adapters, pipeline, preprocess, splits, synthetic
@@ -43,16 +43,16 @@ class Data:
 
 
 def dataset_root(config, workdir) -> str:
-  """`config.data.root`; for synthetic phantoms with no root, `<workdir>/phantoms`. Phantoms
-  are generated there on first use."""
+  """`config.data.root` (local, made absolute, or `gs://...`); for synthetic phantoms with no
+  root, `<workdir>/phantoms`. Phantoms are generated there on first use."""
   root = config.data.root
   if config.data.synthetic.enabled:
     if root in (config_lib.REQUIRED, ""):
-      root = os.path.join(workdir, "phantoms")
+      root = files.path(workdir) / "phantoms"
     synthetic.ensure(root, config.data.synthetic)
   if root in (config_lib.REQUIRED, ""):
     raise ConfigError("config.data.root is not set: pass --config.data.root=/path/to/dataset")
-  return root
+  return os.fspath(files.path(root))
 
 
 def prepare_data(config, root, workdir) -> Data:
@@ -70,7 +70,7 @@ def prepare_data(config, root, workdir) -> Data:
   )
   # Every case of every split, before minutes of preprocessing: a broken test case fails now.
   check.check_cases(adapter, [c for m in modalities for part in cases[m].values() for c in part])
-  cache_dir = config.data.cache_dir or os.path.join(workdir, "cache")
+  cache_dir = config.data.cache_dir or os.fspath(files.path(workdir) / "cache")
   sources = {
     m: preprocess.cache_cases(
       adapter,
@@ -166,8 +166,8 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
   # Listening from the start: a SIGTERM during setup or compilation stops the run after its
   # first step, with that step saved.
   preemption = Preemption()
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = files.path(workdir)
+  files.makedirs(workdir)
   is_main = jax.process_index() == 0
   mesh = state_lib.make_mesh()
   state_lib.check_batch_size(config.batch_size, mesh)  # before minutes of preprocessing
@@ -243,6 +243,7 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
         checkpoints.save(
           mgr, step, state, config, val_dice=val.get("val_dice/mean"), dataset=data.record()
         )
+        writer.flush()  # a remote work dir's logs reach every checkpoint a run resumes from
       if preempted:
         raise Preempted(step)
   finally:

@@ -6,11 +6,9 @@ needs it, so it is imported when a series is read.
 
 from __future__ import annotations
 
-import glob
-import os
-
 import numpy as np
 
+from ukd import files
 from ukd.data.volumes import Volume, from_array
 from ukd.errors import DataError, error
 
@@ -30,8 +28,9 @@ def _import_pydicom():
 def _read_slice(pydicom, path: str):
   """Pixels (rescaled float32 [rows, cols]) and the geometry tags of one DICOM file."""
   try:
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array.astype(np.float32)
+    with files.local_file(path) as local:
+      ds = pydicom.dcmread(local)
+      pixels = ds.pixel_array.astype(np.float32)
     orientation = np.array(ds.ImageOrientationPatient, dtype=np.float64)
     position = np.array(ds.ImagePositionPatient, dtype=np.float64)
     spacing = np.array(ds.PixelSpacing, dtype=np.float64)
@@ -53,7 +52,7 @@ def _read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
   from PIL import Image
 
   try:
-    with Image.open(path) as picture:
+    with files.local_file(path) as local, Image.open(local) as picture:
       mask = np.asarray(picture)
   except Exception as exc:
     raise error(DataError, path, f"cannot read PNG mask ({type(exc).__name__}: {exc})") from exc
@@ -85,18 +84,18 @@ def read_dicom_series(dicom_dir: str, mask_dir: str | None = None) -> tuple[Volu
   Voxel axes before reorientation: column, row, slice - the usual DICOM-to-NIfTI layout.
   """
   pydicom = _import_pydicom()
-  files = sorted(glob.glob(os.path.join(dicom_dir, "*.dcm")))
-  if not files:
+  slice_files = files.glob(dicom_dir, "*.dcm")
+  if not slice_files:
     raise error(DataError, dicom_dir, "no DICOM slices (*.dcm) found")
-  slices = [_read_slice(pydicom, path) for path in files]
+  slices = [_read_slice(pydicom, path) for path in slice_files]
   pixels, orientation, _, spacing, thickness = slices[0]
-  for path, (other, other_orientation, _, other_spacing, _) in zip(files, slices):
+  for path, (other, other_orientation, _, other_spacing, _) in zip(slice_files, slices):
     if (
       other.shape != pixels.shape
       or not np.allclose(other_orientation, orientation, atol=1e-4)
       or not np.allclose(other_spacing, spacing, atol=1e-4)
     ):
-      raise error(DataError, path, f"slice geometry differs from {files[0]}")
+      raise error(DataError, path, f"slice geometry differs from {slice_files[0]}")
   row_dir, col_dir = orientation[:3], orientation[3:]
   normal = np.cross(row_dir, col_dir)
   positions = np.array([s[2] for s in slices])
@@ -115,10 +114,12 @@ def read_dicom_series(dicom_dir: str, mask_dir: str | None = None) -> tuple[Volu
   image = from_array(stack, affine, source=dicom_dir)
   if mask_dir is None:
     return image, None
-  masks = sorted(glob.glob(os.path.join(mask_dir, "*.png")))
-  if len(masks) != len(files):
+  masks = files.glob(mask_dir, "*.png")
+  if len(masks) != len(slice_files):
     raise error(
-      DataError, mask_dir, f"{len(masks)} PNG masks for {len(files)} DICOM slices in {dicom_dir}"
+      DataError,
+      mask_dir,
+      f"{len(masks)} PNG masks for {len(slice_files)} DICOM slices in {dicom_dir}",
     )
   labels = np.stack([_read_mask(masks[i], pixels.shape).T for i in order], axis=-1)
   return image, from_array(labels, affine, source=mask_dir)

@@ -27,6 +27,7 @@ import re
 
 import numpy as np
 import scipy.ndimage
+from etils import epath
 
 from ukd import files
 from ukd.data.volumes import Volume
@@ -274,30 +275,50 @@ def restore_labels(probs: np.ndarray, geometry: dict, *, probabilities: bool = F
 _SAMPLE_BYTES = 2**20
 
 
-def _file_fingerprint(path: str) -> list:
+def _file_fingerprint(path) -> list:
   """Size, mtime and a hash of the content: a file rewritten in place with the same size and
-  mtime (a restored backup, `os.utime`, a tool that keeps times) still changes its key."""
-  st = os.stat(path)
+  mtime (a restored backup, `os.utime`, a tool that keeps times) still changes its key.  A
+  remote file's mtime is the object's, in whole seconds."""
+  path = epath.Path(path)
+  if files.is_remote(path):
+    st = path.stat()
+    size, mtime = st.length, st.mtime
+  else:
+    st = os.stat(path)
+    size, mtime = st.st_size, st.st_mtime_ns
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    if st.st_size <= 2 * _SAMPLE_BYTES:
+  with path.open("rb") as f:
+    if size <= 2 * _SAMPLE_BYTES:
       digest.update(f.read())
     else:
       digest.update(f.read(_SAMPLE_BYTES))
       f.seek(-_SAMPLE_BYTES, os.SEEK_END)
       digest.update(f.read(_SAMPLE_BYTES))
-  return [st.st_size, st.st_mtime_ns, digest.hexdigest()]
+  return [size, mtime, digest.hexdigest()]
 
 
 def _fingerprint(path: str) -> list:
-  """`_file_fingerprint` of a file, or of every file under a directory (DICOM, PNG masks)."""
-  if not os.path.isdir(path):
-    return _file_fingerprint(path)
+  """`_file_fingerprint` of a file, or of every file under a directory (DICOM, PNG masks),
+  by folder, then name."""
+  top = epath.Path(path)
+  if not top.is_dir():
+    return _file_fingerprint(top)
   found = []
-  for root, _, names in sorted(os.walk(path)):
-    for name in sorted(names):
-      full = os.path.join(root, name)
-      found.append([os.path.relpath(full, path), *_file_fingerprint(full)])
+  for folder, name in sorted(_files_under(top)):
+    full = epath.Path(folder) / name
+    found.append([os.fspath(full.relative_to(top)), *_file_fingerprint(full)])
+  return found
+
+
+def _files_under(folder: epath.Path) -> list[tuple[str, str]]:
+  """(folder, name) of every file under `folder`.  Listed folder by folder rather than with
+  `walk`, which epath's fsspec backend answers with paths that lost their `gs://`."""
+  found = []
+  for entry in folder.iterdir():
+    if entry.is_dir():
+      found += _files_under(entry)
+    else:
+      found.append((os.fspath(folder), entry.name))
   return found
 
 
@@ -307,7 +328,7 @@ def cache_key(adapter, case, cfg) -> str:
   table and `ignore_unknown_labels`) and the preprocessing settings."""
   try:
     paths = {
-      k: None if p is None else [os.path.abspath(p), _fingerprint(p)]
+      k: None if p is None else [os.fspath(files.path(p)), _fingerprint(p)]
       for k, p in (("image", case.image), ("label", case.label))
     }
   except OSError as e:
@@ -356,13 +377,26 @@ def _entry(directory: str, case) -> dict:
   )
 
 
+def local_cache_dir(cache_dir) -> str:
+  """Where the entries of `cache_dir` live: `cache_dir` itself when local.  The pipeline
+  memory-maps entries, which needs local files, so a remote one (`gs://...`, such as the
+  default `<workdir>/cache` of a remote work dir) stands for a local folder named by its
+  hash, `$XDG_CACHE_HOME/ukd/<hash>` (`~/.cache/ukd/<hash>`): a run resumed on the same
+  machine finds its entries again, and one on another machine rebuilds them."""
+  if not files.is_remote(cache_dir):
+    return os.fspath(cache_dir)
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  digest = hashlib.sha256(os.fspath(cache_dir).encode()).hexdigest()[:16]
+  return os.path.join(base, "ukd", digest)
+
+
 def cache_case(adapter, case, cfg, cache_dir) -> dict:
   """Prepare one case once and reuse it.
 
   The entry is built in a temporary directory and renamed into place (`files.new_directory`),
   so a killed process leaves at most a stray '.tmp-*' directory, never a half-written entry.
   """
-  final = os.path.join(cache_dir, cache_key(adapter, case, cfg))
+  final = os.path.join(local_cache_dir(cache_dir), cache_key(adapter, case, cfg))
   if os.path.isdir(final):
     return _entry(final, case)
   image, label = adapter.read(case)

@@ -12,6 +12,7 @@ import os
 import random
 
 import numpy as np
+from etils import epath
 
 from ukd import files
 from ukd.errors import ConfigError, DataError, error
@@ -60,10 +61,10 @@ def _make_splits(ids: dict[str, list[str]], seed: int, fractions) -> dict:
   return splits
 
 
-def _load_splits(path: str, ids: dict[str, list[str]]) -> dict:
+def _load_splits(path, ids: dict[str, list[str]]) -> dict:
   """Read a split file and check it covers exactly the current cases, each once."""
   try:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       splits = json.load(f)
   except (OSError, ValueError) as exc:
     raise error(DataError, path, f"cannot read split file ({type(exc).__name__}: {exc})") from exc
@@ -89,6 +90,10 @@ def _load_splits(path: str, ids: dict[str, list[str]]) -> dict:
   return result
 
 
+def _saved_path(workdir) -> epath.Path:
+  return epath.Path(workdir) / "splits.json"
+
+
 def load_or_make_splits(
   workdir, cases, *, seed: int, fractions=(0.6, 0.2, 0.2), split_file=None
 ) -> dict:
@@ -102,12 +107,12 @@ def load_or_make_splits(
   fractions = tuple(float(f) for f in fractions)
   if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
     raise DataError(f"fractions={fractions}: need three non-negative numbers summing to 1")
-  saved = os.path.join(os.fspath(workdir), "splits.json")
+  saved = _saved_path(workdir)
   if split_file is not None:
     splits = _load_splits(os.fspath(split_file), ids)
-    if os.path.exists(saved) and _load_splits(saved, ids) != splits:
+    if saved.exists() and _load_splits(saved, ids) != splits:
       raise error(DataError, saved, f"differs from split_file {split_file}; use a new workdir")
-  elif os.path.exists(saved):
+  elif saved.exists():
     return _load_splits(saved, ids)
   else:
     splits = _make_splits(ids, seed, fractions)
@@ -157,7 +162,7 @@ def cases_by_split(
   splits = load_or_make_splits(
     workdir, listed, seed=seed, fractions=fractions, split_file=split_file
   )
-  return _hand_out(listed, modalities, splits, os.path.join(os.fspath(workdir), "splits.json"))
+  return _hand_out(listed, modalities, splits, _saved_path(workdir))
 
 
 def cases_of_saved_split(adapter, root, modalities, saved: dict, source) -> dict:

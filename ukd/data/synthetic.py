@@ -490,7 +490,7 @@ def write_mmwhs(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0) 
   written = []
   for modality, count in (("ct", n_ct), ("mr", n_mr)):
     folder = os.path.join(os.fspath(root), f"{modality}_train")
-    os.makedirs(folder, exist_ok=True)
+    files.makedirs(folder)
     for index in range(count):
       phantom = make_phantom("cardiac", modality, shape, seed=seed, index=index)
       stem = os.path.join(folder, f"{modality}_train_{1001 + index}")
@@ -515,8 +515,8 @@ def _write_chaos_series(patient_dir: str, phantom: Phantom, patient: int, seed: 
 
   dicom_dir = os.path.join(patient_dir, "T2SPIR", "DICOM_anon")
   ground_dir = os.path.join(patient_dir, "T2SPIR", "Ground")
-  os.makedirs(dicom_dir, exist_ok=True)
-  os.makedirs(ground_dir, exist_ok=True)
+  files.makedirs(dicom_dir)
+  files.makedirs(ground_dir)
 
   def uid(*parts):  # deterministic, so reruns write identical files
     return generate_uid(entropy_srcs=["ukd-synthetic", str(seed), str(patient), *map(str, parts)])
@@ -580,7 +580,7 @@ def write_abdominal(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int =
   root = os.fspath(root)
   written = []
   for name in ("img", "label"):
-    os.makedirs(os.path.join(root, "BTCV", name), exist_ok=True)
+    files.makedirs(os.path.join(root, "BTCV", name))
   for index in range(n_ct):
     phantom = make_phantom("abdominal", "ct", shape, seed=seed, index=index)
     for name, array in (("img", phantom.image), ("label", phantom.label)):
@@ -604,8 +604,10 @@ def ensure(root, cfg) -> str:
   `cfg` is config.data.synthetic: n_ct, n_mr, shape, optionally layout ('mmwhs' or
   'abdominal', default 'mmwhs') and seed (default 0). The dataset is written to a temporary
   sibling folder and renamed into place, so an interrupted run never leaves a half-written
-  root that a later run would take for complete. A root that exists must hold phantoms made
-  with the same settings: silently training on other data would be worse than stopping.
+  root that a later run would take for complete; on an object store (`gs://...`) it is
+  uploaded file by file with the settings marker last (`files.new_directory`), so a cut-short
+  upload leaves a root without one, which is refused. A root that exists must hold phantoms
+  made with the same settings: silently training on other data would be worse than stopping.
   """
   settings = {
     "layout": str(cfg.get("layout", "mmwhs")),
@@ -614,11 +616,10 @@ def ensure(root, cfg) -> str:
     "shape": [int(n) for n in cfg.shape],
     "seed": int(cfg.get("seed", 0)),
   }
-  root = os.path.abspath(os.fspath(root))
-  if os.path.exists(root):
+  root = files.path(root)
+  if root.exists():
     try:
-      with open(os.path.join(root, _MARKER)) as f:
-        found = json.load(f)
+      found = json.loads((root / _MARKER).read_text())
     except (OSError, ValueError):
       raise DataError(
         f"{root}: exists but holds no synthetic dataset ({_MARKER} missing or "
@@ -628,7 +629,7 @@ def ensure(root, cfg) -> str:
       raise DataError(
         f"{root}: holds phantoms made with {found}, not {settings}; delete it or use another root"
       )
-    return root
+    return os.fspath(root)
   if settings["layout"] not in _WRITERS:
     raise DataError(
       f"data.synthetic.layout {settings['layout']!r} unknown: use one of {sorted(_WRITERS)}"

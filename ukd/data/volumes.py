@@ -10,11 +10,13 @@ exactly in any viewer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
 import nibabel as nib
 import numpy as np
+from etils import epath
 from nibabel import orientations
 
 from ukd import files
@@ -126,13 +128,12 @@ def from_array(array, affine=None, source: str = "<array>") -> Volume:
   return Volume(canonical, spacing, affine, None, tuple(array.shape), str(source))
 
 
-def _load(path):
-  """Open a NIfTI file, turning every way it can fail into a DataError."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise error(DataError, path, "file not found")
+def _load(local: str, path: str):
+  """Open the NIfTI file `local` (the local copy of `path`, which messages name), turning
+  every way it can fail into a DataError.  A temporary copy of a remote file is read into
+  memory rather than memory-mapped, since it is deleted once read."""
   try:
-    image = nib.load(path)
+    image = nib.load(local, mmap=local == path)
   except Exception as exc:  # nibabel raises many types for corrupt files
     raise error(DataError, path, f"cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
   if not isinstance(image.header, nib.Nifti1Header):
@@ -141,6 +142,17 @@ def _load(path):
     raise error(DataError, path, "affine contains NaN or Inf")
   _check_units(image.header, path)
   return image
+
+
+@contextlib.contextmanager
+def _opened(path):
+  """The NIfTI image at `path`, local or remote (`files.local_file`), while the body reads it:
+  nibabel reads voxel data lazily, from the file."""
+  path = os.fspath(path)
+  if not epath.Path(path).is_file():
+    raise error(DataError, path, "file not found")
+  with files.local_file(path) as local:
+    yield _load(local, path)
 
 
 def _read_data(image, path, dtype=None) -> np.ndarray:
@@ -163,8 +175,8 @@ def _wrap(array: np.ndarray, image, path) -> Volume:
 def read_image(path) -> Volume:
   """Read an image as float32 (scaling applied) in canonical orientation."""
   path = os.fspath(path)
-  image = _load(path)
-  array = _exactly_3d(_read_data(image, path, np.float32), path)
+  with _opened(path) as image:
+    array = _exactly_3d(_read_data(image, path, np.float32), path)
   _check_finite(array, path)
   return _wrap(array, image, path)
 
@@ -190,9 +202,8 @@ def read_label(path, like: Volume | None = None) -> Volume:
   targets, so shape and affine must agree (affine within AFFINE_TOLERANCE).
   """
   path = os.fspath(path)
-  image = _load(path)
-  array = _exactly_3d(_read_data(image, path), path)
-  array = _as_int_codes(np.asarray(array), path)
+  with _opened(path) as image:
+    array = _as_int_codes(np.asarray(_exactly_3d(_read_data(image, path), path)), path)
   if like is not None:
     if tuple(array.shape) != tuple(like.original_shape):
       raise error(

@@ -10,6 +10,10 @@ need.
 Layout problems (missing folders, unpaired files, unknown label codes) raise `DataError`
 rather than skipping cases: a silently smaller training set is hard to notice later.
 
+A root may be local or on an object store (`gs://bucket/data`): folders are listed through
+`etils.epath`, case paths are strings joined with '/', which serves both, and the readers
+fetch a remote file to a local temporary one (`ukd.files.local_file`).
+
 This module holds the registry (`register`, `get_adapter`), the `Case` and `Adapter` types
 and the listing helpers the layouts share; one module per dataset family registers its
 adapters when this package is imported: `mmwhs`, `abdominal` (BTCV + CHAOS) and `folder`
@@ -25,6 +29,7 @@ import re
 from collections.abc import Callable
 
 import numpy as np
+from etils import epath
 
 from ukd.data.volumes import Volume, read_image, read_label
 from ukd.errors import DataError, error
@@ -142,14 +147,14 @@ def map_labels(
 
 def require_dir(path: str, what: str) -> str:
   """`path` if it is a folder, else a DataError saying which `what` is missing."""
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise error(DataError, path, f"{what} not found")
   return path
 
 
 def visible(folder: str) -> list[str]:
   """Entries of a folder without hidden files (.DS_Store and the like)."""
-  return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+  return sorted(p.name for p in epath.Path(folder).iterdir() if not p.name.startswith("."))
 
 
 def match_files(folder: str, pattern: str) -> dict[str, str]:

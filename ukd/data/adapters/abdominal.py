@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import os
 
+from etils import epath
+
+from ukd import files
 from ukd.data.adapters import (
   Adapter,
   Case,
@@ -83,7 +85,7 @@ class AbdominalAdapter(Adapter):
   def _btcv_cases(self, root: str) -> list[Case]:
     base = os.path.join(root, self.ct_dir)
     for sub in ("", os.path.join("RawData", "Training")):
-      if os.path.isdir(os.path.join(base, sub, "img")):
+      if epath.Path(base, sub, "img").is_dir():
         folder = os.path.join(base, sub)
         break
     else:
@@ -96,9 +98,9 @@ class AbdominalAdapter(Adapter):
   def _chaos_cases(self, root: str) -> list[Case]:
     base = os.path.join(root, self.mr_dir)
     dicom_root = os.path.join(base, "Train_Sets", "MR")
-    if os.path.isdir(dicom_root):
+    if epath.Path(dicom_root).is_dir():
       return _chaos_dicom_cases(dicom_root)
-    if os.path.isdir(os.path.join(base, "images")):
+    if epath.Path(base, "images").is_dir():
       images = match_files(os.path.join(base, "images"), r"(.+)")
       label_dir = require_dir(os.path.join(base, "labels"), "CHAOS labels folder")
       labels = match_files(label_dir, r"(.+)")
@@ -112,7 +114,7 @@ class AbdominalAdapter(Adapter):
     return CHAOS_CODES if modality == "mr" else super().label_codes(modality)
 
   def read(self, case: Case) -> tuple[Volume, Volume | None]:
-    if case.modality == "ct" or not os.path.isdir(case.image):
+    if case.modality == "ct" or not epath.Path(case.image).is_dir():
       return self._read_nifti(case)
     image, label = read_dicom_series(case.image, case.label)
     if label is not None:
@@ -126,10 +128,10 @@ def _chaos_dicom_cases(dicom_root: str) -> list[Case]:
   for patient in visible(dicom_root):
     series = os.path.join(dicom_root, patient, "T2SPIR")
     dicom_dir = os.path.join(series, "DICOM_anon")
-    if not glob.glob(os.path.join(dicom_dir, "*.dcm")):
+    if not files.glob(dicom_dir, "*.dcm"):
       raise error(DataError, dicom_dir, "no T2-SPIR DICOM slices (*.dcm) found")
     ground = os.path.join(series, "Ground")
-    if not glob.glob(os.path.join(ground, "*.png")):
+    if not files.glob(ground, "*.png"):
       raise error(DataError, ground, "image has no label: no PNG masks found")
     cases.append(Case(f"chaos_{patient}", "mr", dicom_dir, ground))
   if not cases:

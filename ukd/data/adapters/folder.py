@@ -6,6 +6,8 @@ import json
 import os
 import re
 
+from etils import epath
+
 from ukd.data.adapters import (
   Adapter,
   Case,
@@ -22,7 +24,7 @@ from ukd.errors import DataError, error
 def _read_dataset_json(path: str) -> tuple[tuple[str, ...], str]:
   """Class names (by index) and file ending from an nnU-Net v1 or v2 dataset.json."""
   try:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       meta = json.load(f)
     labels = meta["labels"]
   except (OSError, ValueError, KeyError, TypeError) as exc:
