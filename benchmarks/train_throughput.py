@@ -14,16 +14,22 @@ of --steps steps after --warmup untimed ones, each blocked on.  The eval forward
 (`steps.make_eval_step`, running statistics) is timed the same way on a batch of the same
 number of slices.
 
-The FLOPs per step are XLA's own count (cost analysis of the compiled executable), so
-"achieved FLOP/s" is what the device did of the work XLA planned, not a hand count.  It is
-set against a measured peak: a large square matmul in the same dtype on the same device
-(2 n^3 FLOPs), the best rate any op reaches in practice there, so "% of peak" says how far
-the network's mix of convolutions, norms and data movement is from matmul speed.
+The FLOPs per step are XLA's own count (cost analysis of the lowered module, see `_flops`),
+not a hand count.  The train step's count is taken from the step traced with XLA's own
+convolution gradients (`ukd.models.conv.xla_gradients`): on CPU the step computes wide
+layers' gradients as im2col matmuls, which XLA counts with their multiplications by padding
+zeros (about 3% more), and achieved FLOP/s should measure speed, not the formulation; both
+counts are in the JSON.  The rate is set against a measured peak: a large square matmul in
+the same dtype on the same device (2 n^3 FLOPs), the best rate any op reaches in practice
+there, so "% of peak" says how far the network's mix of convolutions, norms and data
+movement is from matmul speed.  XLA_FLAGS and the load average (other processes sharing
+the cores skew every number) are printed with the results.
 """
 
 import datetime
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -36,6 +42,7 @@ from ml_collections import config_flags
 
 from ukd import models, steps
 from ukd import state as state_lib
+from ukd.models import conv as conv_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with overrides).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "config.model.dtype values to time.")
@@ -124,14 +131,19 @@ def measure(config, dtype: str, steps_n: int, warmup: int, with_eval: bool) -> d
     jax.block_until_ready((holder[0], metrics))
 
   seconds = _median_seconds(train_once, steps_n, warmup)
-  flops = _flops(lowered)
+  with conv_lib.xla_gradients():  # the model's FLOPs, as XLA counts its own formulation
+    flops = _flops(steps.make_train_step(model, config, mesh).lower(holder[0], batch))
   result = dict(
     dtype=dtype,
     computes_in_dtype=_uses_dtype(lowered, dtype),
     slices=slices,
     compile_s=compile_s,
     train=dict(
-      step_s=seconds, slices_per_s=slices / seconds, flops=flops, flops_per_s=flops / seconds
+      step_s=seconds,
+      slices_per_s=slices / seconds,
+      flops=flops,
+      program_flops=_flops(lowered),
+      flops_per_s=flops / seconds,
     ),
   )
   if with_eval:
@@ -165,6 +177,8 @@ def environment() -> dict:
     devices=len(jax.devices()),
     device_kind=device.device_kind,
     cpu=cpu,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    load_average=os.getloadavg()[0],
   )
 
 
@@ -174,6 +188,8 @@ def table(config, env: dict, results: list, peaks: dict) -> str:
   lines = [
     f"date {env['date']}  jax {env['jax']}  {env['devices']} x {env['device_kind']} "
     f"({env['backend']}; host {env['cpu']})",
+    f"XLA_FLAGS={env['xla_flags']!r}  1-min load average {env['load_average']:.2f} at start, "
+    f"{env['load_average_end']:.2f} at end",
     f"network {config.model.name} width {config.model.width}, {config.model.num_classes} "
     f"classes, {spatial}, {config.batch_size} x {len(config.modalities)} "
     f"({'+'.join(config.modalities)}) slices per step",
@@ -219,6 +235,7 @@ def main(argv):
     for kind in ("train", "eval"):
       if kind in r:
         r[kind]["pct_of_peak"] = 100.0 * r[kind]["flops_per_s"] / peaks[r["dtype"]]["flops_per_s"]
+  env["load_average_end"] = os.getloadavg()[0]
   print(table(config, env, results, peaks))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -21,6 +21,7 @@ def get_config(arg=None):
   c.data.size = (256, 256)
   c.data.patch = (256, 256, 8)
   c.data.fg_fraction = 0.5
+  c.loss.l2_scope = "all"  # the reference 3D code penalises every trainable variable
   c.batch_size = 2  # per modality
   c.optim.lr = 1e-4
   c.optim.decay_rate = 0.95

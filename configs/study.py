@@ -56,6 +56,9 @@ def _ablations():
     "kd_absent_uniform": {"loss": {"kd_absent": "uniform"}},
     "train_cases_25": {"data": {"train_fraction": 0.25}},
     "train_cases_50": {"data": {"train_fraction": 0.5}},
+    # Does sharing help more when data is scarce? The baselines at the smallest budget.
+    "single_train_cases_25": {"model": {"scheme": "single"}, "data": {"train_fraction": 0.25}},
+    "joint_train_cases_25": {"model": {"scheme": "joint"}, "data": {"train_fraction": 0.25}},
   }
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from ukd import checkpoints, evaluate, files, writers
+from ukd import checkpoints, evaluate, files, train, writers
 from ukd import config as config_lib
 from ukd.data import adapters, preprocess, splits, synthetic, volumes
 from ukd.errors import ConfigError, DataError
@@ -88,7 +88,7 @@ def bucket(tmp_path, monkeypatch):
     walk=refused("epath's fsspec walk drops gs://"),
   ):
     yield store / "bucket"
-  assert os.listdir(cwd) == []
+  assert not os.listdir(cwd), "a URL was taken for a local path"
 
 
 def _names(folder):
@@ -229,3 +229,21 @@ def test_a_remote_cache_dir_is_kept_on_local_disk(phantoms, tmp_path, monkeypatc
   assert os.path.dirname(os.path.dirname(entry["image"])) == kept
   assert np.load(entry["image"], mmap_mode="r").shape == (8, 8, 8)
   assert not (phantoms.parent / "run").exists()  # nothing went to the bucket
+
+
+def test_training_prepares_its_data_from_a_bucket_into_a_bucket(bucket, tmp_path, monkeypatch):
+  """What training does before its first step, with the phantoms, the work dir and so the
+  default cache dir all in the bucket: the split lands there, the cache on local disk."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  config = config_lib.default()
+  config.data.synthetic.update(enabled=True, n_ct=3, n_mr=3, shape=(8, 8, 8))
+  config.data.size = (8, 8)
+  root = train.dataset_root(config, f"{BUCKET}/run")
+  assert root == f"{BUCKET}/run/phantoms"
+  data = train.prepare_data(config, root, f"{BUCKET}/run")
+  saved = json.loads((bucket / "run" / "splits.json").read_text())
+  assert saved == data.record()["splits"]
+  kept = preprocess.local_cache_dir(f"{BUCKET}/run/cache")
+  for entries in data.train_sources.values():
+    assert entries and all(e["image"].startswith(kept + os.sep) for e in entries)
+  assert sorted(os.listdir(bucket / "run")) == ["phantoms", "splits.json"]

@@ -40,7 +40,8 @@ from etils import epath
 
 from ukd.errors import ConfigError, error
 
-# The URL schemes epath reads and writes (through fsspec: gcsfs, s3fs, adlfs, huggingface_hub).
+# The URL schemes epath reads and writes: through TensorFlow's gfile where it is installed,
+# else fsspec (gcsfs for gs://).
 REMOTE_SCHEMES = ("gs", "s3", "az", "hf")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 

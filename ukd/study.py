@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 from ukd import files, writers
 from ukd.errors import ConfigError, UkdError, exit_with
+from ukd.models.schemes import SCHEMES
 
 RESULT = "study_result.json"
 METRICS = ("dice", "assd", "hd95")
@@ -344,7 +345,9 @@ def write_report(study, study_dir: str) -> dict:
   results = finished_results(study, study_dir)
   if not results:
     raise UkdError(f"{study_dir}: no finished study runs to report")
-  schemes = list(study.schemes)
+  # The schemes in the order ukd.models lists them (single first, as in the paper's table).
+  known = list(SCHEMES)
+  schemes = sorted(study.schemes, key=lambda n: known.index(n) if n in known else len(known))
   ablations = [study.reference, *study.ablations]
   tests = paired_tests(results, study.reference, schemes)
   ablation_tests = paired_tests(results, study.reference, list(study.ablations))
