@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from ukd.data import synthetic
+from ukd.data import phantoms, synthetic
 from ukd.errors import DataError
 
 pydicom = pytest.importorskip("pydicom")
@@ -23,7 +23,7 @@ ALL_CODES = {
   "cardiac": set(MMWHS_FOREGROUND) | set(MMWHS_TO_BACKGROUND),
   "abdominal": set(BTCV_FOREGROUND) | set(BTCV_TO_BACKGROUND),
 }
-PHANTOMS = [(a, m) for a in synthetic.ANATOMIES for m in synthetic.MODALITIES]
+PHANTOMS = [(a, m) for a in phantoms.ANATOMIES for m in phantoms.MODALITIES]
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,13 @@ def _centroid_lps(phantom, code):
 
 @pytest.mark.parametrize("anatomy, modality", PHANTOMS)
 def test_same_seed_same_arrays_other_seed_or_case_differs(anatomy, modality):
-  first = synthetic.make_phantom(anatomy, modality, seed=5, index=1)
-  again = synthetic.make_phantom(anatomy, modality, seed=5, index=1)
+  first = phantoms.make_phantom(anatomy, modality, seed=5, index=1)
+  again = phantoms.make_phantom(anatomy, modality, seed=5, index=1)
   for name in ("image", "label", "affine"):
     assert np.array_equal(getattr(first, name), getattr(again, name)), name
   for other in (
-    synthetic.make_phantom(anatomy, modality, seed=6, index=1),
-    synthetic.make_phantom(anatomy, modality, seed=5, index=2),
+    phantoms.make_phantom(anatomy, modality, seed=6, index=1),
+    phantoms.make_phantom(anatomy, modality, seed=5, index=2),
   ):
     assert not np.array_equal(first.label, other.label)
     assert not np.array_equal(first.image, other.image)
@@ -105,7 +105,7 @@ def test_mmwhs_layout_names_dtypes_and_codes(mmwhs_root):
       label = nib.load(mmwhs_root / f"{modality}_train" / f"{modality}_train_{n}_label.nii.gz")
       assert image.get_data_dtype() == image_dtype
       assert label.get_data_dtype() == np.uint16
-      assert image.shape == label.shape == synthetic.DEFAULT_SHAPE
+      assert image.shape == label.shape == phantoms.DEFAULT_SHAPE
       np.testing.assert_array_equal(image.affine, label.affine)
       codes = set(np.unique(np.asarray(label.dataobj)).tolist())
       assert codes == {0} | ALL_CODES["cardiac"], (modality, n, codes)
@@ -130,7 +130,7 @@ def test_btcv_layout_names_dtypes_and_codes(abdominal_root):
 
 def test_chaos_layout_one_dicom_and_one_mask_per_slice(abdominal_root):
   chaos = [name for name in _files(abdominal_root) if name.startswith("CHAOS")]
-  slices = synthetic.DEFAULT_SHAPE[2]
+  slices = phantoms.DEFAULT_SHAPE[2]
   expected = [
     f"CHAOS/Train_Sets/MR/{patient}/T2SPIR/{folder}/IMG-0002-{k:05d}.{ext}"
     for patient in (1, 2)
@@ -141,7 +141,7 @@ def test_chaos_layout_one_dicom_and_one_mask_per_slice(abdominal_root):
 
 
 def test_chaos_dicom_tags_pixels_and_masks_match_the_phantom(abdominal_root):
-  phantom = synthetic.make_phantom("abdominal", "mr", seed=3, index=0)
+  phantom = phantoms.make_phantom("abdominal", "mr", seed=3, index=0)
   lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ phantom.affine
   series = abdominal_root / "CHAOS" / "Train_Sets" / "MR" / "1" / "T2SPIR"
   grey = set()
@@ -185,7 +185,7 @@ def test_chaos_dicom_tags_pixels_and_masks_match_the_phantom(abdominal_root):
 def test_structures_are_sizable_single_pieces(anatomy, modality):
   """Each structure is big enough to learn, not dominating, and not cut into fragments."""
   for index in range(3):
-    label = synthetic.make_phantom(anatomy, modality, seed=0, index=index).label
+    label = phantoms.make_phantom(anatomy, modality, seed=0, index=index).label
     for code in ALL_CODES[anatomy] - {4}:  # the gallbladder is small, as in real scans
       mask = label == code
       assert 50 <= mask.sum() <= 0.1 * label.size, (code, int(mask.sum()))
@@ -195,21 +195,21 @@ def test_structures_are_sizable_single_pieces(anatomy, modality):
 
 
 def test_myocardium_surrounds_the_left_ventricle():
-  label = synthetic.make_phantom("cardiac", "ct", seed=0).label
+  label = phantoms.make_phantom("cardiac", "ct", seed=0).label
   lv = label == 500
   ring = scipy.ndimage.binary_dilation(lv, iterations=2) & ~lv
   assert np.mean(label[ring] == 205) > 0.6
 
 
-@pytest.mark.parametrize("modality", synthetic.MODALITIES)
+@pytest.mark.parametrize("modality", phantoms.MODALITIES)
 def test_organs_sit_where_anatomy_puts_them(modality):
   """Checks anatomy and affine together, so a flipped axis in a grid definition fails."""
   for index in range(2):
-    heart = synthetic.make_phantom("cardiac", modality, seed=1, index=index)
+    heart = phantoms.make_phantom("cardiac", modality, seed=1, index=index)
     lv, la, ra, aa = (_centroid_lps(heart, code) for code in (500, 420, 550, 820))
     assert lv[0] > aa[0] > ra[0]  # LV on the patient's left, aorta between, RA on the right
     assert la[1] > lv[1] and la[2] > lv[2]  # LA behind and above the LV
-    belly = synthetic.make_phantom("abdominal", modality, seed=1, index=index)
+    belly = phantoms.make_phantom("abdominal", modality, seed=1, index=index)
     liver, spleen, right, left = (_centroid_lps(belly, code) for code in (6, 1, 2, 3))
     assert liver[0] < 0 < spleen[0] and right[0] < 0 < left[0]
     assert right[1] > liver[1] and left[1] > liver[1]  # kidneys posterior
@@ -225,15 +225,15 @@ def _mean(phantom, code):
 
 
 def test_modalities_have_different_contrasts():
-  ct = synthetic.make_phantom("cardiac", "ct", (64, 64, 32), seed=0)
-  mr = synthetic.make_phantom("cardiac", "mr", (64, 64, 32), seed=0)
+  ct = phantoms.make_phantom("cardiac", "ct", (64, 64, 32), seed=0)
+  mr = phantoms.make_phantom("cardiac", "mr", (64, 64, 32), seed=0)
   aa, lv, la, myo = 820, 500, 420, 205
   assert _mean(ct, aa) > _mean(ct, lv) > _mean(ct, la) > _mean(ct, myo)
   assert _mean(mr, lv) > _mean(mr, la) > _mean(mr, aa) > _mean(mr, myo)
   assert _mean(ct, lv) > 200 and _mean(ct, myo) < 200  # contrast-filled blood, HU
   assert ct.image.min() <= -900  # air
-  belly_ct = synthetic.make_phantom("abdominal", "ct", (64, 64, 32), seed=0)
-  belly_mr = synthetic.make_phantom("abdominal", "mr", (64, 64, 32), seed=0)
+  belly_ct = phantoms.make_phantom("abdominal", "ct", (64, 64, 32), seed=0)
+  belly_mr = phantoms.make_phantom("abdominal", "mr", (64, 64, 32), seed=0)
   assert _mean(belly_ct, 8) > _mean(belly_ct, 6)  # enhanced aorta brighter than liver in CT
   assert _mean(belly_mr, 8) < _mean(belly_mr, 6)  # flow void in MR
   for phantom in (belly_ct, belly_mr):  # liver < spleen < kidneys: the organs are told apart
@@ -241,28 +241,28 @@ def test_modalities_have_different_contrasts():
 
 
 def test_mr_has_rician_background_and_a_smooth_bias_field():
-  mr = synthetic.make_phantom("cardiac", "mr", (64, 64, 32), seed=0)
+  mr = phantoms.make_phantom("cardiac", "mr", (64, 64, 32), seed=0)
   air = mr.image[mr.label == 0][:1000]
   assert air.mean() > 5  # Rician noise floor: magnitude noise never averages to zero
   assert mr.image.dtype == np.uint16 and mr.image.max() <= 4095
-  field = synthetic._bias_field((32, 32, 16), np.random.default_rng(0))
+  field = phantoms._bias_field((32, 32, 16), np.random.default_rng(0))
   assert field.min() > 0 and field.max() / field.min() > 1.1  # shading that matters ...
   assert np.abs(np.diff(np.log(field), axis=0)).max() < 0.05  # ... and varies slowly
 
 
 def test_ct_and_mr_grids_differ():
-  for anatomy in synthetic.ANATOMIES:
-    ct = synthetic.make_phantom(anatomy, "ct", seed=0)
-    mr = synthetic.make_phantom(anatomy, "mr", seed=0)
+  for anatomy in phantoms.ANATOMIES:
+    ct = phantoms.make_phantom(anatomy, "ct", seed=0)
+    mr = phantoms.make_phantom(anatomy, "mr", seed=0)
     assert nib.aff2axcodes(ct.affine) != nib.aff2axcodes(mr.affine)
     assert not np.allclose(ct.spacing, mr.spacing, rtol=0.05)
-  cardiac_mr = synthetic.make_phantom("cardiac", "mr", seed=0).affine[:3, :3]
+  cardiac_mr = phantoms.make_phantom("cardiac", "mr", seed=0).affine[:3, :3]
   off_axis = cardiac_mr[np.abs(cardiac_mr) < 0.5 * np.abs(cardiac_mr).max(axis=0)]
   assert np.abs(off_axis).max() > 0.01  # oblique, as scanners often write MR
 
 
 def test_shape_is_configurable_and_the_last_axis_is_feet_head():
-  phantom = synthetic.make_phantom("abdominal", "mr", (40, 36, 12), seed=0)
+  phantom = phantoms.make_phantom("abdominal", "mr", (40, 36, 12), seed=0)
   assert phantom.image.shape == phantom.label.shape == (40, 36, 12)
   slice_axis = phantom.affine[:3, 2]
   assert abs(slice_axis[2]) == pytest.approx(np.linalg.norm(slice_axis))
@@ -274,10 +274,10 @@ def test_shape_is_configurable_and_the_last_axis_is_feet_head():
 @pytest.mark.parametrize(
   "call",
   [
-    lambda: synthetic.make_phantom("brain", "ct"),
-    lambda: synthetic.make_phantom("cardiac", "pet"),
-    lambda: synthetic.make_phantom("cardiac", "ct", (48, 48)),
-    lambda: synthetic.make_phantom("cardiac", "ct", (48, 48, 2)),
+    lambda: phantoms.make_phantom("brain", "ct"),
+    lambda: phantoms.make_phantom("cardiac", "pet"),
+    lambda: phantoms.make_phantom("cardiac", "ct", (48, 48)),
+    lambda: phantoms.make_phantom("cardiac", "ct", (48, 48, 2)),
     lambda: synthetic.write_mmwhs("/nonexistent-never-written", -1, 0),
     lambda: synthetic.write_abdominal("/nonexistent-never-written", 1.5, 0),
   ],
