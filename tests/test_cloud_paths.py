@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 
-import ml_collections as mc
 import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
@@ -169,9 +168,9 @@ def test_splits_metrics_and_evaluation_land_in_the_bucket(bucket):
 @pytest.fixture
 def phantoms(bucket):
   """A tiny MM-WHS phantom dataset generated straight into gs://bucket/data."""
-  cfg = mc.ConfigDict(dict(layout="mmwhs", n_ct=1, n_mr=1, shape=(8, 8, 8)))
-  assert synthetic.ensure(f"{BUCKET}/data", cfg) == f"{BUCKET}/data"
-  assert synthetic.ensure(f"{BUCKET}/data", cfg) == f"{BUCKET}/data"  # found, not remade
+  cfg = dict(n_ct=1, n_mr=1, shape=(8, 8, 8), seed=0)
+  assert synthetic.ensure(f"{BUCKET}/data", "mmwhs", **cfg) == f"{BUCKET}/data"
+  assert synthetic.ensure(f"{BUCKET}/data", "mmwhs", **cfg) == f"{BUCKET}/data"  # not remade
   return bucket / "data"
 
 
@@ -199,8 +198,7 @@ def test_a_dataset_in_the_bucket_is_listed_and_read_like_its_local_copy(phantoms
 
 def test_chaos_dicom_in_the_bucket_is_read_like_its_local_copy(bucket):
   pytest.importorskip("pydicom")
-  cfg = mc.ConfigDict(dict(layout="abdominal", n_ct=0, n_mr=1, shape=(8, 8, 8)))
-  synthetic.ensure(f"{BUCKET}/abdomen", cfg)
+  synthetic.ensure(f"{BUCKET}/abdomen", "abdominal", n_ct=0, n_mr=1, shape=(8, 8, 8), seed=0)
   adapter = adapters.get_adapter("abdominal", modalities=("mr",))
   (case,) = adapter.cases(f"{BUCKET}/abdomen")
   assert case.image == f"{BUCKET}/abdomen/CHAOS/Train_Sets/MR/1/T2SPIR/DICOM_anon"

@@ -3,7 +3,6 @@
 import glob
 import os
 
-import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
@@ -306,22 +305,23 @@ def test_cli_writes_the_requested_layout(tmp_path, capsys):
 
 
 def test_ensure_generates_once_then_reuses_and_refuses_other_settings(tmp_path):
-  cfg = ml_collections.ConfigDict(dict(enabled=True, n_ct=1, n_mr=1, shape=(16, 16, 8)))
+  cfg = dict(n_ct=1, n_mr=1, shape=(16, 16, 8), seed=0)
   root = tmp_path / "work" / "phantoms"
-  assert synthetic.ensure(root, cfg) == str(root)
+  assert synthetic.ensure(root, "mmwhs", **cfg) == str(root)
   label = root / "mr_train" / "mr_train_1001_label.nii.gz"
   written = label.stat().st_mtime_ns
-  synthetic.ensure(root, cfg)  # a resumed run: nothing is rewritten
+  synthetic.ensure(root, "mmwhs", **cfg)  # a resumed run: nothing is rewritten
   assert label.stat().st_mtime_ns == written
   assert os.listdir(tmp_path / "work") == ["phantoms"]  # no staging folder left behind
-  cfg.n_ct = 2
+  cfg["n_ct"] = 2
   with pytest.raises(DataError, match="phantoms made with"):
-    synthetic.ensure(root, cfg)
+    synthetic.ensure(root, "mmwhs", **cfg)
   (tmp_path / "real").mkdir()
   with pytest.raises(DataError, match="holds no synthetic dataset"):
-    synthetic.ensure(tmp_path / "real", cfg)
-  cfg.layout = "abdominal"
-  synthetic.ensure(tmp_path / "belly", cfg)
+    synthetic.ensure(tmp_path / "real", "mmwhs", **cfg)
+  with pytest.raises(DataError, match="'folder' layout cannot be made"):
+    synthetic.ensure(tmp_path / "nnunet", "folder", **cfg)
+  synthetic.ensure(tmp_path / "belly", "abdominal", **cfg)
   assert len(list((tmp_path / "belly" / "BTCV" / "img").iterdir())) == 2
 
 

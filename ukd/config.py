@@ -53,6 +53,7 @@ def default() -> mc.ConfigDict:
   c.data.synthetic.enabled = False  # generate (root '' or unset: <workdir>/phantoms)
   c.data.synthetic.n_ct = 10  # CT cases
   c.data.synthetic.n_mr = 10  # MR cases
+  c.data.synthetic.seed = 0  # phantoms' own seed (the same phantoms for every training seed)
   c.data.synthetic.shape = (96, 96, 40)  # voxels per phantom
   c.data.split_fractions = (0.6, 0.2, 0.2)  # train / val / test fractions per modality
   c.data.train_fraction = 1.0  # share of each modality's training cases used (data budget)

@@ -49,7 +49,15 @@ def dataset_root(config, workdir) -> str:
   if config.data.synthetic.enabled:
     if root in (config_lib.REQUIRED, ""):
       root = files.path(workdir) / "phantoms"
-    synthetic.ensure(root, config.data.synthetic)
+    phantoms = config.data.synthetic
+    synthetic.ensure(
+      root,
+      config.data.dataset,
+      n_ct=phantoms.n_ct,
+      n_mr=phantoms.n_mr,
+      shape=phantoms.shape,
+      seed=phantoms.seed,
+    )
   if root in (config_lib.REQUIRED, ""):
     raise ConfigError("config.data.root is not set: pass --config.data.root=/path/to/dataset")
   return os.fspath(files.path(root))

@@ -162,11 +162,11 @@ _WRITERS = {"mmwhs": write_mmwhs, "abdominal": write_abdominal}
 _MARKER = ".ukd_synthetic.json"  # hidden, so the dataset adapters never list it
 
 
-def ensure(root, cfg) -> str:
-  """Generate a phantom dataset into `root` once; later calls (a resumed run) reuse it.
+def ensure(root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int) -> str:
+  """Generate a phantom dataset in `layout` ('mmwhs' or 'abdominal', the names of the dataset
+  adapters that read them) into `root` once; later calls (a resumed run) reuse it.
 
-  `cfg` is config.data.synthetic: n_ct, n_mr, shape, optionally layout ('mmwhs' or
-  'abdominal', default 'mmwhs') and seed (default 0). The dataset is written to a temporary
+  The dataset is written to a temporary
   sibling folder and renamed into place, so an interrupted run never leaves a half-written
   root that a later run would take for complete; on an object store (`gs://...`) it is
   uploaded file by file with the settings marker last (`files.new_directory`), so a cut-short
@@ -174,11 +174,11 @@ def ensure(root, cfg) -> str:
   made with the same settings: silently training on other data would be worse than stopping.
   """
   settings = {
-    "layout": str(cfg.get("layout", "mmwhs")),
-    "n_ct": int(cfg.n_ct),
-    "n_mr": int(cfg.n_mr),
-    "shape": [int(n) for n in cfg.shape],
-    "seed": int(cfg.get("seed", 0)),
+    "layout": str(layout),
+    "n_ct": int(n_ct),
+    "n_mr": int(n_mr),
+    "shape": [int(n) for n in shape],
+    "seed": int(seed),
   }
   root = files.path(root)
   if root.exists():
@@ -196,7 +196,8 @@ def ensure(root, cfg) -> str:
     return os.fspath(root)
   if settings["layout"] not in _WRITERS:
     raise DataError(
-      f"data.synthetic.layout {settings['layout']!r} unknown: use one of {sorted(_WRITERS)}"
+      f"synthetic data in the {settings['layout']!r} layout cannot be made: "
+      f"use data.dataset one of {sorted(_WRITERS)}"
     )
   check_shape(settings["shape"])  # fail before anything is written
   _check_counts(n_ct=settings["n_ct"], n_mr=settings["n_mr"])
@@ -206,7 +207,8 @@ def ensure(root, cfg) -> str:
     )
     with open(os.path.join(staging, _MARKER), "w") as f:
       json.dump(settings, f, sort_keys=True)
-  return ensure(root, cfg)  # checks the settings of phantoms another process finished first
+  # Checks the settings of phantoms another process finished first.
+  return ensure(root, layout, n_ct=n_ct, n_mr=n_mr, shape=shape, seed=seed)
 
 
 def main(argv=None) -> None:
