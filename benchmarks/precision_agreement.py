@@ -17,8 +17,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ukd import infer, metrics, train
-from ukd.data import adapters, splits
+from ukd import evaluate, infer, metrics, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Holds the float32/ and bfloat16/ runs.")
@@ -26,27 +25,12 @@ _JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON f
 DTYPES = ("float32", "bfloat16")
 
 
-def _test_cases(segmenter, workdir):
-  config = segmenter.config
-  adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
-  cases = splits.cases_by_split(
-    adapter,
-    config.data.root,
-    config.modalities,
-    workdir,
-    seed=config.seed,
-    fractions=tuple(config.data.split_fractions),
-    split_file=None,
-  )
-  return adapter, [c for m in config.modalities for c in cases[m]["test"]]
-
-
 def compare(workdirs: dict) -> dict:
   """{'agreement': share of equal voxels over all test cases, 'dice': {dtype: {modality: mean
   Dice over cases and structures}}} for runs that share data, split and seed."""
   # The last step of both runs: the best-by-validation step can differ between them.
   segmenters = {d: infer.load(w, step="latest") for d, w in workdirs.items()}
-  adapter, cases = _test_cases(segmenters["float32"], workdirs["float32"])
+  adapter, cases = evaluate.split_cases(segmenters["float32"], workdirs["float32"], "test")
   equal = total = 0
   dice = {d: {} for d in segmenters}
   for case in cases:

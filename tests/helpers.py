@@ -1,4 +1,8 @@
-"""Small configs and inputs shared by the tests."""
+"""Small configs, inputs and command-line runs shared by the tests."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -30,3 +34,16 @@ def toy_batch(config, spatial=(32, 32), seed=0):
     image = label[..., None] * (1.0 + i) + rng.normal(0, 0.3, label.shape + (channels,))
     batch[m] = {"image": image.astype(np.float32), "label": label}
   return batch
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module, *args, timeout=300, check=True):
+  """`python -m <module> args...` from the checkout; with `check`, it must exit 0."""
+  out = subprocess.run(
+    [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+  )
+  if check:
+    assert out.returncode == 0, out.stderr[-4000:]
+  return out

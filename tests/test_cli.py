@@ -12,6 +12,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import run_module
 
 from ukd import checkpoints
 
@@ -20,16 +21,7 @@ TINY = [f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny"]
 
 
 def ukd(*args, timeout=300, check=True):
-  out = subprocess.run(
-    [sys.executable, "-m", "ukd.main", *args],
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    cwd=ROOT,
-  )
-  if check:
-    assert out.returncode == 0, out.stderr[-4000:]
-  return out
+  return run_module("ukd.main", *args, timeout=timeout, check=check)
 
 
 def losses(workdir):

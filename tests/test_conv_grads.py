@@ -38,9 +38,12 @@ def _uses_matmul_grads(x, w):
     ((8, 8), (3, 3), 4, 64, 1, "VALID"),
     ((4, 4, 4), (3, 3, 3), 2, 64, 1, "SAME"),
     ((8, 8), (1, 1), 8, 8, 1, "SAME"),
+    ((16, 12), (5, 5), 40, 5, 1, "SAME"),  # narrow: like the 2D network's head
+    ((16, 12), (3, 3), 40, 5, 2, "SAME"),
+    ((6, 6, 4), (1, 1, 1), 16, 5, 1, "SAME"),
   ],
 )
-def test_wide_conv_gradients_match_xla(spatial, kernel, cin, cout, dilation, padding):
+def test_custom_gradients_match_xla(spatial, kernel, cin, cout, dilation, padding):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (3, *spatial, cin))
   w = jax.random.normal(kw, (*kernel, cin, cout))
@@ -65,13 +68,27 @@ def test_bfloat16_gradients_keep_dtypes():
     np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
 
 
-def test_narrow_or_strided_convs_and_xla_gradients_context_stay_xla():
+def test_other_convs_and_xla_gradients_context_stay_xla():
   x = jnp.ones((2, 8, 8, 8))
   assert not _uses_matmul_grads(x, jnp.ones((3, 3, 8, 8)))  # 72 patch values > 8 features
   assert _uses_matmul_grads(x, jnp.ones((3, 3, 8, 72)))
+  assert _uses_matmul_grads(x, jnp.ones((3, 3, 8, 3)))  # 9 taps x 3 <= 4 x 8
   with conv.xla_gradients():
     assert not _uses_matmul_grads(x, jnp.ones((3, 3, 8, 72)))
   strided = conv.conv_general_dilated(
     x, jnp.ones((3, 3, 8, 72)), (2, 2), "SAME", dimension_numbers=conv._channels_last(4)
   )
   assert strided.shape == (2, 4, 4, 72)
+
+
+def test_narrow_kernel_gradient_is_the_same_in_chunks_of_samples():
+  kx, kg = jax.random.split(jax.random.key(2))
+  x = jax.random.normal(kx, (4, 10, 10, 12))
+  g = jax.random.normal(kg, (4, 10, 10, 3))
+  w = jnp.zeros((3, 3, 12, 3))
+  pads = ((1, 1), (1, 1))
+  whole = conv._narrow_kernel_grad(x, w, g, (1, 1), pads)
+  one_by_one = conv._narrow_kernel_grad(x, w, g, (1, 1), pads, chunk_bytes=1)
+  ref = jax.vjp(lambda w: conv._conv(x, w, (1, 1), pads), w)[1](g)[0]
+  np.testing.assert_allclose(whole, ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(one_by_one, ref, rtol=1e-5, atol=1e-4)

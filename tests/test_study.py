@@ -9,11 +9,10 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_module
 from PIL import Image
 from scipy import stats
 
@@ -28,16 +27,7 @@ SCHEMES = ("single", "ukd")
 
 
 def run_study(*args, timeout=300, check=True):
-  out = subprocess.run(
-    [sys.executable, "-m", "ukd.study", *args],
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    cwd=ROOT,
-  )
-  if check:
-    assert out.returncode == 0, out.stderr[-4000:]
-  return out
+  return run_module("ukd.study", *args, timeout=timeout, check=check)
 
 
 def micro_config():

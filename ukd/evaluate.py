@@ -277,19 +277,9 @@ def output_dir(workdir, split: str, step: int) -> str:
   return os.fspath(epath.Path(workdir) / "eval" / f"{split}-step{step}")
 
 
-def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
-  """Scores a work dir's checkpoint on one split of its dataset into `output_dir`.
-
-  Everything comes from the work dir: the network and config from the checkpoint, the split
-  from what the checkpoint recorded (`checkpoints.save`; `splits.json` for checkpoints that
-  recorded none), so the test cases are the ones training never saw, even if the dataset
-  gained cases since.  Prints the table; returns {'summary', 'cases' (rows), 'dir', 'step',
-  'split'}.
-  """
-  if split not in splits.SPLIT_NAMES:
-    raise DataError(f"split {split!r} is not one of {list(splits.SPLIT_NAMES)}")
-  workdir, step = checkpoints.resolve(workdir, step)
-  seg = infer.load(workdir, step=step)
+def split_cases(seg, workdir, split: str):
+  """(adapter, cases of `split` for every modality) of a loaded checkpoint: the split the
+  checkpoint recorded (`checkpoints.save`; `splits.json` for checkpoints that recorded none)."""
   config = seg.config
   adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
   if seg.dataset and seg.dataset.get("splits"):
@@ -307,9 +297,25 @@ def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
       fractions=tuple(config.data.split_fractions),
       split_file=config.data.split_file or None,
     )
-  chosen = [c for m in config.modalities for c in cases[m][split]]
+  return adapter, [c for m in config.modalities for c in cases[m][split]]
+
+
+def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
+  """Scores a work dir's checkpoint on one split of its dataset into `output_dir`.
+
+  Everything comes from the work dir: the network and config from the checkpoint, the split
+  from what the checkpoint recorded (`checkpoints.save`; `splits.json` for checkpoints that
+  recorded none), so the test cases are the ones training never saw, even if the dataset
+  gained cases since.  Prints the table; returns {'summary', 'cases' (rows), 'dir', 'step',
+  'split'}.
+  """
+  if split not in splits.SPLIT_NAMES:
+    raise DataError(f"split {split!r} is not one of {list(splits.SPLIT_NAMES)}")
+  workdir, step = checkpoints.resolve(workdir, step)
+  seg = infer.load(workdir, step=step)
+  adapter, chosen = split_cases(seg, workdir, split)
   if not chosen:
-    raise DataError(f"{workdir}: the {split} split has no cases of {list(config.modalities)}")
+    raise DataError(f"{workdir}: the {split} split has no cases of {list(seg.config.modalities)}")
   out_dir = output_dir(workdir, split, seg.step)
   result = evaluate_cases(seg, adapter, chosen, out_dir=out_dir, overlays=overlays, split=split)
   if jax.process_index() == 0:

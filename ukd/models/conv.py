@@ -1,14 +1,20 @@
-"""`lax.conv_general_dilated` for `nn.Conv`, with matmul gradients for wide convolutions on CPU.
+"""`lax.conv_general_dilated` for `nn.Conv`, with matmul gradients on CPU where XLA's are slow.
 
 XLA:CPU differentiates a convolution into two more convolutions (input and kernel
-gradients).  For a wide layer, one whose output has more features than its im2col
-patch (taps x input features), those run at 60-75% of the CPU's matmul rate; the 2D
-network's 128 -> 2560 convolution before depth-to-space is such a layer and does a
-third of a train step's FLOPs.  For these layers the same sums are computed here as
-two matmuls, at the matmul rate:
+gradients), and two shapes of layer get slow ones:
 
-  dW = patches(x)^T g           (patches: the im2col matrix, no bigger than the output)
-  dx = col2im(g W^T)            (each tap's slice of g W^T added back at its offset)
+- wide: more output features than im2col patch values (taps x input features), like the
+  2D network's 128 -> 2560 convolution before depth-to-space (a third of a train step's
+  FLOPs), whose two gradient convolutions run at 60-75% of the CPU's matmul rate.  Both
+  are computed as matmuls instead, at the matmul rate:
+    dW = patches(x)^T g         (patches: the im2col matrix, no bigger than the output)
+    dx = col2im(g W^T)          (each tap's slice of g W^T added back at its offset)
+- narrow: few output features (taps x output features <= 4 x input features), like the
+  2D network's 5x5 40 -> 5 head, whose kernel gradient XLA runs as a convolution with an
+  image-sized window at ~15% of the matmul rate, after transposing the input.  dW is
+  computed as one matmul per few samples against the gradient shifted by each tap,
+    dW = x^T [g shifted by tap 1 | g shifted by tap 2 | ...]
+  a few samples at a time so that the shifted copies stay in cache; dx stays XLA's.
 
 The forward pass stays XLA's convolution, so inference and the loss are bit-for-bit
 unchanged; only the gradients' summation order differs (float rounding).  On GPU and
@@ -63,22 +69,22 @@ def conv_general_dilated(
 ):
   """Drop-in for `lax.conv_general_dilated` (the arguments `nn.Conv` passes).
 
-  Routes a stride-1, ungrouped, channels-last convolution whose taps x input features
-  are at most its output features to `_wide_conv`; everything else to XLA unchanged.
+  Routes a stride-1, ungrouped, channels-last convolution that is wide or narrow (see
+  the module docstring) to `_custom_grad_conv`; everything else to XLA unchanged.
   """
   spatial = lhs.ndim - 2
   ones = (1,) * spatial
   dilation = tuple(rhs_dilation or ones)
-  wide = (
-    _MATMUL_GRADIENTS[-1]
-    and tuple(window_strides) == ones
+  taps, cin, cout = math.prod(rhs.shape[:-2]), rhs.shape[-2], rhs.shape[-1]
+  kind = "wide" if taps * cin <= cout else "narrow" if taps * cout <= 4 * cin else None
+  plain = (
+    tuple(window_strides) == ones
     and tuple(lhs_dilation or ones) == ones
     and feature_group_count == 1
     and precision is None
     and dimension_numbers == _channels_last(lhs.ndim)
-    and math.prod(rhs.shape[:-1]) <= rhs.shape[-1]
   )
-  if not wide:
+  if not (_MATMUL_GRADIENTS[-1] and plain and kind):
     return lax.conv_general_dilated(
       lhs,
       rhs,
@@ -93,7 +99,8 @@ def conv_general_dilated(
   if isinstance(padding, str):
     window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:-2], dilation)]
     padding = lax.padtype_to_pads(lhs.shape[1:-1], window, ones, padding)
-  return _wide_conv(lhs, rhs, dilation, tuple((int(lo), int(hi)) for lo, hi in padding))
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _custom_grad_conv(lhs, rhs, kind, dilation, pads)
 
 
 def _conv(x, w, dilation, pads):
@@ -103,28 +110,32 @@ def _conv(x, w, dilation, pads):
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _wide_conv(x, w, dilation, pads):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _custom_grad_conv(x, w, kind, dilation, pads):
   return _conv(x, w, dilation, pads)
 
 
-def _wide_conv_fwd(x, w, dilation, pads):
+def _custom_grad_conv_fwd(x, w, kind, dilation, pads):
   return _conv(x, w, dilation, pads), (x, w)
 
 
-def _wide_conv_bwd(dilation, pads, residuals, g):
+def _custom_grad_conv_bwd(kind, dilation, pads, residuals, g):
   x, w = residuals
 
   def xla(x, w, g):
     return jax.vjp(lambda x, w: _conv(x, w, dilation, pads), x, w)[1](g)
 
-  def matmuls(x, w, g):
-    return _matmul_grads(x, w, g, dilation, pads)
+  def wide(x, w, g):
+    return _wide_grads(x, w, g, dilation, pads)
 
-  return lax.platform_dependent(x, w, g, cpu=matmuls, default=xla)
+  def narrow(x, w, g):
+    dx = jax.vjp(lambda x: _conv(x, w, dilation, pads), x)[1](g)[0]
+    return dx, _narrow_kernel_grad(x, w, g, dilation, pads)
+
+  return lax.platform_dependent(x, w, g, cpu=wide if kind == "wide" else narrow, default=xla)
 
 
-def _matmul_grads(x, w, g, dilation, pads):
+def _wide_grads(x, w, g, dilation, pads):
   """(dx, dW) of `_conv` as two matmuls; products accumulate in float32 (as XLA's do)."""
   taps = list(np.ndindex(*w.shape[:-2]))
   cin, cout = w.shape[-2:]
@@ -159,4 +170,46 @@ def _matmul_grads(x, w, g, dilation, pads):
   return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
-_wide_conv.defvjp(_wide_conv_fwd, _wide_conv_bwd)
+def _narrow_kernel_grad(x, w, g, dilation, pads, chunk_bytes=16 * 2**20):
+  """dW of `_conv` as x^T [g shifted by each tap], over chunks of samples (float32 sums).
+
+  In padded-input coordinates q, dW[tap] = sum_q padded_x[q] g[q - tap * dilation]: each
+  tap's term is g zero-padded to the padded input's size, offset by the tap.  A chunk is
+  as many samples as keep its shifted copies of g within `chunk_bytes` (one at least).
+  """
+  taps = list(np.ndindex(*w.shape[:-2]))
+  cin, cout = w.shape[-2:]
+  padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  size, out_shape = padded.shape[1:-1], g.shape[1:-1]
+  per_sample = math.prod(size) * len(taps) * cout * 4
+  batch = x.shape[0]
+  chunk = max(
+    [c for c in range(1, batch + 1) if batch % c == 0 and c * per_sample <= chunk_bytes] or [1]
+  )
+
+  def one_chunk(xg):
+    xc, gc = xg
+    shifted = [
+      jnp.pad(
+        gc,
+        (
+          (0, 0),
+          *((t * d, p - t * d - n) for t, d, p, n in zip(tap, dilation, size, out_shape)),
+          (0, 0),
+        ),
+      )
+      for tap in taps
+    ]
+    rhs = jnp.concatenate(shifted, axis=-1).reshape(-1, len(taps) * cout)
+    return jnp.dot(xc.reshape(-1, cin).T, rhs, preferred_element_type=jnp.float32)
+
+  chunks = (
+    padded.reshape(batch // chunk, chunk, *padded.shape[1:]),
+    g.reshape(batch // chunk, chunk, *g.shape[1:]),
+  )
+  dw = lax.map(one_chunk, chunks).sum(axis=0)  # [cin, taps * cout]
+  dw = dw.reshape(cin, len(taps), cout).transpose(1, 0, 2).reshape(w.shape)
+  return dw.astype(w.dtype)
+
+
+_custom_grad_conv.defvjp(_custom_grad_conv_fwd, _custom_grad_conv_bwd)

@@ -16,6 +16,8 @@ these pad with zeros like every other layer.  At w = 16, C = 5 the kernels hold
 39,302,456 weights.
 """
 
+import functools
+
 import flax.linen as nn
 
 from ukd.models import layers
@@ -86,80 +88,52 @@ class Dilated2D(nn.Module):
       raise ValueError(
         f"dilated2d expects [B, H, W, 3] with H and W divisible by {UPSAMPLE}; got {x.shape}"
       )
-    w, mods, init = self.width, self.modalities, self.kernel_init
+    w, mods = self.width, self.modalities
     drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
-    enc = self.scheme.sharing(("first", "encoder"))
-    h = layers.ModalityConv(
-      mods,
-      enc.conv,
-      features=w,
-      kernel_size=(3, 3),
-      kernel_init=init,
+    # Every convolution: this network's modalities, initialiser and compute dtype.
+    conv = functools.partial(
+      layers.ModalityConv, mods, kernel_init=self.kernel_init, dtype=self.dtype
+    )
+    block = functools.partial(
+      ResidualBlock,
+      modalities=mods,
+      dropout=self.dropout,
+      kernel_init=self.kernel_init,
       dtype=self.dtype,
-      name="stem",
-    )(x, modality)
+    )
+    enc = self.scheme.sharing(("first", "encoder"))
+    h = conv(enc.conv, features=w, kernel_size=(3, 3), name="stem")(x, modality)
 
     for name, widths, pool in RESIDUAL_STAGES:
       s = self.scheme.sharing(("encoder",))
       for i, k in enumerate(widths):
-        h = ResidualBlock(
-          k * w, mods, s.conv, s.norm, self.dropout, init, self.dtype, name=f"{name}_{i}"
-        )(h, modality, train)
+        h = block(k * w, conv_shared=s.conv, norm_shared=s.norm, name=f"{name}_{i}")(
+          h, modality, train
+        )
       if pool:
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
 
     s = self.scheme.sharing(("encoder",))
     for i in range(2):
-      h = ResidualBlock(
-        32 * w,
-        mods,
-        s.conv,
-        s.norm,
-        self.dropout,
-        init,
-        self.dtype,
-        dilation=2,
-        name=f"dilated_{i}",
-      )(h, modality, train)
+      h = block(32 * w, conv_shared=s.conv, norm_shared=s.norm, dilation=2, name=f"dilated_{i}")(
+        h, modality, train
+      )
 
     d = self.scheme.sharing(("decoder",))
     for i in range(2):
       h = layers.ModalityNorm(mods, d.norm, name=f"post_norm_{i}")(h, modality, train)
       h = layers.leaky_relu(h)
-      h = layers.ModalityConv(
-        mods,
-        d.conv,
-        features=32 * w,
-        kernel_size=(3, 3),
-        kernel_init=init,
-        dtype=self.dtype,
-        name=f"post_conv_{i}",
-      )(h, modality)
+      h = conv(d.conv, features=32 * w, kernel_size=(3, 3), name=f"post_conv_{i}")(h, modality)
       h = drop(h)
 
     channels = UPSAMPLE * UPSAMPLE * self.num_classes * self.upsample_mult
-    h = layers.ModalityConv(
-      mods,
-      d.conv,
-      features=channels,
-      kernel_size=(3, 3),
-      kernel_init=init,
-      dtype=self.dtype,
-      name="upsample_conv",
-    )(h, modality)
+    h = conv(d.conv, features=channels, kernel_size=(3, 3), name="upsample_conv")(h, modality)
     h = layers.ModalityNorm(mods, d.norm, name="upsample_norm")(h, modality, train)
     h = depth_to_space(layers.leaky_relu(h), UPSAMPLE)
 
     last = self.scheme.sharing(("last", "decoder"))
-    return layers.ModalityConv(
-      mods,
-      last.conv,
-      features=self.num_classes,
-      kernel_size=(5, 5),
-      use_bias=True,
-      kernel_init=init,
-      dtype=self.dtype,
-      name="head",
+    return conv(
+      last.conv, features=self.num_classes, kernel_size=(5, 5), use_bias=True, name="head"
     )(h, modality)
 
 
