@@ -26,6 +26,7 @@ movement is from matmul speed.  XLA_FLAGS and the load average (other processes 
 the cores skew every number) are printed with the results.
 """
 
+import contextlib
 import datetime
 import functools
 import json
@@ -53,6 +54,9 @@ _MATMUL = flags.DEFINE_integer(
 )
 _EVAL = flags.DEFINE_bool("eval", True, "Also time the eval forward pass.")
 _JSON = flags.DEFINE_string("json", "", "Write the numbers to this JSON file.")
+_XLA_GRADIENTS = flags.DEFINE_bool(
+  "xla_gradients", False, "Time XLA's own convolution gradients (ukd.models.conv off)."
+)
 
 
 def _flops(lowered) -> float:
@@ -189,7 +193,8 @@ def table(config, env: dict, results: list, peaks: dict) -> str:
     f"date {env['date']}  jax {env['jax']}  {env['devices']} x {env['device_kind']} "
     f"({env['backend']}; host {env['cpu']})",
     f"XLA_FLAGS={env['xla_flags']!r}  1-min load average {env['load_average']:.2f} at start, "
-    f"{env['load_average_end']:.2f} at end",
+    f"{env['load_average_end']:.2f} at end"
+    + ("  (--xla_gradients: XLA's own convolution gradients)" if env["xla_gradients"] else ""),
     f"network {config.model.name} width {config.model.width}, {config.model.num_classes} "
     f"classes, {spatial}, {config.batch_size} x {len(config.modalities)} "
     f"({'+'.join(config.modalities)}) slices per step",
@@ -230,12 +235,14 @@ def main(argv):
   peaks, results = {}, []
   for dtype in _DTYPES.value:
     peaks[dtype] = matmul_peak(dtype, n)
-    results.append(measure(config, dtype, _STEPS.value, _WARMUP.value, _EVAL.value))
+    with conv_lib.xla_gradients() if _XLA_GRADIENTS.value else contextlib.nullcontext():
+      results.append(measure(config, dtype, _STEPS.value, _WARMUP.value, _EVAL.value))
   for r in results:
     for kind in ("train", "eval"):
       if kind in r:
         r[kind]["pct_of_peak"] = 100.0 * r[kind]["flops_per_s"] / peaks[r["dtype"]]["flops_per_s"]
   env["load_average_end"] = os.getloadavg()[0]
+  env["xla_gradients"] = _XLA_GRADIENTS.value
   print(table(config, env, results, peaks))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -41,6 +41,8 @@ def _uses_matmul_grads(x, w):
     ((16, 12), (5, 5), 40, 5, 1, "SAME"),  # narrow: like the 2D network's head
     ((16, 12), (3, 3), 40, 5, 2, "SAME"),
     ((6, 6, 4), (1, 1, 1), 16, 5, 1, "SAME"),
+    ((9, 8), (4, 2), 40, 5, 1, "SAME"),  # uneven padding
+    ((12, 12), (5, 5), 40, 5, 1, "VALID"),
   ],
 )
 def test_custom_gradients_match_xla(spatial, kernel, cin, cout, dilation, padding):

@@ -4,8 +4,8 @@ XLA:CPU differentiates a convolution into two more convolutions (input and kerne
 gradients), and two shapes of layer get slow ones:
 
 - wide: more output features than im2col patch values (taps x input features), like the
-  2D network's 128 -> 2560 convolution before depth-to-space (a third of a train step's
-  FLOPs), whose two gradient convolutions run at 60-75% of the CPU's matmul rate.  Both
+  2D network's 128 -> 2560 convolution before depth-to-space (over half of a train
+  step's FLOPs), whose two gradient convolutions run at 60-75% of the CPU's matmul rate.  Both
   are computed as matmuls instead, at the matmul rate:
     dW = patches(x)^T g         (patches: the im2col matrix, no bigger than the output)
     dx = col2im(g W^T)          (each tap's slice of g W^T added back at its offset)
@@ -173,14 +173,16 @@ def _wide_grads(x, w, g, dilation, pads):
 def _narrow_kernel_grad(x, w, g, dilation, pads, chunk_bytes=16 * 2**20):
   """dW of `_conv` as x^T [g shifted by each tap], over chunks of samples (float32 sums).
 
-  In padded-input coordinates q, dW[tap] = sum_q padded_x[q] g[q - tap * dilation]: each
-  tap's term is g zero-padded to the padded input's size, offset by the tap.  A chunk is
-  as many samples as keep its shifted copies of g within `chunk_bytes` (one at least).
+  dW[tap] = sum_q x[q] g[q + low_pad - tap * dilation] over the input positions q (g zero
+  outside): each tap's term is a shifted copy of g the size of x.  A chunk is as many
+  samples as keep their shifted copies within `chunk_bytes` (one at least), so that they
+  are still in cache when the matmul reads them.
   """
   taps = list(np.ndindex(*w.shape[:-2]))
   cin, cout = w.shape[-2:]
-  padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-  size, out_shape = padded.shape[1:-1], g.shape[1:-1]
+  size, out_shape = x.shape[1:-1], g.shape[1:-1]
+  reach = [(k - 1) * d for k, d in zip(w.shape[:-2], dilation)]
+  widths = [(r, max(0, lo + n - m)) for r, (lo, _), n, m in zip(reach, pads, size, out_shape)]
   per_sample = math.prod(size) * len(taps) * cout * 4
   batch = x.shape[0]
   chunk = max(
@@ -189,22 +191,18 @@ def _narrow_kernel_grad(x, w, g, dilation, pads, chunk_bytes=16 * 2**20):
 
   def one_chunk(xg):
     xc, gc = xg
-    shifted = [
-      jnp.pad(
-        gc,
-        (
-          (0, 0),
-          *((t * d, p - t * d - n) for t, d, p, n in zip(tap, dilation, size, out_shape)),
-          (0, 0),
-        ),
-      )
-      for tap in taps
-    ]
-    rhs = jnp.concatenate(shifted, axis=-1).reshape(-1, len(taps) * cout)
+    gp = jnp.pad(gc, ((0, 0), *widths, (0, 0)))
+
+    def shifted(tap):  # g[q + low_pad - tap * dilation] for every input position q
+      starts = [r + lo - t * d for r, (lo, _), t, d in zip(reach, pads, tap, dilation)]
+      return gp[(slice(None), *(slice(b, b + n) for b, n in zip(starts, size)))]
+
+    rhs = jnp.concatenate([shifted(tap) for tap in taps], axis=-1)
+    rhs = rhs.reshape(-1, len(taps) * cout)
     return jnp.dot(xc.reshape(-1, cin).T, rhs, preferred_element_type=jnp.float32)
 
   chunks = (
-    padded.reshape(batch // chunk, chunk, *padded.shape[1:]),
+    x.reshape(batch // chunk, chunk, *x.shape[1:]),
     g.reshape(batch // chunk, chunk, *g.shape[1:]),
   )
   dw = lax.map(one_chunk, chunks).sum(axis=0)  # [cin, taps * cout]
