@@ -85,17 +85,18 @@ def summarize_rows(rows, class_names) -> dict:
     for name in class_names[1:]:
       of_class = [r for r in mine if r["class"] == name]
       table[name] = {k: metrics.summarize(r[k] for r in of_class) for k in METRICS}
-    table["mean"] = {k: metrics.summarize(_case_means(mine, k)) for k in METRICS}
+    table["mean"] = {k: metrics.summarize(case_means(mine, k).values()) for k in METRICS}
     summary[modality] = table
   return summary
 
 
-def _case_means(rows, metric) -> list[float]:
-  """Mean over structures per case; NaN when any structure is NaN (see the module docstring)."""
+def case_means(rows, metric) -> dict:
+  """{case: mean over structures} of rows of one modality; NaN when any structure is NaN (see
+  the module docstring)."""
   by_case = {}
   for r in rows:
     by_case.setdefault(r["case"], []).append(r[metric])
-  return [float(np.mean(values)) for values in by_case.values()]
+  return {case: float(np.mean(values)) for case, values in by_case.items()}
 
 
 # --- pictures ---------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ Written to the study dir, from every finished run the config names:
 ASSD is the pooled form (`ukd.metrics.assd`).
 """
 
-import csv
-import io
 import json
 import os
 
@@ -87,14 +85,6 @@ def _override(node, overrides: dict, where: str) -> None:
       raise ConfigError(f"a study variant sets {where}.{key}={value!r}: {e}") from None
 
 
-def _read_rows(path) -> list[dict]:
-  with io.StringIO(epath.Path(path).read_bytes().decode(), newline="") as f:
-    return [
-      {**r, **{k: float(r[k]) if r[k] not in ("", "nan") else float("nan") for k in METRICS}}
-      for r in csv.DictReader(f)
-    ]
-
-
 def train_run(config, rundir: str) -> dict:
   """Trains and tests one run unless it already finished; returns its saved result."""
   from ukd import models, train
@@ -102,8 +92,7 @@ def train_run(config, rundir: str) -> dict:
   result_path = epath.Path(rundir) / RESULT
   if result_path.exists():
     return json.loads(result_path.read_text())
-  tested = train.train_and_evaluate(config, rundir)["test"]
-  rows = _read_rows(epath.Path(tested["dir"]) / "cases.csv")
+  rows = train.train_and_evaluate(config, rundir)["test"]["cases"]  # the rows of cases.csv
   counts = models.count_params(config.model, tuple(config.modalities))
   result = {"rows": rows, "params": counts["params"], "kernels": counts["kernels"]}
   files.write_text(result_path, json.dumps(result, allow_nan=True))
@@ -173,12 +162,10 @@ def finished_results(study, study_dir: str) -> dict:
 
 
 def case_means(rows, modality: str, metric: str) -> dict:
-  """{case: mean over structures} of one modality."""
-  by_case = {}
-  for r in rows:
-    if r["modality"] == modality:
-      by_case.setdefault(r["case"], []).append(r[metric])
-  return {case: float(np.mean(v)) for case, v in by_case.items()}
+  """{case: mean over structures} of one modality, as the evaluation report computes it."""
+  from ukd import evaluate
+
+  return evaluate.case_means([r for r in rows if r["modality"] == modality], metric)
 
 
 def _seed_values(results, modality, metric, structure=None) -> list[float]:

@@ -49,11 +49,16 @@ class _PerModality(nn.Module):
   def _branch_names(self):
     return ("shared",) if self.shared else tuple(self.modalities)
 
-  def _route(self, make: Callable[[str], nn.Module], x, modality, **kwargs) -> Any:
+  def _groups(self, modality) -> tuple[str, ...]:
+    """The modality parts of the batch, in order: one name, or a tuple of names."""
     groups = (modality,) if isinstance(modality, str) else tuple(modality)
     unknown = [m for m in groups if m not in self.modalities]
     if unknown or not groups:
       raise ValueError(f"unknown modality {modality!r}; this model knows {tuple(self.modalities)}")
+    return groups
+
+  def _route(self, make: Callable[[str], nn.Module], x, modality, **kwargs) -> Any:
+    groups = self._groups(modality)
     branches = {name: make(name) for name in self._branch_names()}
     if self.is_initializing():
       for branch in branches.values():
@@ -118,15 +123,9 @@ class ModalityNorm(_PerModality):
 
   @nn.compact
   def __call__(self, x, modality, train: bool):
-    groups = (modality,) if isinstance(modality, str) else tuple(modality)
-    if (
-      train
-      and not self.shared
-      and len(groups) > 1
-      and len(set(groups)) == len(groups)
-      and set(groups) <= set(self.modalities)
-      and not self.is_initializing()
-    ):
+    groups = self._groups(modality)
+    distinct = len(set(groups)) == len(groups)
+    if train and not self.shared and len(groups) > 1 and distinct and not self.is_initializing():
       return self._grouped(x, groups)
 
     def make(name):
