@@ -88,14 +88,21 @@ def upload(local, dst) -> None:
 
 
 @contextlib.contextmanager
+def _local_stand_in(p):
+  """A local path with `p`'s file name (readers and writers that go by the extension still
+  do), in a temporary folder removed afterwards."""
+  with tempfile.TemporaryDirectory(prefix="ukd-") as staging:
+    yield os.path.join(staging, posixpath.basename(os.fspath(p)))
+
+
+@contextlib.contextmanager
 def local_file(p):
   """Yields a local path holding the file `p`: `p` itself when local, else a temporary copy
-  with the same name (readers that go by extension still do), removed afterwards."""
+  with the same name, removed afterwards."""
   if not is_remote(p):
     yield os.fspath(p)
     return
-  with tempfile.TemporaryDirectory(prefix="ukd-") as staging:
-    local = os.path.join(staging, posixpath.basename(os.fspath(p)))
+  with _local_stand_in(p) as local:
     epath.Path(p).copy(local)
     yield local
 
@@ -121,8 +128,7 @@ def replacing(path):
   """
   path = os.fspath(path)
   if is_remote(path):
-    with tempfile.TemporaryDirectory(prefix="ukd-") as staging:
-      tmp = os.path.join(staging, posixpath.basename(path))
+    with _local_stand_in(path) as tmp:
       yield tmp
       upload(tmp, path)
     return
