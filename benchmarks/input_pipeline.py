@@ -72,6 +72,7 @@ def main(argv):
   config.data.update(
     dict(patch=(_SIZE.value, _SIZE.value, 8), fg_fraction=_FG.value, workers=_WORKERS.value)
   )
+  config.data.size = (_SIZE.value, _SIZE.value)
   config.data.prefetch = 2
   if _AUGMENT.value:
     config.data.augment.update(dict(flip=True, rotate=15.0, scale=0.1, intensity=0.1))
@@ -107,13 +108,14 @@ def _train_step_rate(repeats: int = 3) -> float:
   """Steps per second of the paper's 2D train step on random data, after compilation."""
   import jax
 
+  from ukd import mesh as mesh_lib
   from ukd import models, steps
   from ukd import state as state_lib
 
   config = config_lib.default()  # the paper's 2D setting: width 16, 256x256, 8 + 8
   config.batch_size = _BATCH.value
   model = models.build(config.model, config.modalities)
-  mesh = state_lib.make_mesh()
+  mesh = mesh_lib.make_mesh()
   state = state_lib.create(config, model, tuple(config.data.size), jax.random.key(0), mesh)
   step = steps.make_train_step(model, config, mesh)
   rng = np.random.default_rng(0)
@@ -124,7 +126,7 @@ def _train_step_rate(repeats: int = 3) -> float:
     }
     for m in config.modalities
   }
-  batch = state_lib.to_global_batch(batch, mesh)
+  batch = mesh_lib.to_global_batch(batch, mesh)
   state, _ = step(state, batch)  # compile
   jax.block_until_ready(state)
   start = time.perf_counter()

@@ -4,7 +4,7 @@ r"""Train-step and inference throughput of a config's network, against the devic
   python -m benchmarks.train_throughput --config=configs/mmwhs.py:runlocal \
       --dtypes=float32,bfloat16 --json=/tmp/throughput.json
   python -m benchmarks.train_throughput --config=configs/mmwhs.py --config.model.width=4 \
-      --config.data.size="(128, 128)"
+      --config.data.size="(128, 128)" --conv_grads=cpu_matmul
 
 For each dtype in --dtypes (`config.model.dtype`: the convolutions' compute dtype), the
 network, train state and jitted data-parallel train step are built from the config exactly
@@ -14,19 +14,21 @@ of --steps steps after --warmup untimed ones, each blocked on.  The eval forward
 (`steps.make_eval_step`, running statistics) is timed the same way on a batch of the same
 number of slices.
 
+--conv_grads sets `config.model.conv_grads` (default: the config's), the convolutions'
+gradients: 'xla' (XLA's own) or 'cpu_matmul' (`ukd.ops.matmul_conv_grads`).
+
 The FLOPs per step are XLA's own count (cost analysis of the lowered module, see `_flops`),
-not a hand count.  The train step's count is taken from the step traced with XLA's own
-convolution gradients (`ukd.models.conv.xla_gradients`): on CPU the step computes wide
-layers' gradients as im2col matmuls, which XLA counts with their multiplications by padding
-zeros (about 3% more), and achieved FLOP/s should measure speed, not the formulation; both
-counts are in the JSON.  The rate is set against a measured peak: a large square matmul in
+not a hand count.  The train step's count is taken from the step traced with
+`conv_grads='xla'`: with 'cpu_matmul' the CPU step computes wide layers' gradients as im2col
+matmuls, which XLA counts with their multiplications by padding zeros (about 3% more at
+width 4), and achieved FLOP/s should measure speed, not the formulation; both counts are in
+the JSON.  The rate is set against a measured peak: a large square matmul in
 the same dtype on the same device (2 n^3 FLOPs), the best rate any op reaches in practice
 there, so "% of peak" says how far the network's mix of convolutions, norms and data
 movement is from matmul speed.  XLA_FLAGS and the load average (other processes sharing
 the cores skew every number) are printed with the results.
 """
 
-import contextlib
 import datetime
 import functools
 import json
@@ -41,9 +43,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from ukd import mesh as mesh_lib
 from ukd import models, steps
 from ukd import state as state_lib
-from ukd.models import conv as conv_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with overrides).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "config.model.dtype values to time.")
@@ -54,8 +56,8 @@ _MATMUL = flags.DEFINE_integer(
 )
 _EVAL = flags.DEFINE_bool("eval", True, "Also time the eval forward pass.")
 _JSON = flags.DEFINE_string("json", "", "Write the numbers to this JSON file.")
-_XLA_GRADIENTS = flags.DEFINE_bool(
-  "xla_gradients", False, "Time XLA's own convolution gradients (ukd.models.conv off)."
+_CONV_GRADS = flags.DEFINE_enum(
+  "conv_grads", None, ["xla", "cpu_matmul"], "config.model.conv_grads (default: the config's)."
 )
 
 
@@ -118,10 +120,10 @@ def measure(config, dtype: str, steps_n: int, warmup: int, with_eval: bool) -> d
   config.model.dtype = dtype
   model = models.build(config.model, config.modalities)
   spatial = models.input_spatial(config)
-  mesh = state_lib.make_mesh()
-  state_lib.check_batch_size(config.batch_size, mesh)
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_batch_size(config.batch_size, mesh)
   state = state_lib.create(config, model, spatial, jax.random.key(config.seed), mesh)
-  batch = state_lib.to_global_batch(_random_batch(config, spatial, np.random.default_rng(0)), mesh)
+  batch = mesh_lib.to_global_batch(_random_batch(config, spatial, np.random.default_rng(0)), mesh)
   slices = config.batch_size * len(config.modalities)
 
   start = time.perf_counter()
@@ -135,8 +137,9 @@ def measure(config, dtype: str, steps_n: int, warmup: int, with_eval: bool) -> d
     jax.block_until_ready((holder[0], metrics))
 
   seconds = _median_seconds(train_once, steps_n, warmup)
-  with conv_lib.xla_gradients():  # the model's FLOPs, as XLA counts its own formulation
-    flops = _flops(steps.make_train_step(model, config, mesh).lower(holder[0], batch))
+  # The model's FLOPs, as XLA counts its own formulation of the gradients.
+  xla_model = model.clone(conv_grads="xla")
+  flops = _flops(steps.make_train_step(xla_model, config, mesh).lower(holder[0], batch))
   result = dict(
     dtype=dtype,
     computes_in_dtype=_uses_dtype(lowered, dtype),
@@ -193,9 +196,9 @@ def table(config, env: dict, results: list, peaks: dict) -> str:
     f"date {env['date']}  jax {env['jax']}  {env['devices']} x {env['device_kind']} "
     f"({env['backend']}; host {env['cpu']})",
     f"XLA_FLAGS={env['xla_flags']!r}  1-min load average {env['load_average']:.2f} at start, "
-    f"{env['load_average_end']:.2f} at end"
-    + ("  (--xla_gradients: XLA's own convolution gradients)" if env["xla_gradients"] else ""),
-    f"network {config.model.name} width {config.model.width}, {config.model.num_classes} "
+    f"{env['load_average_end']:.2f} at end",
+    f"network {config.model.name} width {config.model.width} "
+    f"(conv_grads {config.model.conv_grads}), {config.model.num_classes} "
     f"classes, {spatial}, {config.batch_size} x {len(config.modalities)} "
     f"({'+'.join(config.modalities)}) slices per step",
   ]
@@ -230,19 +233,19 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/mmwhs.py")
+  if _CONV_GRADS.value:
+    config.model.conv_grads = _CONV_GRADS.value
   n = _MATMUL.value or (4096 if jax.default_backend() == "cpu" else 8192)
   env = environment()
   peaks, results = {}, []
   for dtype in _DTYPES.value:
     peaks[dtype] = matmul_peak(dtype, n)
-    with conv_lib.xla_gradients() if _XLA_GRADIENTS.value else contextlib.nullcontext():
-      results.append(measure(config, dtype, _STEPS.value, _WARMUP.value, _EVAL.value))
+    results.append(measure(config, dtype, _STEPS.value, _WARMUP.value, _EVAL.value))
   for r in results:
     for kind in ("train", "eval"):
       if kind in r:
         r[kind]["pct_of_peak"] = 100.0 * r[kind]["flops_per_s"] / peaks[r["dtype"]]["flops_per_s"]
   env["load_average_end"] = os.getloadavg()[0]
-  env["xla_gradients"] = _XLA_GRADIENTS.value
   print(table(config, env, results, peaks))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

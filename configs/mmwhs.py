@@ -12,10 +12,21 @@ several GPU nodes (global batch 64 + 64):
 
 Data preparation follows the reference as far as an image-only pipeline allows: coronal
 slices (canonical axis 1, the view of the authors' released slices), 3 neighbouring slices
-as channels, resized to 256x256, augmentation on (rotation, zoom, intensity). The reference
+as channels, 256x256 inputs, augmentation on (rotation, zoom, intensity). The reference
 cropped a box around the heart found from the ground truth; ukd crops to the body, found
 from the image, so training, evaluation and prediction see the same kind of input and no
 score depends on a label the network would not have.
+
+Pixel size: `data.spacing='1'` resamples every slice in-plane to 1 x 1 mm (and predictions
+back), so a heart is about as many pixels across in every patient and in both modalities.
+The released volumes hold CT at about 0.28-0.58 mm in-plane with 0.45-0.62 mm slices, and MR
+acquired at about 2 mm and reconstructed to about 0.8-1.1 mm in-plane with 1-1.6 mm slices
+(Zhuang et al., MedIA 2019).  A coronal slice spans the left-right axis and the axial slice
+direction, so 1 mm is about MR's own reconstruction in both (nothing finer was acquired in MR);
+CT goes down 1.6-3.6x, to the scale at which the two modalities can share kernels.  The
+256-pixel window then spans 256 mm: a whole heart (12-15 cm) with its surroundings; a wider
+body is covered by sliding windows, in training and in prediction.  `runlocal` keeps that
+field of view with 128 pixels of 2 mm.
 """
 
 import math
@@ -39,6 +50,7 @@ def get_config(arg=None):
   c.data.size = (256, 256)  # 3 adjacent slices at 256x256
   c.data.slice_axis = 1  # coronal
   c.data.crop = "body"
+  c.data.spacing = "1"  # mm in-plane, CT and MR alike (see the docstring)
   c.data.fg_fraction = 0.5
   c.data.augment.rotate = 15.0
   c.data.augment.scale = 0.1
@@ -55,6 +67,7 @@ def get_config(arg=None):
   if args["runlocal"]:
     c.model.width = 4
     c.data.size = (128, 128)
+    c.data.spacing = "2"
     c.total_steps = 200
     c.eval_every = c.checkpoint_every = 100
     c.log_every = 10

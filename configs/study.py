@@ -12,34 +12,24 @@ GPU or TPU:
       --config.base.data.root=/data/MMWHS
 
 `--only=ukd,single` and `--seeds=0,1` narrow any of them; a stopped study resumes.
-Every variant is a set of config overrides (dotted field -> value) on `base`: no code path
-of its own.
+Every variant is a set of nested overrides of `base` (`{'loss': {'kd': 0.0}}`): no code path
+of its own.  The fields a study config fills in are those of `get_config` below.
 """
 
-import importlib.util
-import os
+import ml_collections as mc
 
 from ukd import config as config_lib
-from ukd import study
+from ukd.configs import demo, mmwhs
 from ukd.models import SCHEMES
-
-
-def _sibling(name):
-  """Another config file of this folder (a checkout's configs/ or the installed ukd.configs)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_ukd_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _synthetic_base():
   """The demo's phantoms and network (lecun-normal init), trained for 600 steps a run."""
-  c = _sibling("demo").get_config()
+  c = demo.get_config()
   c.data.root = config_lib.REQUIRED  # set by the study: <study dir>/phantoms
   c.total_steps = 600
   c.eval_every = c.checkpoint_every = 100
-  c.overlays = False
+  c.overlays = 0
   return c
 
 
@@ -64,21 +54,24 @@ def _ablations():
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, ablations=False, mmwhs=False, micro=False)
-  c = study.default()
-  c.base = _synthetic_base()
+  c = mc.ConfigDict()
+  c.base = _synthetic_base()  # the training config every run starts from
+  # name -> nested overrides of base: the paper's table, then the second table.
   c.schemes = {name: {"model": {"scheme": name}} for name in SCHEMES}
   c.ablations = _ablations()
-  c.train = "schemes"
+  c.reference = "ukd"  # the variant the paired tests compare every other one with
+  c.train = "schemes"  # which variants to train: schemes | ablations | all
+  c.seeds = (0, 1, 2)  # seeds of every trained variant (parameters, split, sampling)
   if args["ablations"]:
     c.train = "ablations"
     c.seeds = (0,)
   if args["mmwhs"]:
-    c.base = _sibling("mmwhs").get_config()
+    c.base = mmwhs.get_config()
     c.base.total_steps = 50_000
   if args["micro"]:  # the test suite's variant: 2 schemes, 1 seed, a few steps
-    c.base = _sibling("demo").get_config("tiny")
+    c.base = demo.get_config("tiny")
     c.base.data.root = config_lib.REQUIRED
-    c.base.overlays = False
+    c.base.overlays = 0
     c.schemes = {name: {"model": {"scheme": name}} for name in ("single", "ukd")}
     c.ablations = {"kd_weight_0": {"loss": {"kd": 0.0}}}
     c.seeds = (0,)

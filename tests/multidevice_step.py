@@ -10,6 +10,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_config, toy_batch  # noqa: E402
 
+from ukd import mesh as mesh_lib
 from ukd import models, steps  # noqa: E402
 from ukd import state as state_lib
 
@@ -24,13 +25,11 @@ def run(devices):
   # proportional to the gradient, so the comparison sees the data-parallel computation itself.
   config.optim.eps = 1e-3
   model = models.build(config.model, config.modalities)
-  mesh = state_lib.make_mesh(devices)
+  mesh = mesh_lib.make_mesh(devices)
   state = state_lib.create(config, model, SPATIAL, jax.random.key(0), mesh)
   step = steps.make_train_step(model, config, mesh)
   for i in range(2):
-    state, metrics = step(
-      state, state_lib.to_global_batch(toy_batch(config, SPATIAL, seed=i), mesh)
-    )
+    state, metrics = step(state, mesh_lib.to_global_batch(toy_batch(config, SPATIAL, seed=i), mesh))
   return float(metrics["loss"]), jax.device_get(state.params), jax.device_get(state.batch_stats)
 
 

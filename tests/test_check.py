@@ -114,3 +114,17 @@ def test_training_checks_every_split_before_preprocessing(tmp_path):
   with pytest.raises(DataError, match=f"{val_id}_0000.nii.gz: 1 voxels are NaN"):
     train.prepare_data(config, root, other)
   assert not os.path.exists(os.path.join(other, "cache"))
+
+
+def test_check_mode_reads_every_case_of_the_configs_modalities_whatever_the_split(tmp_path, capsys):
+  root = _write(str(tmp_path))
+  config = tiny_config(modalities=("ct",))
+  config.data.dataset = "folder"
+  config.data.options.modalities = {"ct": "ct", "mr": "mr"}
+  config.data.split_fractions = (0.5, 0.5, 0.0)
+  report = check.check_dataset(config, root)
+  assert list(report) == ["ct"] and report["ct"]["cases"] == 2  # mr is not configured
+  assert capsys.readouterr().out.splitlines()[:2] == [
+    f"{root}: every case read",
+    "ct: 2 cases, spacing 1.00-2.00 x 1.00 x 1.50-3.00 mm, shape 16-20 x 16 x 5-6",
+  ]

@@ -1,6 +1,7 @@
 """The command line end to end on tiny phantoms: train, checkpoint, resume, evaluate, predict."""
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -9,12 +10,14 @@ import subprocess
 import sys
 import time
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
 from helpers import run_module
 
-from ukd import checkpoints
+from ukd import checkpoints, cli, distributed
+from ukd.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny"]
@@ -32,9 +35,10 @@ def losses(workdir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """One tiny run: phantoms generated, 4 steps, validation + checkpoints at 2 and 4, test eval."""
+  """One tiny run: phantoms generated, 4 steps, validation + checkpoints at 2 and 4, test eval,
+  a profiler trace of step 2."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  out = ukd(*TINY, f"--workdir={workdir}")
+  out = ukd(*TINY, f"--workdir={workdir}", "--config.profile=(2, 1)")
   return workdir, out
 
 
@@ -65,6 +69,29 @@ def test_train_writes_checkpoints_logs_and_evaluation(trained):
   assert "Dice" in out.stdout
 
 
+def test_train_logs_throughput_and_the_time_of_validations_and_checkpoints(trained):
+  workdir, _ = trained
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  rates = [r for r in rows if "perf/steps_per_sec" in r]
+  assert [r["step"] for r in rates] == [2, 3, 4]  # step 1 (compilation) only starts the clock
+  for r in rates:  # 2 CT + 2 MR samples a step
+    assert r["perf/examples_per_sec"] == pytest.approx(4 * r["perf/steps_per_sec"])
+  assert [r["step"] for r in rows if "perf/validation_sec" in r] == [2, 4]
+  assert [r["step"] for r in rows if "perf/checkpoint_sec" in r] == [2, 4]
+  for r in rows:
+    if "val_dice/mean" in r:
+      assert {"val_dice/ct/MYO", "val_dice/mr/mean"} <= set(r)
+
+
+def test_profile_writes_a_trace_for_tensorboard_and_perfetto(trained):
+  workdir, _ = trained
+  (run,) = os.listdir(os.path.join(workdir, "profile", "plugins", "profile"))
+  written = os.listdir(os.path.join(workdir, "profile", "plugins", "profile", run))
+  assert "perfetto_trace.json.gz" in written
+  assert any(name.endswith(".xplane.pb") for name in written), written
+
+
 def test_evaluate_and_predict_modes(trained, tmp_path):
   workdir, _ = trained
   out = ukd("--mode=evaluate", f"--workdir={workdir}")
@@ -77,7 +104,7 @@ def test_evaluate_and_predict_modes(trained, tmp_path):
     f"--output={tmp_path}",
     "--modality=mr",
   )
-  written = nib.load(os.path.join(tmp_path, "mr_train_1001_image.nii.gz"))
+  written = nib.load(os.path.join(tmp_path, "mr_train_1001.nii.gz"))
   source = nib.load(image)
   assert written.shape == source.shape
   np.testing.assert_allclose(written.affine, source.affine)
@@ -128,7 +155,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(trained, tmp_path):
   os.makedirs(killed)
   # Same phantoms: only the run itself differs.
   os.symlink(os.path.join(workdir, "phantoms"), os.path.join(killed, "phantoms"))
-  args = [sys.executable, "-m", "ukd.main", *TINY, f"--workdir={killed}", "--config.overlays=False"]
+  args = [sys.executable, "-m", "ukd.main", *TINY, f"--workdir={killed}", "--config.overlays=0"]
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = os.path.join(killed, "checkpoints", "2")
   deadline = time.time() + 240
@@ -137,7 +164,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(trained, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert os.path.exists(first)
-  out = ukd(*TINY, f"--workdir={killed}", "--config.overlays=False")
+  out = ukd(*TINY, f"--workdir={killed}", "--config.overlays=0")
   assert "resumed from step" in out.stderr + out.stdout
   resumed = losses(killed)
   assert set(resumed) == {1, 2, 3, 4}
@@ -174,7 +201,7 @@ def test_sigterm_saves_the_step_reached_and_the_resumed_run_equals_an_uninterrup
     "ukd.main",
     *TINY,
     f"--workdir={preempted}",
-    "--config.overlays=False",
+    "--config.overlays=0",
     f"--config.data.root={os.path.join(workdir, 'phantoms')}",
   ]
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -206,7 +233,7 @@ def test_predict_refuses_existing_outputs_unless_overwrite_and_writes_codes_or_i
 ):
   workdir, _ = trained
   image = os.path.join(workdir, "phantoms", "ct_train", "ct_train_1001_image.nii.gz")
-  target = tmp_path / "ct_train_1001_image.nii.gz"
+  target = tmp_path / "ct_train_1001.nii.gz"  # the case's label name
   target.write_bytes(b"someone's ground truth")
   args = ["--mode=predict", f"--workdir={workdir}", f"--input={image}", f"--output={tmp_path}"]
   line = _one_error_line(ukd(*args, "--modality=ct", check=False))
@@ -217,7 +244,7 @@ def test_predict_refuses_existing_outputs_unless_overwrite_and_writes_codes_or_i
   written = nib.load(target)
   assert written.get_data_dtype() == np.uint8
   assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 3, 4}
-  with open(tmp_path / "ct_train_1001_image.json") as f:
+  with open(tmp_path / "ct_train_1001.json") as f:
     assert json.load(f)["classes"] == {
       "0": "background",
       "1": "MYO",
@@ -288,3 +315,81 @@ def test_evaluation_keeps_the_checkpoints_test_cases_when_the_dataset_grows(trai
     rows = {(r["modality"], r["case"]) for r in csv.DictReader(f)}
   assert rows == tested
   assert not os.path.exists(os.path.join(copy, "splits.json"))
+
+
+# ---- The command line's own plumbing (ukd.cli, ukd.distributed), without training ----------
+
+
+def test_help_answers_without_loading_jax():
+  code = (
+    "import runpy, sys\n"
+    "sys.argv = ['ukd', '--help']\n"
+    "try:\n"
+    "  runpy.run_module('ukd.main', run_name='__main__')\n"
+    "except SystemExit:\n"
+    "  pass\n"
+    "print('jax' in sys.modules)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+  )
+  assert "--mode" in out.stdout + out.stderr
+  assert out.stdout.splitlines()[-1] == "False", out.stdout[-2000:]
+
+
+def test_configs_are_found_outside_a_checkout(tmp_path, monkeypatch):
+  packaged = os.path.join(
+    os.path.dirname(importlib.util.find_spec("ukd.configs").origin), "demo.py"
+  )
+  # End to end, in a folder without configs/: the packaged file is loaded, and its refusal of
+  # the argument is one line.
+  out = subprocess.run(
+    [sys.executable, "-m", "ukd.main", "--config=configs/demo.py:tine", "--workdir=w"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=tmp_path,
+  )
+  assert _one_error_line(out) == (
+    f"ukd: error: bad flag or config override: flag --config={packaged}:tine: ConfigError: "
+    "config argument 'tine' is not one of ['scheme', 'tiny']"
+  )
+  assert os.listdir(tmp_path) == []
+  monkeypatch.chdir(tmp_path)
+  args = ["ukd", "--config=configs/demo.py:tiny", "--config=configs/nope.py", "--mode=train"]
+  assert cli.packaged_configs(args) == [
+    "ukd",
+    f"--config={packaged}:tiny",
+    "--config=configs/nope.py",  # no such packaged config: left for the loader to report
+    "--mode=train",
+  ]
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "demo.py").write_text("")
+  assert cli.packaged_configs(args) == args  # a checkout's own file comes first
+
+
+@pytest.mark.parametrize(
+  "given,message",
+  [
+    (
+      dict(num_processes=2),
+      "--coordinator_address, --num_processes and --process_id go together; missing: "
+      "--coordinator_address, --process_id",
+    ),
+    (
+      dict(coordinator_address="localhost:1", num_processes=2, process_id=2),
+      "--process_id=2 must be in [0, --num_processes=2)",
+    ),
+  ],
+)
+def test_distributed_settings_are_checked_before_joining(given, message, monkeypatch):
+  monkeypatch.delenv("UKD_DISTRIBUTED", raising=False)
+  with pytest.raises(ConfigError) as e:
+    distributed.initialize(**given)
+  assert str(e.value) == message
+
+
+def test_no_distributed_settings_is_a_single_process_run(monkeypatch):
+  monkeypatch.delenv("UKD_DISTRIBUTED", raising=False)
+  distributed.initialize()
+  assert jax.process_count() == 1

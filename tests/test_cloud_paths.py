@@ -129,18 +129,19 @@ def test_splits_metrics_and_evaluation_land_in_the_bucket(bucket):
   assert json.loads((bucket / "run" / "splits.json").read_text()) == made
   assert splits.load_or_make_splits(f"{BUCKET}/run", cases, seed=1) == made  # read back
 
-  writer = writers.MetricWriter(f"{BUCKET}/run")
-  writer.scalars(1, {"loss": 1.0})
+  writer = writers.create(f"{BUCKET}/run", start_step=0, total_steps=2, main_process=True)
+  writer.write_scalars(1, {"loss": 1.0})
   writer.flush()
   lines = (bucket / "run" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line) for line in lines] == [{"step": 1, "loss": 1.0}]
-  writer.scalars(2, {"loss": 0.5})
+  writer.write_scalars(2, {"loss": 0.5})
   writer.close()
   lines = (bucket / "run" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [1, 2]
   (events,) = os.listdir(bucket / "run" / "tensorboard")
   assert events.startswith("events.out.tfevents.")
-  resumed = writers.MetricWriter(f"{BUCKET}/run", start_step=1)  # step 2 died unsaved
+  # Step 2 died unsaved.
+  resumed = writers.create(f"{BUCKET}/run", start_step=1, total_steps=2, main_process=True)
   lines = (bucket / "run" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [1]
   resumed.close()

@@ -1,4 +1,6 @@
 import importlib
+import subprocess
+import sys
 
 import pytest
 
@@ -72,6 +74,9 @@ def test_every_config_rejects_a_misspelled_argument(name):
     ("modalities", ("ct", "ct"), "distinct"),
     ("modalities", ("ct", "pet"), "config.data.norm has no intensity normalisation for ['pet']"),
     ("eval_every", -1, "config.eval_every=-1"),
+    ("overlays", -1, "config.overlays=-1 must be a whole number >= 0"),
+    ("profile", (3,), "must be 2 whole numbers >= 0"),
+    ("profile", (0, 5), "steps count from 1"),
   ],
 )
 def test_validate_names_the_field(field, value, message):
@@ -114,3 +119,25 @@ def test_mmwhs_prepares_data_from_the_image_alone():
   c = importlib.import_module("configs.mmwhs").get_config(None)
   assert (c.data.slice_axis, c.data.crop) == (1, "body")
   assert c.data.augment.rotate > 0 and c.data.augment.scale > 0
+
+
+def test_study_config_builds_on_its_sibling_configs_without_the_study_runner():
+  """configs/study.py is data: its runs start from demo.py (or mmwhs.py) imported as modules of
+  `ukd.configs`, so it loads the same in a checkout and installed, and never needs ukd.study."""
+  code = (
+    "import sys\n"
+    "from ukd.configs import study\n"
+    "c = study.get_config('mmwhs')\n"
+    "print(c.base.data.dataset, c.base.total_steps, 'ukd.study' in sys.modules)\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.stdout.split() == ["mmwhs", "50000", "False"], out.stderr[-2000:]
+  study = importlib.import_module("configs.study")
+  micro = study.get_config("micro")
+  tiny = importlib.import_module("configs.demo").get_config("tiny")
+  assert micro.base.model == tiny.model and micro.base.total_steps == tiny.total_steps
+  assert micro.base.data.root == config_lib.REQUIRED  # the study sets it per study dir
+  full = study.get_config(None)
+  assert (full.reference, full.train, tuple(full.seeds)) == ("ukd", "schemes", (0, 1, 2))
+  assert sorted(full.schemes) == sorted(models.SCHEMES)
+  assert full.base.total_steps == 600 and full.base.model.width == 4

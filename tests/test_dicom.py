@@ -138,3 +138,440 @@ def test_missing_pydicom_gives_install_hint(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "pydicom", None)
   with pytest.raises(DataError, match=r"pip install 'ukd\[dicom\]'"):
     dicom.read_dicom_series(os.path.join(series, "DICOM_anon"))
+
+
+# ---- DICOM series in any layout (ukd.data.dicom_series / dicom_write / dicom_seg) ----
+
+SHAPE = (24, 20, 6)  # columns, rows, slices on disk
+# 0.8 mm along a row, 0.7 mm down a column, 2.5 mm slices, rotated 30 degrees about z: an
+# oblique grid with a positive determinant (a NIfTI a converter might write).
+_COS, _SIN = np.cos(np.radians(30)), np.sin(np.radians(30))
+AFFINE = np.array(
+  [
+    [0.8 * _COS, -0.7 * _SIN, 0.0, -12.0],
+    [0.8 * _SIN, 0.7 * _COS, 0.0, 5.0],
+    [0.0, 0.0, 2.5, 30.0],
+    [0.0, 0.0, 0.0, 1.0],
+  ]
+)
+
+
+def _nifti(tmp_path, affine=AFFINE, name="ct.nii.gz"):
+  """A float HU-like phantom saved as NIfTI and read back as ukd reads NIfTI inputs."""
+  import nibabel as nib
+
+  from ukd.data import volumes
+
+  i, j, k = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+  array = (-1000 + 13.37 * i + 7.1 * j + 100.25 * k + 0.3 * np.sin(i * j)).astype(np.float32)
+  nib.save(nib.Nifti1Image(array, affine), tmp_path / name)
+  return volumes.read_image(tmp_path / name)
+
+
+def _read_only_series(folder):
+  from ukd.data import dicom_series
+
+  (series,) = dicom_series.find_series(folder)
+  return dicom_series.read_series(series)
+
+
+def _edit(path, change):
+  import pydicom
+
+  ds = pydicom.dcmread(path)
+  change(ds)
+  ds.save_as(path)
+
+
+def test_series_reads_back_like_its_nifti(tmp_path):
+  pytest.importorskip("pydicom")
+  from ukd.data import dicom_series, dicom_write
+
+  nifti = _nifti(tmp_path)
+  written = dicom_write.write_series(nifti, tmp_path / "ct", modality="CT")
+  assert [os.path.basename(p) for p in written] == [f"IM{k:05d}.dcm" for k in range(1, 7)]
+  (series,) = dicom_series.find_series(tmp_path / "ct")
+  assert (series.name, series.modality, series.number, len(series.files)) == ("ct", "CT", 1, 6)
+  image = dicom_series.read_series(series)
+
+  # Float HU are spread over int16: slope = range / 65534, so they come back within slope/2.
+  low, high = float(nifti.array.min()), float(nifti.array.max())
+  slope = float(image.headers[0].RescaleSlope)
+  assert slope == pytest.approx((high - low) / 65534, rel=1e-6)
+  assert (
+    image.headers[0].RescaleType == "HU" and image.headers[0].SOPClassUID.name == "CT Image Storage"
+  )
+  np.testing.assert_allclose(image.volume.array, nifti.array, rtol=0, atol=0.5 * slope + 1e-4)
+  assert np.abs(image.volume.array - nifti.array).max() > 0  # it was rescaled
+  np.testing.assert_allclose(image.volume.affine, nifti.affine, atol=1e-4)
+  assert image.volume.spacing == pytest.approx(nifti.spacing)
+  # The first slice sits at the NIfTI origin, in LPS: x and y negated.
+  first = image.headers[image.frames[0][0]]
+  np.testing.assert_allclose([float(v) for v in first.ImagePositionPatient], [12.0, -5.0, 30.0])
+  assert image.skipped == [] and [n for _, n in image.frames] == [1] * 6
+
+
+def test_whole_hu_values_are_stored_as_they_are(tmp_path):
+  pytest.importorskip("pydicom")
+  from ukd.data import dicom_write
+
+  array = np.round(_nifti(tmp_path).array)
+  dicom_write.write_series(array, tmp_path / "ct", affine=np.diag([0.8, 0.7, 2.5, 1.0]))
+  image = _read_only_series(tmp_path / "ct")
+  assert (image.headers[0].RescaleSlope, image.headers[0].RescaleIntercept) == (1, 0)
+  np.testing.assert_array_equal(image.volume.array, array)  # the identity affine is canonical
+
+
+def test_a_negative_determinant_comes_back_with_the_slice_axis_reversed(tmp_path):
+  pytest.importorskip("pydicom")
+  from ukd.data import dicom_write
+
+  radiological = np.diag([-0.8, 0.7, 2.5, 1.0])
+  nifti = _nifti(tmp_path, radiological)
+  dicom_write.write_series(nifti, tmp_path / "mr", modality="MR")
+  image = _read_only_series(tmp_path / "mr")
+  slope = float(image.headers[0].RescaleSlope)
+  np.testing.assert_allclose(image.volume.array, nifti.array, rtol=0, atol=0.5 * slope + 1e-4)
+  np.testing.assert_allclose(image.volume.affine[:3, 2], [0, 0, -2.5], atol=1e-6)
+  np.testing.assert_allclose(image.volume.affine[:3, 3], [0, 0, 5 * 2.5], atol=1e-4)
+
+
+def test_shuffled_nameless_files_read_the_same(tmp_path):
+  pytest.importorskip("pydicom")
+  import pydicom
+
+  from ukd.data import dicom_write
+
+  nifti = _nifti(tmp_path)
+  dicom_write.write_series(nifti, tmp_path / "numbered")
+  shuffled = dicom_write.write_series(nifti, tmp_path / "nameless", shuffle_names=True, seed=3)
+  assert all("." not in os.path.basename(p) for p in shuffled)
+  in_listing_order = [pydicom.dcmread(p).InstanceNumber for p in sorted(shuffled)]
+  assert in_listing_order != sorted(in_listing_order)
+  numbered, nameless = (_read_only_series(tmp_path / d) for d in ("numbered", "nameless"))
+  np.testing.assert_array_equal(nameless.volume.array, numbered.volume.array)
+  np.testing.assert_allclose(nameless.volume.affine, numbered.volume.affine, atol=1e-9)
+
+
+def _export_tree(tmp_path):
+  """export/a: CT series 3; export/b: CT series 5 and, below it, export/b/c: MR series 5
+  (shuffled names), plus a text file: one study, three series."""
+  from pydicom.uid import generate_uid
+
+  from ukd.data import dicom_write
+
+  nifti, root, study = _nifti(tmp_path), tmp_path / "export", generate_uid()
+  dicom_write.write_series(nifti, root / "a", series_number=3, study_uid=study)
+  dicom_write.write_series(nifti, root / "b", series_number=5, study_uid=study)
+  dicom_write.write_series(
+    nifti, root / "b" / "c", modality="MR", series_number=5, study_uid=study, shuffle_names=True
+  )
+  (root / "b" / "notes.txt").write_text("not DICOM")
+  return root, study
+
+
+def _check_export(found, study):
+  from ukd.data import dicom_series
+
+  assert [s.name for s in found] == ["export_3", "export_5", "export_5_2"]
+  assert [s.number for s in found] == [3, 5, 5]
+  assert sorted(s.modality for s in found) == ["CT", "CT", "MR"]
+  assert {s.study_uid for s in found} == {study} and len({s.series_uid for s in found}) == 3
+  assert [len(s.files) for s in found] == [6, 6, 6]
+  for series in found:
+    assert dicom_series.read_series(series).volume.array.shape == SHAPE
+
+
+def test_several_series_in_a_tree_are_found_apart(tmp_path):
+  pytest.importorskip("pydicom")
+  from ukd.data import dicom_series
+
+  root, study = _export_tree(tmp_path)
+  _check_export(dicom_series.find_series(root), study)
+  (alone,) = dicom_series.find_series(root / "a")
+  assert alone.name == "a"
+  with pytest.raises(DataError, match=r"notes.txt: not a folder or a .zip file"):
+    dicom_series.find_series(root / "b" / "notes.txt")
+
+
+def test_a_zip_of_a_tree_is_found_like_the_tree(tmp_path):
+  pytest.importorskip("pydicom")
+  import zipfile
+
+  from ukd.data import dicom_series
+
+  root, study = _export_tree(tmp_path)
+  with zipfile.ZipFile(tmp_path / "export.zip", "w") as archive:
+    for folder, _, names in os.walk(root):
+      for name in names:
+        path = os.path.join(folder, name)
+        archive.write(path, os.path.relpath(path, root))
+  found = dicom_series.find_series(tmp_path / "export.zip", extract_to=str(tmp_path / "unzipped"))
+  assert all(s.root == str(tmp_path / "export.zip") for s in found)
+  _check_export(found, study)
+  (tmp_path / "broken.zip").write_bytes(b"PK not really")
+  with pytest.raises(DataError, match="broken.zip: cannot unpack zip"):
+    dicom_series.find_series(tmp_path / "broken.zip")
+
+
+def test_an_enhanced_multiframe_file_reads_like_single_frames(tmp_path):
+  pytest.importorskip("highdicom")
+  from ukd.data import dicom_write
+
+  nifti = _nifti(tmp_path)
+  dicom_write.write_series(nifti, tmp_path / "single")
+  (path,) = dicom_write.write_series(nifti, tmp_path / "multi", multiframe=True)
+  single, multi = (_read_only_series(tmp_path / d) for d in ("single", "multi"))
+  assert (
+    int(multi.headers[0].NumberOfFrames) == 6
+    and "PerFrameFunctionalGroupsSequence" in (multi.headers[0])
+  )
+  assert "PixelData" not in multi.headers[0]  # headers only
+  assert sorted(n for _, n in multi.frames) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_array_equal(multi.volume.array, single.volume.array)
+  np.testing.assert_allclose(multi.volume.affine, single.volume.affine, atol=1e-6)
+
+
+def _tilt(ds):
+  """Shift slice k by k mm along the row direction: a 5 mm drift over 12.5 mm, 21.8 deg."""
+  k = int(ds.InstanceNumber) - 1
+  row_dir = np.array([float(v) for v in ds.ImageOrientationPatient[:3]])
+  ds.ImagePositionPatient = [float(v) + k * d for v, d in zip(ds.ImagePositionPatient, row_dir)]
+
+
+def _shrink(ds):
+  ds.Rows, ds.Columns = 10, 12
+  ds.PixelData = np.zeros((10, 12), np.int16).tobytes()
+
+
+BAD_SERIES = {
+  "gap": (
+    lambda folder: os.remove(folder / "IM00003.dcm"),
+    r"1 missing slice: a gap of 5 mm after IM00002.dcm where slices are 2.5 mm apart$",
+  ),
+  "mixed size": (
+    lambda folder: _edit(folder / "IM00004.dcm", _shrink),
+    r"slices of different size or pixel spacing mixed: 20x24 at 0.7x0.8 mm \(5\), "
+    r"10x12 at 0.7x0.8 mm \(1\)$",
+  ),
+  "mixed orientation": (
+    lambda folder: [
+      _edit(
+        folder / f"IM{k:05d}.dcm",
+        lambda ds: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]),
+      )
+      for k in (4, 5, 6)
+    ],
+    r"slices in 2 orientations mixed: 3 along \[.*\], 3 along \[0.0, 1.0, 0.0, 0.0, 0.0, -1.0\]$",
+  ),
+  "tilt": (
+    lambda folder: [_edit(folder / f"IM{k:05d}.dcm", _tilt) for k in range(1, 7)],
+    r"gantry tilt: slice positions drift 5 mm in-plane \(22 degrees off the slice normal\)",
+  ),
+  "no pixel data": (
+    lambda folder: _edit(folder / "IM00002.dcm", lambda ds: delattr(ds, "PixelData")),
+    r"IM00002.dcm: no pixel data \(not an image\)$",
+  ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SERIES))
+def test_a_bad_series_gives_one_line_naming_it(tmp_path, case):
+  pytest.importorskip("pydicom")
+  from ukd.data import dicom_write
+
+  folder = tmp_path / "ct"
+  dicom_write.write_series(_nifti(tmp_path), folder)
+  spoil, message = BAD_SERIES[case]
+  spoil(folder)
+  with pytest.raises(DataError, match=rf"^series ct in {folder}: {message}") as caught:
+    _read_only_series(folder)
+  assert "\n" not in str(caught.value)
+
+
+def test_a_bad_series_does_not_stop_the_good_ones(tmp_path):
+  pytest.importorskip("pydicom")
+  from ukd.data import dicom_series, dicom_write
+
+  nifti = _nifti(tmp_path)
+  dicom_write.write_series(nifti, tmp_path / "in" / "good", series_number=1)
+  dicom_write.write_series(nifti, tmp_path / "in" / "bad", series_number=2)
+  os.remove(tmp_path / "in" / "bad" / "IM00003.dcm")
+  (tmp_path / "in" / "broken").write_bytes(b"\0" * 128 + b"DICM")  # a marker, no header
+  read, failed = [], []
+  for series in dicom_series.find_series(tmp_path / "in"):
+    try:
+      read.append((series.name, dicom_series.read_series(series).volume.array.shape))
+    except DataError as e:
+      failed.append(str(e))
+  assert read == [("in_1", SHAPE)]
+  assert len(failed) == 2
+  assert failed[0].startswith(f"series in_2 in {tmp_path / 'in'}: 1 missing slice")
+  assert failed[1] == f"series broken in {tmp_path / 'in'}: no SeriesInstanceUID"
+
+
+def test_localizers_are_skipped_and_reported(tmp_path):
+  pytest.importorskip("pydicom")
+  import pydicom
+  from pydicom.uid import generate_uid
+
+  from ukd.data import dicom_write
+
+  nifti = _nifti(tmp_path)
+  folder = tmp_path / "ct"
+  dicom_write.write_series(nifti, folder)
+  clean = _read_only_series(folder)
+  scout = pydicom.dcmread(folder / "IM00001.dcm")
+  scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+  scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+  scout.save_as(folder / "scout")
+  lone = pydicom.dcmread(folder / "IM00002.dcm")  # typed AXIAL, but alone in its orientation
+  lone.SOPInstanceUID = lone.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+  lone.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+  _shrink(lone)
+  lone.save_as(folder / "lone")
+
+  image = _read_only_series(folder)
+  assert image.skipped == [
+    f"series ct in {folder}: skipped localizer scout (ImageType LOCALIZER)",
+    f"series ct in {folder}: skipped localizer lone (a lone slice in another orientation)",
+  ]
+  np.testing.assert_array_equal(image.volume.array, clean.volume.array)
+  assert len(image.headers) == 6 and all("scout" not in p and "lone" not in p for p in image.paths)
+
+
+def test_a_compressed_series_is_decoded(tmp_path):
+  pytest.importorskip("pydicom")
+  from pydicom.uid import RLELossless
+
+  from ukd.data import dicom_write
+
+  nifti = _nifti(tmp_path)
+  dicom_write.write_series(nifti, tmp_path / "plain")
+  for path in dicom_write.write_series(nifti, tmp_path / "rle"):
+    _edit(path, lambda ds: ds.compress(RLELossless))  # pydicom's own RLE codec
+  plain, rle = (_read_only_series(tmp_path / d) for d in ("plain", "rle"))
+  assert rle.headers[0].file_meta.TransferSyntaxUID == RLELossless
+  np.testing.assert_array_equal(rle.volume.array, plain.volume.array)
+
+
+def test_an_undecodable_transfer_syntax_names_it_and_the_package(tmp_path):
+  pytest.importorskip("pydicom")
+  from pydicom.encaps import encapsulate
+  from pydicom.pixels import get_decoder
+  from pydicom.uid import JPEGLosslessSV1
+
+  from ukd.data import dicom_write
+
+  if get_decoder(JPEGLosslessSV1).is_available:
+    pytest.skip("a JPEG Lossless decoder (pylibjpeg-libjpeg or gdcm) is installed")
+
+  def fake_jpeg(ds):  # uncompressed bytes in a JPEG Lossless wrapper
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([ds.PixelData])
+
+  folder = tmp_path / "ct"
+  dicom_write.write_series(_nifti(tmp_path), folder)
+  _edit(folder / "IM00004.dcm", fake_jpeg)
+  with pytest.raises(DataError) as caught:
+    _read_only_series(folder)
+  assert str(caught.value) == (
+    f"series ct in {folder}: IM00004.dcm: pixel data compressed as JPEG Lossless, "
+    "Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1]) "
+    "(1.2.840.10008.1.2.4.70) and no installed decoder reads it: "
+    "pip install pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"
+  )
+
+
+def test_modality_table(tmp_path):
+  from ukd.data.dicom_series import map_modality
+
+  assert map_modality("CT", ("ct", "mr")) == "ct"
+  assert map_modality("MR", ("ct", "mr")) == "mr"
+  assert map_modality("MR", ("t1",), table={"MR": "t1"}) == "t1"
+  with pytest.raises(DataError, match=r"^scan: DICOM Modality 'PT' is not a modality the model"):
+    map_modality("PT", ("ct", "mr"), source="scan")
+  with pytest.raises(DataError, match=r"'MR' \(mapped to 'mr'\) .* trained on \(ct\); the "):
+    map_modality("MR", ("ct",))
+
+
+# Class masks on the NIfTI's own grid: liver (1) and left kidney (3) boxes; right kidney (2)
+# and spleen (4) absent, yet described.
+ABDOMEN = ("background", "liver", "right_kidney", "left_kidney", "spleen")
+
+
+def _labels():
+  labels = np.zeros(SHAPE, np.int32)
+  labels[2:9, 3:10, 1:4] = 1
+  labels[12:20, 5:9, 2:6] = 3
+  return labels
+
+
+def test_seg_references_its_series_and_codes_each_class(tmp_path):
+  hd = pytest.importorskip("highdicom")
+  import pydicom
+
+  from ukd.data import dicom_seg, dicom_write, volumes
+
+  nifti = _nifti(tmp_path)
+  dicom_write.write_series(nifti, tmp_path / "ct", shuffle_names=True)
+  image = _read_only_series(tmp_path / "ct")
+  canonical = volumes.from_array(_labels(), nifti.affine).array
+  out = tmp_path / "seg.dcm"
+  codes = dicom_seg.SEG_CODES["abdominal"]
+  dicom_seg.write_seg(canonical, image, out, ABDOMEN, codes, algorithm_version="0.1.0", step=1500)
+
+  seg = hd.seg.segread(out)
+  assert seg.SegmentationType == "BINARY"
+  assert seg.FrameOfReferenceUID == image.headers[0].FrameOfReferenceUID
+  assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image.headers[0].SeriesInstanceUID
+  numbers = list(seg.get_segment_numbers())
+  assert numbers == [1, 2, 3, 4]
+  described = [seg.get_segment_description(n) for n in numbers]
+  assert [d.segment_label for d in described] == list(ABDOMEN[1:])
+  assert [
+    (d.segmented_property_type.value, d.segmented_property_type.scheme_designator)
+    for d in described
+  ] == [
+    ("10200004", "SCT"),  # liver
+    ("9846003", "SCT"),  # right kidney
+    ("18639004", "SCT"),  # left kidney
+    ("78961009", "SCT"),  # spleen
+  ]
+  assert {d.segmented_property_category.value for d in described} == {"91723000"}
+  algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+  assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("ukd", "0.1.0")
+  assert "1500" in algorithm.AlgorithmParameters
+
+  # Each source image's SEG frame is its slice of the label map: slice k sits k * 2.5 mm
+  # along the normal from the first.
+  labels = _labels()
+  for path in image.paths:
+    source = pydicom.dcmread(path)
+    k = round((float(source.ImagePositionPatient[2]) - 30.0) / 2.5)
+    frame = seg.get_pixels_by_source_instance(
+      [source.SOPInstanceUID], combine_segments=True, assert_missing_frames_are_empty=True
+    )[0]
+    np.testing.assert_array_equal(frame, labels[:, :, k].T)
+  np.testing.assert_array_equal(dicom_seg.read_seg(out, image, ABDOMEN), canonical)
+
+
+def test_seg_of_a_multiframe_series_and_generic_tissue_codes(tmp_path):
+  hd = pytest.importorskip("highdicom")
+  from ukd.data import dicom_seg, dicom_write, volumes
+
+  nifti = _nifti(tmp_path)
+  dicom_write.write_series(nifti, tmp_path / "mr", modality="MR", multiframe=True)
+  image = _read_only_series(tmp_path / "mr")
+  classes = ("background", "lesion", "edema", "cyst", "tumour")  # a folder dataset's own
+  canonical = volumes.from_array(_labels(), nifti.affine).array
+  dicom_seg.write_seg(canonical, image, tmp_path / "seg.dcm", classes)
+  seg = hd.seg.segread(tmp_path / "seg.dcm")
+  tissue = {
+    (d.segmented_property_category.value, d.segmented_property_type.value)
+    for d in (seg.get_segment_description(n) for n in seg.get_segment_numbers())
+  }
+  assert tissue == {("85756007", "85756007")}
+  np.testing.assert_array_equal(dicom_seg.read_seg(tmp_path / "seg.dcm", image, classes), canonical)
+  with pytest.raises(DataError, match=r"segment 1 'lesion' is not one of \['background', 'liver'"):
+    dicom_seg.read_seg(tmp_path / "seg.dcm", image, ABDOMEN)

@@ -300,3 +300,18 @@ def test_evaluation_uses_the_split_its_checkpoint_trained_with(tmp_path):
   os.remove(os.path.join(root, "mr", "labelsTr", "case2.nii.gz"))
   with pytest.raises(DataError, match=r"checkpoints/2/dataset: mr test cases \['case2'\]"):
     evaluate.evaluate(workdir)
+
+
+def test_dice_only_evaluation_draws_the_overlays_asked_for_per_modality():
+  """Training's validation: Dice alone (no surface distances) and the first case's overlay of
+  each modality."""
+  res = evaluate.evaluate_cases(
+    StubSegmenter(), StubAdapter(), CASES, overlays=1, metric_names=("dice",)
+  )
+  assert sorted(res["overlays"]) == ["ct/c1", "mr/m1"]
+  assert {key for row in res["cases"] for key in row} == {"case", "modality", "class", "dice"}
+  # ct: c1 perfect, c2 misses B -> B Dice 1 and 0; case means 1 and 0.5.
+  assert res["summary"]["ct"]["B"] == {"dice": {"mean": 0.5, "std": 0.5, "n": 2, "n_empty": 0}}
+  assert res["summary"]["ct"]["mean"]["dice"]["mean"] == 0.75
+  none = evaluate.evaluate_cases(StubSegmenter(), StubAdapter(), CASES, overlays=0)
+  assert none["overlays"] == {} and "hd95" in none["cases"][0]

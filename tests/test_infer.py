@@ -1,4 +1,5 @@
-"""Inference: geometry round trip, batching, sliding windows, compilation reuse, checkpoints."""
+"""Inference and prediction of files: geometry round trip, batching, sliding windows,
+compilation reuse, checkpoints, output names."""
 
 import json
 import os
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from ukd import checkpoints, evaluate, infer, models
+from ukd import checkpoints, evaluate, infer, models, predict
+from ukd import config as config_lib
 from ukd import state as state_lib
 from ukd.data import preprocess, volumes
 from ukd.data.adapters import Case
@@ -123,7 +125,7 @@ def test_predict_file_writes_onto_the_input_grid(seg, tmp_path):
   source = _save(original, OBLIQUE_LPS, tmp_path / "scan.nii.gz")
   out = str(tmp_path / "out" / "pred.nii.gz")
   probs_path = str(tmp_path / "out" / "probs.nii.gz")
-  seg.predict_file(source, out, "ct", probabilities=probs_path)
+  predict.predict_file(seg, source, out, "ct", probabilities=probs_path)
 
   written = nib.load(out)
   assert written.shape == original.shape
@@ -249,9 +251,13 @@ def test_sliding_windows_are_batch_invariant_on_any_slice_count(seg3d, slices):
     (lambda s, d: s.predict(np.zeros((16, 16)), "ct"), r"expected a 3D volume, got shape"),
     (lambda s, d: s.predict(np.full((16, 16, 4), np.nan), "ct"), r"NaN"),
     (lambda s, d: s.predict(np.zeros((16, 16, 4)), "ct", spacing=(1, 2)), r"spacing must be 3"),
-    (lambda s, d: s.predict_file(f"{d}/missing.nii.gz", f"{d}/o.nii.gz", "ct"), "file not found"),
-    (lambda s, d: infer.predict_paths(s, d, f"{d}/out", "ct"), r"no \.nii or \.nii\.gz files"),
-    (lambda s, d: infer.predict_paths(s, f"{d}/nowhere", f"{d}/out", "ct"), "input not found"),
+    (
+      lambda s, d: predict.predict_file(s, f"{d}/missing.nii.gz", f"{d}/o.nii.gz", "ct"),
+      "file not found",
+    ),
+    (lambda s, d: predict.predict_paths(s, d, f"{d}/out", "ct"), r"no \.nii or \.nii\.gz files"),
+    (lambda s, d: predict.predict_paths(s, f"{d}/nowhere", f"{d}/out", "ct"), "input not found"),
+    (lambda s, d: predict.predict_paths(s, d, f"{d}/out", "pet"), r"modality 'pet'"),
   ],
 )
 def test_bad_input_gives_a_one_line_error(seg, tmp_path, call, message):
@@ -260,7 +266,22 @@ def test_bad_input_gives_a_one_line_error(seg, tmp_path, call, message):
   assert "\n" not in str(error.value)
 
 
-# --- files and folders ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("batch_size", 0, "config.infer.batch_size=0 must be a positive number"),
+    ("overlap", 1.0, "config.infer.overlap=1.0 must be in [0, 1)"),
+  ],
+)
+def test_inference_settings_are_checked_with_the_config(field, value, message):
+  config = _config()
+  config.infer[field] = value
+  with pytest.raises(ConfigError) as error:
+    config_lib.check(config)
+  assert str(error.value) == message
+
+
+# --- files and folders (ukd.predict) -------------------------------------------------------
 
 
 def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
@@ -270,14 +291,14 @@ def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
   _save(_ct_like((12, 16, 6)), np.diag([-1.0, -1.0, 2.0, 1.0]), inputs / "a_0000.nii.gz")
   (inputs / "notes.txt").write_text("not an image")
   out = tmp_path / "out"
-  written = infer.predict_paths(seg, str(inputs), str(out), "ct", probabilities=True)
+  written = predict.predict_paths(seg, str(inputs), str(out), "ct", probabilities=True)
   assert written == [
     str(out / n)
     for n in ("a.nii.gz", "a.json", "a_probabilities.nii.gz")
     + ("b.nii.gz", "b.json", "b_probabilities.nii.gz")
   ]
   assert nib.load(written[3]).shape == (16, 16, 4)
-  again = infer.predict_paths(seg, str(inputs / "b.nii"), str(out), "ct", overwrite=True)
+  again = predict.predict_paths(seg, str(inputs / "b.nii"), str(out), "ct", overwrite=True)
   assert again == [str(out / "b.nii.gz"), str(out / "b.json")]
 
 
@@ -347,7 +368,7 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from helpers import tiny_config
-from ukd import infer, models, state as state_lib
+from ukd import infer, mesh, models
 from ukd.data import volumes
 config = tiny_config()
 config.data.size = (16, 16)
@@ -358,7 +379,7 @@ variables = jax.jit(lambda k: models.init_variables(model, config.model, (16, 16
 volume = np.random.default_rng(0).normal(0, 300, (16, 16, 7)).astype(np.float32)
 out = {{}}
 for n in (1, 3):
-  seg = infer.Segmenter(config, variables, state_lib.make_mesh(jax.devices()[:n]))
+  seg = infer.Segmenter(config, variables, mesh.make_mesh(jax.devices()[:n]))
   labels, probs = seg.predict_volume(volumes.from_array(volume), "ct", probabilities=True)
   out[n] = (seg.batch_size, labels, probs)
 print(json.dumps(dict(devices=len(jax.devices()), batch=out[3][0],
@@ -372,6 +393,7 @@ def test_batches_are_sharded_over_several_devices():
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=3 --xla_backend_optimization_level=0",
     JAX_PLATFORMS="cpu",
+    JAX_TRANSFER_GUARD="allow",  # the script itself computes with jnp on host values
   )
   code = _MULTI_DEVICE.format(tests=os.path.dirname(__file__))
   out = subprocess.run(
@@ -401,18 +423,18 @@ def test_predicting_into_a_folder_with_those_names_refuses_before_any_work(seg, 
   labels.mkdir()
   (labels / "b.nii.gz").write_bytes(b"ground truth")
   with pytest.raises(DataError) as error:
-    infer.predict_paths(seg, str(inputs), str(labels), "ct")
+    predict.predict_paths(seg, str(inputs), str(labels), "ct")
   assert (
     str(error.value) == f"{labels / 'b.nii.gz'}: already exists; pass --overwrite to replace it"
   )
   assert sorted(os.listdir(labels)) == ["b.nii.gz"]  # not even a.nii.gz was predicted
   assert (labels / "b.nii.gz").read_bytes() == b"ground truth"
-  written = infer.predict_paths(seg, str(inputs), str(labels), "ct", overwrite=True)
+  written = predict.predict_paths(seg, str(inputs), str(labels), "ct", overwrite=True)
   assert len(written) == 4 and nib.load(labels / "b.nii.gz").shape == (16, 16, 4)
   for name in ("a.nii.gz", "a.json", "b.nii.gz"):
     (labels / name).unlink()  # b.json alone, the sidecar, is refused as well
   with pytest.raises(DataError, match=r"b\.json: already exists"):
-    infer.predict_paths(seg, str(inputs), str(labels), "ct")
+    predict.predict_paths(seg, str(inputs), str(labels), "ct")
 
 
 def test_files_hold_the_datasets_label_codes_and_name_them(seg, workdir, tmp_path):
@@ -422,35 +444,26 @@ def test_files_hold_the_datasets_label_codes_and_name_them(seg, workdir, tmp_pat
   assert loaded.label_table("mr") == [(0, "background"), (63, "MYO"), (126, "AA")]
   assert loaded.label_table("ct", "index") == [(0, "background"), (1, "MYO"), (2, "AA")]
   source = _save(_ct_like((6, 20, 12)), OBLIQUE_LPS, tmp_path / "scan.nii.gz")
-  loaded.predict_file(source, tmp_path / "codes.nii.gz", "ct")
-  loaded.predict_file(source, tmp_path / "index.nii.gz", "ct", label_codes="index")
+  predict.predict_file(loaded, source, tmp_path / "codes.nii.gz", "ct")
+  predict.predict_file(loaded, source, tmp_path / "index.nii.gz", "ct", label_codes="index")
   codes, index = (nib.load(tmp_path / f"{n}.nii.gz") for n in ("codes", "index"))
   assert codes.get_data_dtype() == np.uint16 and index.get_data_dtype() == np.uint8
   index = np.asarray(index.dataobj)
   assert set(np.unique(index)) == {0, 1, 2}  # the random network predicts every class here
   assert np.array_equal(np.asarray(codes.dataobj), np.array([0, 205, 820])[index])
   with open(tmp_path / "codes.json") as f:
-    assert json.load(f) == {"classes": {"0": "background", "205": "MYO", "820": "AA"}}
+    assert json.load(f)["classes"] == {"0": "background", "205": "MYO", "820": "AA"}
   with open(tmp_path / "index.json") as f:
-    assert json.load(f) == {"classes": {"0": "background", "1": "MYO", "2": "AA"}}
+    assert json.load(f)["classes"] == {"0": "background", "1": "MYO", "2": "AA"}
   # Live variables know no dataset: class indices, with placeholder names.
   assert seg.label_table("ct") == [(0, "background"), (1, "class_1"), (2, "class_2")]
   with pytest.raises(ConfigError, match="label_codes='raw' must be one of"):
-    infer.predict_paths(seg, source, tmp_path / "out", "ct", label_codes="raw")
-
-
-def test_a_foreground_crop_is_refused_rather_than_taken_from_the_label(state2d):
-  _, state = state2d
-  config = _config()
-  config.data.crop = "foreground"
-  seg = infer.Segmenter(config, _variables(state))
-  with pytest.raises(ConfigError, match=r"^config\.data\.crop='foreground' crops around the"):
-    seg.predict(_ct_like((16, 16, 4)), "ct")
+    predict.predict_paths(seg, source, tmp_path / "out", "ct", label_codes="raw")
 
 
 def test_evaluation_predicts_from_the_image_alone(state2d, monkeypatch):
   """Scored against two different labels, a case gets the same prediction, which is the one
-  the image alone gives; with crop 'foreground' evaluation used to crop around the label."""
+  the image alone gives (the crop included)."""
   _, state = state2d
   config = _config()
   config.data.crop = "body"
@@ -483,9 +496,6 @@ def test_evaluation_predicts_from_the_image_alone(state2d, monkeypatch):
     evaluate.evaluate_cases(seg, OneCase(label), [case], overlays=False)
   assert len(predicted) == 2
   assert all(np.array_equal(p, expected) for p in predicted)
-  config.data.crop = "foreground"
-  with pytest.raises(ConfigError, match="data.crop='foreground'"):
-    evaluate.evaluate_cases(infer.Segmenter(config, seg.variables), OneCase(near), [case])
 
 
 def test_large_volumes_are_restored_a_run_of_slices_at_a_time(seg, monkeypatch):

@@ -224,6 +224,8 @@ def test_kd_rejects_bad_arguments():
     kd_loss(logits, labels, temperature=0.0)
   with pytest.raises(ValueError, match="absent"):
     kd_loss(logits, labels, absent="drop")
+  with pytest.raises(ValueError, match="number of classes"):
+    kd_loss({"a": A_LOGITS, "b": np.zeros((3, 3), np.float32)}, labels)
 
 
 def _reference_kd(logits, labels, num_classes, temperature=2.0):
@@ -276,6 +278,9 @@ def test_l2_counts_only_kernels():
   assert float(losses.l2_loss(params)) == pytest.approx(8.0)
   # Every parameter (the reference 3D code): + 0.5 * (2 * 1 + 4 * 25 + 4 * 1) = 8 + 53 = 61.
   assert float(losses.l2_loss(params, scope="all")) == pytest.approx(61.0)
+  # No kernel at all: nothing to penalise, and still a float32 scalar.
+  none = losses.l2_loss({"norm": params["norm"]})
+  assert none.shape == () and none.dtype == jnp.float32 and float(none) == 0.0
 
 
 def test_l2_on_a_flax_module():

@@ -197,3 +197,16 @@ def test_shape_mismatch_names_both_shapes():
     metrics.dice(np.zeros((4, 4, 4), bool), np.zeros((4, 4, 5), bool))
   with pytest.raises(ValueError, match="3D"):
     metrics.hd95(np.zeros((4, 4), bool), np.zeros((4, 4), bool), (1, 1, 1))
+
+
+def test_dice_only_scores_skip_the_surface_distances(monkeypatch):
+  shape = (6, 6, 6)
+  gt = np.zeros(shape, np.int32)
+  gt[_box(shape, (0, 3), (0, 3), (0, 3))] = 1  # 27 voxels
+  pred = np.zeros(shape, np.int32)
+  pred[_box(shape, (0, 3), (0, 3), (0, 2))] = 1  # 18 voxels, all inside
+  monkeypatch.setattr(metrics, "_distance_metrics", None)  # any distance call would fail
+  result = metrics.structure_scores(pred, gt, (1.0, 1.0, 1.0), ("background", "a"), ("dice",))
+  assert result == {"a": {"dice": 2 * 18 / (27 + 18)}}
+  with pytest.raises(ValueError, match="must be some of"):
+    metrics.structure_scores(pred, gt, (1.0, 1.0, 1.0), ("background", "a"), ("iou",))

@@ -297,3 +297,39 @@ def test_bfloat16_computes_convolutions_in_bf16_and_keeps_everything_else_float3
   # Same weights (same seed), bf16 rounding only: close, not equal.
   diff = np.abs(np.asarray(logits16, np.float32) - np.asarray(logits32))
   assert 0 < diff.max() < 0.05 * (np.abs(np.asarray(logits32)).max() + 1e-3) + 0.05
+
+
+# ---------------------------------------------------------------- forward-mode derivatives
+
+
+@pytest.mark.parametrize("name,spatial", [("dilated2d", (16, 16)), ("unet3d", (16, 16, 8))])
+def test_forward_mode_derivative_agrees_with_reverse_mode(name, spatial):
+  """`jax.jvp` runs through the default model (XLA's convolutions have every derivative), and
+  its tangent is the one reverse mode implies: <J t, u> = <t, J^T u> for any t, u."""
+  config = tiny_config(name)
+  config.model.upsample_mult = 3  # 2D: its last convolution is wide (64 x 9 <= 576 features)
+  model, variables = _init(config, spatial)
+  x = jax.random.normal(jax.random.key(1), (2, *spatial, 3 if name == "dilated2d" else 1))
+
+  def logits(params, x):  # train mode, mixed batch: batch statistics per modality
+    out, _ = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      ("ct", "mr"),
+      train=True,
+      mutable=["batch_stats"],
+    )
+    return out
+
+  primals = (variables["params"], x)
+  leaves, treedef = jax.tree.flatten(primals)
+  keys = jax.random.split(jax.random.key(2), len(leaves) + 1)
+  tangent_leaves = [jax.random.normal(k, v.shape) for k, v in zip(keys, leaves)]
+  tangents = treedef.unflatten(tangent_leaves)
+  out, out_dot = jax.jit(lambda p, t: jax.jvp(logits, p, t))(primals, tangents)
+  u = jax.random.normal(keys[-1], out.shape)
+  cotangents = jax.jit(lambda p: jax.vjp(logits, *p)[1](u))(primals)
+  forward = float(jnp.vdot(out_dot, u))
+  reverse = sum(jnp.vdot(t, c) for t, c in zip(tangent_leaves, jax.tree.leaves(cotangents)))
+  assert abs(forward) > 1e-3
+  assert forward == pytest.approx(float(reverse), rel=1e-4)

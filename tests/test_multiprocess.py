@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
   f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny",
   "--config.batch_size=4",  # 4 devices in all: 1 sample of each modality per device
-  "--config.overlays=False",
+  "--config.overlays=0",
 ]
 
 

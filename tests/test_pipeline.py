@@ -46,7 +46,7 @@ def make_config(dims=2, batch=4, **data):
   config = config_lib.default()
   config.batch_size = batch
   config.model.name = {2: "dilated2d", 3: "unet3d"}[dims]
-  config.data.update(dict(patch=(8, 8, 4), fg_fraction=0.0, workers=0, prefetch=2))
+  config.data.update(dict(size=(8, 8), patch=(8, 8, 4), fg_fraction=0.0, workers=0, prefetch=2))
   config.data.update({k: v for k, v in data.items() if k != "augment"})
   if "augment" in data:
     config.data.augment.update(data["augment"])
@@ -262,3 +262,55 @@ def test_warp_matches_scipy_affine_transform():
   expected = scipy_ndimage.affine_transform(label, matrix, offset=offset, order=0)
   inner = (slice(2, -2), slice(2, -2))
   np.testing.assert_array_equal(pipeline.warp(label, matrix, 0, 0)[inner], expected[inner])
+
+
+# --- slices larger than data.size (data.spacing) --------------------------------------------
+
+
+def positional_volume(rows, cols, slices=5):
+  """Pixel (r, c) of slice k holds 10000 k + 100 r + c: a sample tells where it was cut."""
+  r, c, k = np.meshgrid(np.arange(rows), np.arange(cols), np.arange(slices), indexing="ij")
+  return (10000 * k + 100 * r + c).astype(np.float32), np.zeros((rows, cols, slices), np.uint8)
+
+
+def test_windows_of_data_size_are_cut_from_larger_slices(tmp_path):
+  entries = [
+    save_entry(tmp_path, "ct_0", *positional_volume(20, 13)),
+    save_entry(tmp_path, "ct_1", *positional_volume(8, 30)),
+  ]
+  origins = set()
+  for batch in take({"ct": entries}, make_config(batch=8), 4):
+    assert batch["ct"]["image"].shape == (8, 8, 8, 3) and batch["ct"]["label"].shape == (8, 8, 8)
+    for x in batch["ct"]["image"]:
+      k, r0, c0 = int(x[0, 0, 1]) // 10000, int(x[0, 0, 1]) % 10000 // 100, int(x[0, 0, 1]) % 100
+      rows, cols = np.arange(r0, r0 + 8)[:, None], np.arange(c0, c0 + 8)[None, :]
+      for channel, j in enumerate((max(k - 1, 0), k, min(k + 1, 4))):
+        assert np.array_equal(x[..., channel], 10000 * j + 100 * rows + cols)
+      origins.add((r0, c0))
+  assert len(origins) > 10  # the windows move over the slices
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_windows_of_larger_slices_hold_foreground_when_it_is_drawn(tmp_path, dims):
+  """One foreground pixel per volume, in a corner of one slice: the foreground draw must find
+  it inside an 8 x 8 window of a 24 x 24 (or 24 x 40) slice; the uniform draw mostly misses."""
+  entries = []
+  for i, (cols, pixel) in enumerate([(24, (22, 1)), (40, (3, 37))]):
+    image, label = positional_volume(24, cols, slices=6)
+    label[pixel[0], pixel[1], 4] = 1
+    entries.append(save_entry(tmp_path, f"ct_{i}", image, label))
+  hits = {}
+  for fg in (1.0, 0.0):
+    labels = np.concatenate(
+      [b["ct"]["label"] for b in take({"ct": entries}, make_config(dims, 8, fg_fraction=fg), 3)]
+    )
+    assert labels.shape[1:3] == (8, 8)
+    hits[fg] = np.mean([label.any() for label in labels])
+  assert hits[1.0] == 1.0 and hits[0.0] < 0.2
+
+
+def test_slices_smaller_than_data_size_are_refused(sources):
+  config = make_config()
+  config.data.size = (8, 16)
+  with pytest.raises(DataError, match=r"data.size \(8, 16\) is larger in-plane than the prepared"):
+    make_iterator(sources, config)

@@ -8,10 +8,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ukd import config as config_lib
 from ukd.data import preprocess
 from ukd.data.adapters import Adapter
 from ukd.data.volumes import from_array
-from ukd.errors import DataError
+from ukd.errors import ConfigError, DataError
 
 Case = collections.namedtuple("Case", "id modality image label")
 
@@ -23,6 +24,7 @@ def make_cfg(**overrides):
       slice_axis=2,
       crop="none",
       crop_margin=2,
+      spacing="",
       norm=dict(
         ct=dict(kind="window", window=(-1000.0, 1000.0)),
         mr=dict(kind="zscore", percentiles=(0.5, 99.5)),
@@ -59,32 +61,41 @@ def test_zscore_clips_outliers_then_standardises():
 
 
 @pytest.mark.parametrize(
-  "norm, match",
+  "change, message",
   [
-    (dict(ct=dict(kind="window")), "data.norm has no entry for modality 'mr'"),
-    (dict(mr=dict(kind="minmax")), "data.norm.mr.kind"),
+    (
+      lambda c: c.data.norm.mr.update(kind="minmax"),
+      "config.data.norm.mr.kind='minmax' must be one of ('window', 'zscore')",
+    ),
+    (
+      lambda c: setattr(c.data.norm, "ct", dict(kind="window")),
+      "config.data.norm.ct of kind 'window' needs window=(low, high)",
+    ),
+    (
+      lambda c: c.data.norm.ct.update(window=(5.0, 1.0)),
+      "config.data.norm.ct.window=(5.0, 1.0) must satisfy low < high",
+    ),
+    (
+      lambda c: c.data.norm.mr.update(percentiles=(1.0, 101.0)),
+      "config.data.norm.mr.percentiles=(1.0, 101.0) must satisfy 0 <= low < high <= 100",
+    ),
+    (
+      lambda c: c.data.norm.mr.update(percentiles=(0.5,)),
+      "config.data.norm.mr.percentiles=(0.5,) must be two numbers (low, high)",
+    ),
+    (
+      lambda c: setattr(c.data, "crop", "foreground"),
+      "config.data.crop='foreground' must be one of ('none', 'body')",
+    ),
   ],
 )
-def test_bad_normalisation_setting_is_named(norm, match):
-  cfg = make_cfg()
-  cfg.norm = norm
-  with pytest.raises(DataError, match=match):
-    preprocess.prepare(from_array(np.zeros((4, 4, 2))), None, "mr", cfg)
-
-
-def test_foreground_crop_contains_the_foreground_with_margin():
-  label = blob_label((40, 30, 4))
-  cfg = make_cfg(crop="foreground", crop_margin=2)
-  prep = preprocess.prepare(from_array(np.zeros(label.shape)), from_array(label), "ct", cfg)
-  assert prep.geometry["crop_box"] == [[1, 11], [3, 14]]
-  restored = preprocess.restore(prep.label, prep.geometry, is_label=True)
-  assert restored.shape == label.shape
-  assert np.array_equal(restored[label == 0], np.zeros((label == 0).sum()))
-
-
-def test_foreground_crop_without_label_is_an_error():
-  with pytest.raises(DataError, match="data.crop='foreground'"):
-    preprocess.prepare(from_array(np.zeros((8, 8, 2))), None, "ct", make_cfg(crop="foreground"))
+def test_preprocessing_settings_are_checked_with_the_config(change, message):
+  """Preparation reads its settings unchecked: the config check names a bad one first."""
+  config = config_lib.default()
+  change(config)
+  with pytest.raises(ConfigError) as error:
+    config_lib.check(config)
+  assert str(error.value) == message
 
 
 def test_body_crop_finds_the_body_without_a_label():
@@ -96,7 +107,7 @@ def test_body_crop_finds_the_body_without_a_label():
 
 
 @pytest.mark.parametrize("slice_axis", [0, 1, 2])
-@pytest.mark.parametrize("crop", ["none", "foreground", "body"])
+@pytest.mark.parametrize("crop", ["none", "body"])
 def test_shapes_round_trip_for_any_axis_and_crop(slice_axis, crop):
   rng = np.random.default_rng(2)
   label = blob_label((37, 23, 11))
@@ -125,13 +136,14 @@ def test_integer_upsampling_restores_the_label_exactly(slice_axis):
 
 
 def test_cropped_away_region_is_background_with_probability_one():
-  label = blob_label((40, 30, 4))
-  cfg = make_cfg(crop="foreground", crop_margin=0)
-  prep = preprocess.prepare(from_array(np.zeros(label.shape)), from_array(label), "ct", cfg)
-  probs = np.full(prep.label.shape + (3,), 1 / 3, np.float32)
+  image = np.full((40, 30, 4), -1000.0, np.float32)  # air
+  image[5:15, 8:20] = 40.0  # the body
+  prep = preprocess.prepare(from_array(image), None, "ct", make_cfg(crop="body", crop_margin=0))
+  assert prep.geometry["crop_box"] == [[5, 15], [8, 20]]
+  probs = np.full(prep.image.shape + (3,), 1 / 3, np.float32)
   restored = preprocess.restore(probs, prep.geometry, is_label=False)
   (r0, r1), (c0, c1) = prep.geometry["crop_box"]
-  outside = np.ones(label.shape, bool)
+  outside = np.ones(image.shape, bool)
   outside[r0:r1, c0:c1] = False
   assert np.all(restored[outside] == [1.0, 0.0, 0.0])
   assert np.allclose(restored[~outside], 1 / 3)
@@ -263,12 +275,15 @@ def test_the_label_code_table_and_unknown_label_rule_are_part_of_the_key(tmp_pat
   assert len(keys) == 3
 
 
-@pytest.mark.parametrize("crop", ["none", "body"])
-def test_chunked_restore_and_argmax_equal_the_whole_volume_at_once(crop, monkeypatch):
+@pytest.mark.parametrize("crop, spacing", [("none", ""), ("body", ""), ("none", "0.8x2.5")])
+def test_chunked_restore_and_argmax_equal_the_whole_volume_at_once(crop, spacing, monkeypatch):
   rng = np.random.default_rng(0)
   image = from_array(rng.normal(0, 300, (20, 7, 13)).astype(np.float32))
-  prep = preprocess.prepare(image, None, "ct", make_cfg(size=(8, 6), slice_axis=1, crop=crop))
-  probs = rng.dirichlet(np.ones(4), size=(8, 6, 7)).astype(np.float32)
+  cfg = make_cfg(size=(8, 6), slice_axis=1, crop=crop, spacing=spacing)
+  prep = preprocess.prepare(image, None, "ct", cfg)
+  # 20 x 13 mm at 0.8 x 2.5 mm: 25 x 5 pixels, the columns padded to 6.
+  assert prep.geometry["plane"] == ([25, 6] if spacing else [8, 6])
+  probs = rng.dirichlet(np.ones(4), size=(*prep.geometry["plane"], 7)).astype(np.float32)
   whole = preprocess.restore(probs, prep.geometry, is_label=False)
   # 20 x 13 voxels x 4 classes x 4 bytes per slice: 3 slices per run, the last run shorter.
   monkeypatch.setattr(preprocess, "RESTORE_CHUNK_BYTES", 3 * 20 * 13 * 4 * 4)
@@ -276,3 +291,86 @@ def test_chunked_restore_and_argmax_equal_the_whole_volume_at_once(crop, monkeyp
   assert np.array_equal(kept, whole)
   assert labels.dtype == np.uint8 and np.array_equal(labels, np.argmax(whole, -1))
   assert preprocess.restore_labels(probs, prep.geometry)[1] is None
+
+
+# --- data.spacing: millimetres per pixel -------------------------------------------------------
+
+
+def test_spacing_resamples_the_crop_box_and_pads_up_to_size():
+  """10 x 6 pixels of 2 x 3 mm at 1 x 1.5 mm: 20 x 12 pixels, centred in the 32 x 32 plane."""
+  label = np.zeros((10, 6, 3), np.int32)
+  label[2:7, 1:4, 1] = 2
+  image = np.where(label > 0, 500.0, -200.0).astype(np.float32)
+  affine = np.diag([2.0, 3.0, 1.0, 1.0])
+  prep = preprocess.prepare(
+    from_array(image, affine), from_array(label, affine), "ct", make_cfg(spacing="1x1.5")
+  )
+  g = prep.geometry
+  assert (g["plane"], g["content_box"], g["size"]) == ([32, 32], [[6, 26], [10, 22]], [32, 32])
+  assert g["target_spacing"] == [1.0, 1.5] and g["crop_box"] == [[0, 10], [0, 6]]
+  assert prep.image.shape == prep.label.shape == (32, 32, 3)
+  inside = np.zeros((32, 32), bool)
+  inside[6:26, 10:22] = True
+  # Padding: the volume's minimum (-200 HU -> -0.2) and background; each pixel doubled inside.
+  assert np.all(prep.image[~inside] == prep.image.min()) and np.isclose(prep.image.min(), -0.2)
+  assert not prep.label[~inside].any()
+  assert np.array_equal(prep.label[6:26, 10:22], label.repeat(2, 0).repeat(2, 1))
+  assert np.array_equal(preprocess.restore(prep.label, g, is_label=True), label)
+  probs = preprocess.restore(np.eye(3, dtype=np.float32)[prep.label], g, is_label=False)
+  assert probs.shape == label.shape + (3,) and np.array_equal(probs.argmax(-1), label)
+
+
+def test_a_plane_larger_than_size_is_kept_and_sizes_round_half_up():
+  """40 x 30 pixels of 1 mm at 4 x 0.5 mm: 10 rows (padded to 16) by 60 columns (kept);
+  5 rows at 2 mm would be 2.5 pixels, rounded up to 3."""
+  label = np.zeros((40, 30, 2), np.int32)
+  label[8:20, 5:17] = 1  # row blocks of 4: the 4x coarser rows still hold the label exactly
+  cfg = make_cfg(size=(16, 16), spacing="4x0.5")
+  prep = preprocess.prepare(from_array(label.astype(np.float32)), from_array(label), "ct", cfg)
+  g = prep.geometry
+  assert (g["plane"], g["content_box"]) == ([16, 60], [[3, 13], [0, 60]])
+  assert prep.image.shape == (16, 60, 2)
+  assert np.array_equal(preprocess.restore(prep.label, g, is_label=True), label)
+  small = preprocess.prepare(from_array(np.zeros((5, 4, 1))), None, "ct", make_cfg(spacing="2"))
+  assert small.geometry["content_box"] == [[14, 17], [14, 16]]  # 3 x 2 pixels in 32 x 32
+
+
+def test_spacing_applies_to_the_body_box_and_per_modality():
+  image = np.full((60, 50, 4), -1000.0, np.float32)
+  image[20:40, 10:30] = 40.0  # a 20 x 20 pixel body of 0.5 mm: 10 mm
+  affine = np.diag([0.5, 0.5, 3.0, 1.0])
+  cfg = make_cfg(crop="body", crop_margin=0, size=(8, 8), spacing="ct=0.25,mr=2")
+  ct = preprocess.prepare(from_array(image, affine), None, "ct", cfg).geometry
+  assert ct["crop_box"] == [[20, 40], [10, 30]] and ct["plane"] == [40, 40]
+  mr = preprocess.prepare(from_array(image, affine), None, "mr", cfg).geometry
+  assert mr["plane"] == [8, 8] and mr["content_box"] == [[1, 6], [1, 6]]
+
+
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+@pytest.mark.parametrize("crop", ["none", "body"])
+def test_spacing_shapes_round_trip_for_any_axis_and_crop(slice_axis, crop):
+  """Factors that are not whole numbers still come back onto exactly the input grid."""
+  rng = np.random.default_rng(2)
+  label = blob_label((37, 23, 11))
+  image = rng.normal(size=label.shape) + 5 * label
+  affine = np.diag([0.7, 1.3, 2.5, 1.0])
+  cfg = make_cfg(size=(16, 16), slice_axis=slice_axis, crop=crop, spacing="1.1")
+  prep = preprocess.prepare(from_array(image, affine), from_array(label, affine), "mr", cfg)
+  slices = label.shape[slice_axis]
+  assert prep.image.shape == prep.label.shape == (*prep.geometry["plane"], slices)
+  if crop == "none":  # e.g. slice axis 2: 37 x 0.7 / 1.1 = 23.5 -> 24, 23 x 1.3 / 1.1 = 27.2 -> 27
+    planes = {0: [27, 25], 1: [24, 25], 2: [24, 27]}  # 11 x 2.5 / 1.1 = 25
+    assert prep.geometry["plane"] == planes[slice_axis]
+  assert preprocess.restore(prep.label, prep.geometry, is_label=True).shape == label.shape
+  probs = np.zeros(prep.label.shape + (3,), np.float32)
+  assert preprocess.restore(probs, prep.geometry, is_label=False).shape == label.shape + (3,)
+
+
+def test_the_cache_key_covers_the_spacing_of_the_cases_modality(tmp_path):
+  case = write_case(tmp_path)  # a ct case
+  key = {
+    s: preprocess.cache_key(NpyAdapter(), case, make_cfg(spacing=s))
+    for s in ("", "1", "ct=1,mr=2", "ct=2,mr=1", "1x2")
+  }
+  assert len({key[""], key["1"], key["ct=2,mr=1"], key["1x2"]}) == 4
+  assert key["1"] == key["ct=1,mr=2"]  # the mr spacing does not change a ct entry

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from ukd import config as config_lib
 from ukd.data.adapters import Case
-from ukd.data.splits import cases_by_split, load_or_make_splits
+from ukd.data.splits import adapter_for, cases_by_split, cases_for, load_or_make_splits
 from ukd.errors import ConfigError, DataError
 
 
@@ -90,3 +91,28 @@ def test_cases_by_split_refuses_a_modality_without_cases(tmp_path):
   with pytest.raises(ConfigError, match=message):
     cases_by_split(_Listing(_cases()), "root", ("ct", "pet"), tmp_path, seed=0)
   assert not (tmp_path / "splits.json").exists()
+
+
+def test_cases_for_follows_a_saved_split_else_the_work_dirs(tmp_path):
+  """A checkpoint's recorded split wins over the work dir's; without one the work dir's
+  split is made from the config's seed and fractions."""
+  config = config_lib.default()
+  config.modalities = ("mr",)
+  config.data.split_fractions = (0.0, 0.0, 1.0)
+  listing = _Listing(_cases(ct=2, mr=3))
+  made = cases_for(config, listing, "root", tmp_path)
+  assert [c.id for c in made["mr"]["test"]] == ["mr0", "mr1", "mr2"]
+  assert json.loads((tmp_path / "splits.json").read_text())["mr"]["test"] == ["mr0", "mr1", "mr2"]
+  saved = {"mr": {"train": ["mr2"], "val": [], "test": ["mr0"]}}
+  by_record = cases_for(config, listing, "root", tmp_path, saved=saved, source="record")
+  assert {s: [c.id for c in cs] for s, cs in by_record["mr"].items()} == saved["mr"]
+  with pytest.raises(DataError, match=r"^record: mr test cases \['mr7'\] are no longer"):
+    cases_for(config, listing, "root", tmp_path, saved={"mr": {"test": ["mr7"]}}, source="record")
+
+
+def test_adapter_for_builds_the_configs_dataset_with_its_options():
+  config = config_lib.default()
+  config.data.dataset = "folder"
+  config.data.options.modalities = {"ct": "images_ct"}
+  adapter = adapter_for(config)
+  assert type(adapter).__name__ == "FolderAdapter" and adapter.modalities == {"ct": "images_ct"}

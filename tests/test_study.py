@@ -16,7 +16,7 @@ from helpers import run_module
 from PIL import Image
 from scipy import stats
 
-from ukd import models, study
+from ukd import metrics, models, study
 from ukd.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,7 +262,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(micro):
       old["modality"],
       old["class"],
     )
-    for metric in study.METRICS:
+    for metric in metrics.METRICS:
       assert new[metric] == pytest.approx(old[metric], rel=1e-6, nan_ok=True)
   # The report covers every finished run, not only those of --only.
   assert mtime(os.path.join(study_dir, "study.md")) > 0
@@ -354,12 +354,13 @@ def test_metric_table_cells_are_mean_and_std_over_seeds():
   assert (x["MR A"], x["MR B"], x["MR mean"]) == ("40.0 ± 10.0", "20.0 ± 10.0", "30.0 ± 10.0")
   assert x["Parameters"] == "1,234,567"  # the first seed's count
   y = dict(zip(header, body[1], strict=True))
+  # y's one seed has no MR rows: no number, and the seed counted as missing.
   assert (y["Seeds"], y["CT A"], y["CT mean"], y["MR A"], y["MR mean"]) == (
     "1",
     "100.0 ± 0.0",
     "100.0 ± 0.0",
-    "n/a",
-    "n/a",
+    "n/a (1 n/a)",
+    "n/a (1 n/a)",
   )
 
   # ASSD: an undefined distance (NaN) leaves its case out of that seed's mean.
@@ -369,6 +370,22 @@ def test_metric_table_cells_are_mean_and_std_over_seeds():
   # CT A: seed 0 (2 + 4) / 2 = 3, seed 1 1 -> 2.00 +- 1.00.  CT B: seed 0 only c2 (1), seed 1 1.
   # CT mean: seed 0 case c1 is NaN, c2 (4 + 1) / 2 = 2.5; seed 1 1 -> 1.75 +- 0.75.
   assert (x["CT A"], x["CT B"], x["CT mean"]) == ("2.00 ± 1.00", "1.00 ± 0.00", "1.75 ± 0.75")
+
+  # A seed whose every case has an undefined distance has no mean: the cell is the other
+  # seeds' mean ± std, and says how many seeds it left out.
+  results["w"] = {
+    0: _result(_rows("ct", {"c1": {"A": nan}, "c2": {"A": nan}}, "assd")),
+    1: _result(_rows("ct", {"c1": {"A": 3.0}, "c2": {"A": 1.0}}, "assd")),
+    2: _result(_rows("ct", {"c1": {"A": 6.0}}, "assd")),
+  }
+  header, body = table(study.metric_table(results, ["w"], "assd", 1.0, 2), "Variant")
+  w = dict(zip(header, body[0], strict=True))
+  # Seed means 2 and 6 -> 4.00 +- 2.00; seed 0 left out.
+  assert (w["Seeds"], w["CT A"], w["CT mean"]) == (
+    "3",
+    "4.00 ± 2.00 (1 n/a)",
+    "4.00 ± 2.00 (1 n/a)",
+  )
 
 
 def test_paired_tests_match_scipy_wilcoxon_on_the_paired_case_means():

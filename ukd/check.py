@@ -15,7 +15,7 @@ import concurrent.futures
 import numpy as np
 
 from ukd import config as config_lib
-from ukd.data import adapters, splits
+from ukd.data import splits
 from ukd.errors import DataError, error
 
 
@@ -93,13 +93,12 @@ def format_report(report, adapter) -> str:
   return "\n".join(lines)
 
 
-def check_config(config, root) -> dict:
+def check_dataset(config, root) -> dict:
   """`--mode=check`: every case of the config's modalities at `root`, whatever its split;
   prints `format_report` and returns the report."""
   config = config_lib.check(config)
-  adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
-  cases = splits.list_cases(adapter, root, tuple(config.modalities))
-  report = check_cases(adapter, cases)
+  adapter = splits.adapter_for(config)
+  report = check_cases(adapter, splits.list_cases(adapter, root, tuple(config.modalities)))
   print(f"{root}: every case read")
   print(format_report(report, adapter))
   return report

@@ -53,8 +53,29 @@ def resolve(path, step="best") -> tuple[epath.Path, int | str]:
   raise CheckpointError(f"{path} holds no checkpoints (expected {path}/{CHECKPOINTS}/<step>)")
 
 
-def manager(workdir, *, keep_best: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(
+  workdir,
+  *,
+  keep_best: int = 1,
+  every: int = 1,
+  last_step: int | None = None,
+  read_only: bool = False,
+) -> ocp.CheckpointManager:
+  """The work dir's manager.  It decides when training saves (`mgr.should_save(step)`):
+  every `every` steps, at `last_step`, and at a multi-process run's preemption sync point,
+  which jax's coordination service picks for all hosts once any hears a SIGTERM.  Orbax's
+  default decision would also save the first step of a fresh run; this one does not."""
+  policy = None
+  if not read_only:
+    policy = policies.AnySavePolicy(
+      [
+        policies.FixedIntervalPolicy(every),
+        policies.SpecificStepsPolicy(() if last_step is None else (last_step,)),
+        policies.PreemptionCheckpointingPolicy(),
+      ]
+    )
   options = ocp.CheckpointManagerOptions(
+    save_decision_policy=policy,
     best_fn=lambda metrics: metrics[BEST_METRIC],
     best_mode="max",
     preservation_policy=policies.AnyPreservationPolicy(
@@ -72,7 +93,7 @@ def manager(workdir, *, keep_best: int = 1, read_only: bool = False) -> ocp.Chec
     cleanup_tmp_directories=not read_only,
     read_only=read_only,
     # A reader saves nothing; saying so up front spares a warning about it at every load.
-    save_interval_steps=0 if read_only else 1,
+    save_interval_steps=0 if read_only else every,
     create=not read_only,
   )
   return ocp.CheckpointManager(
@@ -89,9 +110,10 @@ def save(
   val_dice: float | None = None,
   dataset: dict | None = None,
 ):
-  """Saves asynchronously; `val_dice` ranks the checkpoint for 'best'.  `dataset` (JSON:
-  {'splits': {modality: {split: ids}}, 'classes': names, 'label_codes': {modality: codes}})
-  is what `restore_dataset` gives back.  The input pipeline's position is the step itself
+  """Saves `step` asynchronously, whatever `mgr.should_save` says (training asks it first;
+  tests and tools save the steps they choose); `val_dice` ranks the checkpoint for 'best'.
+  `dataset` (JSON: {'splits': {modality: {split: ids}}, 'classes': names, 'label_codes':
+  {modality: codes}}) is what `restore_dataset` gives back.  The input pipeline's position is the step itself
   (`pipeline.make_train_iterator(start_step=...)`), so it needs no item of its own."""
   items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
   if dataset is not None:

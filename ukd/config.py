@@ -6,6 +6,7 @@ hold a placeholder (ml_collections cannot override a field that is None).
 """
 
 import ml_collections as mc
+import numpy as np
 
 from ukd.errors import ConfigError
 
@@ -28,6 +29,7 @@ def default() -> mc.ConfigDict:
   c.model.upsample_mult = 8  # 2D: the last conv has 8*8*C*upsample_mult channels
   c.model.dtype = "float32"  # convolutions: 'float32' | 'bfloat16' (params, norms, losses f32)
   c.model.init = "reference"  # kernels: 'reference' (truncated normal, std 0.01) | 'lecun'
+  c.model.conv_grads = "xla"  # 'xla' | 'cpu_matmul' (custom matmul gradients, faster on CPU)
 
   c.loss = mc.ConfigDict()
   c.loss.dice = 1.0  # weight of the soft Dice loss (per modality)
@@ -60,8 +62,9 @@ def default() -> mc.ConfigDict:
   c.data.split_file = ""  # a splits.json to use instead of a seeded split
   c.data.cache_dir = ""  # volume cache ('' = <workdir>/cache); gs://... -> ~/.cache/ukd/<hash>
   c.data.size = (256, 256)  # in-plane size the network sees
+  c.data.spacing = ""  # in-plane mm ('': resize to size): '1' | '1x0.8' (rows x cols) | 'ct=1,mr=2'
   c.data.slice_axis = 2  # canonical (RAS) axis along which slices are taken
-  c.data.crop = "none"  # none | body | foreground: in-plane crop before resize
+  c.data.crop = "none"  # none | body (a box found from the image): in-plane crop before resize
   c.data.crop_margin = 8  # voxels kept around the crop box
   c.data.norm = mc.ConfigDict()  # per-modality intensity normalisation
   c.data.norm.ct = dict(kind="window", window=(-1000.0, 1000.0))
@@ -78,13 +81,15 @@ def default() -> mc.ConfigDict:
 
   c.infer = mc.ConfigDict()
   c.infer.batch_size = 32  # slices (2D) or windows (3D) per device call
-  c.infer.overlap = 0.5  # 3D sliding-window overlap
+  c.infer.overlap = 0.5  # sliding-window overlap (3D; 2D in-plane where slices exceed data.size)
+  c.infer.dicom_modalities = {"CT": "ct", "MR": "mr"}  # DICOM Modality tag -> modality predicted
 
   c.log_every = 50  # steps between metric lines
   c.eval_every = 1000  # steps between validations (0 = only at the end)
   c.checkpoint_every = 1000  # steps between checkpoints (and at the end)
   c.keep_best = 1  # best checkpoints kept (by validation mean Dice)
-  c.overlays = True  # write overlay pictures in evaluations
+  c.overlays = 1  # overlay pictures per modality at each validation; test evaluation: all, 0: none
+  c.profile = (0, 0)  # (first_step, num_steps): jax.profiler trace into <workdir>/profile/; 0: off
   return c
 
 
@@ -135,6 +140,90 @@ def _positive(config, *names):
       raise ConfigError(f"config.{name}={value!r} must be a positive number")
 
 
+def _check_counts(config, name: str, length: int | None = None) -> None:
+  """`config.<name>` is a whole number >= 0 (`length` given: a tuple of that many)."""
+  value = config[name]
+  values = tuple(value) if length else (value,)
+  if (length and len(values) != length) or not all(isinstance(v, int) and v >= 0 for v in values):
+    what = f"{length} whole numbers >= 0" if length else "a whole number >= 0"
+    raise ConfigError(f"config.{name}={value!r} must be {what}")
+
+
+# What each kind of `data.norm.<modality>` needs besides 'kind': 'window' clips to (low, high)
+# and scales to [-1, 1]; 'zscore' clips at the (low, high) percentiles, then standardises.
+NORM_FIELDS = {"window": "window", "zscore": "percentiles"}
+
+
+def _check_norm(config, modality: str) -> None:
+  """One modality's intensity normalisation: a known kind and its (low, high) pair."""
+  name = f"config.data.norm.{modality}"
+  entry = config.data.norm[modality]
+  kind = entry.get("kind") if isinstance(entry, mc.ConfigDict) else None
+  if kind not in NORM_FIELDS:
+    raise ConfigError(f"{name}.kind={kind!r} must be one of {tuple(NORM_FIELDS)}")
+  field = NORM_FIELDS[kind]
+  if field not in entry:
+    raise ConfigError(f"{name} of kind {kind!r} needs {field}=(low, high)")
+  try:
+    low, high = (float(v) for v in entry[field])
+  except (TypeError, ValueError):
+    raise ConfigError(f"{name}.{field}={entry[field]!r} must be two numbers (low, high)") from None
+  bounds = "0 <= low < high <= 100" if field == "percentiles" else "low < high"
+  if not low < high or (field == "percentiles" and (low < 0.0 or high > 100.0)):
+    raise ConfigError(f"{name}.{field}={(low, high)} must satisfy {bounds}")
+
+
+def _spacing_entries(text: str) -> dict:
+  """`data.spacing` as {modality: (rows, cols)}, the key None standing for every modality;
+  {} when unset.  A string, because a field that is None cannot be set from the command line,
+  and one string holds all three forms: '1', '1x0.8' and 'ct=1,mr=1.2x1'."""
+  usage = (
+    f"config.data.spacing={text!r} must be '' (off), 'MM', 'ROWSxCOLS' or "
+    "'ct=MM,mr=ROWSxCOLS' with positive numbers (mm)"
+  )
+  if not isinstance(text, str):
+    raise ConfigError(usage)
+  items = [item.strip() for item in text.split(",")] if text.strip() else []
+  entries = {}
+  for item in items:
+    name, named, value = item.rpartition("=")
+    key = name.strip() if named else None
+    try:
+      pair = tuple(float(v) for v in value.lower().split("x"))
+    except ValueError:
+      raise ConfigError(usage) from None
+    pair = pair * 2 if len(pair) == 1 else pair
+    valid = len(pair) == 2 and all(np.isfinite(v) and v > 0 for v in pair)
+    if not valid or key == "" or key in entries or (key is None and len(items) > 1):
+      raise ConfigError(usage)
+    entries[key] = pair
+  return entries
+
+
+def spacing_for(text: str, modality: str) -> tuple[float, float] | None:
+  """The in-plane spacing (rows, cols of the slice-last in-plane axes, mm) that `data.spacing`
+  asks of `modality`; None when unset (slices are resized to `data.size` instead)."""
+  entries = _spacing_entries(text)
+  if not entries:
+    return None
+  if None in entries:
+    return entries[None]
+  if modality not in entries:
+    raise ConfigError(f"config.data.spacing={text!r} gives no spacing for modality {modality!r}")
+  return entries[modality]
+
+
+def _check_spacing(config, modalities) -> None:
+  text = config.data.get("spacing", "")  # configs saved with older checkpoints have none
+  unknown = [m for m in _spacing_entries(text) if m is not None and m not in modalities]
+  if unknown:
+    raise ConfigError(
+      f"config.data.spacing={text!r} names modality {unknown[0]!r}, not one of {modalities}"
+    )
+  for modality in modalities:
+    spacing_for(text, modality)
+
+
 def check(config: mc.ConfigDict) -> mc.ConfigDict:
   """Checks what would otherwise fail deep inside a run; returns a checked copy, so the
   caller's object is never changed by a run."""
@@ -150,7 +239,12 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
     "optim.decay_rate",
     "model.width",
     "loss.temperature",
+    "infer.batch_size",
   )
+  _check_counts(config, "overlays")  # True / False in configs saved before it was a count
+  _check_counts(config, "profile", length=2)
+  if config.profile[1] and config.profile[0] < 1:
+    raise ConfigError(f"config.profile={tuple(config.profile)}: steps count from 1")
   if config.eval_every < 0:
     raise ConfigError(f"config.eval_every={config.eval_every} must be >= 0")
   modalities = tuple(config.modalities)
@@ -162,16 +256,25 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
       f"config.data.norm has no intensity normalisation for {missing}; "
       f"add e.g. --config.data.norm.{missing[0]}=..."
     )
+  for modality in modalities:
+    _check_norm(config, modality)
+  _check_spacing(config, modalities)
   for field, allowed in (
     ("loss.kd_distance", ("kl", "l2")),
     ("loss.kd_absent", ("mask", "uniform")),
     ("loss.l2_scope", ("kernels", "all")),
+    ("data.crop", ("none", "body")),
   ):
     section, name = field.split(".")
     if config[section][name] not in allowed:
       raise ConfigError(f"config.{field}={config[section][name]!r} must be one of {allowed}")
+  conv_grads = config.model.get("conv_grads", "xla")  # configs saved with older checkpoints: none
+  if conv_grads not in ("xla", "cpu_matmul"):
+    raise ConfigError(f"config.model.conv_grads={conv_grads!r} must be 'xla' or 'cpu_matmul'")
   if not 0.0 < config.data.train_fraction <= 1.0:
     raise ConfigError(f"config.data.train_fraction={config.data.train_fraction} must be in (0, 1]")
+  if not 0.0 <= config.infer.overlap < 1.0:
+    raise ConfigError(f"config.infer.overlap={config.infer.overlap} must be in [0, 1)")
   return config
 
 
@@ -189,5 +292,31 @@ def resolve(config, *, root: str, num_classes: int) -> mc.FrozenConfigDict:
 
 
 def frozen(saved: dict) -> mc.FrozenConfigDict:
-  """A config saved with a checkpoint (already resolved), checked and frozen again."""
-  return mc.FrozenConfigDict(check(mc.ConfigDict(saved)))
+  """A config saved with a checkpoint (already resolved), checked and frozen again; fields
+  added to `default()` since the checkpoint was saved take their default values."""
+  return mc.FrozenConfigDict(check(mc.ConfigDict(_with_defaults(saved, default().to_dict()))))
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+  """`saved` with every field it lacks taken from `defaults`, section by section."""
+  merged = dict(saved)
+  for key, value in defaults.items():
+    if key not in merged:
+      merged[key] = value
+    elif isinstance(value, dict) and isinstance(merged[key], dict):
+      merged[key] = _with_defaults(merged[key], value)
+  return merged
+
+
+def plain(value):
+  """A config or part of one as plain, JSON-stable data: ConfigDicts as dicts with sorted
+  string keys, tuples as lists, numpy scalars as numbers (cache keys hash this form)."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {str(k): plain(v) for k, v in sorted(value.items())}
+  if isinstance(value, (list, tuple)):
+    return [plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value

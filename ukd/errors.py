@@ -2,7 +2,7 @@
 
 Everything ukd reports about the user's own input (a config, a dataset, a work dir) or about
 a run that cannot go on raises a `UkdError` with a one-line message that names the setting or
-file first.  The command line (`ukd.main`) catches exactly `UkdError` and prints it as
+file first.  The command line (`ukd.cli`) catches exactly `UkdError` and prints it as
 `ukd: error: <message>` without a traceback; any other exception is a bug and keeps its
 traceback.  Keeping the classes here, rather than next to the code that raises them, lets
 every module raise them without importing the others, and lets the command line catch them

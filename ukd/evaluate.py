@@ -21,11 +21,11 @@ Outputs of `evaluate_cases(..., out_dir=d)` (`evaluate` uses d = <workdir>/eval/
                    (per modality: case ids are only unique within one)
 """
 
-import csv
-import io
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -34,11 +34,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from ukd import checkpoints, files, infer, metrics
-from ukd.data import adapters, splits
+from ukd import checkpoints, files, infer, metrics, tables
+from ukd.data import splits
+from ukd.data.adapters import Adapter, Case
 from ukd.errors import DataError
+from ukd.metrics import METRICS
 
-METRICS = ("dice", "assd", "hd95")
 # Distinct colours for classes 1, 2, ... (cycled when there are more classes).
 PALETTE = np.array(
   [
@@ -62,6 +63,11 @@ OVERLAY_SLICES = 3
 # Panels smaller than this (in pixels) are enlarged by whole factors, so tiny volumes stay visible.
 OVERLAY_MIN_SIZE = 128
 
+# One volume's scores of one structure: {'case', 'modality', 'class', 'dice', 'assd', 'hd95'}.
+Row = dict[str, Any]
+# {modality: {structure | 'mean': {metric: metrics.summarize(...)}}}
+Summary = dict[str, dict[str, dict[str, dict[str, float]]]]
+
 
 # --- per-case metrics and their summary --------------------------------------------------------
 
@@ -73,10 +79,20 @@ def _case_rows(case, scores) -> list[dict]:
   ]
 
 
-def summarize_rows(rows, class_names) -> dict:
-  """{modality: {structure | 'mean': {metric: summarize(...)}}} from per-case rows.
+def summarize_rows(
+  rows: Sequence[Mapping[str, Any]],
+  class_names: Sequence[str],
+  metric_names: Sequence[str] = METRICS,
+) -> Summary:
+  """Each structure's and the case means' scores summarized over the volumes, per modality.
 
-  `class_names` as the adapters give them, background first; background is not scored.
+  Args:
+    rows: one per volume and structure (`Row`).
+    class_names: as the adapters give them, background first; background is not scored.
+    metric_names: the metrics the rows hold.
+
+  Returns:
+    {modality: {structure | 'mean': {metric: metrics.summarize(...)}}}.
   """
   summary = {}
   for modality in dict.fromkeys(r["modality"] for r in rows):
@@ -84,13 +100,13 @@ def summarize_rows(rows, class_names) -> dict:
     table = {}
     for name in class_names[1:]:
       of_class = [r for r in mine if r["class"] == name]
-      table[name] = {k: metrics.summarize(r[k] for r in of_class) for k in METRICS}
-    table["mean"] = {k: metrics.summarize(case_means(mine, k).values()) for k in METRICS}
+      table[name] = {k: metrics.summarize(r[k] for r in of_class) for k in metric_names}
+    table["mean"] = {k: metrics.summarize(case_means(mine, k).values()) for k in metric_names}
     summary[modality] = table
   return summary
 
 
-def case_means(rows, metric) -> dict:
+def case_means(rows: Iterable[Mapping[str, Any]], metric: str) -> dict[str, float]:
   """{case: mean over structures} of rows of one modality; NaN when any structure is NaN (see
   the module docstring)."""
   by_case = {}
@@ -135,10 +151,19 @@ def _paint(grey, labels) -> np.ndarray:
   return rgb
 
 
-def overlay_image(image, label, pred, axis: int = 2) -> np.ndarray:
-  """uint8 [H, W, 3]: rows of image | ground truth overlay | prediction overlay for a few slices.
+def overlay_image(
+  image: np.ndarray, label: np.ndarray, pred: np.ndarray, axis: int = 2
+) -> np.ndarray:
+  """Rows of image | ground truth overlay | prediction overlay for a few slices.
 
-  All three arrays are canonical 3D volumes of the same shape; `axis` is the slice axis.
+  Args:
+    image: a canonical 3D volume.
+    label: the ground truth class indices, of the image's shape.
+    pred: the predicted class indices, of the image's shape.
+    axis: the slice axis.
+
+  Returns:
+    A uint8 [H, W, 3] picture.
   """
   grey = _grey(np.asarray(image, np.float32))
   rows = []
@@ -158,16 +183,39 @@ def overlay_image(image, label, pred, axis: int = 2) -> np.ndarray:
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True, split=None) -> dict:
-  """Predicts and scores every case; returns {'cases': rows, 'summary': ..., 'overlays': ...}.
+def evaluate_cases(
+  seg: infer.Segmenter,
+  adapter: Adapter,
+  cases: Sequence[Case],
+  *,
+  out_dir: str | os.PathLike | None = None,
+  overlays: int | None = None,
+  metric_names: Sequence[str] = METRICS,
+  split: str | None = None,
+) -> dict[str, Any]:
+  """Predicts and scores every case.
 
-  'cases' holds one row per case and structure, 'summary' is `summarize_rows`' result and
-  'overlays' maps '<modality>/<case id>' to overlay pictures (empty with overlays=False).
-  With `out_dir` the files listed in the module docstring are written, metrics.json naming
-  `seg.step` and `split`.  Predictions see the image only, as prediction does
-  (`Segmenter.predict_volume`); the label is read for scoring and pictures.
+  Predictions see the image only, as prediction does (`Segmenter.predict_volume`); the
+  label is read for scoring and pictures.
+
+  Args:
+    seg: the loaded checkpoint.
+    adapter: the dataset's adapter, which reads the cases.
+    cases: the labelled cases to score.
+    out_dir: where to write the files listed in the module docstring (metrics.json naming
+      `seg.step` and `split`); None writes nothing.
+    overlays: overlay pictures of every case (None) or of the first `overlays` cases of
+      each modality, drawn by process 0, which writes them.
+    metric_names: the scores of each row (Dice alone spares the surface distances:
+      training validates so).
+    split: the split the cases come from, recorded in metrics.json.
+
+  Returns:
+    {'cases': one row per case and structure, 'summary': `summarize_rows`' result,
+    'overlays': '<modality>/<case id>' -> overlay picture}.
   """
   rows, pictures = [], {}
+  drawn = dict.fromkeys((c.modality for c in cases), 0)  # pictures per modality so far
   # Several processes share out the cases (each on its own devices) and gather the scores;
   # process 0 writes the files.
   mine = cases[jax.process_index() :: jax.process_count()]
@@ -176,29 +224,34 @@ def evaluate_cases(seg, adapter, cases, *, out_dir=None, overlays=True, split=No
     if label is None:
       raise DataError(f"case {case.id}: no label to evaluate against ({case.image})")
     pred, _ = seg.predict_volume(image, case.modality)
-    scores = metrics.structure_scores(pred, label.array, image.spacing, adapter.classes)
+    scores = metrics.structure_scores(
+      pred, label.array, image.spacing, adapter.classes, metric_names
+    )
     rows += _case_rows(case, scores)
     logging.info(
-      "[%d/%d] %s %s: Dice %s",
+      "[%d/%d] %s %s: %s %s",
       i + 1,
       len(mine),
       case.modality,
       case.id,
-      " ".join(f"{name}={s['dice']:.3f}" for name, s in scores.items()),
+      metric_names[0],
+      " ".join(f"{name}={s[metric_names[0]]:.3f}" for name, s in scores.items()),
     )
-    if overlays:
+    wanted = overlays is None or drawn[case.modality] < overlays
+    if wanted and jax.process_index() == 0:
+      drawn[case.modality] += 1
       pictures[f"{case.modality}/{case.id}"] = overlay_image(
         image.array, label.array, pred, seg.config.data.slice_axis
       )
   order = {(c.modality, c.id): i for i, c in enumerate(cases)}
   rows = sorted(gather_rows(rows), key=lambda r: order[(r["modality"], r["case"])])
-  summary = summarize_rows(rows, adapter.classes)
+  summary = summarize_rows(rows, adapter.classes, metric_names)
   if out_dir is not None and jax.process_index() == 0:
     write_results(out_dir, rows, summary, pictures, step=seg.step, split=split)
   return {"cases": rows, "summary": summary, "overlays": pictures}
 
 
-def gather_rows(rows: list[dict]) -> list[dict]:
+def gather_rows(rows: list[Row]) -> list[Row]:
   """Every process's rows, on every process (one process: `rows` itself). Rows travel as
   JSON bytes through `process_allgather`, padded to the longest."""
   if jax.process_count() == 1:
@@ -220,35 +273,45 @@ def _json_safe(value):
   return value
 
 
-def write_results(out_dir, rows, summary, pictures, *, step=None, split=None) -> None:
-  """The files of the module docstring, each written atomically (`ukd.files`)."""
+def write_results(
+  out_dir: str | os.PathLike,
+  rows: Sequence[Row],
+  summary: Summary,
+  pictures: Mapping[str, np.ndarray],
+  *,
+  step: int | None = None,
+  split: str | None = None,
+) -> None:
+  """The files of the module docstring, each written atomically (`ukd.files`).
+
+  Args:
+    out_dir: the folder, local or on cloud storage.
+    rows: one per volume and structure, for cases.csv.
+    summary: `summarize_rows`' result, for metrics.json.
+    pictures: '<modality>/<case id>' -> overlay picture.
+    step: the checkpoint scored, recorded in metrics.json.
+    split: the split scored, recorded in metrics.json.
+  """
   out_dir = epath.Path(out_dir)
   record = {"step": step, "split": split, "metrics": _json_safe(summary)}
   files.write_json(out_dir / "metrics.json", record, allow_nan=False)
-  table = io.StringIO(newline="")
-  writer = csv.DictWriter(table, fieldnames=("case", "modality", "class") + METRICS)
-  writer.writeheader()
-  writer.writerows(rows)
-  files.write_text(out_dir / "cases.csv", table.getvalue(), newline="")
+  files.write_csv(out_dir / "cases.csv", ("case", "modality", "class", *METRICS), rows)
   for name, picture in pictures.items():
     with files.replacing(out_dir / "overlays" / f"{name}.png") as tmp:
       Image.fromarray(picture).save(tmp, format="PNG")
 
 
-def _cell(stats, scale: float, digits: int) -> str:
-  """'mean ± std', 'n/a' without any finite value, and how many volumes were left out."""
-  if stats["n"] == 0:
-    text = "n/a"
-  else:
-    text = f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
-  if stats["n_empty"]:
-    text += f" ({stats['n_empty']} n/a)"
-  return text
-
-
-def format_table(summary, class_names) -> str:
+def format_table(summary: Summary, class_names: Sequence[str]) -> str:
   """A Markdown table laid out like the paper's: a row per structure and the mean, Dice (%) and
-  ASSD (mm) columns per modality.  `class_names` as the adapters give them, background first."""
+  ASSD (mm) columns per modality (`tables`).
+
+  Args:
+    summary: `summarize_rows`' result.
+    class_names: as the adapters give them, background first.
+
+  Returns:
+    The table, without a final newline.
+  """
   modalities = list(summary)
   header = ["Structure"] + [
     f"{m.upper()} {what}" for m in modalities for what in ("Dice (%)", "ASSD (mm)")
@@ -261,54 +324,53 @@ def format_table(summary, class_names) -> str:
       if stats is None:
         cells += ["", ""]
       else:
-        cells += [_cell(stats["dice"], 100.0, 1), _cell(stats["assd"], 1.0, 2)]
+        cells += [tables.mean_std(stats["dice"], 100.0, 1), tables.mean_std(stats["assd"], 1.0, 2)]
     body.append(cells)
-  widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-
-  def line(cells):
-    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-  rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-  return "\n".join([line(header), rule] + [line(row) for row in body])
+  return tables.markdown(header, body)
 
 
-def output_dir(workdir, split: str, step: int) -> str:
+def output_dir(workdir: str | os.PathLike, split: str, step: int) -> str:
   """`<workdir>/eval/<split>-step<N>`: every evaluation keeps its own folder, so scoring
   another checkpoint or split never mixes its files with an earlier one's."""
   return os.fspath(epath.Path(workdir) / "eval" / f"{split}-step{step}")
 
 
-def split_cases(seg, workdir, split: str):
+def split_cases(
+  seg: infer.Segmenter, workdir: str | os.PathLike, split: str
+) -> tuple[Adapter, list[Case]]:
   """(adapter, cases of `split` for every modality) of a loaded checkpoint: the split the
   checkpoint recorded (`checkpoints.save`; `splits.json` for checkpoints that recorded none)."""
   config = seg.config
-  adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
-  if seg.dataset and seg.dataset.get("splits"):
-    source = checkpoints.directory(workdir) / str(seg.step) / "dataset"
-    cases = splits.cases_of_saved_split(
-      adapter, config.data.root, config.modalities, seg.dataset["splits"], source
-    )
-  else:
-    cases = splits.cases_by_split(
-      adapter,
-      config.data.root,
-      config.modalities,
-      workdir,
-      seed=config.seed,
-      fractions=tuple(config.data.split_fractions),
-      split_file=config.data.split_file or None,
-    )
+  adapter = splits.adapter_for(config)
+  saved = (seg.dataset or {}).get("splits")
+  source = checkpoints.directory(workdir) / str(seg.step) / "dataset"
+  cases = splits.cases_for(config, adapter, config.data.root, workdir, saved=saved, source=source)
   return adapter, [c for m in config.modalities for c in cases[m][split]]
 
 
-def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
+def evaluate(
+  workdir: str | os.PathLike,
+  *,
+  split: str = "test",
+  step: str | int = "best",
+  overlays: bool = True,
+) -> dict[str, Any]:
   """Scores a work dir's checkpoint on one split of its dataset into `output_dir`.
 
   Everything comes from the work dir: the network and config from the checkpoint, the split
   from what the checkpoint recorded (`checkpoints.save`; `splits.json` for checkpoints that
   recorded none), so the test cases are the ones training never saw, even if the dataset
-  gained cases since.  Prints the table; returns {'summary', 'cases' (rows), 'dir', 'step',
-  'split'}.
+  gained cases since.  Prints the table.
+
+  Args:
+    workdir: a training run's work dir, local or on cloud storage.
+    split: 'train', 'val' or 'test'.
+    step: the checkpoint: 'best', 'latest' or a step number.
+    overlays: also draw every case's overlay picture.
+
+  Returns:
+    {'summary': `summarize_rows`' result, 'cases': the rows, 'dir': the output folder,
+    'step': the checkpoint's step, 'split': `split`}.
   """
   if split not in splits.SPLIT_NAMES:
     raise DataError(f"split {split!r} is not one of {list(splits.SPLIT_NAMES)}")
@@ -318,7 +380,9 @@ def evaluate(workdir, *, split="test", step="best", overlays=True) -> dict:
   if not chosen:
     raise DataError(f"{workdir}: the {split} split has no cases of {list(seg.config.modalities)}")
   out_dir = output_dir(workdir, split, seg.step)
-  result = evaluate_cases(seg, adapter, chosen, out_dir=out_dir, overlays=overlays, split=split)
+  result = evaluate_cases(
+    seg, adapter, chosen, out_dir=out_dir, overlays=None if overlays else 0, split=split
+  )
   if jax.process_index() == 0:
     print(f"{split} split, checkpoint step {seg.step}, {len(chosen)} volumes -> {out_dir}")
     print(format_table(result["summary"], adapter.classes))

@@ -28,6 +28,8 @@ so a kill leaves the old object or none, never a truncated one.
 """
 
 import contextlib
+import csv
+import io
 import json
 import os
 import posixpath
@@ -194,3 +196,13 @@ def write_text(path, text: str, newline: str | None = None) -> None:
 def write_json(path, value, **dump_options) -> None:
   """`value` as indented JSON plus a final newline, written atomically."""
   write_text(path, json.dumps(value, indent=2, **dump_options) + "\n")
+
+
+def write_csv(path, fieldnames, rows) -> None:
+  """`rows` (dicts keyed by `fieldnames`) as CSV under a header line, written atomically in
+  the csv module's dialect (fields quoted where needed, CRLF line ends, as RFC 4180 has it)."""
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=fieldnames)
+  writer.writeheader()
+  writer.writerows(rows)
+  write_text(path, table.getvalue(), newline="")

@@ -13,9 +13,12 @@ probabilities) lose too much precision in bfloat16.
 """
 
 import itertools
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Keeps the Dice ratio finite for a class that is neither present nor predicted.
 DICE_EPS = 1e-7
@@ -45,7 +48,7 @@ def _voxel_axes(x):
   return tuple(range(x.ndim - 1))
 
 
-def dice_loss(logits, labels):
+def dice_loss(logits: jax.Array | np.ndarray, labels: jax.Array | np.ndarray) -> jax.Array:
   """Soft Dice loss, 1 - mean over classes of the per-class soft Dice.
 
   dice_c = 2 sum(p_c g_c) / (sum(p_c^2) + sum(g_c) + eps), sums over every voxel
@@ -57,6 +60,13 @@ def dice_loss(logits, labels):
   A class absent from the batch has numerator 0 and therefore dice_c ~ 0 and no
   gradient: it adds a constant 1/C to the loss rather than pushing the network
   towards predicting it.
+
+  Args:
+    logits: [..., C] network outputs.
+    labels: [...] class indices.
+
+  Returns:
+    The loss, a float32 scalar.
   """
   probs, onehot = _probs_and_onehot(logits, labels)
   axes = _voxel_axes(probs)
@@ -65,13 +75,20 @@ def dice_loss(logits, labels):
   return 1.0 - jnp.mean(2.0 * intersection / denominator)
 
 
-def weighted_ce_loss(logits, labels):
+def weighted_ce_loss(logits: jax.Array | np.ndarray, labels: jax.Array | np.ndarray) -> jax.Array:
   """Class-weighted cross-entropy, mean over voxels of -sum_c w_c g_c log(p_c).
 
   w_c = 1 - (voxels of class c / all voxels) in this batch, so rare structures
   weigh more than the background that fills most of a slice. The weights are
   statistics of the labels, not something to optimise, hence stop_gradient.
   Probabilities are clipped to [CE_MIN_PROB, 1] before the log (reference code).
+
+  Args:
+    logits: [..., C] network outputs.
+    labels: [...] class indices.
+
+  Returns:
+    The loss, a float32 scalar.
   """
   probs, onehot = _probs_and_onehot(logits, labels)
   axes = _voxel_axes(onehot)
@@ -114,24 +131,41 @@ def _pair_distance(log_p, log_q, distance):
   return jnp.sum((p - q) ** 2, axis=-1)
 
 
-def kd_loss(logits, labels, *, temperature, distance, absent):
+def kd_loss(
+  logits: Mapping[str, jax.Array | np.ndarray],
+  labels: Mapping[str, jax.Array | np.ndarray],
+  *,
+  temperature: float | jax.Array,
+  distance: str,
+  absent: str,
+) -> jax.Array:
   """Knowledge-distillation loss aligning modalities' class-wise predictions.
 
-  `logits` and `labels` are dicts keyed by modality (the same keys). For each
-  modality m and class c, p_m^c = softmax(mean of the logits over the voxels
-  labelled c, whole batch / temperature): what the network "thinks" a typical
-  voxel of class c looks like in that modality. The loss is the mean over
+  For each modality m and class c, p_m^c = softmax(mean of the logits over the
+  voxels labelled c, whole batch / temperature): what the network "thinks" a
+  typical voxel of class c looks like in that modality. The loss is the mean over
   unordered pairs of modalities of a per-pair mean over classes.
+  Every step is NaN-free in value and gradient, whatever `absent` says.
 
-  distance='kl' is the paper's symmetric KL, 1/2 [KL(p_a||p_b) + KL(p_b||p_a)];
-  distance='l2' is its squared-Euclidean alternative, sum_k (p_a,k - p_b,k)^2.
+  Args:
+    logits: modality -> [..., C] network outputs; at least two modalities, the
+      same C for all.
+    labels: modality -> [...] class indices; the same modalities as `logits`.
+    temperature: the softmax temperature T (> 0) the class means are divided by.
+    distance: 'kl', the paper's symmetric KL, 1/2 [KL(p_a||p_b) + KL(p_b||p_a)],
+      or 'l2', its squared-Euclidean alternative, sum_k (p_a,k - p_b,k)^2.
+    absent: 'mask' (ukd's default) averages over the classes present in BOTH
+      modalities' batches, and a pair with no shared class contributes 0: an
+      absent class would otherwise pull the other modality's class towards a
+      uniform "no idea". 'uniform' is the reference code exactly: an absent class
+      keeps its uniform distribution and the sum over classes is divided by C.
 
-  absent='mask' (ukd's default) averages over the classes present in BOTH
-  modalities' batches, and a pair with no shared class contributes 0: an absent
-  class would otherwise pull the other modality's class towards a uniform "no
-  idea". absent='uniform' is the reference code exactly: an absent class keeps
-  its uniform distribution and the sum over classes is divided by C.
-  Every step is NaN-free in value and gradient either way.
+  Returns:
+    The loss, a float32 scalar.
+
+  Raises:
+    ValueError: an unknown `distance` or `absent`, a temperature <= 0, fewer than
+      two modalities, or modalities that disagree (keys, number of classes).
   """
   if distance not in KD_DISTANCES:
     raise ValueError(f"kd_loss: unknown distance {distance!r}, expected one of {KD_DISTANCES}")
@@ -171,15 +205,22 @@ def _is_kernel(path):
   return getattr(last, "key", getattr(last, "name", None)) == "kernel"
 
 
-def l2_loss(params, scope="kernels"):
+def l2_loss(params: Any, scope: str = "kernels") -> jax.Array:
   """0.5 * sum of squares of the parameters the reference code penalises.
 
-  scope='kernels': leaves whose path ends in 'kernel' (Conv, ConvTranspose); biases and
-  normalization scales/offsets do not count, as in the reference 2D code. scope='all':
-  every trainable parameter, as the reference 3D code penalises. The caller multiplies
-  by the weight (1e-4) and ADDS the result to the loss, so it goes through Adam's
-  normalisation like any other gradient: this is the paper's L2 regularisation, not
-  decoupled weight decay (AdamW).
+  The caller multiplies by the weight (1e-4) and ADDS the result to the loss, so it
+  goes through Adam's normalisation like any other gradient: this is the paper's L2
+  regularisation, not decoupled weight decay (AdamW).
+
+  Args:
+    params: the trainable parameters, any pytree of arrays (nested dicts, or
+      dataclasses).
+    scope: 'kernels': leaves whose path ends in 'kernel' (Conv, ConvTranspose);
+      biases and normalization scales/offsets do not count, as in the reference 2D
+      code. 'all': every trainable parameter, as the reference 3D code penalises.
+
+  Returns:
+    The penalty, a float32 scalar (0 for a tree without such leaves).
   """
   if scope not in L2_SCOPES:
     raise ValueError(f"l2_loss: unknown scope {scope!r}, expected one of {L2_SCOPES}")

@@ -8,23 +8,53 @@ the scheme uses it) and the L2 penalty on the kernels.
 """
 
 import functools
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mc
+import numpy as np
 import optax
 
-from ukd import losses
+from ukd import losses, optimizer
+from ukd import mesh as mesh_lib
 from ukd import state as state_lib
 
+# One batch per modality: {'ct': {'image': [B, ..., channels], 'label': [B, ...]}, 'mr': ...}.
+Batch = Mapping[str, Mapping[str, jax.Array]]
+# Flax variable collections ('params', 'batch_stats'): nested dicts of arrays.
+Variables = Mapping[str, Any]
 
-def loss_terms(model, config, params, batch_stats, batch, rng):
-  """Returns (total loss, (named loss terms, updated batch_stats)).
+
+def loss_terms(
+  model: nn.Module,
+  config: mc.ConfigDict,
+  params: Variables,
+  batch_stats: Variables,
+  batch: Batch,
+  rng: jax.Array,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], Variables]]:
+  """The training loss of one batch and its terms.
 
   One forward pass over every modality's samples at once, the batch being the
   modalities' batches concatenated in `config.modalities` order: a shared layer
   (conv or norm) runs once on the mixed batch, so a shared norm normalises with the
   statistics of all modalities together, as its running average does at test time;
   a per-modality layer runs on its own modality's part only.
+
+  Args:
+    model: the network (`ukd.models.build`).
+    config: the run's config; `modalities` and the `loss` weights are read.
+    params: the trainable parameters.
+    batch_stats: the norms' running statistics.
+    batch: one batch of each modality of `config.modalities`.
+    rng: the dropout key of this step.
+
+  Returns:
+    (total loss, (terms, updated batch_stats)); terms are named scalars: 'dice/<modality>',
+    'ce/<modality>', 'kd' (schemes with KD), 'l2' (unweighted) and 'loss' (the total).
   """
   modalities = tuple(config.modalities)
   images = jnp.concatenate([batch[m]["image"] for m in modalities], axis=0)
@@ -56,14 +86,22 @@ def loss_terms(model, config, params, batch_stats, batch, rng):
   return total, (terms, updates["batch_stats"])
 
 
-def train_step(model, config, tx, state: state_lib.TrainState, batch):
+def train_step(
+  model: nn.Module,
+  config: mc.ConfigDict,
+  tx: optax.GradientTransformation,
+  state: state_lib.TrainState,
+  batch: Batch,
+) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  """One optimizer step; returns the new state and the step's metrics (the `loss_terms`
+  terms, 'grad_norm' and the learning rate 'lr' the step used)."""
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(functools.partial(loss_terms, model, config), has_aux=True)
   (_, (terms, stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(
-    terms, grad_norm=optax.tree.norm(grads), lr=state_lib.learning_rate(config)(state.step)
+    terms, grad_norm=optax.tree.norm(grads), lr=optimizer.learning_rate(config)(state.step)
   )
   new_state = state.replace(
     step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state
@@ -71,20 +109,23 @@ def train_step(model, config, tx, state: state_lib.TrainState, batch):
   return new_state, metrics
 
 
-def make_train_step(model, config, mesh):
+def make_train_step(
+  model: nn.Module, config: mc.ConfigDict, mesh: jax.sharding.Mesh
+) -> Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, dict[str, jax.Array]]]:
   """The data-parallel train step: batch sharded on 'data', state replicated and donated."""
-  tx = state_lib.make_optimizer(config)
-  repl = state_lib.replicated(mesh)
+  tx = optimizer.make_optimizer(config)
+  repl = mesh_lib.replicated(mesh)
   return jax.jit(
     functools.partial(train_step, model, config, tx),
-    in_shardings=(repl, state_lib.batch_sharding(mesh)),
+    in_shardings=(repl, mesh_lib.batch_sharding(mesh)),
     out_shardings=(repl, repl),
     donate_argnums=0,
   )
 
 
-def make_eval_step(model):
-  """Logits with running statistics; compiled once per (modality, input shape)."""
+def make_eval_step(model: nn.Module) -> Callable[[Variables, jax.Array, str], jax.Array]:
+  """`eval_step(variables, image, modality)`: logits with the norms' running statistics;
+  compiled once per (modality, input shape)."""
 
   @functools.partial(jax.jit, static_argnames="modality")
   def eval_step(variables, image, modality):
@@ -93,6 +134,7 @@ def make_eval_step(model):
   return eval_step
 
 
-def nonfinite_terms(metrics) -> list[str]:
-  """Names of the metrics that are NaN or infinite (checked on the host after a step)."""
-  return [k for k, v in metrics.items() if not jnp.isfinite(v)]
+def nonfinite_terms(metrics: Mapping[str, np.ndarray | float]) -> list[str]:
+  """Names of the metrics that are NaN or infinite.  `metrics` are host values, already
+  fetched (`jax.device_get`): numpy checks them where they are, with no device work."""
+  return [k for k, v in metrics.items() if not np.all(np.isfinite(v))]

@@ -4,10 +4,12 @@
                       [--seeds=0,1]
 
 A study config (`configs/study.py`) holds a `base` training config and named variants, each
-nested overrides of `base` (`{'loss': {'kd': 0.0}}`): `schemes` (the paper's table) and `ablations` (the second
-table).  Every (variant, seed) trains through the same `train.train_and_evaluate` in its own
-ordinary work dir, `<dir>/runs/<name>-seed<k>/`, on the same dataset and, for a given seed,
-the same split; all runs share one preprocessing cache.  A run that finished leaves
+nested overrides of `base` (`{'loss': {'kd': 0.0}}`): `schemes` (the paper's table) and
+`ablations` (the second table); `train` says which of them to train, `seeds` with which seeds,
+and `reference` the variant every other one is tested against.  Every (variant, seed) trains
+through the same `train.train_and_evaluate` in its own ordinary work dir,
+`<dir>/runs/<name>-seed<k>/`, on the same dataset and, for a given seed, the same split; all
+runs share one preprocessing cache.  A run that finished leaves
 `study_result.json` (its test rows) and is skipped next time; an interrupted run resumes from
 its checkpoint, since `train_and_evaluate` does.
 
@@ -25,28 +27,25 @@ import os
 
 import ml_collections as mc
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from ukd import files, writers
-from ukd.errors import ConfigError, UkdError, exit_with
+from ukd import cli as cli_lib
+from ukd import config as config_lib
+from ukd import files, metrics, tables
+from ukd.errors import ConfigError, UkdError
+from ukd.metrics import METRICS
 from ukd.models.schemes import SCHEMES
 
+config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/study.py[:arg].")
+flags.DEFINE_string("workdir", None, "Study dir: runs/, study.md, study.csv, study.png.")
+flags.DEFINE_list("only", None, "Train only these variants, e.g. ukd,single.")
+flags.DEFINE_list("seeds", None, "Train only these seeds, e.g. 0,1.")
+flags.mark_flag_as_required("workdir")
+
+FLAGS = flags.FLAGS
 RESULT = "study_result.json"
-METRICS = ("dice", "assd", "hd95")
-
-
-def default() -> mc.ConfigDict:
-  """The study fields every study config fills in."""
-  c = mc.ConfigDict()
-  c.base = mc.ConfigDict()  # the training config every run starts from
-  c.schemes = {}  # name -> nested overrides of base, e.g. {'model': {'scheme': 'joint'}}
-  c.ablations = {}  # name -> nested overrides of base: the second table
-  c.reference = "ukd"  # the variant the paired tests compare every other one with
-  c.train = "schemes"  # which variants to train: schemes | ablations | all
-  c.seeds = (0, 1, 2)  # seeds of every trained variant (parameters, split, sampling)
-  return c
 
 
 # ---- Runs ----------------------------------------------------------------------------------
@@ -59,16 +58,12 @@ def run_name(name: str, seed: int) -> str:
 def run_config(study, overrides: dict, seed: int, study_dir: str) -> mc.ConfigDict:
   """The base config with a variant's overrides; phantoms and cache shared by every run."""
   config = mc.ConfigDict(study.base.to_dict())
-  _override(config, _plain(overrides), "config")
+  _override(config, config_lib.plain(overrides), "config")
   config.seed = int(seed)
   if config.data.synthetic.enabled:
     config.data.root = os.fspath(epath.Path(study_dir) / "phantoms")
   config.data.cache_dir = os.fspath(epath.Path(study_dir) / "cache")
   return config
-
-
-def _plain(value):
-  return value.to_dict() if hasattr(value, "to_dict") else dict(value)
 
 
 def _override(node, overrides: dict, where: str) -> None:
@@ -129,7 +124,7 @@ def planned_runs(study, only=None, seeds=None) -> list[tuple[str, str, int]]:
 
 
 def variant_overrides(study, name: str) -> dict:
-  return _plain(study.schemes[name] if name in study.schemes else study.ablations[name])
+  return config_lib.plain(study.schemes[name] if name in study.schemes else study.ablations[name])
 
 
 def run_study(study, study_dir: str, only=None, seeds=None) -> dict:
@@ -183,13 +178,6 @@ def _seed_values(results, modality, metric, structure=None) -> list[float]:
   return values
 
 
-def _cell(values, scale, digits) -> str:
-  values = [v for v in values if np.isfinite(v)]
-  if not values:
-    return "n/a"
-  return f"{np.mean(values) * scale:.{digits}f} ± {np.std(values) * scale:.{digits}f}"
-
-
 def _structures_and_modalities(results):
   rows = [r for seeds in results.values() for res in seeds.values() for r in res["rows"]]
   modalities = list(dict.fromkeys(r["modality"] for r in rows))
@@ -197,13 +185,10 @@ def _structures_and_modalities(results):
   return structures, modalities
 
 
-def _markdown(header, body) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
-
-
 def metric_table(results, names, metric, scale, digits, with_params=False) -> str:
-  """Rows = variants; columns = each structure and the mean, per modality."""
+  """Rows = variants; columns = each structure and the mean, per modality.  A cell is the
+  mean ± std over seeds (`tables.mean_std`); a seed without any defined value is left out
+  and counted."""
   structures, modalities = _structures_and_modalities(results)
   header = ["Variant", "Seeds"]
   for m in modalities:
@@ -222,7 +207,11 @@ def metric_table(results, names, metric, scale, digits, with_params=False) -> st
     if with_params:
       row.append(f"{next(iter(seeds.values()))['params']:,}")
     body.append(row)
-  return _markdown(header, body)
+  return tables.markdown(header, body)
+
+
+def _cell(seed_values, scale, digits) -> str:
+  return tables.mean_std(metrics.summarize(seed_values), scale, digits)
 
 
 def paired_tests(results, reference: str, names) -> list[dict]:
@@ -282,20 +271,22 @@ def _tests_table(tests, reference) -> str:
     f"{reference} better",
     "Wilcoxon p",
   ]
-  return _markdown(header, body)
+  return tables.markdown(header, body)
 
 
 def write_csv(results, path) -> None:
-  lines = [",".join(["variant", "seed", "modality", "structure", *METRICS])]
+  """One row per (variant, seed, modality, structure): each metric's mean over the run's test
+  cases (NaN cases left out), to 6 significant digits."""
+  out = []
   for name, seeds in results.items():
     for seed, result in sorted(seeds.items()):
       by_key = {}
       for r in result["rows"]:
         by_key.setdefault((r["modality"], r["class"]), []).append(r)
       for (modality, structure), rows in by_key.items():
-        values = [f"{np.nanmean([r[k] for r in rows]):.6g}" for k in METRICS]
-        lines.append(",".join([name, str(seed), modality, structure, *values]))
-  files.write_text(path, "\n".join(lines) + "\n")
+        row = {"variant": name, "seed": seed, "modality": modality, "structure": structure}
+        out.append(row | {k: f"{np.nanmean([r[k] for r in rows]):.6g}" for k in METRICS})
+  files.write_csv(path, ("variant", "seed", "modality", "structure", *METRICS), out)
 
 
 def write_chart(results, names, path) -> None:
@@ -346,7 +337,8 @@ def write_report(study, study_dir: str) -> dict:
     "",
     metric_table(results, schemes, "dice", 100.0, 1, with_params=True),
     "",
-    "Test ASSD (mm; pooled over both surfaces, as medpy >= 0.5 and MONAI):",
+    "Test ASSD (mm; pooled over both surfaces, as medpy >= 0.5 and MONAI); a seed whose every",
+    "test volume has an undefined distance (one mask empty) is left out and counted, '(1 n/a)':",
     "",
     metric_table(results, schemes, "assd", 1.0, 2),
     "",
@@ -382,29 +374,17 @@ def write_report(study, study_dir: str) -> dict:
 
 def main(argv):
   del argv
-  f = flags.FLAGS
-  if not f["verbosity"].present:
-    writers.quiet_libraries()
+  config = cli_lib.required_config(FLAGS.config, "for a study, e.g. --config=configs/study.py")
   try:
-    if f.config is None or f.workdir is None:
-      raise ConfigError("--config and --workdir are required, e.g. --config=configs/study.py")
-    try:
-      seeds = None if f.seeds is None else [int(s) for s in f.seeds]
-    except ValueError:
-      raise ConfigError(f"--seeds={','.join(f.seeds)} must be integers") from None
-    run_study(f.config, f.workdir, only=f.only, seeds=seeds)
-  except UkdError as e:
-    exit_with(e)
-  print(f"wrote {os.path.join(f.workdir, 'study.md')}, study.csv and study.png")
+    seeds = None if FLAGS.seeds is None else [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    raise ConfigError(f"--seeds={','.join(FLAGS.seeds)} must be integers") from None
+  run_study(config, FLAGS.workdir, only=FLAGS.only, seeds=seeds)
+  print(f"wrote {os.path.join(FLAGS.workdir, 'study.md')}, study.csv and study.png")
 
 
 def cli():
-  # Flags are defined here, not at import: the study config imports this module for `default`.
-  config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/study.py[:arg].")
-  flags.DEFINE_string("workdir", None, "Study dir: runs/, study.md, study.csv, study.png.")
-  flags.DEFINE_list("only", None, "Train only these variants, e.g. ukd,single.")
-  flags.DEFINE_list("seeds", None, "Train only these seeds, e.g. 0,1.")
-  app.run(main)
+  cli_lib.run(main)
 
 
 if __name__ == "__main__":

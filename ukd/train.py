@@ -9,17 +9,23 @@ import dataclasses
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import ml_collections as mc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ukd import check, checkpoints, evaluate, files, infer, models, steps, writers
+from ukd import check, checkpoints, evaluate, files, infer, models, profiling, steps, writers
 from ukd import config as config_lib
+from ukd import mesh as mesh_lib
 from ukd import state as state_lib
 from ukd.data import adapters, pipeline, preprocess, splits, synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -42,9 +48,16 @@ class Data:
     )
 
 
-def dataset_root(config, workdir) -> str:
-  """`config.data.root` (local, made absolute, or `gs://...`); for synthetic phantoms with no
-  root, `<workdir>/phantoms`. Phantoms are generated there on first use."""
+def dataset_root(config: mc.ConfigDict, workdir: str | os.PathLike) -> str:
+  """The dataset root a run reads, generating synthetic phantoms there on first use.
+
+  Args:
+    config: the run's config; `data.root` and `data.synthetic` are read.
+    workdir: the run's work dir; synthetic phantoms without a root go to `<workdir>/phantoms`.
+
+  Returns:
+    `config.data.root` (local, made absolute, or `gs://...`), or the phantoms' folder.
+  """
   root = config.data.root
   if config.data.synthetic.enabled:
     if root in (config_lib.REQUIRED, ""):
@@ -63,19 +76,20 @@ def dataset_root(config, workdir) -> str:
   return os.fspath(files.path(root))
 
 
-def prepare_data(config, root, workdir) -> Data:
-  """Dataset root -> cases -> splits -> preprocessed, cached training volumes."""
-  adapter = adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
+def prepare_data(config: mc.ConfigDict, root: str, workdir: str | os.PathLike) -> Data:
+  """Dataset root -> cases -> splits -> preprocessed, cached training volumes.
+
+  Args:
+    config: the run's checked config.
+    root: the dataset root (`dataset_root`).
+    workdir: the run's work dir (its `splits.json`, and `cache/` unless `data.cache_dir`).
+
+  Returns:
+    The classes, every split's cases and the cache entries of the training cases.
+  """
+  adapter = splits.adapter_for(config)
   modalities = tuple(config.modalities)
-  cases = splits.cases_by_split(
-    adapter,
-    root,
-    modalities,
-    workdir,
-    seed=config.seed,
-    fractions=tuple(config.data.split_fractions),
-    split_file=config.data.split_file or None,
-  )
+  cases = splits.cases_for(config, adapter, root, workdir)
   # Every case of every split, before minutes of preprocessing: a broken test case fails now.
   check.check_cases(adapter, [c for m in modalities for part in cases[m].values() for c in part])
   cache_dir = config.data.cache_dir or os.fspath(files.path(workdir) / "cache")
@@ -91,32 +105,44 @@ def prepare_data(config, root, workdir) -> Data:
   return Data(adapter, tuple(adapter.classes), cases, sources)
 
 
-def training_subset(cases, fraction: float):
+def training_subset(cases: list[adapters.Case], fraction: float) -> list[adapters.Case]:
   """The first round(fraction * n) training cases (at least one): the split is already a
   seeded shuffle, so this is a random subset, and a smaller budget is nested in a larger."""
   return cases[: max(1, round(fraction * len(cases)))]
 
 
-def score_validation(segmenter, data: Data, split="val"):
-  """Whole-volume validation: mean Dice per modality and class, and one overlay per modality."""
-  scalars, pictures = {}, {}
-  for m in segmenter.config.modalities:
-    cases = data.cases[m][split]
-    if not cases:
-      continue
-    result = evaluate.evaluate_cases(segmenter, data.adapter, cases)
-    for name, values in result["summary"][m].items():
-      scalars[f"val_dice/{m}/{name}"] = values["dice"]["mean"]
-    # The first case's overlay; with several processes, process 0 (which writes) has it.
-    picture = result["overlays"].get(f"{m}/{cases[0].id}")
-    if picture is not None:
-      pictures[m] = picture
+def score_validation(
+  segmenter: infer.Segmenter, data: Data, split: str = "val"
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Whole-volume validation as training logs it: Dice alone, since the surface distances
+  (two distance transforms per class and case) are left to the test evaluation.
+
+  Args:
+    segmenter: the network with the current weights.
+    data: the run's cases (`prepare_data`).
+    split: the split to score.
+
+  Returns:
+    ({'val_dice/<modality>/<class | mean>', 'val_dice/mean': mean Dice}, {'<modality>/<case
+    id>': overlay}) with `config.overlays` overlays per modality (process 0 draws them: it
+    writes).
+  """
+  config = segmenter.config
+  cases = [c for m in config.modalities for c in data.cases[m][split]]
+  result = evaluate.evaluate_cases(
+    segmenter, data.adapter, cases, overlays=config.overlays, metric_names=("dice",)
+  )
+  scalars = {
+    f"val_dice/{m}/{name}": values["dice"]["mean"]
+    for m, table in result["summary"].items()
+    for name, values in table.items()
+  }
   means = [v for k, v in scalars.items() if k.endswith("/mean")]
   scalars["val_dice/mean"] = float(np.mean(means)) if means else float("nan")
-  return scalars, pictures
+  return scalars, result["overlays"]
 
 
-def main_process_first(fn):
+def main_process_first(fn: Callable[[], T]) -> T:
   """`fn()` on process 0, then, past a barrier, on the others. What process 0 writes to a
   shared work dir (phantoms, splits.json, cache entries) the others then find and read rather
   than write again; on storage each host has for itself, each writes its own copy, the same
@@ -135,7 +161,7 @@ def _variables(state) -> dict:
 def _synced(pending) -> dict:
   """Fetches the metrics of the steps since the last sync; stops the run at the first step
   whose loss is not finite, before anything of that step is saved. Returns the last step's."""
-  for step, metrics in jax.device_get(pending):
+  for step, metrics in jax.device_get(pending):  # host (numpy) values from here on
     bad = steps.nonfinite_terms(metrics)
     if bad:
       terms = ", ".join(f"{k}={float(metrics[k])}" for k in bad)
@@ -149,7 +175,8 @@ class Preemption:
   """Cloud TPU / SLURM preemption and Kubernetes eviction send SIGTERM, then kill a while
   later. One process: a SIGTERM handler sets a flag that the loop reads after each step.
   Several processes: jax's coordination service hears the notice on any host and picks one
-  step for all (`reached_preemption_sync_point`), so every host saves the same step."""
+  step for all, which Orbax's manager reports (`reached_preemption`, also part of its
+  `should_save`), so every host saves the same step."""
 
   def __init__(self):
     self.requested = False
@@ -161,15 +188,51 @@ class Preemption:
     del signum, frame
     self.requested = True
 
-  def reached(self, step: int) -> bool:
+  def reached(self, mgr, step: int) -> bool:
     if self.multi_process:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return mgr.reached_preemption(step)
     return self.requested
 
 
-def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) in `workdir`, then evaluates the test split. `config` is not changed:
-  the run uses `config_lib.resolve`'s frozen copy, which is what its checkpoints hold."""
+class Throughput:
+  """Steps/s and examples/s of training alone, over the steps since the last measurement:
+  the first measurement only starts the clock (its steps paid for compilation), and the loop
+  restarts it after a validation or checkpoint, whose time is logged on its own."""
+
+  def __init__(self, examples_per_step: int, clock=time.perf_counter):
+    self.examples_per_step = examples_per_step
+    self.clock = clock
+    self.mark = None  # (step, time) the clock started at
+
+  def measure(self, step: int) -> dict:
+    """{'perf/steps_per_sec', 'perf/examples_per_sec'} ({} the first time), at a sync with
+    the device (its work up to `step` is done)."""
+    now, rates = self.clock(), {}
+    if self.mark is not None and step > self.mark[0]:
+      per_sec = (step - self.mark[0]) / max(now - self.mark[1], 1e-9)
+      rates = {
+        "perf/steps_per_sec": per_sec,
+        "perf/examples_per_sec": per_sec * self.examples_per_step,
+      }
+    self.mark = (step, now)
+    return rates
+
+  def restart(self, step: int) -> None:
+    self.mark = (step, self.clock())
+
+
+def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Trains (or resumes) in `workdir`, then evaluates the test split.
+
+  Args:
+    config: the training config; not changed: the run uses `config_lib.resolve`'s frozen copy,
+      which is what its checkpoints hold.
+    workdir: local or `gs://...`; a work dir with a checkpoint resumes from it.
+
+  Returns:
+    {'step': the last step, 'val': the last validation's scalars, 'test': `evaluate.evaluate`'s
+    result for the best checkpoint}.
+  """
   config = config_lib.check(config)
   # Listening from the start: a SIGTERM during setup or compilation stops the run after its
   # first step, with that step saved.
@@ -177,9 +240,8 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
   workdir = files.path(workdir)
   files.makedirs(workdir)
   is_main = jax.process_index() == 0
-  mesh = state_lib.make_mesh()
-  state_lib.check_batch_size(config.batch_size, mesh)  # before minutes of preprocessing
-  infer.check_crop(config)  # so is a crop that validation could not reproduce
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_batch_size(config.batch_size, mesh)  # before minutes of preprocessing
 
   # ---- Data: cases, splits, preprocessed cache; then the config is resolved and frozen -----
   root = main_process_first(lambda: dataset_root(config, workdir))
@@ -189,10 +251,15 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
   # ---- Model, state --------------------------------------------------------------------------
   model = models.build(config.model, config.modalities)
   spatial = models.input_spatial(config)
-  state = state_lib.create(config, model, spatial, jax.random.key(config.seed), mesh)
+  state = state_lib.create(config, model, spatial, state_lib.seed_key(config.seed), mesh)
 
   # ---- Checkpoint: resume when the work dir has one ------------------------------------------
-  mgr = checkpoints.manager(workdir, keep_best=config.keep_best)
+  mgr = checkpoints.manager(
+    workdir,
+    keep_best=config.keep_best,
+    every=config.checkpoint_every,
+    last_step=config.total_steps,
+  )
   start = mgr.latest_step() or 0
   if start:
     checkpoints.check_resumable(mgr, start, config)
@@ -211,10 +278,14 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
     shard_count=jax.process_count(),
   )
 
-  writer = writers.MetricWriter(workdir, start_step=start, enabled=is_main)
-  writer.write_config(config)
+  writer = writers.create(
+    workdir, start_step=start, total_steps=config.total_steps, main_process=is_main
+  )
+  writer.write_texts(start, {"config": "```\n" + str(config) + "\n```"})
   train_step = steps.make_train_step(model, config, mesh)
-  progress = writers.Progress(config.total_steps, start, enabled=is_main)
+  # Both modalities' samples count: one step trains on batch_size of each.
+  throughput = Throughput(config.batch_size * len(config.modalities))
+  trace = profiling.StepTrace(workdir, config.profile)
   # One Segmenter for the whole run: each validation hands it the current weights, and its
   # compiled functions serve every validation.
   segmenter = infer.Segmenter(config, _variables(state))
@@ -224,38 +295,48 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
   pending = []  # (step, metrics still on the device) since the last sync with the host
   try:
     while step < config.total_steps:
-      batch = state_lib.to_global_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
+      batch = mesh_lib.to_global_batch(next(train_iter), mesh)
+      trace.before(step + 1)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, metrics = train_step(state, batch)
       step += 1
+      trace.after(step, metrics)
       pending.append((step, metrics))
       last = step == config.total_steps
       validate = (config.eval_every and step % config.eval_every == 0) or last
-      preempted = preemption.reached(step)
-      save = step % config.checkpoint_every == 0 or last or preempted
+      # Orbax decides the saves (every checkpoint_every steps, the last step, a multi-process
+      # preemption point); a single process's SIGTERM adds its own.
+      preempted = preemption.reached(mgr, step)
+      save = preempted or mgr.should_save(step)
       # The host waits for the device only here, so input loading overlaps device compute;
       # every step's losses are still checked before anything is saved.
       if step % config.log_every == 0 or validate or save:
         metrics = _synced(pending)
         pending = []
-        progress.update(step, metrics)
-        writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+        scalars = {f"train/{k}": v for k, v in metrics.items()}
+        writer.write_scalars(step, {**scalars, **throughput.measure(step)})
 
       val = {}
       if validate:
+        started = time.perf_counter()
         segmenter.update(_variables(state))
         val, pictures = score_validation(segmenter, data)
-        writer.scalars(step, val)
-        writer.images(step, pictures)
-        progress.note(step, f"validation mean Dice {val['val_dice/mean']:.3f}")
+        spent = {"perf/validation_sec": time.perf_counter() - started}
+        writer.write_scalars(step, {**val, **spent})
+        writer.write_images(step, {f"overlay/{k}": v for k, v in pictures.items()})
       if save:
+        started = time.perf_counter()
         checkpoints.save(
           mgr, step, state, config, val_dice=val.get("val_dice/mean"), dataset=data.record()
         )
+        writer.write_scalars(step, {"perf/checkpoint_sec": time.perf_counter() - started})
         writer.flush()  # a remote work dir's logs reach every checkpoint a run resumes from
+      if validate or save:
+        throughput.restart(step)
       if preempted:
         raise Preempted(step)
   finally:
-    progress.close()
+    trace.close()
     mgr.wait_until_finished()
     mgr.close()
     writer.close()
@@ -265,5 +346,6 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict:
       closer()
 
   # ---- Test evaluation -----------------------------------------------------------------------
-  tested = evaluate.evaluate(workdir, overlays=config.overlays)  # summary, rows, its folder
+  # Every test case's overlay, unless config.overlays is 0; summary, rows, its folder.
+  tested = evaluate.evaluate(workdir, overlays=config.overlays > 0)
   return {"step": step, "val": val, "test": tested}

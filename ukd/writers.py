@@ -1,128 +1,156 @@
-"""What a run reports: TensorBoard events, a JSON-lines metrics file and a progress display.
+"""What a run reports, one writer per sink behind one interface (`Writer`).
 
-Only process 0 writes.  On resume, lines and events past the resumed step (written
-after the last checkpoint by the run that died) are dropped, so the logs read as
-one uninterrupted run.
+  JsonlWriter        `<workdir>/metrics.jsonl`: one JSON line of scalars per write
+  TensorBoardWriter  `<workdir>/tensorboard/`: event files (tensorboardX: no TensorFlow needed)
+  ConsoleWriter      progress and validation lines on the terminal
+  MultiWriter        hands every call on to several writers
+
+`create` builds a run's writer: every sink on process 0; on the other processes a console
+writer at WARNING level alone, so their scalars (process 0's numbers again) are written
+nowhere while the loop calls the writer alike on every process.  On resume, lines and events
+past the resumed step (written after the last checkpoint by the run that died) are dropped,
+so the logs read as one uninterrupted run.
+
+A remote work dir (`gs://...`): an object store cannot append, and tensorboardX writes to one
+only through an extra package (google-cloud-storage, for gs:// alone), so metrics.jsonl is
+kept in memory and rewritten whole (`files.write_text`, one upload), and the events are
+written to a local folder whose changed files are copied to `<workdir>/tensorboard/`.  Both
+happen at most every SYNC_SECONDS on writes, whenever the caller flushes (training does at
+every checkpoint, so the uploaded logs reach the step a resumed run starts from) and at
+`close`.
 """
 
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
-import warnings
+from collections.abc import Iterable, Mapping
 
 import numpy as np
-from absl import logging
 from etils import epath
 
 from ukd import files
 
-# A remote work dir's logs are uploaded at most this often (and at every checkpoint and at
-# the end): each upload rewrites whole files.
+# A remote work dir's logs are uploaded at most this often on writes (and at every flush and
+# at the end): each upload rewrites whole files.
 SYNC_SECONDS = 60.0
 
 
-class MetricWriter:
-  """TensorBoard (tensorboardX: no TensorFlow needed) plus `<workdir>/metrics.jsonl`.
+class Writer:
+  """The interface of every sink: named values at a step.  A sink ignores what it cannot
+  show (the JSON lines hold scalars only), so these defaults do nothing."""
 
-  A local work dir gets both written in place, a line appended per write.  An object store
-  (`gs://...`) cannot append, and tensorboardX writes to one only through an extra package
-  (google-cloud-storage, for gs:// alone), so for a remote work dir the lines are kept in
-  memory and the events written to a local folder, and `flush` uploads them: metrics.jsonl
-  rewritten whole (`files.write_text`, one upload) and each changed event file copied to
-  `<workdir>/tensorboard/`.  That happens at most every SYNC_SECONDS on writes, whenever the
-  caller flushes (training does at every checkpoint, so the uploaded logs reach the step a
-  resumed run starts from) and at `close`.
-  """
+  def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
+    """{name: number}, e.g. {'train/loss': 0.4}."""
 
-  def __init__(self, workdir, start_step: int = 0, enabled: bool = True):
-    self.enabled = enabled
-    if not enabled:
-      return
-    from tensorboardX import SummaryWriter
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """{name: uint8 [H, W, 3]}, e.g. image | ground truth | prediction overlays."""
 
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """{name: Markdown text}, e.g. the config."""
+
+  def flush(self) -> None:
+    """Everything written so far on disk (for a remote work dir: uploaded)."""
+
+  def close(self) -> None:
+    """Flushes and releases files; the writer takes nothing more."""
+
+
+class MultiWriter(Writer):
+  """Every call handed on to each of `writers`, in order."""
+
+  def __init__(self, writers: Iterable[Writer]):
+    self.writers = tuple(writers)
+
+  def write_scalars(self, step, values):
+    for writer in self.writers:
+      writer.write_scalars(step, values)
+
+  def write_images(self, step, images):
+    for writer in self.writers:
+      writer.write_images(step, images)
+
+  def write_texts(self, step, texts):
+    for writer in self.writers:
+      writer.write_texts(step, texts)
+
+  def flush(self):
+    for writer in self.writers:
+      writer.flush()
+
+  def close(self):
+    for writer in self.writers:
+      writer.close()
+
+
+def create(workdir, *, start_step: int, total_steps: int, main_process: bool) -> Writer:
+  """The writer of a run that starts after `start_step` (see the module docstring)."""
+  if not main_process:
+    return ConsoleWriter(total_steps, level=logging.WARNING)
+  return MultiWriter(
+    [
+      JsonlWriter(workdir, start_step),
+      TensorBoardWriter(workdir, start_step),
+      ConsoleWriter(total_steps, start_step=start_step),
+    ]
+  )
+
+
+class _Every:
+  """Says True when `seconds` have passed since it last did (or since it was made)."""
+
+  def __init__(self, seconds: float):
+    self.seconds = seconds
+    self.last = time.monotonic()
+
+  def __call__(self) -> bool:
+    now = time.monotonic()
+    if now - self.last < self.seconds:
+      return False
+    self.last = now
+    return True
+
+
+# --- metrics.jsonl ----------------------------------------------------------------------------
+
+
+class JsonlWriter(Writer):
+  """`<workdir>/metrics.jsonl`: {"step": s, name: value, ...} per write of scalars, appended
+  and flushed line by line to a local file; kept and rewritten whole for a remote one."""
+
+  def __init__(self, workdir, start_step: int = 0):
     workdir = epath.Path(workdir)
-    self.remote = files.is_remote(workdir)
     self.path = workdir / "metrics.jsonl"
-    self.lines = _truncate_jsonl(self.path, start_step)
-    self.uploaded_lines = len(self.lines)
+    self.remote = files.is_remote(workdir)
+    lines = _truncate_jsonl(self.path, start_step)
+    self.lines = lines if self.remote else None
+    self.uploaded_lines = len(lines)
     self.file = None if self.remote else open(self.path, "a")
-    # The events' remote home, and the local folder they are written to meanwhile.
-    self.tensorboard = workdir / "tensorboard"
-    self.logdir = tempfile.mkdtemp(prefix="ukd-tensorboard-") if self.remote else None
-    self.uploaded = {}  # local event file -> (size, mtime) when last uploaded
-    self.last_sync = time.monotonic()
-    # purge_step makes TensorBoard discard events at or after the resumed step.
-    self.tb = SummaryWriter(
-      self.logdir or os.fspath(self.tensorboard),
-      purge_step=start_step + 1 if start_step else None,
-    )
+    self.due = _Every(SYNC_SECONDS)
 
-  def write_config(self, config):
-    if self.enabled:
-      self.tb.add_text("config", "```\n" + str(config) + "\n```", 0)
-
-  def scalars(self, step: int, values: dict):
-    if not self.enabled:
-      return
-    values = {k: float(v) for k, v in values.items()}
-    for key, value in values.items():
-      self.tb.add_scalar(key, value, step)
-    line = json.dumps({"step": step, **values}) + "\n"
+  def write_scalars(self, step, values):
+    line = json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n"
     if self.remote:
       self.lines.append(line)
-      self._sync_if_due()
+      if self.due():
+        self.flush()
     else:
       self.file.write(line)
       self.file.flush()
 
-  def images(self, step: int, pictures: dict):
-    """{name: uint8 [H, W, 3]} pictures, e.g. image | ground truth | prediction overlays."""
-    if not self.enabled:
-      return
-    for name, picture in pictures.items():
-      self.tb.add_image(f"overlay/{name}", np.asarray(picture), step, dataformats="HWC")
-    if self.remote:
-      self._sync_if_due()
-
   def flush(self):
-    """Everything written so far on disk (for a remote work dir: uploaded).  Events still in
-    tensorboardX's queue follow with the next flush."""
-    if not self.enabled:
-      return
-    self.tb.flush()
-    if self.remote:
-      self._upload()
-
-  def close(self):
-    if not self.enabled:
-      return
-    self.tb.close()  # writes every queued event
-    if self.remote:
-      self._upload()
-      shutil.rmtree(self.logdir, ignore_errors=True)
-    else:
-      self.file.close()
-
-  def _sync_if_due(self):
-    if time.monotonic() - self.last_sync >= SYNC_SECONDS:
-      self.flush()
-
-  def _upload(self):
-    """metrics.jsonl and the event files that changed since the last upload."""
-    if len(self.lines) != self.uploaded_lines:
+    if self.remote and len(self.lines) != self.uploaded_lines:
       files.write_text(self.path, "".join(self.lines))
       self.uploaded_lines = len(self.lines)
-    for folder, _, names in os.walk(self.logdir):
-      for name in names:
-        local = os.path.join(folder, name)
-        stat = os.stat(local)
-        if self.uploaded.get(local) != (stat.st_size, stat.st_mtime_ns):
-          files.upload(local, self.tensorboard / os.path.relpath(local, self.logdir))
-          self.uploaded[local] = (stat.st_size, stat.st_mtime_ns)
-    self.last_sync = time.monotonic()
+
+  def close(self):
+    if self.remote:
+      self.flush()
+    else:
+      self.file.close()
 
 
 def _truncate_jsonl(path: epath.Path, last_step: int) -> list[str]:
@@ -140,62 +168,133 @@ def _truncate_jsonl(path: epath.Path, last_step: int) -> list[str]:
   return keep
 
 
-class Progress:
-  """Steps/s and ETA: a live bar on a terminal, a plain line every few seconds otherwise."""
+# --- TensorBoard ------------------------------------------------------------------------------
 
-  def __init__(self, total: int, start: int, enabled: bool = True, every_seconds: float = 10.0):
-    self.total, self.enabled = total, enabled
-    self.first = None
-    self.last_print = time.time()
-    self.every = every_seconds
+
+class TensorBoardWriter(Writer):
+  """Event files in `<workdir>/tensorboard/`, for `tensorboard --logdir`; for a remote work
+  dir written to a local folder and uploaded (see the module docstring)."""
+
+  def __init__(self, workdir, start_step: int = 0):
+    from tensorboardX import SummaryWriter
+
+    workdir = epath.Path(workdir)
+    self.target = workdir / "tensorboard"
+    self.remote = files.is_remote(workdir)
+    self.logdir = (
+      tempfile.mkdtemp(prefix="ukd-tensorboard-") if self.remote else os.fspath(self.target)
+    )
+    self.uploaded = {}  # local event file -> (size, mtime) when last uploaded
+    self.due = _Every(SYNC_SECONDS)
+    # purge_step makes TensorBoard discard events at or after the resumed step.
+    self.events = SummaryWriter(self.logdir, purge_step=start_step + 1 if start_step else None)
+
+  def write_scalars(self, step, values):
+    for name, value in values.items():
+      self.events.add_scalar(name, float(value), step)
+    self._sync_if_due()
+
+  def write_images(self, step, images):
+    for name, picture in images.items():
+      self.events.add_image(name, np.asarray(picture), step, dataformats="HWC")
+    self._sync_if_due()
+
+  def write_texts(self, step, texts):
+    for name, text in texts.items():
+      self.events.add_text(name, text, step)
+    self._sync_if_due()
+
+  def flush(self):
+    """Events still in tensorboardX's queue follow with the next flush."""
+    self.events.flush()
+    if self.remote:
+      upload_changes(self.logdir, self.target, self.uploaded)
+
+  def close(self):
+    self.events.close()  # writes every queued event
+    if self.remote:
+      upload_changes(self.logdir, self.target, self.uploaded)
+      shutil.rmtree(self.logdir, ignore_errors=True)
+
+  def _sync_if_due(self):
+    if self.remote and self.due():
+      self.flush()
+
+
+def upload_changes(local_dir: str, target, uploaded: dict) -> None:
+  """Copies each file under `local_dir` to the same place under `target` unless `uploaded`
+  ({local path: (size, mtime)}, updated here) shows it unchanged since its last copy."""
+  for folder, _, names in os.walk(local_dir):
+    for name in names:
+      local = os.path.join(folder, name)
+      stat = os.stat(local)
+      if uploaded.get(local) != (stat.st_size, stat.st_mtime_ns):
+        files.upload(local, epath.Path(target) / os.path.relpath(local, local_dir))
+        uploaded[local] = (stat.st_size, stat.st_mtime_ns)
+
+
+# --- console ----------------------------------------------------------------------------------
+
+
+class ConsoleWriter(Writer):
+  """What a person watching the run reads, on stdout.
+
+  Training scalars ('train/loss', with 'perf/steps_per_sec' when measured) move a live bar on
+  a terminal; elsewhere they print a line at most every `every_seconds` and at the last step.
+  Validation scalars ('val_dice/...', with 'perf/validation_sec') print a line each time.
+  These lines are INFO: at `level` WARNING (processes other than 0) the writer shows nothing.
+  """
+
+  def __init__(
+    self,
+    total_steps: int,
+    *,
+    start_step: int = 0,
+    level: int = logging.INFO,
+    every_seconds: float = 10.0,
+  ):
+    self.total = total_steps
+    self.shown = level <= logging.INFO
+    self.due = _Every(every_seconds)
     self.bar = None
-    if enabled and sys.stdout.isatty():
-      from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TextColumn,
-        TimeRemainingColumn,
-      )
-      from rich.progress import (
-        Progress as Bar,
-      )
+    if self.shown and sys.stdout.isatty():
+      from rich import progress
 
-      self.bar = Bar(
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} steps/s  loss {task.fields[loss]}"),
-        TimeRemainingColumn(),
+      self.bar = progress.Progress(
+        progress.TextColumn("train"),
+        progress.BarColumn(),
+        progress.MofNCompleteColumn(),
+        progress.TextColumn("{task.fields[rate]} steps/s  loss {task.fields[loss]}"),
+        progress.TimeRemainingColumn(),
       )
-      self.task = self.bar.add_task("train", total=total, completed=start, rate="-", loss="-")
+      self.task = self.bar.add_task(
+        "train", total=total_steps, completed=start_step, rate="-", loss="-"
+      )
       self.bar.start()
 
-  def _rate(self, step):
-    """Measured from the first step on, so compilation does not skew steps/s and ETA."""
-    if self.first is None:
-      self.first = (step, time.time())
-      return 0.0
-    elapsed = max(time.time() - self.first[1], 1e-9)
-    return (step - self.first[0]) / elapsed
-
-  def update(self, step: int, metrics: dict):
-    if not self.enabled:
+  def write_scalars(self, step, values):
+    if not self.shown:
       return
-    rate = self._rate(step)
-    loss = float(metrics["loss"])
+    if "train/loss" in values:
+      self._progress(step, values)
+    if "val_dice/mean" in values:
+      self._print(step, _validation_line(values))
+
+  def _progress(self, step, values):
+    loss, rate = float(values["train/loss"]), values.get("perf/steps_per_sec")
     if self.bar is not None:
-      self.bar.update(self.task, completed=step, rate=f"{rate:.2f}", loss=f"{loss:.4f}")
-    elif time.time() - self.last_print >= self.every or step == self.total:
-      self.last_print = time.time()
-      eta = (self.total - step) / rate if rate > 0 else float("inf")
-      print(
-        f"step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  ETA {_duration(eta)}",
-        flush=True,
-      )
-
-  def note(self, step: int, text: str):
-    if not self.enabled:
+      shown_rate = "-" if rate is None else f"{rate:.2f}"
+      self.bar.update(self.task, completed=step, rate=shown_rate, loss=f"{loss:.4f}")
       return
+    if not (self.due() or step == self.total):
+      return
+    text = f"loss {loss:.4f}"
+    if rate is not None:
+      eta = (self.total - step) / rate if rate > 0 else float("inf")
+      text += f"  {rate:.2f} steps/s  ETA {_duration(eta)}"
+    self._print(step, text)
+
+  def _print(self, step, text):
     line = f"step {step}/{self.total}  {text}"
     if self.bar is not None:
       self.bar.console.print(line)
@@ -207,6 +306,21 @@ class Progress:
       self.bar.stop()
 
 
+def _validation_line(values) -> str:
+  """'validation mean Dice 0.712 (ct 0.701, mr 0.723) in 4.1 s'."""
+  parts = [
+    f"{key.split('/')[1]} {float(v):.3f}"
+    for key, v in values.items()
+    if key.startswith("val_dice/") and key.endswith("/mean") and key.count("/") == 2
+  ]
+  text = f"validation mean Dice {float(values['val_dice/mean']):.3f}"
+  if parts:
+    text += f" ({', '.join(parts)})"
+  if "perf/validation_sec" in values:
+    text += f" in {float(values['perf/validation_sec']):.1f} s"
+  return text
+
+
 def _duration(seconds: float) -> str:
   if not np.isfinite(seconds):
     return "?"
@@ -214,11 +328,3 @@ def _duration(seconds: float) -> str:
   h, rest = divmod(seconds, 3600)
   m, s = divmod(rest, 60)
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def quiet_libraries() -> None:
-  """Keeps library chatter (Orbax notices at every checkpoint load, deprecation warnings) off
-  the user's terminal, which then shows the project's own lines only; `--verbosity` (any
-  value) leaves logging as absl sets it."""
-  logging.set_verbosity(logging.ERROR)
-  warnings.simplefilter("ignore")

@@ -1,10 +1,23 @@
-"""DICOM series and their PNG masks (CHAOS) as canonical Volumes.
+"""DICOM images as canonical Volumes: one reader for training (CHAOS) and prediction.
 
-pydicom is an optional extra (`pip install 'ukd[dicom]'`): only the CHAOS DICOM layout
-needs it, so it is imported when a series is read.
+A series is a set of frames: one per single-frame file, or many in an enhanced multi-frame
+file (geometry in its Shared/PerFrameFunctionalGroupsSequence). The frames are stacked by
+position along the slice normal (the cross product of ImageOrientationPatient), never by file
+name or InstanceNumber, which need not follow anatomy. What cannot be stacked onto one regular
+grid is refused with one line naming the series and the problem (missing slices, mixed sizes
+or orientations, gantry tilt, no pixel data, an undecodable transfer syntax), so a caller
+reading many series can go on with the others; a localizer mixed into a series is skipped and
+reported instead. The source headers stay with the volume, so a DICOM-SEG can reference them
+(`ukd.data.dicom_seg`).
+
+pydicom is an optional extra (`pip install 'ukd[dicom]'`), imported when a series is read.
+Series discovery is `ukd.data.dicom_series`, writing `ukd.data.dicom_write`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import os
 
 import numpy as np
 
@@ -12,12 +25,41 @@ from ukd import files
 from ukd.data.volumes import Volume, from_array
 from ukd.errors import DataError, error
 
-# DICOM patient coordinates are LPS; NIfTI/ukd affines are RAS.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# DICOM patient coordinates are LPS; NIfTI/ukd affines are RAS (the matrix is its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# Slices closer than this fraction of their spacing to the regular grid are on it: decimal
+# strings round positions to ~1e-4 mm, scanners jitter by less than 1%.
+SPACING_TOLERANCE = 0.01
+# In-plane drift of positions (mm, as a fraction of the pixel size) beyond which the stack is
+# tilted: the slices would not lie on one voxel grid.
+TILT_TOLERANCE = 0.1
+# Orientation cosines that differ by less than this are the same orientation.
+ORIENTATION_TOLERANCE = 1e-3
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+# What to install where no installed plugin decodes a compressed transfer syntax, by UID
+# (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE); anything else: python-gdcm.
+_JPEG_2000 = "pylibjpeg pylibjpeg-openjpeg"
+_DECODER_PACKAGES = {
+  **dict.fromkeys(
+    [f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70)],
+    "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",
+  ),
+  **dict.fromkeys(
+    ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"], "pyjpegls (or python-gdcm)"
+  ),
+  **dict.fromkeys(
+    [f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93)], f"{_JPEG_2000} (or python-gdcm)"
+  ),
+  **dict.fromkeys([f"1.2.840.10008.1.2.4.{n}" for n in (201, 202, 203)], _JPEG_2000),
+  "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",
+}
 
 
-def _import_pydicom():
-  """pydicom is an optional extra: only CHAOS DICOM needs it."""
+def import_pydicom():
+  """pydicom is an optional extra: only DICOM input needs it."""
   try:
     import pydicom
   except ImportError:
@@ -25,26 +67,294 @@ def _import_pydicom():
   return pydicom
 
 
-def _read_slice(pydicom, path: str):
-  """Pixels (rescaled float32 [rows, cols]) and the geometry tags of one DICOM file."""
+@dataclasses.dataclass
+class DicomImage:
+  """A DICOM series read onto one grid, with what a DICOM-SEG of it needs.
+
+  `volume` is canonical (float32; CT in HU). Its on-disk axes (`volume.to_original`) are
+  (column, row, slice), slices in order along the normal; on-disk slice k is frame
+  `frames[k] = (i, n)`: frame n (1-based) of `headers[i]`, read from `paths[i]`. `headers`
+  are the source datasets without pixel data, localizers left out; `skipped` holds one line
+  per skipped localizer.
+  """
+
+  volume: Volume
+  headers: list
+  paths: list[str]
+  frames: list[tuple[int, int]]
+  skipped: list[str]
+  source: str
+
+
+@dataclasses.dataclass
+class _Frame:
+  """One 2D frame with its geometry; `header` indexes the file's dataset."""
+
+  header: int
+  number: int
+  pixels: np.ndarray
+  orientation: np.ndarray
+  position: np.ndarray
+  spacing: np.ndarray
+  thickness: float
+  localizer: bool
+  name: str
+
+
+def _item(ds, frame: int, sequence: str, keyword: str):
+  """An enhanced file's per-frame functional group value, else the shared one, else None."""
+  groups = []
+  if "PerFrameFunctionalGroupsSequence" in ds:
+    groups.append(ds.PerFrameFunctionalGroupsSequence[frame])
+  if "SharedFunctionalGroupsSequence" in ds:
+    groups.append(ds.SharedFunctionalGroupsSequence[0])
+  for group in groups:
+    if sequence in group and len(group[sequence].value) and keyword in group[sequence][0]:
+      return group[sequence][0][keyword].value
+  return None
+
+
+def _geometry(ds, frame: int, enhanced: bool):
+  """(orientation, position, spacing, thickness, slope, intercept) of one frame, or None
+  where a geometry tag is missing."""
+  if enhanced:
+    values = [
+      _item(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"),
+      _item(ds, frame, "PlanePositionSequence", "ImagePositionPatient"),
+      _item(ds, frame, "PixelMeasuresSequence", "PixelSpacing"),
+    ]
+    between = _item(ds, frame, "PixelMeasuresSequence", "SpacingBetweenSlices")
+    thickness = between or _item(ds, frame, "PixelMeasuresSequence", "SliceThickness")
+    slope = _item(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _item(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+  else:
+    values = [
+      ds.get(k) for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
+    ]
+    thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    slope, intercept = None, None
+  if any(v is None for v in values):
+    return None
+  orientation, position, spacing = (np.array(v, dtype=np.float64) for v in values)
+  if (orientation.shape, position.shape, spacing.shape) != ((6,), (3,), (2,)):
+    return None
+  slope = slope if slope is not None else ds.get("RescaleSlope")
+  intercept = intercept if intercept is not None else ds.get("RescaleIntercept")
+  return (
+    orientation,
+    position,
+    spacing,
+    float(thickness or 1.0),
+    float(1.0 if slope in (None, "") else slope),
+    float(0.0 if intercept in (None, "") else intercept),
+  )
+
+
+def _check_decoder(ds, where: str) -> None:
+  """A one-line error naming the transfer syntax and what to install, before pydicom fails
+  with a multi-line one."""
+  from pydicom.pixels import get_decoder
+
+  syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+  if syntax is None:
+    return
+  try:
+    decoder = get_decoder(syntax)
+  except NotImplementedError:
+    raise error(DataError, where, f"transfer syntax {syntax} cannot be decoded") from None
+  if not decoder.is_available:
+    package = _DECODER_PACKAGES.get(str(syntax), "python-gdcm")
+    raise error(
+      DataError,
+      where,
+      f"pixel data compressed as {syntax.name} ({syntax}) and no installed decoder reads it: "
+      f"pip install {package}",
+    )
+
+
+def _pixels(ds, count: int, where: str) -> np.ndarray:
+  """The stored values of all frames [frames, rows, cols]; the pixel data is then dropped
+  from `ds`, which stays as the header."""
+  if int(ds.get("SamplesPerPixel", 1)) != 1:
+    raise error(DataError, where, f"colour image ({ds.SamplesPerPixel} samples per pixel)")
+  _check_decoder(ds, where)
+  try:
+    stored = ds.pixel_array
+  except Exception as exc:  # corrupt or truncated pixel data, decoder errors
+    raise error(
+      DataError, where, f"cannot decode pixel data ({type(exc).__name__}: {exc})"
+    ) from exc
+  for keyword in _PIXEL_KEYWORDS:
+    if keyword in ds:
+      delattr(ds, keyword)
+  return stored.reshape(count, *stored.shape[-2:])
+
+
+def _read_file(pydicom, path: str, source: str, name: str, index: int):
+  """The dataset of one file (pixel data dropped) and its frames; `name` is how messages
+  name the file (after the series `source`)."""
+  where = f"{source}: {name}"
   try:
     with files.local_file(path) as local:
       ds = pydicom.dcmread(local)
-      pixels = ds.pixel_array.astype(np.float32)
-    orientation = np.array(ds.ImageOrientationPatient, dtype=np.float64)
-    position = np.array(ds.ImagePositionPatient, dtype=np.float64)
-    spacing = np.array(ds.PixelSpacing, dtype=np.float64)
-  except Exception as exc:  # unreadable file, missing tag or pixel data
-    raise error(DataError, path, f"cannot read DICOM slice ({type(exc).__name__}: {exc})") from exc
-  shapes = (pixels.ndim, orientation.shape, position.shape, spacing.shape)
-  if shapes != (2, (6,), (3,), (2,)):
-    raise error(DataError, path, "DICOM slice is not a single 2D frame with full geometry tags")
-  slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-  intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-  # Only used for single-slice series, where positions cannot give the slice step.
-  thickness = getattr(ds, "SpacingBetweenSlices", 0) or getattr(ds, "SliceThickness", 0) or 1
-  thickness = float(thickness)
-  return pixels * slope + intercept, orientation, position, spacing, thickness
+  except Exception as exc:  # not DICOM, truncated
+    raise error(DataError, where, f"cannot read DICOM file ({type(exc).__name__}: {exc})") from exc
+  if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+    raise error(DataError, where, "no pixel data (not an image)")
+  count = int(ds.get("NumberOfFrames", 1) or 1)
+  enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+  geometry = [_geometry(ds, i, enhanced) for i in range(count)]
+  if any(g is None for g in geometry):
+    raise error(
+      DataError,
+      where,
+      "no ImageOrientationPatient/ImagePositionPatient/PixelSpacing: not a cross-sectional image",
+    )
+  stored = _pixels(ds, count, where)
+  localizer = "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]
+  frames = []
+  for number, (image, (orientation, position, spacing, thickness, slope, intercept)) in enumerate(
+    zip(stored, geometry), start=1
+  ):
+    pixels = image.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    label = name if count == 1 else f"{name} frame {number}"
+    frames.append(
+      _Frame(index, number, pixels, orientation, position, spacing, thickness, localizer, label)
+    )
+  return ds, frames
+
+
+def _same_orientation(a: np.ndarray, b: np.ndarray) -> bool:
+  return bool(np.allclose(a, b, atol=ORIENTATION_TOLERANCE))
+
+
+def _drop_localizers(frames: list[_Frame], source: str) -> tuple[list[_Frame], list[str]]:
+  """Localizers (ImageType LOCALIZER, or a lone frame in another orientation than a stack)
+  are skipped with a note; several frames in each of two orientations are an error."""
+  skipped = [
+    f"{source}: skipped localizer {f.name} (ImageType LOCALIZER)" for f in frames if f.localizer
+  ]
+  frames = [f for f in frames if not f.localizer]
+  groups: list[list[_Frame]] = []
+  for frame in frames:
+    for group in groups:
+      if _same_orientation(group[0].orientation, frame.orientation):
+        group.append(frame)
+        break
+    else:
+      groups.append([frame])
+  groups.sort(key=len, reverse=True)
+  if not groups:
+    raise error(DataError, source, "holds only localizer images")
+  if len(groups) > 1 and (len(groups[0]) == 1 or len(groups[1]) > 1):
+    found = ", ".join(f"{len(g)} along {np.round(g[0].orientation, 3).tolist()}" for g in groups)
+    raise error(DataError, source, f"slices in {len(groups)} orientations mixed: {found}")
+  for group in groups[1:]:
+    skipped.append(
+      f"{source}: skipped localizer {group[0].name} (a lone slice in another orientation)"
+    )
+  return groups[0], skipped
+
+
+def _check_grid(frames: list[_Frame], source: str) -> None:
+  """Every frame must have the same size and pixel spacing."""
+  kinds: dict[tuple, int] = {}
+  for frame in frames:
+    key = (*frame.pixels.shape, *np.round(frame.spacing, 4))
+    kinds[key] = kinds.get(key, 0) + 1
+  if len(kinds) > 1:
+    found = ", ".join(
+      f"{rows}x{cols} at {dr:g}x{dc:g} mm ({n})" for (rows, cols, dr, dc), n in kinds.items()
+    )
+    raise error(DataError, source, f"slices of different size or pixel spacing mixed: {found}")
+
+
+def _slice_step(frames: list[_Frame], normal: np.ndarray, source: str) -> np.ndarray:
+  """The vector between consecutive slices (sorted along the normal); a tilted stack,
+  duplicate positions, missing slices and uneven spacing are errors."""
+  if len(frames) == 1:
+    return normal * frames[0].thickness
+  positions = np.array([f.position for f in frames])
+  along = positions @ normal
+  drift = positions - positions[0] - np.outer(along - along[0], normal)
+  shift = float(np.linalg.norm(drift, axis=1).max())
+  if shift > TILT_TOLERANCE * float(frames[0].spacing.min()):
+    angle = np.degrees(np.arctan2(np.linalg.norm(drift[-1]), along[-1] - along[0]))
+    raise error(
+      DataError,
+      source,
+      f"gantry tilt: slice positions drift {shift:.3g} mm in-plane ({angle:.2g} degrees off the "
+      "slice normal); resample it onto an untilted grid first",
+    )
+  gaps = np.diff(along)
+  step = float(gaps.min())
+  if step < 1e-3:
+    repeated = int((gaps < 1e-3).sum())
+    raise error(
+      DataError,
+      source,
+      f"{repeated} slices repeat a position (several acquisitions, echoes or phases in one series)",
+    )
+  ratios = gaps / step
+  if np.abs(ratios - 1).max() <= SPACING_TOLERANCE:
+    return (positions[-1] - positions[0]) / (len(frames) - 1)
+  whole = np.round(ratios)
+  if np.abs(ratios - whole).max() <= SPACING_TOLERANCE:
+    first, missing = int(np.argmax(whole > 1)), int((whole - 1).sum())
+    raise error(
+      DataError,
+      source,
+      f"{missing} missing slice{'s' * (missing > 1)}: a gap of {gaps[first]:.4g} mm after "
+      f"{frames[first].name} where slices are {step:.4g} mm apart",
+    )
+  raise error(DataError, source, f"uneven slice spacing {gaps.min():.4g}..{gaps.max():.4g} mm")
+
+
+def _stack(frames: list[_Frame], source: str) -> tuple[list[_Frame], np.ndarray, list[str]]:
+  """The kept frames in slice order and the grid's RAS affine; voxel axes (column, row,
+  slice), the usual DICOM-to-NIfTI layout."""
+  frames, skipped = _drop_localizers(frames, source)
+  _check_grid(frames, source)
+  row_dir, col_dir = (v / np.linalg.norm(v) for v in np.split(frames[0].orientation, 2))
+  if abs(row_dir @ col_dir) > ORIENTATION_TOLERANCE:
+    raise error(DataError, source, "ImageOrientationPatient rows and columns are not perpendicular")
+  normal = np.cross(row_dir, col_dir)
+  frames = sorted(frames, key=lambda f: float(f.position @ normal))
+  step = _slice_step(frames, normal, source)
+  spacing = frames[0].spacing
+  affine = np.eye(4)
+  # Along a row the column index grows (spacing[1]); down a column the row index grows.
+  affine[:3, 0] = row_dir * spacing[1]
+  affine[:3, 1] = col_dir * spacing[0]
+  affine[:3, 2] = step
+  affine[:3, 3] = frames[0].position
+  return frames, LPS_TO_RAS @ affine, skipped
+
+
+def read_files(paths, source: str, root: str | None = None) -> DicomImage:
+  """Read the DICOM files `paths` (one series) onto one grid; `source` names the series in
+  errors and `root` shortens file names in them (relative paths)."""
+  pydicom = import_pydicom()
+  if not paths:
+    raise error(DataError, source, "no DICOM files")
+  headers, frames = [], []
+  for index, path in enumerate(paths):
+    name = os.path.relpath(path, root) if root and not files.is_remote(path) else path
+    ds, found = _read_file(pydicom, path, source, name, index)
+    headers.append(ds)
+    frames += found
+  frames, affine, skipped = _stack(frames, source)
+  kept = sorted({f.header for f in frames})
+  renumber = {old: new for new, old in enumerate(kept)}
+  stack = np.stack([f.pixels.T for f in frames], axis=-1)
+  return DicomImage(
+    volume=from_array(stack, affine, source=source),
+    headers=[headers[i] for i in kept],
+    paths=[paths[i] for i in kept],
+    frames=[(renumber[f.header], f.number) for f in frames],
+    skipped=skipped,
+    source=source,
+  )
 
 
 def _read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
@@ -63,57 +373,18 @@ def _read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
   return mask.astype(np.int32)
 
 
-def _slice_step(positions: np.ndarray, normal: np.ndarray, thickness: float, folder: str):
-  """Vector between consecutive sorted slices; uneven or repeated slices are errors."""
-  if len(positions) == 1:
-    return normal * thickness
-  gaps = np.diff(positions @ normal)
-  if gaps.min() < 1e-3:
-    raise error(DataError, folder, "two DICOM slices share a position")
-  if gaps.max() - gaps.min() > 0.01 * gaps.mean():
-    raise error(DataError, folder, f"uneven slice spacing {gaps.min():.4g}..{gaps.max():.4g} mm")
-  return (positions[-1] - positions[0]) / (len(positions) - 1)
-
-
 def read_dicom_series(dicom_dir: str, mask_dir: str | None = None) -> tuple[Volume, Volume | None]:
-  """Read a DICOM series (and its PNG masks, raw grey values) as canonical Volumes.
+  """Read a CHAOS DICOM series (*.dcm) and its PNG masks (raw grey values) as canonical Volumes.
 
-  Slices are ordered by ImagePositionPatient along the slice normal, not by file name,
-  because CHAOS file numbering need not follow anatomy. Masks are paired with DICOM files
-  by sorted file name (CHAOS gives each mask the stem of its slice) before that ordering.
-  Voxel axes before reorientation: column, row, slice - the usual DICOM-to-NIfTI layout.
+  Masks are paired with DICOM files by sorted file name (CHAOS gives each mask the stem of
+  its slice), then follow their slice into position order.
   """
-  pydicom = _import_pydicom()
   slice_files = files.glob(dicom_dir, "*.dcm")
   if not slice_files:
     raise error(DataError, dicom_dir, "no DICOM slices (*.dcm) found")
-  slices = [_read_slice(pydicom, path) for path in slice_files]
-  pixels, orientation, _, spacing, thickness = slices[0]
-  for path, (other, other_orientation, _, other_spacing, _) in zip(slice_files, slices):
-    if (
-      other.shape != pixels.shape
-      or not np.allclose(other_orientation, orientation, atol=1e-4)
-      or not np.allclose(other_spacing, spacing, atol=1e-4)
-    ):
-      raise error(DataError, path, f"slice geometry differs from {slice_files[0]}")
-  row_dir, col_dir = orientation[:3], orientation[3:]
-  normal = np.cross(row_dir, col_dir)
-  positions = np.array([s[2] for s in slices])
-  order = np.argsort(positions @ normal, kind="stable")
-  step = _slice_step(positions[order], normal, thickness, dicom_dir)
-
-  affine = np.eye(4)
-  # Along a row the column index grows (spacing[1]); down a column the row index grows.
-  affine[:3, 0] = row_dir * spacing[1]
-  affine[:3, 1] = col_dir * spacing[0]
-  affine[:3, 2] = step
-  affine[:3, 3] = positions[order[0]]
-  affine = _LPS_TO_RAS @ affine
-
-  stack = np.stack([slices[i][0].T for i in order], axis=-1)
-  image = from_array(stack, affine, source=dicom_dir)
+  image = read_files(slice_files, dicom_dir, root=dicom_dir)
   if mask_dir is None:
-    return image, None
+    return image.volume, None
   masks = files.glob(mask_dir, "*.png")
   if len(masks) != len(slice_files):
     raise error(
@@ -121,5 +392,9 @@ def read_dicom_series(dicom_dir: str, mask_dir: str | None = None) -> tuple[Volu
       mask_dir,
       f"{len(masks)} PNG masks for {len(slice_files)} DICOM slices in {dicom_dir}",
     )
-  labels = np.stack([_read_mask(masks[i], pixels.shape).T for i in order], axis=-1)
-  return image, from_array(labels, affine, source=mask_dir)
+  mask_of = {path: mask for path, mask in zip(slice_files, masks)}
+  shape = (int(image.headers[0].Rows), int(image.headers[0].Columns))
+  labels = np.stack(
+    [_read_mask(mask_of[image.paths[i]], shape).T for i, _ in image.frames], axis=-1
+  )
+  return image.volume, from_array(labels, image.volume.affine, source=mask_dir)

@@ -49,14 +49,8 @@ ANATOMIES = ("cardiac", "abdominal")
 MODALITIES = ("ct", "mr")
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_AXIS_LETTERS = {
-  "L": (1, 0, 0),
-  "R": (-1, 0, 0),
-  "P": (0, 1, 0),
-  "A": (0, -1, 0),
-  "S": (0, 0, 1),
-  "I": (0, 0, -1),
-}
+_DIRECTIONS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+_AXIS_LETTERS = dict(zip("LRPASI", _DIRECTIONS))  # each direction letter as an LPS unit vector
 _MR_MAX = 4095  # MR DICOM commonly stores 12 bits; the CHAOS writer declares BitsStored 12.
 _FAR = 1e4  # radius (mm) that makes an ellipsoid a cylinder within any field of view
 

@@ -10,13 +10,18 @@ with its own generator seeded by (seed, m, global sample index). Hence:
   * host ``h`` of ``n`` takes global samples [h*B/n, (h+1)*B/n) of every step: hosts never
     overlap and together they yield exactly the batch a single host would.
 
-Settings: `Spec.from_config(config)` reads them from a full (resolved) config, with no
-defaults of its own, and checks each, naming the field:
+Settings: `Spec.from_config(config)` reads them from a full, resolved config (so one that
+`ukd.config.check` passed: the batch size is positive), with no defaults of its own, and
+checks the others, naming the field:
   model.name             dilated2d: a slice with its two neighbours as channels [H,W,3];
                          unet3d: patches [H,W,S,1]
   batch_size             per modality, global (all hosts together)
+  data.size              2D sample (H, W): the prepared slice, or a window of it where the
+                         slice is larger (as `data.spacing` may leave it)
   data.patch             3D patch (H, W, S); H, W at most the prepared size
-  data.fg_fraction       probability that a sample is centred on a slice with foreground
+  data.fg_fraction       probability that a sample is centred on a slice with foreground, and
+                         where the sample is a window of the slice, that it holds a foreground
+                         pixel of that slice
   data.augment           flip (random flips of each in-plane axis), rotate (max degrees),
                          scale (max relative zoom, 0.1 = 0.9..1.1), intensity (max jitter:
                          x * (1 + a) + b, |a|, |b| <= it)
@@ -49,6 +54,7 @@ class Spec:
 
   dims: int
   batch: int  # global, per modality
+  size: tuple[int, int]  # 2D samples (H, W)
   patch: tuple[int, int, int] | None
   fg_fraction: float
   augment: dict
@@ -65,10 +71,10 @@ class Spec:
       raise DataError(
         f"model.name={config.model.name!r} is not one of {sorted(_DIMS_BY_MODEL)} (dims={dims!r})"
       )
-    batch = config.batch_size
-    if not isinstance(batch, int) or batch < 1:
-      raise DataError(f"batch_size must be a positive int (per modality, global), got {batch!r}")
     data = config.data
+    size = tuple(data.size)
+    if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
+      raise DataError(f"data.size must be two positive ints (H, W), got {size}")
     patch = None
     if dims == 3:
       patch = tuple(data.patch)
@@ -82,7 +88,13 @@ class Spec:
       raise DataError(
         f"data.workers must be >= 0 and data.prefetch >= 1, got {workers} and {prefetch}"
       )
-    return cls(int(dims), batch, patch, fg, _augment_spec(data.augment), workers, prefetch)
+    augment = _augment_spec(data.augment)
+    return cls(int(dims), int(config.batch_size), size, patch, fg, augment, workers, prefetch)
+
+  @property
+  def window(self) -> tuple[int, int]:
+    """In-plane size of every sample."""
+    return self.patch[:2] if self.dims == 3 else self.size
 
 
 def _augment_spec(raw) -> dict:
@@ -102,8 +114,8 @@ def _augment_spec(raw) -> dict:
 
 
 def _check_entries(modality: str, entries, spec: Spec) -> list[tuple[str, str]]:
-  """Labelled cache entries with equal in-plane shapes; returns (image, label) paths."""
-  paths, planes = [], set()
+  """Labelled cache entries at least a sample large in-plane; returns (image, label) paths."""
+  paths = []
   for entry in entries:
     name = entry.get("id", entry.get("image"))
     if entry.get("label") is None:
@@ -115,18 +127,13 @@ def _check_entries(modality: str, entries, spec: Spec) -> list[tuple[str, str]]:
         f"{modality} case {name}: image {image.shape} and label {label.shape} "
         "must be equal [H, W, S] arrays"
       )
-    planes.add(image.shape[:2])
+    if spec.window[0] > image.shape[0] or spec.window[1] > image.shape[1]:
+      field, value = ("data.patch", spec.patch) if spec.dims == 3 else ("data.size", spec.size)
+      raise DataError(
+        f"{field} {value} is larger in-plane than the prepared {modality} volume {name} "
+        f"{image.shape[:2]}; prepare the cases with this data.size"
+      )
     paths.append((entry["image"], entry["label"]))
-  if len(planes) > 1:
-    raise DataError(
-      f"{modality}: cached volumes differ in-plane {sorted(planes)}; "
-      "prepare them with one data.size"
-    )
-  plane = planes.pop()
-  if spec.patch is not None and (spec.patch[0] > plane[0] or spec.patch[1] > plane[1]):
-    raise DataError(
-      f"data.patch {spec.patch} is larger in-plane than the prepared {modality} volumes {plane}"
-    )
   return paths
 
 
@@ -229,33 +236,44 @@ class ModalitySampler:
       int(fg_slices[rng.integers(fg_slices.size)]) if want_fg else int(rng.integers(image.shape[2]))
     )
     if self._spec.dims == 2:
-      x, y = _slice_with_neighbours(image, label, k)
+      x, y = _slice_with_neighbours(image, label, k, want_fg, self._spec.size, rng)
     else:
       x, y = _patch(image, label, k if want_fg else None, self._spec.patch, rng)
     x, y = augment(x, y, rng, self._spec.augment)
     return {"image": x, "label": y}
 
 
-def _slice_with_neighbours(image, label, k: int):
-  """Slice k with slices k-1 and k+1 as channels (edges replicated): [H,W,3], label [H,W]."""
+def _plane_window(label, k: int | None, window, rng) -> tuple[slice, slice]:
+  """Rows and columns of an in-plane `window` (h, w); with `k` given it contains a foreground
+  pixel of slice k (drawn at random, as is the window's place around it). A window as large
+  as the plane is the whole plane and draws nothing."""
+  h, w = window
+  centre = (None, None)
+  if k is not None and (h < label.shape[0] or w < label.shape[1]):
+    hits = np.argwhere(np.asarray(label[:, :, k]) > 0)
+    centre = tuple(hits[rng.integers(len(hits))])
+  r0 = _window_start(h, label.shape[0], centre[0], rng)
+  c0 = _window_start(w, label.shape[1], centre[1], rng)
+  return slice(r0, r0 + h), slice(c0, c0 + w)
+
+
+def _slice_with_neighbours(image, label, k: int, want_fg: bool, size, rng):
+  """A `size` window of slice k with slices k-1 and k+1 as channels (edges replicated):
+  [h,w,3], label [h,w]; with `want_fg` the window holds foreground of slice k."""
+  rows, cols = _plane_window(label, k if want_fg else None, size, rng)
   last = image.shape[2] - 1
-  channels = [image[:, :, min(max(j, 0), last)] for j in (k - 1, k, k + 1)]
-  return np.stack(channels, axis=-1).astype(np.float32), np.asarray(label[:, :, k], np.int32)
+  channels = [image[rows, cols, min(max(j, 0), last)] for j in (k - 1, k, k + 1)]
+  return np.stack(channels, axis=-1).astype(np.float32), np.asarray(label[rows, cols, k], np.int32)
 
 
 def _patch(image, label, k: int | None, patch, rng):
   """A [h,w,s,1] patch; with `k` given it contains slice k and, in-plane, a foreground voxel of
   it. Volumes with fewer than s slices are padded with background on both sides."""
-  h, w, s = patch
-  centre = (None, None)
-  if k is not None and (h < image.shape[0] or w < image.shape[1]):
-    hits = np.argwhere(np.asarray(label[:, :, k]) > 0)
-    centre = tuple(hits[rng.integers(len(hits))])
-  r0 = _window_start(h, image.shape[0], centre[0], rng)
-  c0 = _window_start(w, image.shape[1], centre[1], rng)
+  rows, cols = _plane_window(label, k, patch[:2], rng)
+  s = patch[2]
   s0 = _window_start(s, image.shape[2], k, rng)
-  x = np.asarray(image[r0 : r0 + h, c0 : c0 + w, s0 : s0 + s], np.float32)
-  y = np.asarray(label[r0 : r0 + h, c0 : c0 + w, s0 : s0 + s], np.int32)
+  x = np.asarray(image[rows, cols, s0 : s0 + s], np.float32)
+  y = np.asarray(label[rows, cols, s0 : s0 + s], np.int32)
   missing = s - x.shape[2]
   if missing:
     pad = ((0, 0), (0, 0), (missing // 2, missing - missing // 2))

@@ -1,15 +1,25 @@
 """Turn canonical volumes into network-space arrays, undo it for predictions, cache the result.
 
 Network space is what every model sees: intensities normalised per modality, optionally cropped
-in-plane, the slice axis last and the two in-plane axes resized to ``data.size``. ``prepare`` goes
-there, ``restore`` comes back, and ``geometry`` (JSON-able) is the only thing they share, so a
-prediction made days later from a cache entry can still be written onto the original grid.
+in-plane, the slice axis last and the two in-plane axes either resized to ``data.size`` or, with
+``data.spacing``, resampled to a fixed number of millimetres per pixel, so that an organ has one
+size in pixels whatever the scanner, patient and modality.  ``prepare`` goes there, ``restore``
+comes back, and ``geometry`` (JSON-able) is the only thing they share, so a prediction made days
+later from a cache entry can still be written onto the original grid.
 
-Settings (the ``data`` ConfigDict; defaults in brackets):
+Settings (the ``data`` ConfigDict of a config `ukd.config.check` passed; defaults in brackets):
   size (256, 256)        in-plane network size (H, W)
+  spacing ['']           in-plane target mm (`ukd.config.spacing_for`); '' resizes to size.
+                         Set, the crop box becomes round(extent mm / target) pixels per axis
+                         (half up); a smaller plane is padded to size, centred, with the
+                         volume's minimum (air: what lies outside a scanner's field of view,
+                         where replicating the edge would smear a cut through the body into
+                         stripes) and label 0; a larger plane is kept, and the pipeline and
+                         the Segmenter slide windows of size over it
   slice_axis [2]         canonical (RAS) axis that indexes slices
-  crop ['none']          'none' | 'body' | 'foreground' (in-plane bounding box, all slices kept)
-  crop_margin [8]       voxels added around the crop box
+  crop ['none']          'none' | 'body' (in-plane box around the body, found from the image
+                         alone, so prediction crops as training did; all slices kept)
+  crop_margin [8]        voxels added around the crop box
   norm {modality: dict}  'kind': 'window' -> clip to 'window' [(-1000, 1000)] and scale to [-1, 1];
                          'zscore' -> clip at 'percentiles' [(0.5, 99.5)], then zero mean, unit std.
 The CT default window (-1000, 1000) HU keeps air to dense bone, so no soft tissue contrast is
@@ -22,6 +32,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 
@@ -29,15 +40,15 @@ import numpy as np
 import scipy.ndimage
 from etils import epath
 
+from ukd import config as config_lib
 from ukd import files
 from ukd.data.volumes import Volume
 from ukd.errors import DataError
 
 # Bump when the content or layout of cache entries changes, so old entries are not reused.
-CACHE_VERSION = 1
+# 2: geometry records the prepared plane and where the resampled crop lies in it.
+CACHE_VERSION = 2
 
-# What each normalisation kind needs besides 'kind' (config.data.norm.<modality>).
-_NORM_FIELDS = {"window": ("window",), "zscore": ("percentiles",)}
 # 'body' crop: a voxel is body when it is above this fraction of the way from the minimum to the
 # 99th percentile of the normalised volume (air and scanner padding sit at the minimum) ...
 _BODY_LEVEL = 0.1
@@ -49,37 +60,9 @@ _BODY_MIN_SLICES = 0.05
 class Prepared:
   """Network-space arrays of one case plus the geometry that `restore` needs."""
 
-  image: np.ndarray  # float32 [H, W, S]
+  image: np.ndarray  # float32 [H, W, S]; H, W = data.size, or larger with data.spacing
   label: np.ndarray | None  # int32 [H, W, S]
   geometry: dict
-
-
-def _plain(value):
-  """ConfigDict / tuples -> JSON-stable dicts and lists (the cache key hashes this form)."""
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  if isinstance(value, dict):
-    return {str(k): _plain(v) for k, v in sorted(value.items())}
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  return value
-
-
-def _norm_settings(cfg, modality: str) -> dict:
-  """This modality's normalisation entry, checked (also part of the cache key)."""
-  table = _plain(cfg.norm)
-  if modality not in table:
-    raise DataError(f"data.norm has no entry for modality {modality!r} (entries: {sorted(table)})")
-  entry = dict(table[modality])
-  kind = entry.get("kind")
-  if kind not in _NORM_FIELDS:
-    raise DataError(f"data.norm.{modality}.kind must be 'window' or 'zscore', got {kind!r}")
-  missing = [f for f in _NORM_FIELDS[kind] if f not in entry]
-  if missing:
-    raise DataError(f"data.norm.{modality} ({kind}) needs {missing}")
-  return entry
 
 
 def settings(cfg, modality: str) -> dict:
@@ -90,19 +73,23 @@ def settings(cfg, modality: str) -> dict:
   slice_axis = int(cfg.slice_axis)
   if slice_axis not in (0, 1, 2):
     raise DataError(f"data.slice_axis must be 0, 1 or 2, got {slice_axis}")
-  crop = cfg.crop
-  if crop not in ("none", "body", "foreground"):
-    raise DataError(f"data.crop must be 'none', 'body' or 'foreground', got {crop!r}")
   margin = int(cfg.crop_margin)
   if margin < 0:
     raise DataError(f"data.crop_margin must be >= 0, got {margin}")
   return dict(
     size=list(size),
     slice_axis=slice_axis,
-    crop=crop,
+    crop=cfg.crop,
     crop_margin=margin,
-    norm=_norm_settings(cfg, modality),
+    norm=config_lib.plain(cfg.norm[modality]),
+    spacing=_target_spacing(cfg, modality),
   )
+
+
+def _target_spacing(cfg, modality: str) -> list[float] | None:
+  """This modality's in-plane target spacing, mm (rows, cols); None: resize to data.size."""
+  target = config_lib.spacing_for(cfg.get("spacing", ""), modality)
+  return None if target is None else [float(v) for v in target]
 
 
 def normalise(array: np.ndarray, norm: dict) -> np.ndarray:
@@ -110,15 +97,8 @@ def normalise(array: np.ndarray, norm: dict) -> np.ndarray:
   array = np.asarray(array, np.float32)
   if norm["kind"] == "window":
     lo, hi = (float(v) for v in norm["window"])
-    if not lo < hi:
-      raise DataError(f"data.norm window must have low < high, got {(lo, hi)}")
     return (np.clip(array, lo, hi) - lo) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
-  p_lo, p_hi = (float(v) for v in norm["percentiles"])
-  if not 0.0 <= p_lo < p_hi <= 100.0:
-    raise DataError(
-      f"data.norm percentiles must satisfy 0 <= low < high <= 100, got {(p_lo, p_hi)}"
-    )
-  lo, hi = np.percentile(array, (p_lo, p_hi))
+  lo, hi = np.percentile(array, [float(v) for v in norm["percentiles"]])
   array = np.clip(array, lo, hi)
   std = float(array.std())
   # A constant volume has no contrast to scale; centring it is all that can be done.
@@ -143,20 +123,11 @@ def _body_mask(image: np.ndarray) -> np.ndarray:
   return above.sum(axis=-1) >= max(1.0, _BODY_MIN_SLICES * image.shape[-1])
 
 
-def _crop_box(
-  image: np.ndarray, label: np.ndarray | None, crop: str, margin: int, source: str
-) -> list[list[int]]:
+def _crop_box(image: np.ndarray, crop: str, margin: int) -> list[list[int]]:
   """In-plane crop box in slice-last space (the slice axis is never cropped)."""
-  if crop == "none":
-    return [[0, image.shape[0]], [0, image.shape[1]]]
   if crop == "body":
     return _box_of(_body_mask(image), margin)
-  if label is None:
-    raise DataError(
-      f"data.crop='foreground' needs a label, {source} has none "
-      "(use 'body' or 'none' where labels are absent)"
-    )
-  return _box_of((label > 0).any(axis=-1), margin)
+  return [[0, image.shape[0]], [0, image.shape[1]]]
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
@@ -171,6 +142,30 @@ def _resize(array: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray
   return scipy.ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
 
 
+def _plane_layout(box, plane_spacing, s) -> tuple[list[int], list[int], list[list[int]]]:
+  """(resampled crop box shape, prepared plane, where the resampled box lies in the plane)."""
+  extent = [hi - lo for lo, hi in box]
+  if s["spacing"] is None:
+    return list(s["size"]), list(s["size"]), [[0, n] for n in s["size"]]
+  resampled = [
+    max(1, math.floor(n * mm / target + 0.5))
+    for n, mm, target in zip(extent, plane_spacing, s["spacing"])
+  ]
+  plane = [max(n, k) for n, k in zip(resampled, s["size"])]
+  content = [[(p - n) // 2, (p - n) // 2 + n] for n, p in zip(resampled, plane)]
+  return resampled, plane, content
+
+
+def _place(array: np.ndarray, content, plane, value) -> np.ndarray:
+  """`array` [h,w,...] put at `content` of a [plane, ...] array filled with `value`."""
+  if list(array.shape[:2]) == list(plane):
+    return array
+  out = np.full(tuple(plane) + array.shape[2:], value, array.dtype)
+  (t0, t1), (l0, l1) = content
+  out[t0:t1, l0:l1] = array
+  return out
+
+
 def prepare(image: Volume, label: Volume | None, modality: str, cfg) -> Prepared:
   """Canonical volume (and label) -> network space, recording how to go back."""
   s = settings(cfg, modality)
@@ -181,19 +176,25 @@ def prepare(image: Volume, label: Volume | None, modality: str, cfg) -> Prepared
     )
   img = np.moveaxis(normalise(image.array, s["norm"]), s["slice_axis"], -1)
   lab = None if label is None else np.moveaxis(np.asarray(label.array), s["slice_axis"], -1)
-  box = _crop_box(img, lab, s["crop"], s["crop_margin"], image.source)
+  box = _crop_box(img, s["crop"], s["crop_margin"])
   (r0, r1), (c0, c1) = box
-  size = tuple(s["size"])
-  out_image = _resize(img[r0:r1, c0:c1], size, order=1).astype(np.float32)
+  plane_spacing = [float(v) for i, v in enumerate(image.spacing) if i != s["slice_axis"]]
+  resampled, plane, content = _plane_layout(box, plane_spacing, s)
+  out_image = _resize(img[r0:r1, c0:c1], resampled, order=1).astype(np.float32)
+  out_image = _place(out_image, content, plane, img.min())
   out_label = None
   if lab is not None:
-    out_label = _resize(lab[r0:r1, c0:c1].astype(np.int32), size, order=0)
+    out_label = _resize(lab[r0:r1, c0:c1].astype(np.int32), resampled, order=0)
+    out_label = _place(out_label, content, plane, 0)
   geometry = dict(
     version=CACHE_VERSION,
     canonical_shape=[int(v) for v in image.array.shape],
     slice_axis=s["slice_axis"],
     crop_box=box,
-    size=list(size),
+    size=list(s["size"]),  # the network's in-plane input: data.size
+    target_spacing=s["spacing"],  # data.spacing of this modality; None: resized to size
+    plane=plane,  # in-plane shape of the prepared arrays: size, or larger with a target spacing
+    content_box=content,  # the resampled crop box within the plane; the rest is padding
     spacing=[float(v) for v in image.spacing],
   )
   return Prepared(image=out_image, label=out_label, geometry=geometry)
@@ -204,7 +205,7 @@ def _network_shape(array: np.ndarray, geometry: dict, is_label: bool) -> list[in
   axis = geometry["slice_axis"]
   shape = geometry["canonical_shape"]
   full = [n for i, n in enumerate(shape) if i != axis] + [shape[axis]]
-  expected = tuple(geometry["size"]) + (full[2],)
+  expected = tuple(geometry["plane"]) + (full[2],)
   if array.shape[:3] != expected or array.ndim != (3 if is_label else 4):
     kind = "labels [H,W,S]" if is_label else "probabilities [H,W,S,C]"
     raise DataError(f"restore expects {kind} with H,W,S = {expected}, got {array.shape}")
@@ -215,10 +216,12 @@ def _restore_planes(array: np.ndarray, geometry: dict, full, is_label: bool) -> 
   """Network-space slices [H,W,k(,C)] -> the canonical in-plane grid, still slice-last.
 
   Slices are independent (the resize keeps the slice axis), so any run of slices restores to
-  exactly what it is within the whole volume.
+  exactly what it is within the whole volume.  Padding added by `prepare` is dropped first.
   """
   (r0, r1), (c0, c1) = geometry["crop_box"]
-  cropped = _resize(array, (r1 - r0, c1 - c0), order=0 if is_label else 1)
+  (t0, t1), (l0, l1) = geometry["content_box"]
+  content = array[t0:t1, l0:l1]
+  cropped = _resize(content, (r1 - r0, c1 - c0), order=0 if is_label else 1)
   if is_label:
     out = np.zeros(full[:2] + [array.shape[2]], array.dtype)
   else:

@@ -1,8 +1,9 @@
 """Train / val / test splits of a dataset's cases, fixed for the life of a work dir.
 
 `load_or_make_splits` makes (seeded) or reads `<workdir>/splits.json`; `cases_by_split`
-lists a dataset's cases and hands them out by modality and split, as training and
-evaluation both need them.
+lists a dataset's cases and hands them out by modality and split.  `adapter_for` and
+`cases_for` do both from a config: the one way training, evaluation and the dataset check
+(`ukd.check`) build a config's adapter and find its cases.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from etils import epath
 
 from ukd import files
+from ukd.data import adapters
 from ukd.errors import ConfigError, DataError, error
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -174,3 +176,26 @@ def cases_of_saved_split(adapter, root, modalities, saved: dict, source) -> dict
   if absent:
     raise error(DataError, source, f"the saved split has no modalities {absent}")
   return _hand_out(list_cases(adapter, root, modalities), modalities, saved, source)
+
+
+def adapter_for(config) -> adapters.Adapter:
+  """The adapter `config.data.dataset` names, built with `config.data.options`."""
+  return adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
+
+
+def cases_for(config, adapter, root, workdir, *, saved=None, source=None) -> dict:
+  """{modality: {split: [Case]}} of `config.modalities` at `root`: by `saved`, a split recorded
+  elsewhere ({modality: {split: ids}}, a checkpoint's; `source` names it in errors), when
+  given; else by the work dir's own split (`cases_by_split`: `config.seed`,
+  `config.data.split_fractions`, `config.data.split_file`)."""
+  if saved:
+    return cases_of_saved_split(adapter, root, config.modalities, saved, source)
+  return cases_by_split(
+    adapter,
+    root,
+    config.modalities,
+    workdir,
+    seed=config.seed,
+    fractions=tuple(config.data.split_fractions),
+    split_file=config.data.split_file or None,
+  )

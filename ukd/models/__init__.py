@@ -36,6 +36,7 @@ def build(model_config, modalities):
     width=model_config.width,
     kernel_init=model_config.init,
     dtype=model_config.dtype,
+    conv_grads=model_config.get("conv_grads", "xla"),  # configs saved with older checkpoints: none
   )
   if name == "dilated2d":
     kwargs.update(dropout=model_config.dropout, upsample_mult=model_config.upsample_mult)

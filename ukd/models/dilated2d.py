@@ -46,6 +46,7 @@ class ResidualBlock(nn.Module):
   dropout: float
   kernel_init: str
   dtype: str
+  conv_grads: str
   dilation: int = 1
 
   @nn.compact
@@ -62,6 +63,7 @@ class ResidualBlock(nn.Module):
         dilation=self.dilation,
         kernel_init=self.kernel_init,
         dtype=self.dtype,
+        conv_grads=self.conv_grads,
       )(h, modality)
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return h + layers.pad_channels(x, self.features)
@@ -81,6 +83,7 @@ class Dilated2D(nn.Module):
   upsample_mult: int = 8
   kernel_init: str = "reference"
   dtype: str = "float32"  # convolutions' computation dtype (bfloat16: mixed precision)
+  conv_grads: str = "xla"  # convolutions' gradients: a key of layers.CONV_GRADS
 
   @nn.compact
   def __call__(self, x, modality, train: bool = False):
@@ -90,9 +93,13 @@ class Dilated2D(nn.Module):
       )
     w, mods = self.width, self.modalities
     drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
-    # Every convolution: this network's modalities, initialiser and compute dtype.
+    # Every convolution: this network's modalities, initialiser, compute dtype and gradients.
     conv = functools.partial(
-      layers.ModalityConv, mods, kernel_init=self.kernel_init, dtype=self.dtype
+      layers.ModalityConv,
+      mods,
+      kernel_init=self.kernel_init,
+      dtype=self.dtype,
+      conv_grads=self.conv_grads,
     )
     block = functools.partial(
       ResidualBlock,
@@ -100,6 +107,7 @@ class Dilated2D(nn.Module):
       dropout=self.dropout,
       kernel_init=self.kernel_init,
       dtype=self.dtype,
+      conv_grads=self.conv_grads,
     )
     enc = self.scheme.sharing(("first", "encoder"))
     h = conv(enc.conv, features=w, kernel_size=(3, 3), name="stem")(x, modality)

@@ -20,8 +20,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from ukd.models import conv as conv_lib
+from ukd.ops import matmul_conv_grads
 
 # The reference implementation's batch-norm settings (TensorFlow's decay 0.9, epsilon 1e-3).
 BN_MOMENTUM = 0.9
@@ -33,6 +34,15 @@ BN_EPSILON = 1e-3
 KERNEL_INITS = {
   "reference": nn.initializers.truncated_normal(stddev=0.01),
   "lecun": nn.initializers.lecun_normal(),
+}
+
+
+# The convolution `nn.Conv` calls, by `config.model.conv_grads`: 'xla' is XLA's own (every
+# derivative, any platform); 'cpu_matmul' computes some layers' gradients as matmuls on CPU
+# (see `ukd.ops.matmul_conv_grads`; reverse mode only: no `jax.jvp` through the model).
+CONV_GRADS = {
+  "xla": lax.conv_general_dilated,
+  "cpu_matmul": matmul_conv_grads.conv_general_dilated,
 }
 
 
@@ -77,6 +87,7 @@ class ModalityConv(_PerModality):
   features: int = 0
   kernel_init: str = "reference"  # a key of KERNEL_INITS
   dtype: str = "float32"  # computation dtype; parameters stay float32
+  conv_grads: str = "xla"  # a key of CONV_GRADS
   kernel_size: tuple[int, ...] = (3, 3)
   strides: int | tuple[int, ...] = 1
   dilation: int = 1
@@ -111,7 +122,7 @@ class ModalityConv(_PerModality):
         kernel_init=initializer,
         dtype=dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=conv_lib.conv_general_dilated,  # faster gradients on CPU
+        conv_general_dilated=CONV_GRADS[self.conv_grads],
         name=name,
       )
 

@@ -9,6 +9,8 @@ A 1x1x1 head gives the logits.  Every convolution is followed by batch
 normalization and leaky ReLU.  Widths scale with `width / 16`.
 """
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -42,6 +44,7 @@ class ConvNormAct(nn.Module):
   norm_shared: bool
   kernel_init: str
   dtype: str
+  conv_grads: str
   transpose: bool = False
 
   @nn.compact
@@ -55,6 +58,7 @@ class ConvNormAct(nn.Module):
       transpose=self.transpose,
       kernel_init=self.kernel_init,
       dtype=self.dtype,
+      conv_grads=self.conv_grads,
     )(x, modality)
     x = layers.ModalityNorm(self.modalities, self.norm_shared)(x, modality, train)
     return layers.leaky_relu(x)
@@ -72,6 +76,7 @@ class UNet3D(nn.Module):
   width: int = 16
   kernel_init: str = "reference"
   dtype: str = "float32"  # convolutions' computation dtype (bfloat16: mixed precision)
+  conv_grads: str = "xla"  # convolutions' gradients: a key of layers.CONV_GRADS
 
   @nn.compact
   def __call__(self, x, modality, train: bool = False):
@@ -79,6 +84,10 @@ class UNet3D(nn.Module):
       raise ValueError(f"unet3d expects [B, H, W, S, 1] with H, W, S divisible by 8; got {x.shape}")
     mods, init = self.modalities, self.kernel_init
     scale = lambda f: max(1, f * self.width // 16)
+    # Every layer: this network's modalities, initialiser, compute dtype and gradients.
+    layer = functools.partial(
+      ConvNormAct, modalities=mods, kernel_init=init, dtype=self.dtype, conv_grads=self.conv_grads
+    )
 
     skips = []
     for i, (name, widths, kernel) in enumerate(ENCODER):
@@ -86,29 +95,26 @@ class UNet3D(nn.Module):
         x = nn.max_pool(x, POOL, strides=POOL)
       s = self.scheme.sharing(("first", "encoder") if i == 0 else ("encoder",))
       for j, f in enumerate(widths):
-        x = ConvNormAct(
-          scale(f), kernel, mods, s.conv, s.norm, init, self.dtype, name=f"{name}_{j}"
-        )(x, modality, train)
+        x = layer(scale(f), kernel, conv_shared=s.conv, norm_shared=s.norm, name=f"{name}_{j}")(
+          x, modality, train
+        )
       skips.append(x)
 
     s = self.scheme.sharing(("decoder",))
     for (name, up, up_kernel, f, kernel), skip in zip(DECODER, reversed(skips[:-1])):
-      x = ConvNormAct(
+      x = layer(
         scale(up),
         up_kernel,
-        mods,
-        s.conv,
-        s.norm,
-        init,
-        self.dtype,
+        conv_shared=s.conv,
+        norm_shared=s.norm,
         transpose=True,
         name=f"{name}_up",
       )(x, modality, train)
       x = jnp.concatenate([x, skip], axis=-1)
       for j in range(2):
-        x = ConvNormAct(
-          scale(f), kernel, mods, s.conv, s.norm, init, self.dtype, name=f"{name}_{j}"
-        )(x, modality, train)
+        x = layer(scale(f), kernel, conv_shared=s.conv, norm_shared=s.norm, name=f"{name}_{j}")(
+          x, modality, train
+        )
 
     last = self.scheme.sharing(("last", "decoder"))
     return layers.ModalityConv(
@@ -119,5 +125,6 @@ class UNet3D(nn.Module):
       use_bias=True,
       kernel_init=init,
       dtype=self.dtype,
+      conv_grads=self.conv_grads,
       name="head",
     )(x, modality)

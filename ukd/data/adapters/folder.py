@@ -8,20 +8,20 @@ import re
 
 from etils import epath
 
-from ukd.data.adapters import (
+from ukd.data.adapters.base import (
   Adapter,
   Case,
   pair_cases,
-  register,
   require_dir,
   require_root,
   visible,
 )
+from ukd.data.adapters.registry import register
 from ukd.data.volumes import Volume
 from ukd.errors import DataError, error
 
 
-def _read_dataset_json(path: str) -> tuple[tuple[str, ...], str]:
+def read_dataset_json(path: str) -> tuple[tuple[str, ...], str]:
   """Class names (by index) and file ending from an nnU-Net v1 or v2 dataset.json."""
   try:
     with epath.Path(path).open() as f:
@@ -81,7 +81,7 @@ class FolderAdapter(Adapter):
       folder = os.path.join(root, os.fspath(folder))
       require_dir(folder, f"{modality} dataset folder")
       meta_path = os.path.join(folder, "dataset.json")
-      classes, ending = _read_dataset_json(meta_path)
+      classes, ending = read_dataset_json(meta_path)
       if agreed is not None and classes != agreed:
         raise error(
           DataError, meta_path, f"classes {list(classes)} differ from {list(agreed)} in {agreed_at}"

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 
-from ukd.data.adapters import (
+from ukd.data.adapters.base import (
   Adapter,
   Case,
   check_modalities,
   match_files,
   pair_cases,
-  register,
   require_dir,
   require_root,
 )
+from ukd.data.adapters.registry import register
 from ukd.data.volumes import Volume
 
 # The four structures used by Dou et al.; the other annotated structures (550 RV cavity,

@@ -4,9 +4,9 @@ XLA:CPU differentiates a convolution into two more convolutions (input and kerne
 gradients), and two shapes of layer get slow ones:
 
 - wide: more output features than im2col patch values (taps x input features), like the
-  2D network's 128 -> 2560 convolution before depth-to-space (over half of a train
-  step's FLOPs), whose two gradient convolutions run at 60-75% of the CPU's matmul rate.  Both
-  are computed as matmuls instead, at the matmul rate:
+  2D network's 128 -> 2560 convolution before depth-to-space at width 4 (over half of a
+  train step's FLOPs), whose two gradient convolutions run at 60-75% of the CPU's matmul
+  rate.  Both are computed as matmuls instead, at the matmul rate:
     dW = patches(x)^T g         (patches: the im2col matrix, no bigger than the output)
     dx = col2im(g W^T)          (each tap's slice of g W^T added back at its offset)
 - narrow: few output features (taps x output features <= 4 x input features), like the
@@ -21,12 +21,13 @@ unchanged; only the gradients' summation order differs (float rounding).  On GPU
 TPU the gradients stay XLA's own (`lax.platform_dependent`): cuDNN and the TPU
 compiler have their own convolution gradients, not measured against this.
 
-XLA's cost analysis counts the im2col matmuls' multiplications by padding zeros, which
-its convolutions skip: `xla_gradients()` traces the plain XLA formulation, e.g. to
-count a step's FLOPs the way the model defines them.
+A routed convolution is a `jax.custom_vjp` on every platform, so it has no forward-mode
+derivative (`jax.jvp`, `jax.jacfwd`): that is why the networks use it only when built
+with `conv_grads='cpu_matmul'`.  XLA's cost analysis counts the im2col matmuls'
+multiplications by padding zeros, which its convolutions skip: to count a step's FLOPs
+the way the model defines them, trace it with `conv_grads='xla'`.
 """
 
-import contextlib
 import functools
 import math
 
@@ -34,18 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-_MATMUL_GRADIENTS = [True]
-
-
-@contextlib.contextmanager
-def xla_gradients():
-  """Within this context, tracing keeps every convolution's gradients XLA's own."""
-  _MATMUL_GRADIENTS.append(False)
-  try:
-    yield
-  finally:
-    _MATMUL_GRADIENTS.pop()
 
 
 def _channels_last(ndim: int) -> lax.ConvDimensionNumbers:
@@ -84,7 +73,7 @@ def conv_general_dilated(
     and precision is None
     and dimension_numbers == _channels_last(lhs.ndim)
   )
-  if not (_MATMUL_GRADIENTS[-1] and plain and kind):
+  if not (plain and kind):
     return lax.conv_general_dilated(
       lhs,
       rhs,

@@ -1,0 +1,118 @@
+"""What every ukd command line (`ukd.main`, `ukd.study`) does around its own flags.
+
+`run(main)` is `absl.app.run(main)` with what a user of either command expects:
+  * packaged configs: `--config=configs/x.py` names a file of a checkout; run anywhere else
+    (ukd installed with pip), the same argument finds the copy installed as `ukd.configs`;
+  * flag errors on one line: a flag, config argument or config override that absl or
+    ml_collections rejects ends the program with one `ukd: error:` line (exit 2) instead of
+    absl's usage text or a traceback;
+  * the user's errors on one line: a `UkdError` out of `main` is printed by
+    `errors.exit_with`; any other exception is a bug and keeps its traceback;
+  * library chatter (Orbax notices, deprecation warnings) kept off the terminal, unless
+    `--verbosity` is given.
+Nothing here imports JAX, so `--help` and flag errors answer at once.
+"""
+
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import ml_collections as mc
+from absl import app, flags, logging
+
+from ukd import errors, library_logging
+
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """Parses the flags and runs `main(argv)` as the module docstring says; does not return."""
+
+  def guarded(argv):
+    if not flags.FLAGS["verbosity"].present:
+      library_logging.quiet_libraries()
+    try:
+      main(argv)
+    except errors.UkdError as e:
+      logging.flush()
+      errors.exit_with(e)
+
+  app.run(guarded, argv=packaged_configs(sys.argv), flags_parser=parse_flags)
+
+
+def packaged_configs(argv: Sequence[str]) -> list[str]:
+  """`argv` with each `--config=configs/<name>.py[:arg]` that names no file here pointed at
+  the installed `ukd.configs/<name>.py`, when that exists."""
+  here = importlib.util.find_spec("ukd.configs").submodule_search_locations[0]
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=configs/"):
+      path, _, suffix = arg[len("--config=") :].partition(":")
+      packaged = os.path.join(here, os.path.basename(path))
+      if not os.path.exists(path) and os.path.exists(packaged):
+        arg = f"--config={packaged}" + (f":{suffix}" if suffix else "")
+    out.append(arg)
+  return out
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's parser; a flag it rejects, or a broken config (an argument `get_config` refuses,
+  an unknown field, a value of the wrong type), exits 2 with one `ukd: error:` line.
+
+  Returns:
+    The arguments that are not flags, as absl's own parser does.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = _without_traceback(str(e))
+  except (AttributeError, KeyError, TypeError, ValueError, SyntaxError, OSError) as e:
+    message = (
+      f"no such config field {e}"
+      if isinstance(e, (AttributeError, KeyError))
+      else f"{type(e).__name__}: {e}"
+    )
+  print(f"ukd: error: bad flag or config override: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _without_traceback(message: str) -> str:
+  """ml_collections puts the traceback of a config file that raised into the flag's error:
+  keep the flag and the exception it ended with, e.g. 'flag --config=configs/demo.py:x:
+  ConfigError: config argument 'x' is not one of [...]'."""
+  if _TRACEBACK not in message:
+    return message
+  flag = message.split(": ", 1)[0]
+  name, _, text = message.strip().splitlines()[-1].partition(": ")
+  return f"{flag}: {name.rpartition('.')[2]}: {text}"
+
+
+def require_flags(mode: str, *names: str) -> None:
+  """A one-line ConfigError naming the first of the flags `names`, which `--mode=<mode>`
+  needs, that is not set."""
+  for name in names:
+    if not flags.FLAGS[name].value:
+      raise errors.ConfigError(f"--{name} is required for --mode={mode}")
+
+
+def required_config(config: mc.ConfigDict | None, usage: str) -> mc.ConfigDict:
+  """A `--config` flag's value, checked: a config file that failed to load (ml_collections
+  raises only on first use) or no `--config` at all is a one-line ConfigError.
+
+  Args:
+    config: the flag's value.
+    usage: what needs it, with an example, e.g. 'for --mode=train, e.g. --config=...'.
+
+  Returns:
+    `config` itself.
+  """
+  try:
+    if config is not None:
+      config.keys()
+  except (OSError, SyntaxError, AttributeError, ImportError) as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    raise errors.ConfigError(f"cannot load --config: {reason}") from None
+  if config is None:
+    raise errors.ConfigError(f"--config is required {usage}")
+  return config

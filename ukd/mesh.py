@@ -1,0 +1,49 @@
+"""The device mesh and the shardings of data parallelism.
+
+Data parallelism is a sharded `jax.jit`: one 1-D mesh axis 'data' over every device, the
+batch split along it, parameters and statistics replicated.  XLA then computes batch-norm
+statistics and the KD class averages over the GLOBAL batch with no axis names, and the result
+equals a single-device step.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ukd.errors import ConfigError
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None):
+  """A 1-D 'data' mesh over `devices` (default: every device of every process)."""
+  devices = list(devices if devices is not None else jax.devices())
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh):
+  """Every device takes an equal slice of the batch.  Unlike the config's own checks
+  (`ukd.config.check`) this depends on the devices a run finds, so it is made here."""
+  n = mesh.shape[DATA_AXIS]
+  if batch_size % n:
+    raise ConfigError(
+      f"config.batch_size={batch_size} (per modality) must be divisible by "
+      f"the {n} devices of the data mesh"
+    )
+
+
+def to_global_batch(batch, mesh):
+  """Assembles each process's slice of the batch into arrays sharded over the 'data' axis."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

@@ -1,0 +1,374 @@
+"""Predicting files, folders and DICOM series: label maps in the dataset's own codes out.
+
+`predict_paths` predicts everything one input holds (`ukd.predict_inputs`: NIfTI files,
+DICOM series, a dataset's layout) into an output folder, as NIfTI label maps, DICOM
+Segmentations, or both, with a JSON sidecar per case naming each code's class and giving the
+case's time and each class's volume. Every output name is checked before the first
+prediction, so a clash or an existing file fails before minutes of work. One case that
+cannot be read (a broken series in a PACS export) is reported in one line and the others
+are still predicted; the run then ends with `SomeFailed` (exit status 3).
+`predict_file` predicts one NIfTI file to a given name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import time
+
+import numpy as np
+from nibabel import orientations
+
+import ukd
+from ukd import files
+from ukd.data import dicom_seg, dicom_series, volumes
+from ukd.errors import ConfigError, DataError, error
+from ukd.predict_inputs import Case, Inputs, find_inputs, output_name
+
+_NIFTI = re.compile(r"\.nii(\.gz)?$")
+OUTPUT_FORMATS = ("nifti", "dicom_seg")
+# Grids closer than this fraction of a voxel are the same grid: DICOM decimal strings and
+# float32 NIfTI affines round positions far below it.
+GRID_TOLERANCE = 0.01
+
+
+class SomeFailed(DataError):
+  """Some cases of an input could not be predicted (each was named in its own line); the
+  others were written. Exit status 3, so a script tells it from a run that wrote nothing."""
+
+  exit_code = 3
+
+
+# --device choices -> the JAX platform that runs them.
+DEVICES = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
+
+
+def use_device(name: str) -> None:
+  """Runs JAX on `name` ('cpu', 'gpu' (CUDA), 'tpu') only; one that is not available is a
+  one-line ConfigError. Must come before anything touches a device: once JAX has set up its
+  devices, the choice has no effect."""
+  import jax
+
+  if name not in DEVICES:
+    raise ConfigError(f"--device={name!r} must be one of {sorted(DEVICES)}")
+  jax.config.update("jax_platforms", DEVICES[name])
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:  # JAX asserts where no CUDA device is visible
+    reason = str(e).split(" (set JAX_PLATFORMS")[0] or f"no {DEVICES[name]} device found"
+    raise error(ConfigError, f"--device={name}", f"not available to JAX here: {reason}") from None
+
+
+def sidecar_path(out_path) -> str:
+  """`<name>.nii.gz` -> `<name>.json`: where the classes of its codes are named."""
+  return _NIFTI.sub("", os.fspath(out_path)) + ".json"
+
+
+@dataclasses.dataclass
+class _Job:
+  """One case with its modality and output paths (None: not written)."""
+
+  case: Case
+  modality: str | None
+  problem: str | None  # known before reading (a Modality tag no trained modality matches)
+  nifti: str | None
+  seg: str | None
+  sidecar: str
+  probabilities: str | None
+
+  @property
+  def outputs(self) -> list[str]:
+    return [p for p in (self.nifti, self.seg, self.sidecar, self.probabilities) if p]
+
+
+def predict_file(
+  seg, in_path, out_path, modality: str, probabilities=None, label_codes: str = "dataset"
+) -> None:
+  """NIfTI in, label map out with the input's exact affine and header, in the codes
+  `seg.label_table` gives (uint8, or uint16 when a code exceeds 255), and `sidecar_path`
+  beside it (classes, seconds, class volumes).  With `probabilities` (a path) also the float32
+  class probabilities [X, Y, Z, C], channel k for class index k."""
+  in_path, out_path = os.fspath(in_path), os.fspath(out_path)
+  case = Case(output_name(in_path), in_path, path=in_path)
+  job = _Job(case, modality, None, out_path, None, sidecar_path(out_path), probabilities)
+  _predict(seg, job, seg.label_table(modality, label_codes), None, _Progress(0, show=False))
+
+
+def parse_formats(output_format: str) -> tuple[str, ...]:
+  """'nifti', 'dicom_seg' or 'nifti,dicom_seg' -> the formats, in that order."""
+  chosen = [f.strip() for f in str(output_format).split(",")]
+  if not chosen or not set(chosen) <= set(OUTPUT_FORMATS) or len(set(chosen)) != len(chosen):
+    raise ConfigError(
+      f"--output_format={output_format!r} must be nifti, dicom_seg or nifti,dicom_seg"
+    )
+  return tuple(f for f in OUTPUT_FORMATS if f in chosen)
+
+
+def _exists(path) -> bool:
+  """Whether `path` exists; locally a dangling link counts too (a write would replace it)."""
+  return files.path(path).exists() if files.is_remote(path) else os.path.lexists(path)
+
+
+def _plan(seg, inputs: Inputs, output_dir, modality, formats, probabilities, overwrite):
+  """A job per case, every output name checked: no clash, none replacing an input, none
+  existing unless `overwrite`."""
+  table = dict(seg.config.infer.get("dicom_modalities") or dicom_series.DEFAULT_MODALITY_TABLE)
+  jobs, taken = [], set()
+  for case in inputs.cases:
+    chosen, problem = modality, None
+    if chosen is None:
+      try:
+        chosen = dicom_series.map_modality(
+          case.series.modality, seg.config.modalities, table, source=case.source
+        )
+      except DataError as e:
+        problem = str(e)
+    out = os.path.join(os.fspath(output_dir), case.name)
+    job = _Job(
+      case,
+      chosen,
+      problem,
+      out + ".nii.gz" if "nifti" in formats else None,
+      out + ".dcm" if "dicom_seg" in formats else None,
+      out + ".json",
+      out + "_probabilities.nii.gz" if probabilities else None,
+    )
+    for target in job.outputs:
+      key = files.path(target)
+      if key in taken:
+        raise error(DataError, case.source, f"its output {target} would overwrite another's")
+      if case.path is not None and key == files.path(case.path):
+        raise DataError(
+          f"{case.path}: the output would overwrite this input; choose another --output"
+        )
+      if not overwrite and _exists(target):
+        raise error(DataError, target, "already exists; pass --overwrite to replace it")
+      taken.add(key)
+    jobs.append(job)
+  return jobs
+
+
+def predict_paths(
+  seg,
+  input_path,
+  output_dir,
+  modality: str | None = None,
+  probabilities: bool = False,
+  *,
+  overwrite: bool = False,
+  label_codes: str = "dataset",
+  output_format: str = "nifti",
+  dicom_reference=None,
+  show_progress: bool = True,
+) -> list[str]:
+  """Predicts what `input_path` holds (`ukd.predict_inputs`) into `output_dir`; returns
+  every path written.
+
+  Per case `<name>`: `<name>.nii.gz` (`output_format` 'nifti') and/or `<name>.dcm` (a
+  DICOM Segmentation, 'dicom_seg'), `<name>.json` (class of each code, seconds, volume of
+  each class in mm^3; for a series its SeriesInstanceUID, StudyInstanceUID and file count),
+  with `probabilities` `<name>_probabilities.nii.gz` (float32 class probabilities).
+  `label_codes` is 'dataset' (the dataset's own codes) or 'index'. `modality` may be None for
+  DICOM: each series is predicted as the modality its Modality tag maps to
+  (`config.infer.dicom_modalities`). A SEG of a NIfTI input needs `dicom_reference`, a folder
+  with one DICOM series on the NIfTI's grid.
+
+  Every problem with the request (flags, names, existing outputs, the reference) raises
+  before the first prediction. A case that then fails is reported in one line and nothing
+  is written for it; if the input held several, the rest are predicted and `SomeFailed`
+  is raised at the end.
+  """
+  formats = parse_formats(output_format)
+  if modality is not None:
+    seg.check_modality(modality)
+    seg.label_table(modality, label_codes)  # a bad choice fails before any work
+  inputs = find_inputs(input_path, exclude=files.path(output_dir))
+  nifti_inputs = [c.path for c in inputs.cases if c.path is not None]
+  if nifti_inputs and modality is None:
+    raise ConfigError(
+      f"--modality is required for NIfTI input {nifti_inputs[0]} (DICOM takes it from its tags)"
+    )
+  reference = None
+  if "dicom_seg" in formats and nifti_inputs:
+    if dicom_reference is None:
+      raise ConfigError(
+        "--output_format=dicom_seg of a NIfTI input needs --dicom_reference=DIR, a DICOM "
+        "series on the same grid, for the SEG to refer to"
+      )
+    reference = _read_reference(dicom_reference)
+  jobs = _plan(seg, inputs, output_dir, modality, formats, probabilities, overwrite)
+  tables = {
+    m: seg.label_table(m, label_codes) for m in {j.modality for j in jobs if j.problem is None}
+  }
+  progress = _Progress(len(jobs), show=show_progress)
+  if inputs.skipped_labels:
+    progress.note(
+      f"{input_path}: skipped {inputs.skipped_labels} label file(s) ({inputs.label_kind}); "
+      "predicting the images only"
+    )
+  written, failed = [], []
+  try:
+    for job in jobs:
+      try:
+        if job.problem is not None:
+          raise DataError(job.problem)
+        seconds = _predict(seg, job, tables[job.modality], reference, progress)
+      except DataError as e:
+        if len(jobs) == 1:
+          raise
+        failed.append(job.case.name)
+        progress.failed(job, str(e))
+        continue
+      written += job.outputs
+      progress.done(job, seconds)
+  finally:
+    progress.close()
+  if failed:
+    raise SomeFailed(
+      f"{input_path}: {len(failed)} of {len(jobs)} cases failed ({', '.join(failed)}; "
+      f"each named above); the other {len(jobs) - len(failed)} were written to {output_dir}"
+    )
+  return written
+
+
+def _read_reference(folder):
+  """The one DICOM series of `--dicom_reference`, read before any prediction."""
+  found = dicom_series.find_series(folder)
+  if len(found) != 1:
+    raise error(
+      DataError, folder, f"--dicom_reference must hold one DICOM series, found {len(found)}"
+    )
+  return dicom_series.read_series(found[0])
+
+
+def _canonical_affine(vol: volumes.Volume) -> np.ndarray:
+  """The affine of `vol.array` (canonical voxel axes), not of the file's own axes."""
+  ornt = orientations.io_orientation(vol.affine)
+  return vol.affine @ orientations.inv_ornt_aff(ornt, vol.original_shape)
+
+
+def _check_grid(vol: volumes.Volume, reference, source: str) -> None:
+  """A NIfTI's SEG refers to the reference series voxel by voxel: the grids must agree."""
+  ref = reference.volume
+  tolerance = GRID_TOLERANCE * min(vol.spacing)
+  if vol.array.shape != ref.array.shape or not np.allclose(
+    _canonical_affine(vol), _canonical_affine(ref), rtol=0, atol=tolerance
+  ):
+    raise error(
+      DataError,
+      source,
+      f"not on the grid of the --dicom_reference series {reference.source} (shape "
+      f"{vol.array.shape} vs {ref.array.shape}, or a different affine); a SEG must match its series",
+    )
+
+
+def class_volumes(labels: np.ndarray, spacing, names) -> dict[str, float]:
+  """{class name: volume in mm^3}: voxels of each class times the voxel volume."""
+  counts = np.bincount(np.asarray(labels).ravel(), minlength=len(names))
+  voxel = float(np.prod([float(s) for s in spacing]))
+  return {name: float(count) * voxel for name, count in zip(names, counts)}
+
+
+def _predict(seg, job: _Job, table, reference, progress) -> float:
+  """Reads, predicts and writes one case; returns its seconds. Outputs written before a
+  failure are removed, so a failed case leaves nothing behind."""
+  start = time.perf_counter()
+  image = None
+  if job.case.series is not None:
+    image = dicom_series.read_series(job.case.series)
+    vol = image.volume
+    if image.skipped:
+      prefix = f"{image.source}: "  # one line for all of the series' skipped localizers
+      progress.note(prefix + "; ".join(s.removeprefix(prefix) for s in image.skipped))
+  else:
+    vol = volumes.read_image(job.case.path)
+    if job.seg:
+      _check_grid(vol, reference, job.case.source)
+      image = reference
+  labels, probs = seg.predict_volume(vol, job.modality, probabilities=bool(job.probabilities))
+  names = [name for _, name in table]
+  record = {"classes": {str(code): name for code, name in table}, "modality": job.modality}
+  if job.case.series is not None:
+    record |= {
+      "SeriesInstanceUID": job.case.series.series_uid,
+      "StudyInstanceUID": job.case.series.study_uid,
+      "source_files": len(image.paths),  # the files of the volume: localizers left out
+    }
+  record["volumes_mm3"] = class_volumes(labels, vol.spacing, names)
+  done = []
+  try:
+    if job.seg:
+      dicom_seg.write_seg(
+        labels,
+        image,
+        job.seg,
+        names,
+        dicom_seg.SEG_CODES.get(seg.config.data.dataset),
+        algorithm_version=ukd.__version__,
+        step=seg.step,
+      )
+      done.append(job.seg)
+    if job.nifti:
+      dtype = np.uint8 if max(code for code, _ in table) <= 255 else np.uint16
+      codes = np.array([code for code, _ in table], dtype)
+      volumes.write_like(codes[labels], vol, job.nifti, dtype=dtype)
+      done.append(job.nifti)
+    if job.probabilities:
+      volumes.write_like(probs, vol, job.probabilities, dtype=np.float32)
+      done.append(job.probabilities)
+    seconds = time.perf_counter() - start
+    files.write_json(job.sidecar, {**record, "seconds": round(seconds, 3)})
+  except BaseException:
+    for path in done:
+      files.path(path).unlink(missing_ok=True)
+    raise
+  return seconds
+
+
+class _Progress:
+  """Per-case progress for a person: a rich bar over the lines of finished cases on a
+  terminal, plain lines where stdout is a log or a pipe. Failures go to stderr."""
+
+  def __init__(self, total: int, show: bool = True):
+    self.total, self.show, self.count, self.bar = total, show, 0, None
+    if show and total and sys.stdout.isatty():
+      from rich import progress
+
+      self.bar = progress.Progress(
+        progress.TextColumn("predict"),
+        progress.BarColumn(),
+        progress.MofNCompleteColumn(),
+        progress.TimeElapsedColumn(),
+      )
+      self.task = self.bar.add_task("predict", total=total)
+      self.bar.start()
+
+  def _line(self, text: str, stream=None) -> None:
+    if not self.show:
+      return
+    if self.bar is not None:
+      self.bar.console.print(text, markup=False, highlight=False)
+    else:
+      print(text, file=stream or sys.stdout, flush=True)
+
+  def note(self, text: str) -> None:
+    self._line(text)
+
+  def done(self, job: _Job, seconds: float) -> None:
+    self.count += 1
+    first = job.nifti or job.seg
+    self._line(f"[{self.count}/{self.total}] {job.case.source} -> {first} ({seconds:.1f} s)")
+    if self.bar is not None:
+      self.bar.advance(self.task)
+
+  def failed(self, job: _Job, message: str) -> None:
+    self.count += 1
+    self._line(f"ukd: failed: {message}", sys.stderr)
+    if self.bar is not None:
+      self.bar.advance(self.task)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.stop()
