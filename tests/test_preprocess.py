@@ -332,7 +332,7 @@ def test_a_plane_larger_than_size_is_kept_and_sizes_round_half_up():
   assert prep.image.shape == (16, 60, 2)
   assert np.array_equal(preprocess.restore(prep.label, g, is_label=True), label)
   small = preprocess.prepare(from_array(np.zeros((5, 4, 1))), None, "ct", make_cfg(spacing="2"))
-  assert small.geometry["content_box"] == [[14, 17], [14, 16]]  # 3 x 2 pixels in 32 x 32
+  assert small.geometry["content_box"] == [[14, 17], [15, 17]]  # 3 x 2 pixels, centred in 32
 
 
 def test_spacing_applies_to_the_body_box_and_per_modality():

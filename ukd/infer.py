@@ -226,7 +226,8 @@ class Segmenter:
       return padded[rows, cols][:, :, np.clip(np.arange(k.start - 1, k.start + 2), 0, last)]
 
     overlap = float(self.config.infer.overlap)
-    # Along the slices the windows are single slices that never overlap.
+    # Windows one slice thick, side by side along the slices; in-plane they overlap, and are
+    # blended, only where the slice is larger than data.size.
     blend = image.shape[0] > size[0] or image.shape[1] > size[1]
     return self._slide(image, size + (1,), (overlap, overlap, 0.0), sample, modality, blend)
 
