@@ -151,3 +151,13 @@ def test_four_devices_equal_one_device():
   assert result["loss_diff"] < 1e-5
   assert result["params_diff"] < 1e-5
   assert result["stats_diff"] < 1e-5
+
+
+def test_the_batch_reaches_the_devices_by_explicit_transfers_only():
+  """`to_global_batch` under a guard that refuses implicit transfers: the rows arrive intact."""
+  mesh = mesh_lib.make_mesh()
+  rows = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+  with jax.transfer_guard("disallow"):
+    batch = mesh_lib.to_global_batch({"image": rows}, mesh)["image"]
+  assert batch.sharding == mesh_lib.batch_sharding(mesh)
+  np.testing.assert_array_equal(jax.device_get(batch), rows)

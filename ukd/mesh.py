@@ -53,8 +53,11 @@ def to_global_batch(batch, mesh):
   def assemble(local):
     local = np.asarray(local)
     shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-    rows = {d: index[0] for d, index in sharding.addressable_devices_indices_map(shape).items()}
-    first = min(r.start or 0 for r in rows.values())
+    rows = {
+      device: slice(*index[0].indices(shape[0]))  # slice(None) on one device: all rows
+      for device, index in sharding.addressable_devices_indices_map(shape).items()
+    }
+    first = min(r.start for r in rows.values())
     shards = [
       jax.device_put(local[r.start - first : r.stop - first], device) for device, r in rows.items()
     ]
