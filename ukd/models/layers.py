@@ -134,51 +134,11 @@ class ModalityNorm(_PerModality):
 
   @nn.compact
   def __call__(self, x, modality, train: bool):
-    groups = self._groups(modality)
-    distinct = len(set(groups)) == len(groups)
-    if train and not self.shared and len(groups) > 1 and distinct and not self.is_initializing():
-      return self._grouped(x, groups)
-
     def make(name):
       # float32 whatever the convolutions compute in: statistics and normalised outputs.
       return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=jnp.float32, name=name)
 
     return self._route(make, x, modality, use_running_average=not train)
-
-  def _grouped(self, x, groups):
-    """Per-modality training statistics on a [modality, part, features] view of the batch.
-
-    The same as `_route`'s split -> one nn.BatchNorm per part -> concatenate (same
-    variables, formulas and running-average updates; only float rounding may differ),
-    without the split parts and the concatenation, which XLA:CPU copies: at the 2D
-    network's 2560-feature layer those copies cost as much as the normalisation itself.
-    """
-    variables = [_BatchNormVariables(x.shape[-1], name=m)() for m in groups]
-    scale, bias = (jnp.stack([v[i] for v in variables]) for i in (0, 1))
-    parts = x.astype(jnp.float32).reshape(len(groups), -1, x.shape[-1])
-    mean = parts.mean(axis=1)
-    var = jnp.maximum(0.0, jnp.square(parts).mean(axis=1) - jnp.square(mean))  # as nn.BatchNorm
-    for (_, _, ra_mean, ra_var), m, v in zip(variables, mean, var):
-      ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * m
-      ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * v
-    mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
-    return ((parts - mean[:, None]) * mul[:, None] + bias[:, None]).reshape(x.shape)
-
-
-class _BatchNormVariables(nn.Module):
-  """nn.BatchNorm's variables (names, shapes, initial values) without its computation, so
-  `ModalityNorm._grouped` reads and writes the checkpoint layout of the per-branch path."""
-
-  features: int
-
-  @nn.compact
-  def __call__(self):
-    shape = (self.features,)
-    scale = self.param("scale", nn.initializers.ones, shape, jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
-    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, jnp.float32))
-    var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, jnp.float32))
-    return scale, bias, mean, var
 
 
 def _tuple(strides, x):
