@@ -237,7 +237,9 @@ def test_predict_refuses_existing_outputs_unless_overwrite_and_writes_codes_or_i
   target.write_bytes(b"someone's ground truth")
   args = ["--mode=predict", f"--workdir={workdir}", f"--input={image}", f"--output={tmp_path}"]
   line = _one_error_line(ukd(*args, "--modality=ct", check=False))
-  assert line == f"ukd: error: {target}: already exists; pass --overwrite to replace it"
+  assert (
+    line == f"ukd: error: {target}: already exists; pass --overwrite to replace it or --continue"
+  )
   assert target.read_bytes() == b"someone's ground truth"
   out = ukd(*args, "--modality=ct", "--overwrite", "--label_codes=index")
   assert f"wrote 2 file(s) to {tmp_path}" in out.stdout

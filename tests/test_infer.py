@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from ukd import checkpoints, evaluate, infer, models, predict
+from ukd import checkpoints, evaluate, infer, models, predict, windows
 from ukd import config as config_lib
 from ukd import state as state_lib
 from ukd.data import preprocess, volumes
@@ -196,7 +196,7 @@ def test_volumes_of_any_slice_count_and_new_weights_reuse_the_compiled_network(s
 
 
 def test_gaussian_importance_peaks_at_the_centre_with_sigma_an_eighth():
-  weights = infer.gaussian_importance((16, 1, 8))
+  weights = windows.gaussian_importance((16, 1, 8))
   assert weights.shape == (16, 1, 8) and weights.max() == 1.0
   profile = weights[:, 0, 3]
   expected = np.exp(-0.5 * ((np.arange(16) - 7.5) / 2.0) ** 2)
@@ -205,10 +205,10 @@ def test_gaussian_importance_peaks_at_the_centre_with_sigma_an_eighth():
 
 
 def test_window_starts_cover_the_volume_with_the_overlap():
-  assert infer.window_starts(8, 8, 0.5) == [0]
-  assert infer.window_starts(20, 8, 0.5) == [0, 4, 8, 12]
-  assert infer.window_starts(21, 8, 0.5) == [0, 3, 6, 10, 13]
-  assert infer.window_starts(24, 8, 0.0) == [0, 8, 16]
+  assert windows.window_starts(8, 8, 0.5) == [0]
+  assert windows.window_starts(20, 8, 0.5) == [0, 4, 8, 12]
+  assert windows.window_starts(21, 8, 0.5) == [0, 3, 6, 10, 13]
+  assert windows.window_starts(24, 8, 0.0) == [0, 8, 16]
 
 
 def test_one_window_equals_whole_volume_inference(seg3d):
@@ -218,7 +218,7 @@ def test_one_window_equals_whole_volume_inference(seg3d):
   prepared = preprocess.prepare(volume, None, "ct", seg3d.config.data)
   model = models.build(seg3d.config.model, seg3d.config.modalities)
   apply = jax.jit(lambda v, x: model.apply(v, x, modality="ct"))  # compiles faster than eager
-  logits = apply(seg3d.variables, prepared.image[None, ..., None])
+  logits = apply(seg3d.variables[0], prepared.image[None, ..., None])
   direct = preprocess.restore(
     np.asarray(jax.nn.softmax(logits[0])), prepared.geometry, is_label=False
   )
@@ -294,8 +294,8 @@ def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
   written = predict.predict_paths(seg, str(inputs), str(out), "ct", probabilities=True)
   assert written == [
     str(out / n)
-    for n in ("a.nii.gz", "a.json", "a_probabilities.nii.gz")
-    + ("b.nii.gz", "b.json", "b_probabilities.nii.gz")
+    for n in ("a.nii.gz", "a_probabilities.nii.gz", "a.json")
+    + ("b.nii.gz", "b_probabilities.nii.gz", "b.json")
   ]
   assert nib.load(written[3]).shape == (16, 16, 4)
   again = predict.predict_paths(seg, str(inputs / "b.nii"), str(out), "ct", overwrite=True)
@@ -425,7 +425,8 @@ def test_predicting_into_a_folder_with_those_names_refuses_before_any_work(seg, 
   with pytest.raises(DataError) as error:
     predict.predict_paths(seg, str(inputs), str(labels), "ct")
   assert (
-    str(error.value) == f"{labels / 'b.nii.gz'}: already exists; pass --overwrite to replace it"
+    str(error.value)
+    == f"{labels / 'b.nii.gz'}: already exists; pass --overwrite to replace it or --continue"
   )
   assert sorted(os.listdir(labels)) == ["b.nii.gz"]  # not even a.nii.gz was predicted
   assert (labels / "b.nii.gz").read_bytes() == b"ground truth"
@@ -516,7 +517,7 @@ def test_large_volumes_are_restored_a_run_of_slices_at_a_time(seg, monkeypatch):
   volume = volumes.from_array(_ct_like(shape, seed=3))
   seg.predict_volume(volumes.from_array(_ct_like((16, 16, 9))), "ct")  # compiled beforehand
   prepared = preprocess.prepare(volume, None, "ct", seg.config.data)
-  network = seg._predict_slices(prepared.image, "ct")
+  network = windows.network_probabilities(prepared.image, seg.settings, seg.batch_function("ct"))
 
   def peak_bytes(run):
     tracemalloc.start()

@@ -325,10 +325,13 @@ def test_forward_mode_derivative_agrees_with_reverse_mode(name, spatial):
   leaves, treedef = jax.tree.flatten(primals)
   keys = jax.random.split(jax.random.key(2), len(leaves) + 1)
   tangent_leaves = [jax.random.normal(k, v.shape) for k, v in zip(keys, leaves)]
-  tangents = treedef.unflatten(tangent_leaves)
-  out, out_dot = jax.jit(lambda p, t: jax.jvp(logits, p, t))(primals, tangents)
-  u = jax.random.normal(keys[-1], out.shape)
-  cotangents = jax.jit(lambda p: jax.vjp(logits, *p)[1](u))(primals)
+  u = jax.random.normal(keys[-1], (2, *spatial, config.model.num_classes))
+
+  @jax.jit  # one compilation for both modes
+  def both(primals, tangents):
+    return jax.jvp(logits, primals, tangents)[1], jax.vjp(logits, *primals)[1](u)
+
+  out_dot, cotangents = both(primals, treedef.unflatten(tangent_leaves))
   forward = float(jnp.vdot(out_dot, u))
   reverse = sum(jnp.vdot(t, c) for t, c in zip(tangent_leaves, jax.tree.leaves(cotangents)))
   assert abs(forward) > 1e-3

@@ -107,8 +107,12 @@ def test_two_processes_train_kill_resume_and_evaluate_like_one(reference, tmp_pa
   steps, pair = _losses(workdir)
   _, single = _losses(reference)
   assert sorted(steps) == [1, 2, 3, 4] and len(steps) == 4  # one copy of each line
+  # Step 1 is bitwise alike; later steps differ in the last float32 digits because gloo sums
+  # the gradients in another order than one process does, and Adam's normalisation magnifies
+  # that where a gradient is near zero (seen: 1e-5). Other data or another update differs by
+  # far more than 1e-4.
   for step in range(1, 5):
-    assert pair[step] == pytest.approx(single[step], abs=1e-5), step
+    assert pair[step] == pytest.approx(single[step], abs=1e-4), step
 
   # One evaluation, written once, scoring every test case as the single process did.
   evals = sorted(os.listdir(os.path.join(workdir, "eval")))

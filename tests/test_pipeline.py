@@ -176,7 +176,7 @@ def test_resume_on_another_number_of_hosts(sources):
 
 
 def test_worker_processes_give_the_same_batches(sources):
-  config = make_config(dims=3, augment=dict(flip=True, rotate=10.0))
+  config = make_config(dims=3, augment=dict(flip=(0, 1), rotate=10.0))
   in_process = take(sources, config, 3)
   config.data.workers = 2
   # Copy out of grain's shared memory before the iterator is closed.
@@ -191,7 +191,7 @@ def test_augmentation_moves_image_and_label_together():
   label = np.zeros((32, 32, 4), np.int32)
   label[4:20, 8:14] = 2
   image = label.astype(np.float32)[..., None]
-  aug = dict(flip=True, rotate=20.0, scale=0.2, intensity=0.0)
+  aug = dict(flip=(0, 1), rotate=20.0, scale=0.2, intensity=0.0)
   for seed in range(5):
     x, y = pipeline.augment(image, label, np.random.default_rng(seed), aug)
     assert x.shape == image.shape and x.dtype == np.float32
@@ -199,7 +199,7 @@ def test_augmentation_moves_image_and_label_together():
     assert set(np.unique(y)) <= {0, 2}
     assert np.mean((x[..., 0] > 1.0) == (y > 0)) > 0.97
   jittered, same = pipeline.augment(
-    image, label, rng, dict(flip=False, rotate=0.0, scale=0.0, intensity=0.1)
+    image, label, rng, dict(flip=(), rotate=0.0, scale=0.0, intensity=0.1)
   )
   assert np.array_equal(same, label) and not np.array_equal(jittered, image)
 

@@ -13,7 +13,7 @@ from helpers import ROOT, tiny_config
 from ml_collections import config_flags
 
 from ukd import config as config_lib
-from ukd import infer, models, steps
+from ukd import infer, models, steps, windows
 from ukd import mesh as mesh_lib
 from ukd import state as state_lib
 from ukd.data import adapters, phantoms, pipeline, preprocess, synthetic, volumes
@@ -105,7 +105,7 @@ def test_2d_windows_over_a_larger_slice_equal_the_network_on_the_whole_slice():
   shapes = []
   seg = _segmenter("dilated2d", shapes, size=(8, 8))
   image = np.random.default_rng(0).normal(size=(21, 13, 5)).astype(np.float32)
-  result = seg._predict_slices(image, "ct")
+  result = windows.network_probabilities(image, seg.settings, seg.batch_function("ct"))
   neighbours = np.clip(np.arange(5)[:, None] + [-1, 0, 1], 0, 4)
   whole = np.asarray(pointwise(np.moveaxis(image[:, :, neighbours], 2, 0)))  # [S, H, W, C]
   np.testing.assert_allclose(result, np.moveaxis(whole, 0, 2), atol=1e-6)
@@ -117,7 +117,11 @@ def test_3d_windows_over_a_larger_plane_equal_the_network_on_the_whole_volume():
   seg = _segmenter("unet3d", size=(8, 8), patch=(8, 8, 4))
   image = np.random.default_rng(1).normal(size=(19, 10, 6)).astype(np.float32)
   expected = np.asarray(pointwise(image[..., None]))
-  np.testing.assert_allclose(seg._predict_windows(image, "ct"), expected, atol=1e-6)
+  np.testing.assert_allclose(
+    windows.network_probabilities(image, seg.settings, seg.batch_function("ct")),
+    expected,
+    atol=1e-6,
+  )
 
 
 def test_overlapping_2d_windows_are_blended_with_gaussian_weights():
@@ -133,7 +137,7 @@ def test_overlapping_2d_windows_are_blended_with_gaussian_weights():
     return jnp.stack([1 - a, a, jnp.zeros_like(a)], -1)
 
   seg._probabilities = first_row
-  class_1 = seg._predict_slices(image, "ct")[:, :, 0, 1]
+  class_1 = windows.network_probabilities(image, seg.settings, seg.batch_function("ct"))[:, :, 0, 1]
 
   def g(n):
     return np.exp(-0.5 * (n - 3.5) ** 2)

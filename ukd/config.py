@@ -5,6 +5,8 @@ changed.  Every field is documented here in one line.  Fields a user must set
 hold a placeholder (ml_collections cannot override a field that is None).
 """
 
+import re
+
 import ml_collections as mc
 import numpy as np
 
@@ -58,6 +60,9 @@ def default() -> mc.ConfigDict:
   c.data.synthetic.seed = 0  # phantoms' own seed (the same phantoms for every training seed)
   c.data.synthetic.shape = (96, 96, 40)  # voxels per phantom
   c.data.split_fractions = (0.6, 0.2, 0.2)  # train / val / test fractions per modality
+  c.data.folds = 1  # k > 1: k-fold cross-validation of the train+val cases; test stays as k=1
+  c.data.fold = 0  # with folds > 1: the fold validated on (0..folds-1), the others train
+  c.data.patient_pattern = ""  # regex, group 1 = a case id's patient ('': each case its own)
   c.data.train_fraction = 1.0  # share of each modality's training cases used (data budget)
   c.data.split_file = ""  # a splits.json to use instead of a seeded split
   c.data.cache_dir = ""  # volume cache ('' = <workdir>/cache); gs://... -> ~/.cache/ukd/<hash>
@@ -72,7 +77,7 @@ def default() -> mc.ConfigDict:
   c.data.patch = (256, 256, 8)  # 3D patch (H, W, S)
   c.data.fg_fraction = 0.0  # probability of sampling a slice/patch with foreground
   c.data.augment = mc.ConfigDict()  # all off by default, as in the paper
-  c.data.augment.flip = False  # random flips of the in-plane axes
+  c.data.augment.flip = ()  # axes flipped at random: (0, 1) in-plane, 2 the slice axis too
   c.data.augment.rotate = 0.0  # max rotation in degrees
   c.data.augment.scale = 0.0  # max relative zoom (0.1 = 0.9..1.1)
   c.data.augment.intensity = 0.0  # max intensity scale/shift jitter
@@ -82,6 +87,7 @@ def default() -> mc.ConfigDict:
   c.infer = mc.ConfigDict()
   c.infer.batch_size = 32  # slices (2D) or windows (3D) per device call
   c.infer.overlap = 0.5  # sliding-window overlap (3D; 2D in-plane where slices exceed data.size)
+  c.infer.tta = False  # mirroring test-time augmentation over data.augment.flip's axes
   c.infer.dicom_modalities = {"CT": "ct", "MR": "mr"}  # DICOM Modality tag -> modality predicted
 
   c.log_every = 50  # steps between metric lines
@@ -273,9 +279,45 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
     raise ConfigError(f"config.model.conv_grads={conv_grads!r} must be 'xla' or 'cpu_matmul'")
   if not 0.0 < config.data.train_fraction <= 1.0:
     raise ConfigError(f"config.data.train_fraction={config.data.train_fraction} must be in (0, 1]")
+  flip_axes(config.data.augment.flip)
+  _check_folds(config.data)
   if not 0.0 <= config.infer.overlap < 1.0:
     raise ConfigError(f"config.infer.overlap={config.infer.overlap} must be in [0, 1)")
   return config
+
+
+def _check_folds(data) -> None:
+  """`data.folds`, `data.fold` and `data.patient_pattern` (`ukd.data.splits`)."""
+  folds, fold = data.folds, data.fold
+  if not isinstance(folds, int) or isinstance(folds, bool) or folds < 1:
+    raise ConfigError(f"config.data.folds={folds!r} must be a whole number >= 1")
+  if not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < folds:
+    raise ConfigError(f"config.data.fold={fold!r} must be a whole number in 0..{folds - 1}")
+  if folds > 1 and data.split_file:
+    raise ConfigError("config.data.folds > 1 makes the split itself: leave data.split_file empty")
+  try:
+    groups = re.compile(data.patient_pattern).groups
+  except (re.error, TypeError):
+    groups = None
+  if data.patient_pattern and not groups:
+    raise ConfigError(
+      f"config.data.patient_pattern={data.patient_pattern!r} must be a regex with a group "
+      "(the patient part of a case id)"
+    )
+
+
+def flip_axes(value) -> tuple[int, ...]:
+  """`data.augment.flip` as sorted data axes (0, 1 in-plane, 2 along the slices).  Configs
+  saved when the field was a switch hold True (both in-plane axes) or False (none)."""
+  if isinstance(value, bool):
+    return (0, 1) if value else ()
+  try:
+    axes = tuple(sorted(int(a) for a in value))
+  except (TypeError, ValueError):
+    axes = None
+  if axes is None or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
+    raise ConfigError(f"config.data.augment.flip={value!r} must be distinct axes among 0, 1, 2")
+  return axes
 
 
 def resolve(config, *, root: str, num_classes: int) -> mc.FrozenConfigDict:

@@ -19,6 +19,10 @@ Outputs of `evaluate_cases(..., out_dir=d)` (`evaluate` uses d = <workdir>/eval/
   d/cases.csv      case, modality, class, dice, assd, hd95: one row per volume and structure
   d/overlays/<modality>/<case id>.png   image | ground truth | prediction on three slices
                    (per modality: case ids are only unique within one)
+With post-processing rules (`ukd.postprocess`; `evaluate` takes the work dir's by default) each
+prediction is also scored post-processed, without predicting again: metrics.json then holds
+'postprocessed': {'rules', 'metrics': m of the post-processed labels} as well, and
+d/cases_postprocessed.csv their rows.
 """
 
 import json
@@ -35,6 +39,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from ukd import checkpoints, files, infer, metrics, tables
+from ukd import postprocess as postprocess_lib
 from ukd.data import splits
 from ukd.data.adapters import Adapter, Case
 from ukd.errors import DataError
@@ -192,6 +197,7 @@ def evaluate_cases(
   overlays: int | None = None,
   metric_names: Sequence[str] = METRICS,
   split: str | None = None,
+  rules: Mapping | None = None,
 ) -> dict[str, Any]:
   """Predicts and scores every case.
 
@@ -209,12 +215,15 @@ def evaluate_cases(
     metric_names: the scores of each row (Dice alone spares the surface distances:
       training validates so).
     split: the split the cases come from, recorded in metrics.json.
+    rules: post-processing rules by modality (`ukd.postprocess.load_rules`): each prediction
+      is also scored post-processed (`seg` should apply none itself).
 
   Returns:
     {'cases': one row per case and structure, 'summary': `summarize_rows`' result,
-    'overlays': '<modality>/<case id>' -> overlay picture}.
+    'overlays': '<modality>/<case id>' -> overlay picture}; with `rules` also
+    'postprocessed': {'rules', 'cases', 'summary'} of the post-processed labels.
   """
-  rows, pictures = [], {}
+  rows, fixed_rows, pictures = [], [], {}
   drawn = dict.fromkeys((c.modality for c in cases), 0)  # pictures per modality so far
   # Several processes share out the cases (each on its own devices) and gather the scores;
   # process 0 writes the files.
@@ -237,6 +246,15 @@ def evaluate_cases(
       metric_names[0],
       " ".join(f"{name}={s[metric_names[0]]:.3f}" for name, s in scores.items()),
     )
+    if rules is not None:  # the same prediction post-processed: no second prediction
+      rule = rules.get(case.modality)
+      fixed = postprocess_lib.apply(pred, rule, image.spacing) if rule else pred
+      fixed_scores = scores
+      if rule:
+        fixed_scores = metrics.structure_scores(
+          fixed, label.array, image.spacing, adapter.classes, metric_names
+        )
+      fixed_rows += _case_rows(case, fixed_scores)
     wanted = overlays is None or drawn[case.modality] < overlays
     if wanted and jax.process_index() == 0:
       drawn[case.modality] += 1
@@ -244,11 +262,17 @@ def evaluate_cases(
         image.array, label.array, pred, seg.config.data.slice_axis
       )
   order = {(c.modality, c.id): i for i, c in enumerate(cases)}
-  rows = sorted(gather_rows(rows), key=lambda r: order[(r["modality"], r["case"])])
+  by_case = lambda r: order[(r["modality"], r["case"])]
+  rows = sorted(gather_rows(rows), key=by_case)
   summary = summarize_rows(rows, adapter.classes, metric_names)
+  result, fixed = {"cases": rows, "summary": summary, "overlays": pictures}, None
+  if rules is not None:
+    fixed_rows = sorted(gather_rows(fixed_rows), key=by_case)
+    fixed_summary = summarize_rows(fixed_rows, adapter.classes, metric_names)
+    result["postprocessed"] = fixed = dict(rules=rules, cases=fixed_rows, summary=fixed_summary)
   if out_dir is not None and jax.process_index() == 0:
-    write_results(out_dir, rows, summary, pictures, step=seg.step, split=split)
-  return {"cases": rows, "summary": summary, "overlays": pictures}
+    write_results(out_dir, rows, summary, pictures, step=seg.step, split=split, postprocessed=fixed)
+  return result
 
 
 def gather_rows(rows: list[Row]) -> list[Row]:
@@ -281,6 +305,7 @@ def write_results(
   *,
   step: int | None = None,
   split: str | None = None,
+  postprocessed: Mapping[str, Any] | None = None,
 ) -> None:
   """The files of the module docstring, each written atomically (`ukd.files`).
 
@@ -291,11 +316,17 @@ def write_results(
     pictures: '<modality>/<case id>' -> overlay picture.
     step: the checkpoint scored, recorded in metrics.json.
     split: the split scored, recorded in metrics.json.
+    postprocessed: {'rules', 'cases', 'summary'} of the post-processed labels, or None.
   """
   out_dir = epath.Path(out_dir)
   record = {"step": step, "split": split, "metrics": _json_safe(summary)}
+  columns = ("case", "modality", "class", *METRICS)
+  if postprocessed is not None:
+    fixed = _json_safe(postprocessed["summary"])
+    record["postprocessed"] = {"rules": postprocessed["rules"], "metrics": fixed}
+    files.write_csv(out_dir / "cases_postprocessed.csv", columns, postprocessed["cases"])
   files.write_json(out_dir / "metrics.json", record, allow_nan=False)
-  files.write_csv(out_dir / "cases.csv", ("case", "modality", "class", *METRICS), rows)
+  files.write_csv(out_dir / "cases.csv", columns, rows)
   for name, picture in pictures.items():
     with files.replacing(out_dir / "overlays" / f"{name}.png") as tmp:
       Image.fromarray(picture).save(tmp, format="PNG")
@@ -354,6 +385,8 @@ def evaluate(
   split: str = "test",
   step: str | int = "best",
   overlays: bool = True,
+  tta: bool | None = None,
+  postprocess: str = "auto",
 ) -> dict[str, Any]:
   """Scores a work dir's checkpoint on one split of its dataset into `output_dir`.
 
@@ -367,25 +400,42 @@ def evaluate(
     split: 'train', 'val' or 'test'.
     step: the checkpoint: 'best', 'latest' or a step number.
     overlays: also draw every case's overlay picture.
+    tta: mirroring test-time augmentation (None: the config's `infer.tta`).
+    postprocess: 'auto', 'none' or a postprocessing.json (`ukd.postprocess.load_rules`);
+      with rules, the same predictions are scored as predicted and post-processed.
 
   Returns:
     {'summary': `summarize_rows`' result, 'cases': the rows, 'dir': the output folder,
-    'step': the checkpoint's step, 'split': `split`}.
+    'step': the checkpoint's step, 'split': `split`, 'postprocessed': {'rules', 'cases',
+    'summary'} of the post-processed labels, or None without rules}.
   """
   if split not in splits.SPLIT_NAMES:
     raise DataError(f"split {split!r} is not one of {list(splits.SPLIT_NAMES)}")
   workdir, step = checkpoints.resolve(workdir, step)
-  seg = infer.load(workdir, step=step)
+  seg = infer.load(workdir, step=step, tta=tta, postprocess="none")
+  rules = postprocess_lib.load_rules([workdir], postprocess)
   adapter, chosen = split_cases(seg, workdir, split)
   if not chosen:
     raise DataError(f"{workdir}: the {split} split has no cases of {list(seg.config.modalities)}")
   out_dir = output_dir(workdir, split, seg.step)
+  limit = None if overlays else 0
   result = evaluate_cases(
-    seg, adapter, chosen, out_dir=out_dir, overlays=None if overlays else 0, split=split
+    seg, adapter, chosen, out_dir=out_dir, overlays=limit, split=split, rules=rules
   )
+  fixed = result.get("postprocessed")
   if jax.process_index() == 0:
     print(f"{split} split, checkpoint step {seg.step}, {len(chosen)} volumes -> {out_dir}")
+    if fixed:
+      print("as predicted (raw network labels):")
     print(format_table(result["summary"], adapter.classes))
+    if fixed:
+      print(f"post-processed ({postprocess_lib.describe(rules, adapter.classes)}):")
+      print(format_table(fixed["summary"], adapter.classes))
   return dict(
-    summary=result["summary"], cases=result["cases"], dir=out_dir, step=seg.step, split=split
+    summary=result["summary"],
+    cases=result["cases"],
+    dir=out_dir,
+    step=seg.step,
+    split=split,
+    postprocessed=fixed,
   )

@@ -193,6 +193,12 @@ def write_text(path, text: str, newline: str | None = None) -> None:
     f.write(text)
 
 
+def write_bytes(path, data: bytes) -> None:
+  """Writes `data` to `path` atomically."""
+  with replacing(path) as tmp, open(tmp, "wb") as f:
+    f.write(data)
+
+
 def write_json(path, value, **dump_options) -> None:
   """`value` as indented JSON plus a final newline, written atomically."""
   write_text(path, json.dumps(value, indent=2, **dump_options) + "\n")

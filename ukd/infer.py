@@ -2,129 +2,117 @@
 
 Two ways to get a `Segmenter`: `Segmenter(config, variables)` wraps live variables (validation
 during training); `load(path)` restores a work dir's checkpoint together with the config saved
-in it, so a network always runs with the preprocessing it was trained with.
+in it, so a network always runs with the preprocessing it was trained with.  `load` given
+several work dirs (the folds of a cross-validation) gives an ensemble.
 
-Every volume takes the same road: canonical Volume -> `preprocess.prepare` (network space
-[H, W, S], from the image alone) -> class probabilities [H, W, S, C] ->
-`preprocess.restore_labels` (linear interpolation onto the canonical grid, then argmax, a run
-of slices at a time so a large CT never holds all classes at full resolution) ->
-`Volume.to_original` for the caller's own orientation.  Restoring probabilities rather than
-labels gives smoother boundaries than nearest-neighbour label resizing.  `label_table` gives
-the dataset's own label codes, in which `ukd.predict` writes files and folders.
+Volumes take the road of `ukd.windows` (prepare -> windows -> restore), which an exported
+model shares.  What this module adds is the batch function, one jitted call per batch:
+  * the network of every ensemble member on the batch, their softmax probabilities averaged;
+  * with test-time augmentation (`tta`), each sample also mirrored along every combination of
+    the axes the network was trained to see flipped (`data.augment.flip`), all mirrors in one
+    batch through the network, flipped back and averaged (as nnU-Net's mirroring).
+`label_table` gives the dataset's own label codes, in which `ukd.predict` writes files.
 
-  * 2D networks see every slice with its two neighbours as channels, edges replicated, exactly
-    as the training pipeline builds its inputs; a slice larger than `data.size` (prepared with
-    `data.spacing`) is seen through in-plane windows of `data.size`, as training saw it.
-  * 3D networks see windows of `data.patch`.
-  Windows overlap by `infer.overlap` and their probabilities are blended with a Gaussian
-  importance map (sigma = window / 8 per axis, as nnU-Net), which trusts the window centre,
-  where the network saw most context, more than its border.  Both kinds take one road
-  (`Segmenter._slide`); a 2D slice no larger than `data.size` is one window whose
-  probabilities are taken as they are.
-
-Slices or windows reach the devices in batches of one fixed size (`infer.batch_size` rounded
-up to a multiple of the device count, the last batch padded) sharded over the 'data' mesh axis.
-So a single compiled function per modality serves every volume whatever its size, and a
-sample's result does not depend on which batch it landed in.
+Batches are sharded over the 'data' mesh axis (`infer.batch_size` rounded up to a multiple of
+the device count), so a single compiled function per modality serves every volume.
 """
 
-import functools
 import itertools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ukd import checkpoints, models, steps
+from ukd import checkpoints, models, steps, windows
 from ukd import config as config_lib
 from ukd import mesh as mesh_lib
-from ukd.data import preprocess, volumes
+from ukd import postprocess as postprocess_lib
+from ukd.data import volumes
 from ukd.errors import ConfigError, DataError
 
 
-def gaussian_importance(shape) -> np.ndarray:
-  """Window weights exp(-d^2 / 2 sigma^2), sigma = size / 8 per axis, peak 1 at the centre."""
-  axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (n / 8)) ** 2) for n in shape]
-  weights = functools.reduce(np.multiply.outer, axes)
-  return (weights / weights.max()).astype(np.float32)
-
-
-def window_starts(length: int, window: int, overlap: float) -> list[int]:
-  """Evenly spaced window origins covering [0, length), consecutive ones overlapping at least
-  `overlap` of a window; the first starts at 0 and the last ends at `length` (as nnU-Net)."""
-  if length <= window:
-    return [0]
-  count = math.ceil((length - window) / (window * (1.0 - overlap))) + 1
-  return [round(i * (length - window) / (count - 1)) for i in range(count)]
-
-
-def _pad_to(array: np.ndarray, shape) -> np.ndarray:
-  """Pads the end of each axis shorter than a window up to `shape`, replicating the border:
-  that keeps the padding within the volume's own intensities (the 2D path replicates missing
-  neighbour slices too).  The caller crops the padding off the result."""
-  pad = [(0, max(0, s - n)) for n, s in zip(array.shape, shape)]
-  return np.pad(array, pad, mode="edge") if any(p for _, p in pad) else array
-
-
-def _fill_batch(samples: np.ndarray, size: int) -> np.ndarray:
-  """Zero samples complete the last batch so every call has the compiled shape."""
-  missing = size - len(samples)
-  if not missing:
-    return samples
-  return np.concatenate([samples, np.zeros((missing, *samples.shape[1:]), samples.dtype)])
-
-
 class Segmenter:
-  """A network with its variables on the devices and the config it was trained with."""
+  """A network (or an ensemble of networks) with its variables on the devices and the config
+  it was trained with."""
 
   # What a checkpoint recorded of the dataset it was trained on ({'classes', 'label_codes',
   # 'splits'}: `checkpoints.save`); None for live variables and older checkpoints.
   dataset: dict | None = None
 
-  def __init__(self, config, variables, mesh=None, *, step: int | None = None):
+  def __init__(
+    self, config, variables, mesh=None, *, step=None, tta: bool | None = None, postprocess=None
+  ):
     """`variables` holds 'params' and 'batch_stats' (anything else, e.g. optimizer state, is
-    not needed); `mesh` defaults to all of this process's devices.  Inference runs within one
-    process, on its own devices: every volume is small enough for one host, and its result is
-    needed there (several hosts share out the cases instead: `evaluate.evaluate_cases`).
-    `config` is a checked one (`ukd.config.check`), as training and checkpoints hold."""
+    not needed), or is a list of such, one per ensemble member, all of `config`'s network.
+    `mesh` defaults to all of this process's devices.  Inference runs within one process, on
+    its own devices: every volume is small enough for one host, and its result is needed
+    there (several hosts share out the cases instead: `evaluate.evaluate_cases`).
+    `config` is a checked one (`ukd.config.check`), as training and checkpoints hold.
+    `tta` mirrors every sample (None: the config's `infer.tta`); `postprocess` holds the
+    connected-component rules applied to the labels (`ukd.postprocess`; None: none)."""
     self.config = config
-    self.step = step  # checkpoint step when loaded from a work dir (reports name it)
+    self.step = step  # checkpoint step(s) when loaded from work dirs (reports name it)
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(jax.local_devices())
+    self.tta = bool(config.infer.tta if tta is None else tta)
+    self.flips = mirror_axes(config) if self.tta else [()]
     eval_step = steps.make_eval_step(models.build(config.model, config.modalities))
+    flips = self.flips
+
+    def probabilities(members, batch, modality):
+      """Mean softmax over members and mirrors: every mirror of the batch in one call."""
+      mirrored = jnp.concatenate([_flip(batch, axes) for axes in flips])
+      total = 0.0
+      for variables in members:
+        p = jax.nn.softmax(eval_step(variables, mirrored, modality).astype(jnp.float32), -1)
+        parts = jnp.split(p, len(flips))
+        total += sum(_flip(part, axes) for part, axes in zip(parts, flips)) / len(flips)
+      return total / len(members)
+
     # Compiled once per (modality, batch shape) for this Segmenter's life: training holds one
     # Segmenter for every validation and hands it new weights through `update`.
-    self._probabilities = jax.jit(
-      lambda variables, batch, modality: jax.nn.softmax(
-        eval_step(variables, batch, modality).astype(jnp.float32), axis=-1
-      ),
-      static_argnames="modality",
-    )
+    self._probabilities = jax.jit(probabilities, static_argnames="modality")
     devices = self.mesh.shape[mesh_lib.DATA_AXIS]
     self.batch_size = -(-int(config.infer.batch_size) // devices) * devices
+    self.settings = windows.Settings.from_config(
+      config, models.DIMS[config.model.name], self.batch_size, postprocess
+    )
     self.update(variables)
 
   @classmethod
-  def load(cls, path, step="best") -> "Segmenter":
+  def load(
+    cls, path, step="best", *, tta: bool | None = None, postprocess: str = "auto"
+  ) -> "Segmenter":
     """Restores params and batch_stats (no optimizer state) and the saved config.
 
     `path` is a work dir, its checkpoints dir or one step's dir; a step dir selects its step
-    (`step` may then stay 'best' or name the same step).  The variables land replicated on
-    whatever devices this process has, whatever trained them.
+    (`step` may then stay 'best' or name the same step).  A list of paths (or one string of
+    comma-separated paths) is an ensemble: its members must share classes, label codes,
+    modalities, network and preprocessing, since their probabilities are averaged voxel by
+    voxel.  The variables land replicated on whatever devices this process has, whatever
+    trained them.  `postprocess`: 'auto' (the work dir's chosen rules, if any), 'none', or
+    the path of a postprocessing.json (`ukd.postprocess.load_rules`).
     """
-    workdir, step = checkpoints.resolve(path, step)
-    mgr = checkpoints.manager(workdir, read_only=True)
-    try:
-      chosen = checkpoints.select_step(mgr, step)
-      config = config_lib.frozen(checkpoints.restore_config(mgr, chosen).to_dict())
-      mesh = mesh_lib.make_mesh(jax.local_devices())
-      variables = checkpoints.restore_variables(mgr, chosen, _abstract_variables(config, mesh))
-      dataset = checkpoints.restore_dataset(mgr, chosen)
-    finally:
-      mgr.close()
-    logging.info("restored step %d of %s", chosen, workdir)
-    segmenter = cls(config, variables, mesh, step=chosen)
+    if isinstance(path, (list, tuple)):
+      paths = list(path)
+    else:
+      paths = [p for p in os.fspath(path).split(",") if p]
+    mesh = mesh_lib.make_mesh(jax.local_devices())
+    members = [_restore(p, step, mesh) for p in paths]
+    config, _, dataset, _ = members[0]
+    for other in members[1:]:
+      _check_member(members[0], other)
+    steps_ = [m[3] for m in members]
+    segmenter = cls(
+      config,
+      [m[1] for m in members],
+      mesh,
+      step=steps_[0] if len(steps_) == 1 else steps_,
+      tta=tta,
+      postprocess=postprocess_lib.load_rules(paths, postprocess),
+    )
     segmenter.dataset = dataset
     return segmenter
 
@@ -132,7 +120,8 @@ class Segmenter:
     """Takes new weights without recompiling; copied, so a train step that donates its state
     cannot delete them. Weights replicated over several hosts' devices (multi-host training)
     are taken from this process's own replica: inference runs on this process's devices."""
-    kept = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    members = variables if isinstance(variables, (list, tuple)) else [variables]
+    kept = [{"params": v["params"], "batch_stats": v.get("batch_stats", {})} for v in members]
     kept = jax.tree.map(_local_replica, kept)
     self.variables = jax.device_put(kept, mesh_lib.replicated(self.mesh), may_alias=False)
 
@@ -157,19 +146,21 @@ class Segmenter:
   def predict_volume(self, vol: volumes.Volume, modality: str, *, probabilities: bool = False):
     """(labels uint8 [X,Y,Z], probabilities float32 [X,Y,Z,C] or None), on `vol`'s canonical
     grid; the probabilities only with `probabilities=True`, since at full resolution they take
-    4 bytes per voxel and class.
-
-    The image alone decides everything, the crop included (`data.crop` is found from the
-    image): evaluation predicts exactly as prediction does, never helped by the label it is
-    scored against.
-    """
+    4 bytes per voxel and class (`ukd.windows.predict_volume`)."""
     self.check_modality(modality)
-    prepared = preprocess.prepare(vol, None, modality, self.config.data)
-    if models.DIMS[self.config.model.name] == 2:
-      network = self._predict_slices(prepared.image, modality)
-    else:
-      network = self._predict_windows(prepared.image, modality)
-    return preprocess.restore_labels(network, prepared.geometry, probabilities=probabilities)
+    return windows.predict_volume(
+      vol, modality, self.settings, self.batch_function(modality), probabilities=probabilities
+    )
+
+  def batch_function(self, modality: str):
+    """batch [N, *window, channels] (N = `batch_size`) -> probabilities on the devices: the
+    function `ukd.windows` slides over a volume, and what an export serialises."""
+    sharding = mesh_lib.batch_sharding(self.mesh)
+
+    def run(batch):
+      return self._probabilities(self.variables, jax.device_put(batch, sharding), modality)
+
+    return run
 
   def label_table(self, modality: str, label_codes: str = "dataset") -> list[tuple[int, str]]:
     """(code written to files, class name) for class indices 0..C-1.
@@ -195,80 +186,60 @@ class Segmenter:
     if modality not in known:
       raise DataError(f"modality {modality!r} is not one this network was trained on: {known}")
 
-  # --- network-space prediction ----------------------------------------------------------------
 
-  def _batches(self, inputs, count: int, modality: str):
-    """Yields (sample indices, probabilities) batch by batch.
+def mirror_axes(config) -> list[tuple[int, ...]]:
+  """Every combination of the axes training flipped (`data.augment.flip`), the identity first:
+  4 mirrors for a 2D network trained with both in-plane flips, 8 for a 3D one with all three.
+  A network never shown a flip is not asked to predict on one: a ConfigError."""
+  axes = config_lib.flip_axes(config.data.augment.flip)
+  if not axes:
+    raise ConfigError(
+      "test-time augmentation mirrors the image, but this network was trained without flips "
+      "(data.augment.flip is empty in its config)"
+    )
+  return [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
 
-    `inputs(indices)` builds the samples on the host.  The next batch is dispatched before
-    the previous one is fetched, so building inputs overlaps the device's work.
-    """
-    sharding = mesh_lib.batch_sharding(self.mesh)
-    pending = None
-    for start in range(0, count, self.batch_size):
-      index = range(start, min(start + self.batch_size, count))
-      batch = jax.device_put(_fill_batch(inputs(index), self.batch_size), sharding)
-      result = self._probabilities(self.variables, batch, modality)
-      if pending is not None:
-        yield pending[0], np.asarray(pending[1])[: len(pending[0])]
-      pending = (index, result)
-    if pending is not None:
-      yield pending[0], np.asarray(pending[1])[: len(pending[0])]
 
-  def _predict_slices(self, image: np.ndarray, modality: str) -> np.ndarray:
-    """[H, W, S] -> [H, W, S, C]: slice k sees slices (k-1, k, k+1) as channels, through
-    in-plane windows of `data.size` (one per slice unless the slice is larger)."""
-    size = tuple(int(n) for n in self.config.data.size)
-    last = image.shape[2] - 1
+def _flip(batch, axes):
+  """Mirrors data axes (0 = first spatial axis) of a [N, *spatial, channels] batch."""
+  return jnp.flip(batch, [a + 1 for a in axes]) if axes else batch
 
-    def sample(padded, region):
-      rows, cols, k = region
-      return padded[rows, cols][:, :, np.clip(np.arange(k.start - 1, k.start + 2), 0, last)]
 
-    overlap = float(self.config.infer.overlap)
-    # Windows one slice thick, side by side along the slices; in-plane they overlap, and are
-    # blended, only where the slice is larger than data.size.
-    blend = image.shape[0] > size[0] or image.shape[1] > size[1]
-    return self._slide(image, size + (1,), (overlap, overlap, 0.0), sample, modality, blend)
+def _restore(path, step, mesh):
+  """(config, variables, dataset record, step) of one work dir's checkpoint."""
+  workdir, step = checkpoints.resolve(path, step)
+  mgr = checkpoints.manager(workdir, read_only=True)
+  try:
+    chosen = checkpoints.select_step(mgr, step)
+    config = config_lib.frozen(checkpoints.restore_config(mgr, chosen).to_dict())
+    variables = checkpoints.restore_variables(mgr, chosen, _abstract_variables(config, mesh))
+    dataset = checkpoints.restore_dataset(mgr, chosen)
+  finally:
+    mgr.close()
+  logging.info("restored step %d of %s", chosen, workdir)
+  return config, variables, dataset, chosen
 
-  def _predict_windows(self, image: np.ndarray, modality: str) -> np.ndarray:
-    """[H, W, S] -> [H, W, S, C] by Gaussian-weighted sliding windows of `data.patch`."""
-    window = tuple(int(n) for n in self.config.data.patch)
-    overlap = (float(self.config.infer.overlap),) * 3
-    return self._slide(image, window, overlap, lambda padded, r: padded[r][..., None], modality)
 
-  def _slide(self, image, window, overlap, sample, modality, blend=True) -> np.ndarray:
-    """[H, W, S] -> [H, W, S, C]: the network on every `window` at `window_starts` (with the
-    per-axis `overlap`) of the image, padded where it is smaller; `sample(padded, region)` is
-    one window's network input.  With `blend` every voxel averages the windows that hold it,
-    weighted by `gaussian_importance`; without, the windows must not overlap, and each voxel
-    takes its window's probabilities as they are."""
-    padded = _pad_to(image, window)
-    starts = [window_starts(n, k, o) for n, k, o in zip(padded.shape, window, overlap)]
-    regions = [
-      tuple(slice(o, o + k) for o, k in zip(origin, window))
-      for origin in itertools.product(*starts)
-    ]
-    total = np.zeros(padded.shape + (self.config.model.num_classes,), np.float32)
-    if blend:
-      weights = gaussian_importance(window)[..., None]
-      norm = np.zeros(padded.shape + (1,), np.float32)
+# What ensemble members must agree on: one network input per voxel (the preprocessing), one
+# network (members differ in weights only: folds, seeds), one meaning per class.
+_MEMBER_FIELDS = ("modalities", "model") + tuple(
+  f"data.{k}" for k in ("size", "spacing", "slice_axis", "crop", "crop_margin", "norm", "patch")
+)
 
-    def inputs(index):
-      return np.stack([sample(padded, regions[i]) for i in index])
 
-    for index, probs in self._batches(inputs, len(regions), modality):
-      for i, p in zip(index, probs):
-        p = p.reshape(window + p.shape[-1:])
-        if blend:
-          total[regions[i]] += p * weights
-          norm[regions[i]] += weights
-        else:
-          total[regions[i]] = p
-    if blend:
-      total /= norm
-    h, w, s = image.shape
-    return total[:h, :w, :s]
+def _check_member(first, other) -> None:
+  def pick(config, field):
+    value = config
+    for key in field.split("."):
+      value = value[key]
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+  for field in _MEMBER_FIELDS:
+    if pick(first[0], field) != pick(other[0], field):
+      raise ConfigError(f"ensemble members differ in config.{field}: they must share it")
+  for key in ("classes", "label_codes"):
+    if (first[2] or {}).get(key) != (other[2] or {}).get(key):
+      raise ConfigError(f"ensemble members differ in their dataset's {key}: they must share them")
 
 
 load = Segmenter.load

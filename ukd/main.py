@@ -4,6 +4,9 @@
   python -m ukd.main --config=configs/mmwhs.py --workdir=runs/mmwhs --config.data.root=/data/MMWHS
   python -m ukd.main --mode=evaluate --workdir=runs/mmwhs
   python -m ukd.main --mode=predict --workdir=runs/mmwhs --input=scans/ --output=preds/ --modality=ct
+  python -m ukd.main --mode=predict --workdir=runs/f0,runs/f1,runs/f2 --tta --input=scans/ --output=preds/ --modality=ct
+  python -m ukd.main --mode=postprocess --workdir=runs/mmwhs
+  python -m ukd.main --mode=export --workdir=runs/mmwhs --output=exported/
   python -m ukd.main --mode=score --predictions=preds/ --references=/data/MMWHS/ct_train --output=scores/ --dataset=mmwhs --modality=ct --allow_missing
   python -m ukd.main --mode=check --config=configs/mmwhs.py --workdir=runs/mmwhs --config.data.root=/data/MMWHS
 
@@ -21,14 +24,20 @@ from ukd.errors import ConfigError
 config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/mmwhs.py[:arg].", lock_config=True
 )
-flags.DEFINE_string("workdir", None, "Work dir: checkpoints, logs, splits, cache, evaluation.")
+flags.DEFINE_string(
+  "workdir",
+  None,
+  "Work dir: checkpoints, logs, splits, cache, evaluation; predict: several, comma-separated, "
+  "predict as an ensemble (e.g. the folds of a cross-validation).",
+)
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "evaluate", "predict", "score", "check"],
-  "train (then evaluate on the test split), evaluate, predict, score (a folder of predictions "
-  "against references, no checkpoint), or check (read every case of the --config's dataset "
-  "and summarise it).",
+  ["train", "evaluate", "predict", "score", "check", "postprocess", "export"],
+  "train (then choose post-processing and evaluate on the test split), evaluate, predict, "
+  "score (a folder of predictions against references, no checkpoint), check (read every case "
+  "of the --config's dataset and summarise it), postprocess (choose post-processing on the "
+  "validation split) or export (ONNX and StableHLO models with a JSON sidecar).",
 )
 flags.DEFINE_string(
   "coordinator_address", None, "Multi-process run: HOST:PORT of process 0's coordinator."
@@ -46,6 +55,33 @@ flags.DEFINE_string("output", None, "predict: the folder for label maps; score: 
 flags.DEFINE_string("modality", None, "predict / score: the modality of the inputs, e.g. ct or mr.")
 flags.DEFINE_bool("probabilities", False, "predict: also write class probabilities.")
 flags.DEFINE_bool("overwrite", False, "predict: replace outputs that already exist.")
+flags.DEFINE_bool(
+  "continue", False, "predict: skip cases whose outputs are complete, redo the others."
+)
+flags.DEFINE_bool(
+  "tta",
+  None,
+  "predict / evaluate: average over mirrored inputs (the axes the network was trained to see "
+  "flipped); default: the config's infer.tta.",
+)
+flags.DEFINE_bool(
+  "uncertainty", False, "predict: also write <case>_entropy.nii.gz, the voxel-wise entropy."
+)
+flags.DEFINE_string(
+  "postprocess",
+  "auto",
+  "predict / evaluate: auto (the work dir's postprocessing.json where there is one), none, or "
+  "the path of a postprocessing.json.",
+)
+flags.DEFINE_enum(
+  "backend",
+  "jax",
+  ["jax", "onnxruntime", "openvino"],
+  "predict: run the network with JAX, or export it and run it with onnxruntime or OpenVINO.",
+)
+flags.DEFINE_enum(
+  "precision", "float32", ["float32", "bf16"], "predict with openvino: bf16 where the CPU has it."
+)
 flags.DEFINE_string(
   "output_format", "nifti", "predict: nifti, dicom_seg (a DICOM Segmentation) or nifti,dicom_seg."
 )
@@ -80,7 +116,7 @@ def main(argv):
   if FLAGS.mode != "score":
     cli_lib.require_flags(FLAGS.mode, "workdir")
   # Imported here so that `--help` and flag errors answer without loading JAX.
-  from ukd import check, evaluate, infer, predict, predict_inputs, score, train
+  from ukd import check, evaluate, export, postprocess, predict, predict_inputs, score, train
 
   if FLAGS.device:
     predict.use_device(FLAGS.device)  # before anything touches a device
@@ -90,7 +126,12 @@ def main(argv):
   elif FLAGS.mode == "check":
     check.check_dataset(_config(), train.dataset_root(_config(), FLAGS.workdir))
   elif FLAGS.mode == "evaluate":
-    evaluate.evaluate(FLAGS.workdir, step=FLAGS.step)
+    evaluate.evaluate(FLAGS.workdir, step=FLAGS.step, tta=FLAGS.tta, postprocess=FLAGS.postprocess)
+  elif FLAGS.mode == "postprocess":
+    postprocess.choose_for_workdir(FLAGS.workdir, step=FLAGS.step)
+  elif FLAGS.mode == "export":
+    cli_lib.require_flags("export", "output")
+    export.export(FLAGS.workdir, FLAGS.output, step=FLAGS.step, tta=FLAGS.tta)
   elif FLAGS.mode == "score":
     cli_lib.require_flags("score", "predictions", "references", "output", "dataset")
     score.score(
@@ -107,8 +148,16 @@ def main(argv):
     cli_lib.require_flags("predict", "input", "output")
     if not FLAGS.modality and predict_inputs.is_nifti(FLAGS.input):  # before the checkpoint
       raise ConfigError("--modality is required for NIfTI input (DICOM has its Modality tag)")
+    segmenter = export.load_backend(
+      FLAGS.workdir,
+      FLAGS.step,
+      backend=FLAGS.backend,
+      precision=FLAGS.precision,
+      tta=FLAGS.tta,
+      postprocess=FLAGS.postprocess,
+    )
     written = predict.predict_paths(
-      infer.load(FLAGS.workdir, step=FLAGS.step),
+      segmenter,
       FLAGS.input,
       FLAGS.output,
       FLAGS.modality,
@@ -117,6 +166,8 @@ def main(argv):
       label_codes=FLAGS.label_codes,
       output_format=FLAGS.output_format,
       dicom_reference=FLAGS.dicom_reference,
+      uncertainty=FLAGS.uncertainty,
+      resume=FLAGS["continue"].value,
     )
     print(f"wrote {len(written)} file(s) to {FLAGS.output}")
 

@@ -8,10 +8,18 @@ prediction, so a clash or an existing file fails before minutes of work. One cas
 cannot be read (a broken series in a PACS export) is reported in one line and the others
 are still predicted; the run then ends with `SomeFailed` (exit status 3).
 `predict_file` predicts one NIfTI file to a given name.
+
+Cases flow through three stages so the device never waits on files: a reader thread reads
+and prepares the next cases while the network predicts the current one, and a writer thread
+restores, post-processes and writes the previous one; at most two cases wait at each hand-off,
+so memory stays bounded whatever the input's size.  Outputs are written atomically and the
+sidecar last, so a case whose sidecar exists is complete: `resume` (`--continue`) skips those.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import os
 import re
@@ -22,13 +30,15 @@ import numpy as np
 from nibabel import orientations
 
 import ukd
-from ukd import files
+from ukd import files, windows
 from ukd.data import dicom_seg, dicom_series, volumes
 from ukd.errors import ConfigError, DataError, error
 from ukd.predict_inputs import Case, Inputs, find_inputs, output_name
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
 OUTPUT_FORMATS = ("nifti", "dicom_seg")
+# Cases waiting between two stages (read -> network, network -> write).
+IN_FLIGHT = 2
 # Grids closer than this fraction of a voxel are the same grid: DICOM decimal strings and
 # float32 NIfTI affines round positions far below it.
 GRID_TOLERANCE = 0.01
@@ -77,10 +87,13 @@ class _Job:
   seg: str | None
   sidecar: str
   probabilities: str | None
+  entropy: str | None = None
 
   @property
   def outputs(self) -> list[str]:
-    return [p for p in (self.nifti, self.seg, self.sidecar, self.probabilities) if p]
+    """Every file of the case, the sidecar last: written last, it marks the case complete."""
+    made = (self.nifti, self.seg, self.probabilities, self.entropy, self.sidecar)
+    return [p for p in made if p]
 
 
 def predict_file(
@@ -93,7 +106,8 @@ def predict_file(
   in_path, out_path = os.fspath(in_path), os.fspath(out_path)
   case = Case(output_name(in_path), in_path, path=in_path)
   job = _Job(case, modality, None, out_path, None, sidecar_path(out_path), probabilities)
-  _predict(seg, job, seg.label_table(modality, label_codes), None, _Progress(0, show=False))
+  tables = {modality: seg.label_table(modality, label_codes)}
+  _run(seg, [job], tables, None, _Progress(0, show=False))
 
 
 def parse_formats(output_format: str) -> tuple[str, ...]:
@@ -111,11 +125,12 @@ def _exists(path) -> bool:
   return files.path(path).exists() if files.is_remote(path) else os.path.lexists(path)
 
 
-def _plan(seg, inputs: Inputs, output_dir, modality, formats, probabilities, overwrite):
-  """A job per case, every output name checked: no clash, none replacing an input, none
-  existing unless `overwrite`."""
+def _plan(seg, inputs: Inputs, output_dir, modality, formats, extras, overwrite, resume):
+  """(jobs, complete): a job per case, every output name checked: no clash, none replacing an
+  input, none existing unless `overwrite`; with `resume` the cases whose outputs all exist are
+  complete (left out of the jobs) and the others' leftovers are replaced."""
   table = dict(seg.config.infer.get("dicom_modalities") or dicom_series.DEFAULT_MODALITY_TABLE)
-  jobs, taken = [], set()
+  jobs, taken, complete = [], set(), 0
   for case in inputs.cases:
     chosen, problem = modality, None
     if chosen is None:
@@ -133,8 +148,10 @@ def _plan(seg, inputs: Inputs, output_dir, modality, formats, probabilities, ove
       out + ".nii.gz" if "nifti" in formats else None,
       out + ".dcm" if "dicom_seg" in formats else None,
       out + ".json",
-      out + "_probabilities.nii.gz" if probabilities else None,
+      out + "_probabilities.nii.gz" if "probabilities" in extras else None,
+      out + "_entropy.nii.gz" if "entropy" in extras else None,
     )
+    done = resume and all(_exists(t) for t in job.outputs)
     for target in job.outputs:
       key = files.path(target)
       if key in taken:
@@ -143,11 +160,16 @@ def _plan(seg, inputs: Inputs, output_dir, modality, formats, probabilities, ove
         raise DataError(
           f"{case.path}: the output would overwrite this input; choose another --output"
         )
-      if not overwrite and _exists(target):
-        raise error(DataError, target, "already exists; pass --overwrite to replace it")
+      if not (overwrite or resume) and _exists(target):
+        raise error(
+          DataError, target, "already exists; pass --overwrite to replace it or --continue"
+        )
       taken.add(key)
-    jobs.append(job)
-  return jobs
+    if done:
+      complete += 1
+    else:
+      jobs.append(job)
+  return jobs, complete
 
 
 def predict_paths(
@@ -162,6 +184,8 @@ def predict_paths(
   output_format: str = "nifti",
   dicom_reference=None,
   show_progress: bool = True,
+  uncertainty: bool = False,
+  resume: bool = False,
 ) -> list[str]:
   """Predicts what `input_path` holds (`ukd.predict_inputs`) into `output_dir`; returns
   every path written.
@@ -169,7 +193,10 @@ def predict_paths(
   Per case `<name>`: `<name>.nii.gz` (`output_format` 'nifti') and/or `<name>.dcm` (a
   DICOM Segmentation, 'dicom_seg'), `<name>.json` (class of each code, seconds, volume of
   each class in mm^3; for a series its SeriesInstanceUID, StudyInstanceUID and file count),
-  with `probabilities` `<name>_probabilities.nii.gz` (float32 class probabilities).
+  with `probabilities` `<name>_probabilities.nii.gz` (float32 class probabilities), with
+  `uncertainty` `<name>_entropy.nii.gz` (the voxel-wise entropy of the averaged softmax, in
+  nats: 0 where the network, its mirrors and members agree on one class, ln C at most).
+  `resume` leaves out cases whose outputs are complete.
   `label_codes` is 'dataset' (the dataset's own codes) or 'index'. `modality` may be None for
   DICOM: each series is predicted as the modality its Modality tag maps to
   (`config.infer.dicom_modalities`). A SEG of a NIfTI input needs `dicom_reference`, a folder
@@ -198,33 +225,21 @@ def predict_paths(
         "series on the same grid, for the SEG to refer to"
       )
     reference = _read_reference(dicom_reference)
-  jobs = _plan(seg, inputs, output_dir, modality, formats, probabilities, overwrite)
+  extras = {"probabilities"} if probabilities else set()
+  extras |= {"entropy"} if uncertainty else set()
+  jobs, complete = _plan(seg, inputs, output_dir, modality, formats, extras, overwrite, resume)
   tables = {
     m: seg.label_table(m, label_codes) for m in {j.modality for j in jobs if j.problem is None}
   }
   progress = _Progress(len(jobs), show=show_progress)
+  if complete:
+    progress.note(f"{output_dir}: {complete} case(s) already complete; --continue skips them")
   if inputs.skipped_labels:
     progress.note(
       f"{input_path}: skipped {inputs.skipped_labels} label file(s) ({inputs.label_kind}); "
       "predicting the images only"
     )
-  written, failed = [], []
-  try:
-    for job in jobs:
-      try:
-        if job.problem is not None:
-          raise DataError(job.problem)
-        seconds = _predict(seg, job, tables[job.modality], reference, progress)
-      except DataError as e:
-        if len(jobs) == 1:
-          raise
-        failed.append(job.case.name)
-        progress.failed(job, str(e))
-        continue
-      written += job.outputs
-      progress.done(job, seconds)
-  finally:
-    progress.close()
+  written, failed = _run(seg, jobs, tables, reference, progress)
   if failed:
     raise SomeFailed(
       f"{input_path}: {len(failed)} of {len(jobs)} cases failed ({', '.join(failed)}; "
@@ -271,10 +286,88 @@ def class_volumes(labels: np.ndarray, spacing, names) -> dict[str, float]:
   return {name: float(count) * voxel for name, count in zip(names, counts)}
 
 
-def _predict(seg, job: _Job, table, reference, progress) -> float:
-  """Reads, predicts and writes one case; returns its seconds. Outputs written before a
-  failure are removed, so a failed case leaves nothing behind."""
+@dataclasses.dataclass
+class _Loaded:
+  """A case between stages: what was read, its network input, and seconds spent on it."""
+
+  vol: volumes.Volume
+  image: object  # the DICOM series read (SEG refers to it), or the reference; None for NIfTI
+  prepared: object
+  seconds: float
+  network: np.ndarray | None = None
+
+
+def _run(seg, jobs: list[_Job], tables, reference, progress) -> tuple[list[str], list[str]]:
+  """(paths written, names of failed cases): every job through read -> network -> write, the
+  reader and writer on their own threads, at most `IN_FLIGHT` cases waiting at each hand-off.
+
+  A case that fails with a DataError is reported and skipped (raised if it is the only one);
+  anything else stops the run once the stages in flight have stopped.
+  """
+  written, failed = [], []
+
+  def collect(job, future):
+    try:
+      seconds = future.result()
+    except DataError as e:
+      if len(jobs) == 1:
+        raise
+      failed.append(job.case.name)
+      progress.failed(job, str(e))
+      return
+    written.extend(job.outputs)
+    progress.done(job, seconds)
+
+  with (
+    concurrent.futures.ThreadPoolExecutor(1, "ukd-read") as reader,
+    concurrent.futures.ThreadPoolExecutor(1, "ukd-write") as writer,
+  ):
+    ahead = iter(jobs)
+    reads, writes = collections.deque(), collections.deque()
+
+    def read_next():
+      job = next(ahead, None)
+      if job is not None:
+        reads.append((job, reader.submit(_read, seg, job, reference, progress)))
+
+    for _ in range(IN_FLIGHT):
+      read_next()
+    try:
+      while reads:
+        job, future = reads.popleft()
+        read_next()
+        try:
+          loaded = future.result()
+        except DataError as e:  # reported in its turn, after the cases before it
+          writes.append((job, _failed(e)))
+          continue
+        start = time.perf_counter()
+        run = seg.batch_function(job.modality)
+        loaded.network = windows.network_probabilities(loaded.prepared.image, seg.settings, run)
+        loaded.seconds += time.perf_counter() - start
+        loaded.prepared = dataclasses.replace(loaded.prepared, image=None)  # not needed now
+        writes.append((job, writer.submit(_write, seg, job, loaded, tables[job.modality])))
+        while len(writes) > IN_FLIGHT:
+          collect(*writes.popleft())
+      while writes:
+        collect(*writes.popleft())
+    finally:
+      for _, future in list(reads) + list(writes):
+        future.cancel()
+  return written, failed
+
+
+def _failed(e: Exception) -> concurrent.futures.Future:
+  failed = concurrent.futures.Future()
+  failed.set_exception(e)
+  return failed
+
+
+def _read(seg, job: _Job, reference, progress) -> _Loaded:
+  """Reader stage: the case's volume and its network input."""
   start = time.perf_counter()
+  if job.problem is not None:
+    raise DataError(job.problem)
   image = None
   if job.case.series is not None:
     image = dicom_series.read_series(job.case.series)
@@ -287,7 +380,21 @@ def _predict(seg, job: _Job, table, reference, progress) -> float:
     if job.seg:
       _check_grid(vol, reference, job.case.source)
       image = reference
-  labels, probs = seg.predict_volume(vol, job.modality, probabilities=bool(job.probabilities))
+  prepared = windows.prepare(vol, job.modality, seg.settings)
+  return _Loaded(vol, image, prepared, time.perf_counter() - start)
+
+
+def _write(seg, job: _Job, loaded: _Loaded, table) -> float:
+  """Writer stage: labels on the case's grid, written; returns the case's seconds (its three
+  stages, not the time it waited between them). Outputs written before a failure are
+  removed, so a failed case leaves nothing behind."""
+  start = time.perf_counter()
+  vol, image = loaded.vol, loaded.image
+  need_probs = bool(job.probabilities or job.entropy)
+  labels, probs = windows.finish(
+    loaded.network, loaded.prepared, vol, job.modality, seg.settings, probabilities=need_probs
+  )
+  loaded.network = None
   names = [name for _, name in table]
   record = {"classes": {str(code): name for code, name in table}, "modality": job.modality}
   if job.case.series is not None:
@@ -318,13 +425,23 @@ def _predict(seg, job: _Job, table, reference, progress) -> float:
     if job.probabilities:
       volumes.write_like(probs, vol, job.probabilities, dtype=np.float32)
       done.append(job.probabilities)
-    seconds = time.perf_counter() - start
+    if job.entropy:
+      volumes.write_like(entropy(probs), vol, job.entropy, dtype=np.float32)
+      done.append(job.entropy)
+    seconds = loaded.seconds + time.perf_counter() - start
     files.write_json(job.sidecar, {**record, "seconds": round(seconds, 3)})
   except BaseException:
     for path in done:
       files.path(path).unlink(missing_ok=True)
     raise
   return seconds
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+  """-sum_c p_c ln p_c over the last axis, float32: in [0, ln C]."""
+  p = np.clip(probs, 0.0, 1.0)
+  logs = np.log(np.where(p > 0, p, 1.0))
+  return np.maximum(-np.sum(p * logs, axis=-1), 0.0).astype(np.float32)
 
 
 class _Progress:

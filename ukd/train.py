@@ -18,7 +18,18 @@ import ml_collections as mc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ukd import check, checkpoints, evaluate, files, infer, models, profiling, steps, writers
+from ukd import (
+  check,
+  checkpoints,
+  evaluate,
+  files,
+  infer,
+  models,
+  postprocess,
+  profiling,
+  steps,
+  writers,
+)
 from ukd import config as config_lib
 from ukd import mesh as mesh_lib
 from ukd import state as state_lib
@@ -222,7 +233,8 @@ class Throughput:
 
 
 def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
-  """Trains (or resumes) in `workdir`, then evaluates the test split.
+  """Trains (or resumes) in `workdir`, chooses post-processing on the validation split
+  (`ukd.postprocess`; none without validation cases), then evaluates the test split.
 
   Args:
     config: the training config; not changed: the run uses `config_lib.resolve`'s frozen copy,
@@ -345,7 +357,10 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dic
     if closer:
       closer()
 
-  # ---- Test evaluation -----------------------------------------------------------------------
+  # ---- Post-processing chosen on validation (every process, as evaluation), then the test ----
+  if any(data.cases[m]["val"] for m in config.modalities):
+    postprocess.choose_for_workdir(workdir)
+  # ---- Test evaluation: as predicted and with the rules chosen -------------------------------
   # Every test case's overlay, unless config.overlays is 0; summary, rows, its folder.
   tested = evaluate.evaluate(workdir, overlays=config.overlays > 0)
   return {"step": step, "val": val, "test": tested}

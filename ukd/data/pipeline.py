@@ -22,8 +22,8 @@ checks the others, naming the field:
   data.fg_fraction       probability that a sample is centred on a slice with foreground, and
                          where the sample is a window of the slice, that it holds a foreground
                          pixel of that slice
-  data.augment           flip (random flips of each in-plane axis), rotate (max degrees),
-                         scale (max relative zoom, 0.1 = 0.9..1.1), intensity (max jitter:
+  data.augment           flip (axes flipped at random: 0, 1 in-plane, 2 along the slices),
+                         rotate (max degrees), scale (max relative zoom, 0.1 = 0.9..1.1), intensity (max jitter:
                          x * (1 + a) + b, |a|, |b| <= it)
   data.workers           grain worker processes (0 = in the training process)
   data.prefetch          batches buffered per process
@@ -38,6 +38,7 @@ import zlib
 import grain
 import numpy as np
 
+from ukd import config as config_lib
 from ukd.errors import DataError
 
 # Steps available; effectively endless (training stops by step count, not by exhaustion).
@@ -109,7 +110,7 @@ def _augment_spec(raw) -> dict:
       raise DataError(f"data.augment.{key} must be >= 0, got {aug[key]}")
   if aug["scale"] >= 1:
     raise DataError(f"data.augment.scale must be < 1 (a relative zoom), got {aug['scale']}")
-  aug["flip"] = bool(aug["flip"])
+  aug["flip"] = config_lib.flip_axes(aug["flip"])
   return aug
 
 
@@ -186,10 +187,11 @@ def augment(image: np.ndarray, label: np.ndarray, rng, aug: dict):
   Geometry changes hit image and label identically (nearest neighbour for the label); the area
   moved in from outside is background (image minimum, label 0) rather than smeared edges.
   """
-  if aug["flip"]:
-    for axis in (0, 1):
-      if rng.random() < 0.5:
-        image, label = np.flip(image, axis), np.flip(label, axis)
+  for axis in aug["flip"]:
+    if rng.random() < 0.5:
+      # Axis 2 of a 2D sample is its neighbour slices: reversed, the slice axis is mirrored.
+      image = np.flip(image, axis)
+      label = np.flip(label, axis) if axis < label.ndim else label
   if aug["rotate"] > 0 or aug["scale"] > 0:
     angle = np.deg2rad(rng.uniform(-aug["rotate"], aug["rotate"]))
     zoom = 1.0 + rng.uniform(-aug["scale"], aug["scale"])

@@ -4,13 +4,25 @@
 lists a dataset's cases and hands them out by modality and split.  `adapter_for` and
 `cases_for` do both from a config: the one way training, evaluation and the dataset check
 (`ukd.check`) build a config's adapter and find its cases.
+
+A patient's cases always share a split (and a fold): with `data.patient_pattern` a case id
+names its patient (`patient_of`), else each case is its own patient, as in MM-WHS, BTCV and
+CHAOS, which hold one volume per patient and modality.
+
+Folds (`data.folds` = k > 1, nnU-Net style cross-validation): the test split is exactly the
+k = 1 split's, whatever the fold, so every fold is tested on the same cases; the other cases
+are dealt by patient into k folds, fold `data.fold` validating and the others training.  Each
+fold trains in a work dir of its own (`launch/folds.sh`), whose splits.json records that
+fold's train / val / test as any split.json does.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
+import re
 
 import numpy as np
 from etils import epath
@@ -49,18 +61,66 @@ def _split_sizes(count: int, fractions) -> list[int]:
   return sizes
 
 
-def _make_splits(ids: dict[str, list[str]], seed: int, fractions) -> dict:
-  """Seeded shuffle per modality; string seeds keep it identical across processes."""
+def patient_of(case_id: str, pattern: str = "") -> str:
+  r"""The patient a case belongs to, by its id.
+
+  Args:
+    case_id: a case's id, as its adapter names it.
+    pattern: `data.patient_pattern`, a regex matching whole ids whose group 1 is the
+      patient (e.g. r'(patient\d+)_frame\d+'); '' makes each case its own patient.
+
+  Returns:
+    The patient's name; an id the pattern does not match is a DataError.
+  """
+  if not pattern:
+    return case_id
+  match = re.fullmatch(pattern, case_id)
+  if match is None:
+    raise DataError(f"case id {case_id!r} does not match config.data.patient_pattern={pattern!r}")
+  return match.group(1)
+
+
+def _make_splits(
+  ids: dict[str, list[str]], seed: int, fractions, folds: int = 1, fold: int = 0, pattern=""
+) -> dict:
+  """Seeded shuffle of each modality's patients (string seeds keep it identical across
+  processes), cut into train / val / test by case counts, each patient going where its first
+  case falls; with `folds` > 1 train and val together are dealt into folds (`_deal`)."""
   splits = {}
   for modality, names in ids.items():
-    order = list(names)
-    random.Random(f"{seed}/{modality}").shuffle(order)
-    sizes = _split_sizes(len(order), fractions)
-    bounds = np.cumsum([0] + sizes)
+    members = {}
+    for name in names:
+      members.setdefault(patient_of(name, pattern), []).append(name)
+    patients = sorted(members)
+    random.Random(f"{seed}/{modality}").shuffle(patients)
+    bounds = np.cumsum([0] + _split_sizes(len(names), fractions))
+    parts, first = [[], [], []], 0
+    for patient in patients:
+      parts[bisect.bisect_right(bounds, first) - 1].append(patient)
+      first += len(members[patient])
+    if folds > 1:
+      parts[:2] = _deal(parts[0] + parts[1], members, folds, fold, modality)
     splits[modality] = {
-      split: sorted(order[bounds[i] : bounds[i + 1]]) for i, split in enumerate(SPLIT_NAMES)
+      split: sorted(name for patient in part for name in members[patient])
+      for split, part in zip(SPLIT_NAMES, parts)
     }
   return splits
+
+
+def _deal(patients, members, folds: int, fold: int, modality: str):
+  """(train, val) patients of fold `fold`: the patients, the largest first (else in their
+  shuffled order), each dealt to the fold with the fewest cases so far."""
+  if len(patients) < folds:
+    raise ConfigError(
+      f"config.data.folds={folds}: {modality} has only {len(patients)} patients outside the "
+      "test split"
+    )
+  dealt, counts = [[] for _ in range(folds)], [0] * folds
+  for patient in sorted(patients, key=lambda p: -len(members[p])):
+    emptiest = counts.index(min(counts))
+    dealt[emptiest].append(patient)
+    counts[emptiest] += len(members[patient])
+  return [p for i, part in enumerate(dealt) if i != fold for p in part], dealt[fold]
 
 
 def _load_splits(path, ids: dict[str, list[str]]) -> dict:
@@ -97,13 +157,23 @@ def _saved_path(workdir) -> epath.Path:
 
 
 def load_or_make_splits(
-  workdir, cases, *, seed: int, fractions=(0.6, 0.2, 0.2), split_file=None
+  workdir,
+  cases,
+  *,
+  seed: int,
+  fractions=(0.6, 0.2, 0.2),
+  split_file=None,
+  folds: int = 1,
+  fold: int = 0,
+  patient_pattern: str = "",
 ) -> dict:
   """{modality: {'train': ids, 'val': ids, 'test': ids}}, fixed for the life of a workdir.
 
   The split is saved as <workdir>/splits.json and reused, so a resumed or re-evaluated run
   can never test on cases it trained on. A user `split_file` is validated and copied
-  there; it must agree with a split the workdir already holds.
+  there; it must agree with a split the workdir already holds.  With `folds` > 1 the split
+  is fold `fold` of a cross-validation (the module docstring), and a work dir that holds
+  another split (another fold's) is refused: each fold trains in a work dir of its own.
   """
   ids = _ids_by_modality(cases)
   fractions = tuple(float(f) for f in fractions)
@@ -115,9 +185,16 @@ def load_or_make_splits(
     if saved.exists() and _load_splits(saved, ids) != splits:
       raise error(DataError, saved, f"differs from split_file {split_file}; use a new workdir")
   elif saved.exists():
-    return _load_splits(saved, ids)
+    splits = _load_splits(saved, ids)
+    if folds > 1 and splits != _make_splits(ids, seed, fractions, folds, fold, patient_pattern):
+      raise error(
+        DataError,
+        saved,
+        f"is not fold {fold} of data.folds={folds}; train each fold in its own workdir",
+      )
+    return splits
   else:
-    splits = _make_splits(ids, seed, fractions)
+    splits = _make_splits(ids, seed, fractions, folds, fold, patient_pattern)
   files.write_json(saved, splits, sort_keys=True)  # atomic: never half a split file
   return splits
 
@@ -151,7 +228,17 @@ def _hand_out(listed, modalities, splits: dict, source) -> dict:
 
 
 def cases_by_split(
-  adapter, root, modalities, workdir, *, seed: int, fractions=(0.6, 0.2, 0.2), split_file=None
+  adapter,
+  root,
+  modalities,
+  workdir,
+  *,
+  seed: int,
+  fractions=(0.6, 0.2, 0.2),
+  split_file=None,
+  folds: int = 1,
+  fold: int = 0,
+  patient_pattern: str = "",
 ) -> dict:
   """{modality: {split: [Case]}} for `modalities` of the dataset at `root`, by the work dir's
   split (`load_or_make_splits`); each split's cases in the order of their ids.
@@ -162,7 +249,14 @@ def cases_by_split(
   modalities = tuple(modalities)
   listed = list_cases(adapter, root, modalities)
   splits = load_or_make_splits(
-    workdir, listed, seed=seed, fractions=fractions, split_file=split_file
+    workdir,
+    listed,
+    seed=seed,
+    fractions=fractions,
+    split_file=split_file,
+    folds=folds,
+    fold=fold,
+    patient_pattern=patient_pattern,
   )
   return _hand_out(listed, modalities, splits, _saved_path(workdir))
 
@@ -187,7 +281,7 @@ def cases_for(config, adapter, root, workdir, *, saved=None, source=None) -> dic
   """{modality: {split: [Case]}} of `config.modalities` at `root`: by `saved`, a split recorded
   elsewhere ({modality: {split: ids}}, a checkpoint's; `source` names it in errors), when
   given; else by the work dir's own split (`cases_by_split`: `config.seed`,
-  `config.data.split_fractions`, `config.data.split_file`)."""
+  `config.data.split_fractions`, `config.data.split_file`, `folds`, `fold`, `patient_pattern`)."""
   if saved:
     return cases_of_saved_split(adapter, root, config.modalities, saved, source)
   return cases_by_split(
@@ -198,4 +292,7 @@ def cases_for(config, adapter, root, workdir, *, saved=None, source=None) -> dic
     seed=config.seed,
     fractions=tuple(config.data.split_fractions),
     split_file=config.data.split_file or None,
+    folds=int(config.data.folds),
+    fold=int(config.data.fold),
+    patient_pattern=config.data.patient_pattern,
   )
