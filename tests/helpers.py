@@ -47,3 +47,28 @@ def run_module(module, *args, timeout=300, check=True):
   if check:
     assert out.returncode == 0, out.stderr[-4000:]
   return out
+
+
+def random_variables(config, seed=0):
+  """Random weights of the config's network without compiling its initialiser: kernels at
+  lecun scale, unit scales and variances, zero offsets and means."""
+  import jax
+
+  from ukd import models
+
+  model = models.build(config.model, config.modalities)
+  shapes = jax.eval_shape(
+    lambda: models.init_variables(
+      model, config.model, models.input_spatial(config), jax.random.key(0)
+    )
+  )
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(path[-1].key)
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+    return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)

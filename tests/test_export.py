@@ -6,13 +6,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import ROOT, run_module, tiny_config
+from helpers import ROOT, random_variables, run_module, tiny_config
 
-from ukd import checkpoints, export, exported, infer, models, predict
+from ukd import checkpoints, export, exported, infer, predict
 from ukd import config as config_lib
 from ukd.errors import ConfigError
 
@@ -21,25 +20,6 @@ RECORD = {
   "classes": ["background", "MYO", "AA"],
   "label_codes": {"ct": [0, 205, 820], "mr": [0, 63, 126]},
 }
-
-
-def _random_variables(config, seed=0):
-  model = models.build(config.model, config.modalities)
-  shapes = jax.eval_shape(
-    lambda: models.init_variables(
-      model, config.model, models.input_spatial(config), jax.random.key(0)
-    )
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = str(path[-1].key)
-    if name == "kernel":
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-    return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +32,7 @@ def workdir(tmp_path_factory):
   config = config_lib.check(config)
   path = str(tmp_path_factory.mktemp("run"))
   mgr = checkpoints.manager(path)
-  checkpoints.save(mgr, 7, _random_variables(config), config, dataset=RECORD)
+  checkpoints.save(mgr, 7, random_variables(config), config, dataset=RECORD)
   mgr.wait_until_finished()
   mgr.close()
   return path

@@ -4,13 +4,12 @@ folder in three stages with --continue."""
 import json
 import os
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import random_variables, tiny_config
 
-from ukd import checkpoints, infer, models, predict
+from ukd import checkpoints, infer, predict
 from ukd import config as config_lib
 from ukd.data import pipeline
 from ukd.errors import ConfigError
@@ -32,27 +31,6 @@ def _config(name="dilated2d", flip=(0, 1)):
   return config_lib.check(config)
 
 
-def _variables(config, seed=0):
-  """Random weights of the config's network without compiling its initialiser: kernels at
-  lecun scale, unit scales and variances, zero offsets and means."""
-  model = models.build(config.model, config.modalities)
-  shapes = jax.eval_shape(
-    lambda: models.init_variables(
-      model, config.model, models.input_spatial(config), jax.random.key(0)
-    )
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = str(path[-1].key)
-    if name == "kernel":
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-    return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def _mirror(x, axes):
   return np.flip(x, [a + 1 for a in axes]) if axes else x
 
@@ -63,7 +41,7 @@ def _mirror(x, axes):
 )
 def test_tta_is_the_mean_of_the_mirrored_predictions_mirrored_back(name, flip, channels, count):
   config = _config(name, flip)
-  variables = _variables(config)
+  variables = random_variables(config)
   plain = infer.Segmenter(config, variables, tta=False)
   mirrored = infer.Segmenter(config, variables, tta=True)
   assert len(mirrored.flips) == count and mirrored.flips[0] == ()
@@ -84,7 +62,7 @@ def test_tta_is_the_mean_of_the_mirrored_predictions_mirrored_back(name, flip, c
 def test_tta_is_refused_for_a_network_trained_without_flips():
   config = _config(flip=())
   with pytest.raises(ConfigError, match=r"data.augment.flip"):
-    infer.Segmenter(config, _variables(config), tta=True)
+    infer.Segmenter(config, random_variables(config), tta=True)
 
 
 def test_the_flip_field_takes_axes_and_old_switches():
@@ -111,7 +89,7 @@ def test_a_2d_sample_flipped_along_the_slices_reverses_its_neighbours():
 
 def test_an_ensemble_averages_its_members_probabilities():
   config = _config()
-  members = [_variables(config, seed) for seed in (0, 1)]
+  members = [random_variables(config, seed) for seed in (0, 1)]
   batch = np.random.default_rng(1).normal(size=(4, 16, 16, 3)).astype(np.float32)
   singles = [np.asarray(infer.Segmenter(config, v).batch_function("ct")(batch)) for v in members]
   both = np.asarray(infer.Segmenter(config, members).batch_function("ct")(batch))
@@ -128,13 +106,13 @@ def _workdir(path, config, variables, step=3):
 
 def test_load_of_several_work_dirs_is_an_ensemble_and_members_must_agree(tmp_path):
   config = _config()
-  a = _workdir(tmp_path / "a", config, _variables(config, 0))
-  b = _workdir(tmp_path / "b", config, _variables(config, 1), step=5)
+  a = _workdir(tmp_path / "a", config, random_variables(config, 0))
+  b = _workdir(tmp_path / "b", config, random_variables(config, 1), step=5)
   ensemble = infer.load(f"{a},{b}")
   assert ensemble.step == [3, 5] and len(ensemble.variables) == 2
   other = config_lib.check(config)
   other.data.size = (32, 32)
-  c = _workdir(tmp_path / "c", other, _variables(other, 2))
+  c = _workdir(tmp_path / "c", other, random_variables(other, 2))
   with pytest.raises(ConfigError, match=r"differ in config.data.size"):
     infer.load([a, c])
 
@@ -148,7 +126,7 @@ def _ct(path, shape=(16, 16, 5), seed=0):
 
 def test_entropy_maps_lie_between_zero_and_ln_c_and_continue_skips_complete_cases(tmp_path):
   config = _config()
-  seg = infer.Segmenter(config, _variables(config), tta=True)
+  seg = infer.Segmenter(config, random_variables(config), tta=True)
   inputs = tmp_path / "in"
   inputs.mkdir()
   for i in range(3):
@@ -182,7 +160,7 @@ def test_entropy_maps_lie_between_zero_and_ln_c_and_continue_skips_complete_case
 
 def test_three_stage_prediction_writes_what_one_case_at_a_time_writes(tmp_path):
   config = _config()
-  seg = infer.Segmenter(config, _variables(config))
+  seg = infer.Segmenter(config, random_variables(config))
   inputs = tmp_path / "in"
   inputs.mkdir()
   paths = [_ct(inputs / f"c{i}.nii.gz", shape=(16, 16, 3 + i), seed=i) for i in range(5)]

@@ -227,37 +227,17 @@ def _hand_out(listed, modalities, splits: dict, source) -> dict:
   return out
 
 
-def cases_by_split(
-  adapter,
-  root,
-  modalities,
-  workdir,
-  *,
-  seed: int,
-  fractions=(0.6, 0.2, 0.2),
-  split_file=None,
-  folds: int = 1,
-  fold: int = 0,
-  patient_pattern: str = "",
-) -> dict:
+def cases_by_split(adapter, root, modalities, workdir, **options) -> dict:
   """{modality: {split: [Case]}} for `modalities` of the dataset at `root`, by the work dir's
-  split (`load_or_make_splits`); each split's cases in the order of their ids.
+  split (`load_or_make_splits`, which takes `options`: seed, fractions, split_file, folds,
+  fold, patient_pattern); each split's cases in the order of their ids.
 
   A listed modality the dataset has no cases of is a ConfigError; the dataset's other
   modalities are left out of the split.
   """
   modalities = tuple(modalities)
   listed = list_cases(adapter, root, modalities)
-  splits = load_or_make_splits(
-    workdir,
-    listed,
-    seed=seed,
-    fractions=fractions,
-    split_file=split_file,
-    folds=folds,
-    fold=fold,
-    patient_pattern=patient_pattern,
-  )
+  splits = load_or_make_splits(workdir, listed, **options)
   return _hand_out(listed, modalities, splits, _saved_path(workdir))
 
 
