@@ -16,9 +16,12 @@ TINY = [
   f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny",
   "--config.batch_size=4",  # 4 devices in all: 1 sample of each modality per device
   "--config.overlays=0",
-  # Adam moves a weight by about lr whatever the size of its gradient, so two gradients of
-  # 1e-9 and -1e-9, equal up to summation order, would move it in opposite directions; a
-  # larger eps keeps updates proportional to gradients, and the comparison about the data.
+  # gloo sums gradients in another order than one process: the weights differ by float32
+  # rounding, which this tiny network (batch norm over 2 samples of a modality) amplifies
+  # step by step (seen at lr 2e-3: 8e-6 in the step-2 loss, 8e-4 by step 4).  Small steps
+  # keep that drift far below what another batch or a wrong resume changes (1e-2 and more);
+  # a larger Adam eps keeps updates proportional to gradients, as in the multi-device test.
+  "--config.optim.lr=1e-4",
   "--config.optim.eps=1e-3",
 ]
 
@@ -111,9 +114,8 @@ def test_two_processes_train_kill_resume_and_evaluate_like_one(reference, tmp_pa
   steps, pair = _losses(workdir)
   _, single = _losses(reference)
   assert sorted(steps) == [1, 2, 3, 4] and len(steps) == 4  # one copy of each line
-  # gloo sums the gradients in another order than one process does: float32 rounding only.
   for step in range(1, 5):
-    assert pair[step] == pytest.approx(single[step], abs=1e-5), step
+    assert pair[step] == pytest.approx(single[step], abs=5e-5), step
 
   # One evaluation, written once, scoring every test case as the single process did.
   evals = sorted(os.listdir(os.path.join(workdir, "eval")))
