@@ -360,10 +360,12 @@ def format_table(summary: Summary, class_names: Sequence[str]) -> str:
   return tables.markdown(header, body)
 
 
-def output_dir(workdir: str | os.PathLike, split: str, step: int) -> str:
-  """`<workdir>/eval/<split>-step<N>`: every evaluation keeps its own folder, so scoring
-  another checkpoint or split never mixes its files with an earlier one's."""
-  return os.fspath(epath.Path(workdir) / "eval" / f"{split}-step{step}")
+def output_dir(workdir: str | os.PathLike, split: str, step: int, tta: bool = False) -> str:
+  """`<workdir>/eval/<split>-step<N>` (`-tta` with test-time augmentation): every evaluation
+  keeps its own folder, so scoring another checkpoint, split or way of predicting never mixes
+  its files with an earlier one's."""
+  name = f"{split}-step{step}" + ("-tta" if tta else "")
+  return os.fspath(epath.Path(workdir) / "eval" / name)
 
 
 def split_cases(
@@ -417,7 +419,7 @@ def evaluate(
   adapter, chosen = split_cases(seg, workdir, split)
   if not chosen:
     raise DataError(f"{workdir}: the {split} split has no cases of {list(seg.config.modalities)}")
-  out_dir = output_dir(workdir, split, seg.step)
+  out_dir = output_dir(workdir, split, seg.step, tta=seg.tta)
   limit = None if overlays else 0
   result = evaluate_cases(
     seg, adapter, chosen, out_dir=out_dir, overlays=limit, split=split, rules=rules
