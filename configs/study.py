@@ -27,6 +27,7 @@ def _synthetic_base():
   """The demo's phantoms and network (lecun-normal init), trained for 600 steps a run."""
   c = demo.get_config()
   c.data.root = config_lib.REQUIRED  # set by the study: <study dir>/phantoms
+  c.data.spacing = ""  # slices resized to 64 x 64, as the study's published runs were
   c.total_steps = 600
   c.eval_every = c.checkpoint_every = 100
   c.overlays = 0
