@@ -41,17 +41,3 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if _CACHE is not None:
     shutil.rmtree(_CACHE, ignore_errors=True)
-
-
-# Modules that take minutes (processes trained end to end, several compilations) go first, so
-# the two workers (`addopts` in pyproject.toml) finish together instead of one waiting on the
-# last slow module.
-SLOW_FIRST = ("test_multiprocess", "test_cli", "test_train_step", "test_models", "test_study")
-
-
-def pytest_collection_modifyitems(config, items):
-  def rank(item):
-    name = item.path.stem
-    return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
-
-  items.sort(key=rank)  # stable: each module keeps its own order
