@@ -72,3 +72,25 @@ def random_variables(config, seed=0):
     return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def write_folder_dataset(root, modalities, count, make_case, affine):
+  """nnU-Net style folders `<root>/<modality>/{imagesTr,labelsTr}` with a dataset.json
+  naming classes A (1) and B (2); `make_case(modality, k)` gives case k's (image, label)
+  arrays, called modality by modality, case by case."""
+  import json
+
+  import nibabel as nib
+
+  for modality in modalities:
+    folder = os.path.join(root, modality)
+    for sub in ("imagesTr", "labelsTr"):
+      os.makedirs(os.path.join(folder, sub))
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+      json.dump({"labels": {"background": 0, "A": 1, "B": 2}, "file_ending": ".nii.gz"}, f)
+    for k in range(count):
+      image, label = make_case(modality, k)
+      nib.save(
+        nib.Nifti1Image(image, affine), os.path.join(folder, "imagesTr", f"case{k}_0000.nii.gz")
+      )
+      nib.save(nib.Nifti1Image(label, affine), os.path.join(folder, "labelsTr", f"case{k}.nii.gz"))

@@ -7,10 +7,9 @@ import os
 import shutil
 
 import jax
-import nibabel as nib
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, write_folder_dataset
 from PIL import Image
 
 from ukd import checkpoints, evaluate, models
@@ -179,22 +178,13 @@ def test_format_table_lays_out_structures_by_modality(result):
 def _write_folder_dataset(root):
   """nnU-Net style folders, three cases each, class names A and B."""
   rng = np.random.default_rng(0)
-  for modality in ("ct", "mr", "pet"):
-    folder = os.path.join(root, modality)
-    for sub in ("imagesTr", "labelsTr"):
-      os.makedirs(os.path.join(folder, sub))
-    with open(os.path.join(folder, "dataset.json"), "w") as f:
-      json.dump({"labels": {"background": 0, "A": 1, "B": 2}, "file_ending": ".nii.gz"}, f)
-    for k in range(3):
-      label = _label(b=k != 1)
-      image = (label * 200.0 + rng.normal(0, 20, SHAPE)).astype(np.float32)
-      nib.save(
-        nib.Nifti1Image(image, AFFINE), os.path.join(folder, "imagesTr", f"case{k}_0000.nii.gz")
-      )
-      nib.save(
-        nib.Nifti1Image(label.astype(np.uint8), AFFINE),
-        os.path.join(folder, "labelsTr", f"case{k}.nii.gz"),
-      )
+
+  def case(modality, k):
+    label = _label(b=k != 1)
+    image = (label * 200.0 + rng.normal(0, 20, SHAPE)).astype(np.float32)
+    return image, label.astype(np.uint8)
+
+  write_folder_dataset(root, ("ct", "mr", "pet"), 3, case, AFFINE)
 
 
 def _folder_config(root):

@@ -5,10 +5,9 @@ import json
 import os
 
 import jax
-import nibabel as nib
 import numpy as np
 import pytest
-from helpers import run_module, tiny_config
+from helpers import run_module, tiny_config, write_folder_dataset
 
 from ukd import checkpoints, evaluate, models, postprocess
 from ukd.data.adapters import Case
@@ -173,20 +172,11 @@ def test_evaluation_scores_raw_and_post_processed_labels_from_one_prediction(tmp
 
 def _folder_dataset(root):
   """nnU-Net style CT and MR folders of three cases: one validation case each."""
-  for modality in ("ct", "mr"):
-    folder = os.path.join(root, modality)
-    for sub in ("imagesTr", "labelsTr"):
-      os.makedirs(os.path.join(folder, sub))
-    with open(os.path.join(folder, "dataset.json"), "w") as f:
-      json.dump({"labels": {"background": 0, "A": 1, "B": 2}, "file_ending": ".nii.gz"}, f)
-    for k in range(3):
-      nib.save(
-        nib.Nifti1Image(_organs().astype(np.float32) * 100, np.eye(4)),
-        os.path.join(folder, "imagesTr", f"case{k}_0000.nii.gz"),
-      )
-      nib.save(
-        nib.Nifti1Image(_organs(), np.eye(4)), os.path.join(folder, "labelsTr", f"case{k}.nii.gz")
-      )
+
+  def case(modality, k):
+    return _organs().astype(np.float32) * 100, _organs()
+
+  write_folder_dataset(root, ("ct", "mr"), 3, case, np.eye(4))
 
 
 def test_postprocess_mode_writes_the_rules_of_a_work_dir(tmp_path):

@@ -30,7 +30,7 @@ from jax import export as jax_export
 
 import ukd
 from ukd import config as config_lib
-from ukd import exported, files, infer, metrics, onnx_export
+from ukd import exported, files, infer, metrics, models, onnx_export
 from ukd.errors import ConfigError
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -69,12 +69,8 @@ def batch_function(seg: infer.Segmenter, modality: str):
   """(fn, example): the Segmenter's batch function with its weights as constants, and one
   zero batch of the shape it takes (the batch axis is the one an export leaves free)."""
   variables = jax.device_get(seg.variables)
-  window = (
-    tuple(seg.config.data.size) + (3,)
-    if seg.settings.dims == 2
-    else tuple(seg.config.data.patch) + (1,)
-  )
-  example = np.zeros((1, *window), np.float32)
+  channels = models.input_channels(seg.config.model)
+  example = np.zeros((1, *models.input_spatial(seg.config), channels), np.float32)
   return (lambda batch: seg._probabilities(variables, batch, modality)), example
 
 
@@ -142,8 +138,7 @@ def load_backend(workdir, step="best", *, backend="jax", precision="float32", **
   """What `--mode=predict` predicts with: `infer.load` for the 'jax' backend (`options`: tta,
   postprocess); for 'onnxruntime' / 'openvino' an export folder given as `workdir`, or the
   work dir exported into a temporary folder first."""
-  if backend == "jax" and precision != "float32":
-    raise ConfigError("--precision=bf16 runs on --backend=openvino only")
+  exported.check_request(backend, precision)
   if os.path.exists(os.path.join(os.fspath(workdir), exported.SIDECAR)):
     return exported.load(workdir, backend=backend, precision=precision)
   if backend == "jax":

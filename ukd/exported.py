@@ -37,6 +37,7 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 def load(path, backend: str = "jax", precision: str = "float32") -> ExportedModel:
   """The exported model in folder `path` on `backend`; a one-line error for a folder that is
   not an export, a backend that is not installed, or a precision this CPU or model refuses."""
+  check_request(backend, precision)
   sidecar = os.path.join(os.fspath(path), SIDECAR)
   try:
     with open(sidecar) as f:
@@ -45,17 +46,13 @@ def load(path, backend: str = "jax", precision: str = "float32") -> ExportedMode
     raise error(DataError, path, f"not an exported ukd model (no {SIDECAR})") from None
   except (OSError, ValueError) as e:
     raise error(DataError, sidecar, f"unreadable ({type(e).__name__}: {e})") from None
-  if backend not in BACKENDS:
-    raise ConfigError(f"--backend={backend!r} must be one of {BACKENDS}")
-  if precision not in ("float32", "bf16"):
-    raise ConfigError(f"--precision={precision!r} must be float32 or bf16")
   if precision == "bf16":
-    _check_bf16(backend, record)
+    _check_gate(record)
   return ExportedModel(os.fspath(path), record, backend, precision)
 
 
-class ExportedModel:
-  """What `ukd.predict` needs of a Segmenter, from an export folder."""
+class ExportedModel(windows.Predictor):
+  """An export folder's model, predicting as a `ukd.infer.Segmenter` does (`windows.Predictor`)."""
 
   def __init__(self, path: str, record: dict, backend: str, precision: str):
     self.path, self.record, self.backend, self.precision = path, record, backend, precision
@@ -68,31 +65,12 @@ class ExportedModel:
     )
     self._functions = {}
 
-  def check_modality(self, modality: str) -> None:
-    known = list(self.config.modalities)
-    if modality not in known:
-      raise DataError(f"modality {modality!r} is not one this model was exported for: {known}")
-
-  def label_table(self, modality: str, label_codes: str = "dataset") -> list[tuple[int, str]]:
-    names = self.record["classes"]
-    codes = list(range(len(names)))
-    if label_codes == "dataset" and self.record.get("label_codes"):
-      codes = [int(c) for c in self.record["label_codes"][modality]]
-    elif label_codes not in ("dataset", "index"):
-      raise ConfigError(f"label_codes={label_codes!r} must be 'dataset' or 'index'")
-    return list(zip(codes, names))
-
   def batch_function(self, modality: str):
     """batch [N, *window, channels] float32 -> probabilities [N, *window, C] as numpy."""
     self.check_modality(modality)
     if modality not in self._functions:
       self._functions[modality] = _BUILDERS[self.backend](self, modality)
     return self._functions[modality]
-
-  def predict_volume(self, vol, modality: str, *, probabilities: bool = False):
-    """As `ukd.infer.Segmenter.predict_volume`."""
-    run = self.batch_function(modality)
-    return windows.predict_volume(vol, modality, self.settings, run, probabilities=probabilities)
 
   def predict_file(self, in_path, out_path, modality: str, label_codes: str = "dataset") -> None:
     """NIfTI in, label map and sidecar out, as `ukd.predict.predict_file`."""
@@ -162,16 +140,26 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
   return any(flag in flags for flag in BF16_FLAGS)
 
 
-def _check_bf16(backend: str, record: dict) -> None:
-  """bf16 only on OpenVINO, on a CPU with bf16 units, for a model whose bf16 labels passed
-  the accuracy gate at export (`ukd.export.bf16_gate`)."""
-  if backend != "openvino":
+def check_request(backend: str, precision: str) -> None:
+  """A one-line ConfigError for a backend or precision this machine cannot serve, whatever
+  the model: bf16 only on OpenVINO, on a CPU with bf16 units (emulated it is slower than
+  float32).  `ukd.export.load_backend` asks before it exports anything."""
+  if backend not in BACKENDS:
+    raise ConfigError(f"--backend={backend!r} must be one of {BACKENDS}")
+  if precision not in ("float32", "bf16"):
+    raise ConfigError(f"--precision={precision!r} must be float32 or bf16")
+  if precision == "bf16" and backend != "openvino":
     raise ConfigError("--precision=bf16 runs on --backend=openvino only")
-  if not cpu_has_bf16():
+  if precision == "bf16" and not cpu_has_bf16():
     raise ConfigError(
       f"--precision=bf16: this CPU has no bf16 matrix units ({' or '.join(BF16_FLAGS)}); "
       "it would be emulated, slower than float32"
     )
+
+
+def _check_gate(record: dict) -> None:
+  """bf16 only for a model whose bf16 labels passed the accuracy gate at export
+  (`ukd.export.bf16_gate`)."""
   gate = record.get("bf16_gate") or {}
   if not gate.get("passed"):
     reason = gate.get("reason", "bf16 labels were not checked against float32 at export")

@@ -34,13 +34,10 @@ from ukd.data import volumes
 from ukd.errors import ConfigError, DataError
 
 
-class Segmenter:
+class Segmenter(windows.Predictor):
   """A network (or an ensemble of networks) with its variables on the devices and the config
-  it was trained with."""
-
-  # What a checkpoint recorded of the dataset it was trained on ({'classes', 'label_codes',
-  # 'splits'}: `checkpoints.save`); None for live variables and older checkpoints.
-  dataset: dict | None = None
+  it was trained with; `predict_volume`, `label_table` and `check_modality` come from
+  `ukd.windows.Predictor`, which an exported model shares."""
 
   def __init__(
     self, config, variables, mesh=None, *, step=None, tta: bool | None = None, postprocess=None
@@ -143,15 +140,6 @@ class Segmenter:
     labels, _ = self.predict_volume(vol, modality)
     return vol.to_original(labels)
 
-  def predict_volume(self, vol: volumes.Volume, modality: str, *, probabilities: bool = False):
-    """(labels uint8 [X,Y,Z], probabilities float32 [X,Y,Z,C] or None), on `vol`'s canonical
-    grid; the probabilities only with `probabilities=True`, since at full resolution they take
-    4 bytes per voxel and class (`ukd.windows.predict_volume`)."""
-    self.check_modality(modality)
-    return windows.predict_volume(
-      vol, modality, self.settings, self.batch_function(modality), probabilities=probabilities
-    )
-
   def batch_function(self, modality: str):
     """batch [N, *window, channels] (N = `batch_size`) -> probabilities on the devices: the
     function `ukd.windows` slides over a volume, and what an export serialises."""
@@ -161,30 +149,6 @@ class Segmenter:
       return self._probabilities(self.variables, jax.device_put(batch, sharding), modality)
 
     return run
-
-  def label_table(self, modality: str, label_codes: str = "dataset") -> list[tuple[int, str]]:
-    """(code written to files, class name) for class indices 0..C-1.
-
-    'dataset' gives the codes of the dataset the network was trained on (MM-WHS 205, 420, ...,
-    as its checkpoint recorded them); 'index' gives 0..C-1.  A network without that record
-    (live variables, older checkpoints) writes indices.
-    """
-    if label_codes not in LABEL_CODES:
-      raise ConfigError(f"label_codes={label_codes!r} must be one of {LABEL_CODES}")
-    count = int(self.config.model.num_classes)
-    record = self.dataset or {}
-    names = list(record.get("classes") or ["background"] + [f"class_{i}" for i in range(1, count)])
-    codes = list(range(count))
-    if label_codes == "dataset" and record.get("label_codes"):
-      codes = [int(c) for c in record["label_codes"][modality]]
-    return list(zip(codes, names))
-
-  def check_modality(self, modality: str) -> None:
-    """A DataError unless the network was trained on `modality`; predicting checks it, and so
-    do callers that have work to do before the first prediction (`ukd.predict`)."""
-    known = list(self.config.modalities)
-    if modality not in known:
-      raise DataError(f"modality {modality!r} is not one this network was trained on: {known}")
 
 
 def mirror_axes(config) -> list[tuple[int, ...]]:
@@ -250,10 +214,6 @@ def _local_replica(x):
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return x.addressable_data(0)
   return x
-
-
-# How predicted files encode classes: the dataset's own codes, or class indices 0..C-1.
-LABEL_CODES = ("dataset", "index")
 
 
 def _abstract_variables(config, mesh):

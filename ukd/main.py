@@ -61,8 +61,8 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
   "tta",
   None,
-  "predict / evaluate: average over mirrored inputs (the axes the network was trained to see "
-  "flipped); default: the config's infer.tta.",
+  "predict / evaluate / export: average over mirrored inputs (the axes the network was trained "
+  "to see flipped); default: the config's infer.tta.",
 )
 flags.DEFINE_bool(
   "uncertainty", False, "predict: also write <case>_entropy.nii.gz, the voxel-wise entropy."
@@ -70,8 +70,8 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
   "postprocess",
   "auto",
-  "predict / evaluate: auto (the work dir's postprocessing.json where there is one), none, or "
-  "the path of a postprocessing.json.",
+  "predict / evaluate / export: auto (the work dir's postprocessing.json where there is one), "
+  "none, or the path of a postprocessing.json.",
 )
 flags.DEFINE_enum(
   "backend",
@@ -131,7 +131,9 @@ def main(argv):
     postprocess.choose_for_workdir(FLAGS.workdir, step=FLAGS.step)
   elif FLAGS.mode == "export":
     cli_lib.require_flags("export", "output")
-    export.export(FLAGS.workdir, FLAGS.output, step=FLAGS.step, tta=FLAGS.tta)
+    export.export(
+      FLAGS.workdir, FLAGS.output, step=FLAGS.step, tta=FLAGS.tta, postprocess=FLAGS.postprocess
+    )
   elif FLAGS.mode == "score":
     cli_lib.require_flags("score", "predictions", "references", "output", "dataset")
     score.score(

@@ -36,6 +36,7 @@ import numpy as np
 
 from ukd import postprocess
 from ukd.data import preprocess, volumes
+from ukd.errors import ConfigError, DataError
 
 # batch [N, *window, channels] float32 -> class probabilities [N, *window, C] (any array type).
 BatchFn = Callable[[np.ndarray], object]
@@ -64,6 +65,59 @@ class Settings:
       batch_size,
       postprocess,
     )
+
+
+# How predicted files encode classes: the dataset's own codes, or class indices 0..C-1.
+LABEL_CODES = ("dataset", "index")
+
+
+class Predictor:
+  """What predicting whole volumes needs of a network, whatever runs it: a live
+  `ukd.infer.Segmenter` or an exported model (`ukd.exported`).  A subclass sets `config` (a
+  checked config), `settings`, `dataset` and `step`, and gives `batch_function`."""
+
+  config: object
+  settings: Settings
+  # What a checkpoint recorded of the dataset it was trained on ({'classes', 'label_codes',
+  # 'splits'}: `checkpoints.save`); None for live variables and older checkpoints.
+  dataset: dict | None = None
+  step: object = None  # checkpoint step(s) (reports name it), None for live variables
+
+  def batch_function(self, modality: str) -> BatchFn:
+    """batch [N, *window, channels] float32 -> class probabilities [N, *window, C]."""
+    raise NotImplementedError
+
+  def predict_volume(self, vol: volumes.Volume, modality: str, *, probabilities: bool = False):
+    """(labels uint8 [X,Y,Z], probabilities float32 [X,Y,Z,C] or None), on `vol`'s canonical
+    grid; the probabilities only with `probabilities=True`, since at full resolution they take
+    4 bytes per voxel and class (`predict_volume` below)."""
+    self.check_modality(modality)
+    run = self.batch_function(modality)
+    return predict_volume(vol, modality, self.settings, run, probabilities=probabilities)
+
+  def label_table(self, modality: str, label_codes: str = "dataset") -> list[tuple[int, str]]:
+    """(code written to files, class name) for class indices 0..C-1.
+
+    'dataset' gives the codes of the dataset the network was trained on (MM-WHS 205, 420, ...,
+    as its checkpoint recorded them); 'index' gives 0..C-1.  A network without that record
+    (live variables, older checkpoints) writes indices.
+    """
+    if label_codes not in LABEL_CODES:
+      raise ConfigError(f"label_codes={label_codes!r} must be one of {LABEL_CODES}")
+    count = int(self.config.model.num_classes)
+    record = self.dataset or {}
+    names = list(record.get("classes") or ["background"] + [f"class_{i}" for i in range(1, count)])
+    codes = list(range(count))
+    if label_codes == "dataset" and record.get("label_codes"):
+      codes = [int(c) for c in record["label_codes"][modality]]
+    return list(zip(codes, names))
+
+  def check_modality(self, modality: str) -> None:
+    """A DataError unless the network was trained on `modality`; predicting checks it, and so
+    do callers that have work to do before the first prediction (`ukd.predict`)."""
+    known = list(self.config.modalities)
+    if modality not in known:
+      raise DataError(f"modality {modality!r} is not one this network was trained on: {known}")
 
 
 def predict_volume(

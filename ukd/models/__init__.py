@@ -48,10 +48,14 @@ def input_spatial(config) -> tuple[int, ...]:
   return tuple(config.data.size) if DIMS[config.model.name] == 2 else tuple(config.data.patch)
 
 
+def input_channels(model_config) -> int:
+  """Channels of one input: a 2D slice with its two neighbours, or a 3D patch's one."""
+  return 3 if DIMS[model_config.name] == 2 else 1
+
+
 def example_input(model_config, spatial, batch: int = 1):
   """A zero input of the shape the network takes, e.g. for `init`."""
-  channels = 3 if DIMS[model_config.name] == 2 else 1
-  return jnp.zeros((batch, *spatial, channels), jnp.float32)
+  return jnp.zeros((batch, *spatial, input_channels(model_config)), jnp.float32)
 
 
 def init_variables(model, model_config, spatial, rng):
