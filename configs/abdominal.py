@@ -13,6 +13,16 @@ at most about 18%, and CT is taken down 1.6-2.7x, about what resizing its 512 pi
 did.  256 pixels of 1.6 mm span 410 mm, a whole abdominal cross-section in one patch; a wider
 patient is covered by sliding windows.  The slice spacing is left as scanned.  `runlocal`
 keeps that field of view with 64 pixels of 6.4 mm.
+
+The recipe is the reference code's (Dou et al.'s released 3D TensorFlow code): absent classes
+get a uniform KD distribution (`loss.kd_absent='uniform'`, as in 2D); the 1x1x1 head has a
+bias (`model.head_bias=True`); transposed convolutions start from an uncut normal of std 0.01
+(`model.init='reference'`).  L2 weight: the reference adds 1e-4 * sum over every trainable
+variable v of tf.nn.l2_loss(v) = 1e-4 * 1/2 sum v^2 to EACH modality's loss and minimises the
+sum of the two, so every variable is penalised by 2 * 1e-4 * 1/2 sum v^2.  ukd adds
+`loss.l2` * 1/2 sum v^2 once per step, so the same penalty is `loss.l2 = 2e-4` with
+`loss.l2_scope='all'`.  (The l2_regularizer of 5e-4 on the reference's transposed-convolution
+filters registers a loss that its training objective never reads, so it adds nothing.)
 """
 
 from ukd import config as config_lib
@@ -31,7 +41,10 @@ def get_config(arg=None):
   c.data.patch = (256, 256, 8)
   c.data.spacing = "1.6"  # mm in-plane, CT and MR alike (see the docstring)
   c.data.fg_fraction = 0.5
-  c.loss.l2_scope = "all"  # the reference 3D code penalises every trainable variable
+  c.model.head_bias = True
+  c.loss.l2_scope = "all"  # the reference 3D code penalises every trainable variable ...
+  c.loss.l2 = 2e-4  # ... in both modalities' losses: twice 1e-4 (see the docstring)
+  c.loss.kd_absent = "uniform"
   c.batch_size = 2  # per modality
   c.optim.lr = 1e-4
   c.optim.decay_rate = 0.95

@@ -27,6 +27,14 @@ CT goes down 1.6-3.6x, to the scale at which the two modalities can share kernel
 256-pixel window then spans 256 mm: a whole heart (12-15 cm) with its surroundings; a wider
 body is covered by sliding windows, in training and in prediction.  `runlocal` keeps that
 field of view with 128 pixels of 2 mm.
+
+The recipe is the reference code's (Dou et al.'s released 2D TensorFlow code): a class absent
+from one modality's batch gets all-zero mean logits there, i.e. a uniform distribution in the
+KD term, and the KL is divided by all C classes (`loss.kd_absent='uniform'`); the 5x5 head has
+no bias (`model.head_bias=False`); the 3x3 convolution before the depth-to-space and the head
+pad by mirroring, the border row included (tf.pad's SYMMETRIC mode: 1 2 3 -> 2 1 1 2 3 3 2),
+while every other convolution pads with zeros (`model.pad='reference'`); L2 of 1e-4 on the
+convolution kernels, added once to the sum of both modalities' losses.
 """
 
 import math
@@ -60,7 +68,11 @@ def get_config(arg=None):
   c.optim.decay_rate = 0.95
   c.optim.decay_steps = PAPER_DECAY_STEPS
   c.total_steps = PAPER_STEPS
+  c.model.head_bias = False
+  c.model.pad = "reference"
   c.loss.dice, c.loss.ce, c.loss.kd, c.loss.temperature, c.loss.l2 = 1.0, 1.0, 0.5, 2.0, 1e-4
+  c.loss.l2_scope = "kernels"
+  c.loss.kd_absent = "uniform"
   c.eval_every = c.checkpoint_every = 2000
   if args["pod"]:
     scale_for_batch(c, 64)

@@ -1,12 +1,16 @@
-r"""The scheme comparison of the paper, and its ablations, as one study.
+r"""The scheme comparison of the paper in four arms, and its ablations.
 
   python -m ukd.study --config=configs/study.py --workdir=runs/study
-  python -m ukd.study --config=configs/study.py:ablations --workdir=runs/study
+  python -m ukd.study --config=configs/study.py:ablations --workdir=runs/study_ablations
 
 The default trains the six sharing schemes x 3 seeds on synthetic cardiac phantoms (MM-WHS
-layout) on a CPU; `:ablations` trains the ablation variants (one seed each) into the same
-study dir, and every report covers both.  `:mmwhs` is the paper-scale study on MM-WHS for a
-GPU or TPU:
+layout) in four arms, each into `<workdir>/<arm>/` (`--arms=mr_scarce` narrows it):
+  balanced_simple   both modalities with all training cases, the simple phantoms;
+  balanced_scanner  the same on the scanner-realistic phantoms (`data.synthetic.realism`);
+  mr_scarce         scanner phantoms, all CT training cases, 25 % of the MR ones;
+  ct_scarce         the mirror image.
+`:ablations` trains the ablation variants (one seed each) on the simple phantoms.  `:mmwhs`
+is the paper-scale study on MM-WHS for a GPU or TPU:
 
   python -m ukd.study --config=configs/study.py:mmwhs --workdir=gs://bucket/study \
       --config.base.data.root=/data/MMWHS
@@ -45,11 +49,42 @@ def _ablations():
     "temperature_4": {"loss": {"temperature": 4.0}},
     "kd_distance_l2": {"loss": {"kd_distance": "l2"}},
     "kd_absent_uniform": {"loss": {"kd_absent": "uniform"}},
-    "train_cases_25": {"data": {"train_fraction": 0.25}},
-    "train_cases_50": {"data": {"train_fraction": 0.5}},
+    "train_cases_25": {"data": {"train_fraction": "0.25"}},
+    "train_cases_50": {"data": {"train_fraction": "0.5"}},
     # Does sharing help more when data is scarce? The baselines at the smallest budget.
-    "single_train_cases_25": {"model": {"scheme": "single"}, "data": {"train_fraction": 0.25}},
-    "joint_train_cases_25": {"model": {"scheme": "joint"}, "data": {"train_fraction": 0.25}},
+    "single_train_cases_25": {"model": {"scheme": "single"}, "data": {"train_fraction": "0.25"}},
+    "joint_train_cases_25": {"model": {"scheme": "joint"}, "data": {"train_fraction": "0.25"}},
+  }
+
+
+_SCANNER = {"synthetic": {"realism": "scanner"}}
+
+
+def _arms():
+  """Each arm: overrides of the base (phantom set, per-modality budget) and its variants.
+  20 + 20 phantoms split 60/20/20 give each modality 12 training volumes: 25 % is 3."""
+  every = tuple(SCHEMES)
+  return {
+    "balanced_simple": {
+      "doc": "Both modalities, all 12 training volumes each, simple phantoms.",
+      "base": {},
+      "variants": every,
+    },
+    "balanced_scanner": {
+      "doc": "Both modalities, all 12 training volumes each, scanner-realistic phantoms.",
+      "base": {"data": _SCANNER},
+      "variants": every,
+    },
+    "mr_scarce": {
+      "doc": "Scanner-realistic phantoms; all 12 CT training volumes, 3 MR ones (25 %).",
+      "base": {"data": {**_SCANNER, "train_fraction": "ct=1,mr=0.25"}},
+      "variants": every,
+    },
+    "ct_scarce": {
+      "doc": "Scanner-realistic phantoms; 3 CT training volumes (25 %), all 12 MR ones.",
+      "base": {"data": {**_SCANNER, "train_fraction": "ct=0.25,mr=1"}},
+      "variants": every,
+    },
   }
 
 
@@ -60,15 +95,18 @@ def get_config(arg=None):
   # name -> nested overrides of base: the paper's table, then the second table.
   c.schemes = {name: {"model": {"scheme": name}} for name in SCHEMES}
   c.ablations = _ablations()
+  c.arms = _arms()  # arm -> {doc, base overrides, variants}; {}: one study of c.schemes
   c.reference = "ukd"  # the variant the paired tests compare every other one with
   c.train = "schemes"  # which variants to train: schemes | ablations | all
   c.seeds = (0, 1, 2)  # seeds of every trained variant (parameters, split, sampling)
   if args["ablations"]:
     c.train = "ablations"
     c.seeds = (0,)
+    c.arms = {}
   if args["mmwhs"]:
     c.base = mmwhs.get_config()
     c.base.total_steps = 50_000
+    c.arms = {}
   if args["micro"]:  # the test suite's variant: 2 schemes, 1 seed, a few steps
     c.base = demo.get_config("tiny")
     c.base.data.root = config_lib.REQUIRED
@@ -76,4 +114,5 @@ def get_config(arg=None):
     c.schemes = {name: {"model": {"scheme": name}} for name in ("single", "ukd")}
     c.ablations = {"kd_weight_0": {"loss": {"kd": 0.0}}}
     c.seeds = (0,)
+    c.arms = {}
   return c

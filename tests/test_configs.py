@@ -99,6 +99,28 @@ def test_resolve_fills_discovered_fields_freezes_and_leaves_the_callers_config()
   assert again == resolved and isinstance(again, type(resolved))
 
 
+def test_paper_configs_follow_the_reference_recipe():
+  c = importlib.import_module("configs.mmwhs").get_config(None)
+  assert (c.loss.kd_absent, c.model.head_bias, c.model.pad) == ("uniform", False, "reference")
+  assert (c.loss.l2_scope, c.loss.l2, c.model.init) == ("kernels", 1e-4, "reference")
+  a = importlib.import_module("configs.abdominal").get_config(None)
+  assert (a.loss.kd_absent, a.model.head_bias, a.model.init) == ("uniform", True, "reference")
+  # The reference's 1e-4 on every variable, in each of the two modalities' losses.
+  assert (a.loss.l2_scope, a.loss.l2) == ("all", 2e-4)
+
+
+def test_a_config_saved_before_the_recipe_fields_rebuilds_its_network():
+  resolved = config_lib.resolve(
+    importlib.import_module("configs.mmwhs").get_config(None), root="/data", num_classes=5
+  )
+  saved = resolved.to_dict()
+  for field in ("head_bias", "pad", "x_split"):
+    del saved["model"][field]
+  model = config_lib.frozen(saved).model
+  # Both networks' heads had a bias, every convolution padded with zeros.
+  assert (model.head_bias, model.pad, model.x_split) == (True, "zeros", 2)
+
+
 def test_resolve_checks_the_config():
   config = importlib.import_module("configs.demo").get_config(None)
   config.loss.kd_absent = "ignore"

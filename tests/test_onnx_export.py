@@ -39,7 +39,9 @@ def _random_variables(model, config):
 
 def _config(name):
   if name == "dilated2d":
-    return importlib.import_module("configs.demo").get_config("tiny")
+    config = importlib.import_module("configs.demo").get_config("tiny")
+    config.model.pad = "reference"  # the paper config's mirror padding (split, flip, concat)
+    return config
   config = tiny_config("unet3d")
   config.data.patch = (16, 16, 8)
   config.model.conv_grads = "cpu_matmul"  # some convolutions inside a jax.custom_vjp

@@ -503,3 +503,90 @@ def test_run_config_rejects_a_mistyped_override():
 def test_only_naming_a_variant_the_config_does_not_train_is_an_error():
   with pytest.raises(ConfigError, match=r"--only names \['kd_weight_0'\]"):
     study.planned_runs(micro_config(), only=["kd_weight_0"])
+
+
+# ---- Arms -----------------------------------------------------------------------------------
+
+
+def _arms_config():
+  config = micro_config()
+  config.arms = {
+    "plain": {"doc": "All cases.", "base": {}, "variants": ("single", "ukd")},
+    "mr_scarce": {
+      "doc": "A quarter of the MR cases.",
+      "base": {"data": {"train_fraction": "ct=1,mr=0.25"}, "total_steps": 9},
+      "variants": ("ukd",),
+    },
+  }
+  return config
+
+
+def test_an_arm_is_the_base_with_its_overrides_and_its_variants():
+  config = _arms_config()
+  arm = study.arm_study(config, "mr_scarce")
+  assert arm.base.data.train_fraction == "ct=1,mr=0.25" and arm.base.total_steps == 9
+  assert arm.base.model.width == config.base.model.width  # the rest of the base is kept
+  assert list(arm.schemes) == ["ukd"] and not arm.ablations and not arm.arms
+  assert config.base.data.train_fraction == "1"  # the study itself is not changed
+  config.arms.plain.variants = ("ukd", "nope")
+  with pytest.raises(ConfigError, match=r"config.arms.plain.variants names \['nope'\]"):
+    study.arm_study(config, "plain")
+  config.arms.plain.variants = ("ukd",)
+  config.arms.plain.base = {"data": {"nope": 1}}
+  with pytest.raises(ConfigError, match=r"arms.plain.base.data.nope"):
+    study.arm_study(config, "plain")
+
+
+def test_the_default_study_has_the_four_arms_of_the_comparison():
+  config = importlib.import_module("configs.study").get_config()
+  assert set(config.arms) == {"balanced_simple", "balanced_scanner", "mr_scarce", "ct_scarce"}
+  for name in config.arms:
+    assert set(config.arms[name].variants) == set(models.SCHEMES)
+  mr = study.arm_study(config, "mr_scarce").base.data
+  ct = study.arm_study(config, "ct_scarce").base.data
+  assert (mr.train_fraction, ct.train_fraction) == ("ct=1,mr=0.25", "ct=0.25,mr=1")
+  assert mr.synthetic.realism == ct.synthetic.realism == "scanner"
+  assert study.arm_study(config, "balanced_simple").base.data.synthetic.realism == "simple"
+
+
+def _write_result(study_dir, arm, name, seed, result):
+  path = os.path.join(study_dir, arm, "runs", study.run_name(name, seed), study.RESULT)
+  os.makedirs(os.path.dirname(path))
+  with open(path, "w") as f:
+    json.dump(result, f)
+
+
+def test_the_arms_report_holds_every_arm_and_the_lead_over_the_best_other(tmp_path):
+  config = _arms_config()
+  config.arms.mr_scarce.variants = ("single", "ukd")
+  dice = {  # (arm, variant, seed) -> (CT, MR) Dice of the one test case
+    ("plain", "ukd", 0): (0.80, 0.70),
+    ("plain", "ukd", 1): (0.84, 0.74),
+    ("plain", "single", 0): (0.70, 0.73),
+    ("plain", "single", 1): (0.72, 0.75),
+    ("mr_scarce", "ukd", 0): (0.60, 0.50),
+  }
+  for (arm, name, seed), (ct, mr) in dice.items():
+    rows = _rows("ct", {"c": {"A": ct}}) + _rows("mr", {"m": {"A": mr}})
+    _write_result(str(tmp_path), arm, name, seed, _result(rows))
+  out = study.run_study(config, str(tmp_path), only=["nothing_here"])
+  assert set(out["arms"]) == {"plain", "mr_scarce"}
+  md = open(os.path.join(tmp_path, "study.md")).read()
+  assert "## plain" in md and "## mr_scarce" in md and "A quarter of the MR cases." in md
+  header, body = table(md, "Arm")
+  rows = {(r[0], r[1]): dict(zip(header, r, strict=True)) for r in body}
+  # plain CT: ukd 82.0 (std 2.0), single 71.0 (std 1.0): +11.0, beyond the spread 2.0.
+  ct = rows[("plain", "CT")]
+  assert (ct["ukd"], ct["Best other"], ct["Difference"]) == ("82.0", "single 71.0", "+11.0")
+  assert (ct["Seed spread"], ct["Beyond spread"]) == ("2.0", "yes")
+  # plain MR: ukd 72.0, single 74.0: -2.0 against a spread of 2.0 (std of 0.70, 0.74): not beyond.
+  mr = rows[("plain", "MR")]
+  assert (mr["Difference"], mr["Seed spread"], mr["Beyond spread"]) == ("-2.0", "2.0", "no")
+  assert ("mr_scarce", "CT") not in rows  # one variant only: nothing to compare with
+  with open(os.path.join(tmp_path, "study.csv")) as f:
+    csv_rows = list(csv.DictReader(f))
+  assert len(csv_rows) == 2 * len(dice)  # one per run and modality (one structure)
+  assert {r["arm"] for r in csv_rows} == {"plain", "mr_scarce"}
+  assert Image.open(os.path.join(tmp_path, "study.png")).size[1] > 600  # a panel per arm
+  with pytest.raises(ConfigError, match=r"--arms names unknown arms \['nope'\]"):
+    study.run_study(config, str(tmp_path), arms=["nope"])

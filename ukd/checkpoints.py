@@ -9,7 +9,10 @@ which has no rename, a step counts once Orbax has written its commit_success fil
 the last complete step is always restorable.  Two kinds of checkpoint are kept
 at once: the latest (for resume) and the best by validation mean Dice (for
 inference), through a preservation policy rather than `max_to_keep`, which with
-a `best_fn` alone could delete the latest.
+a `best_fn` alone could delete the latest.  A network whose modalities share no parameter
+(scheme `single`: one network per modality) also keeps each modality's best step by that
+modality's validation Dice, since each of its networks is chosen on its own
+(`best_steps`, `ukd.infer.load`).
 """
 
 import jax
@@ -21,7 +24,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from ukd import files
 from ukd.errors import CheckpointError
 
-BEST_METRIC = "val_dice"
+BEST_METRIC = "val_dice"  # the mean over modalities; 'val_dice/<modality>' each modality's
 CHECKPOINTS = "checkpoints"  # <workdir>/checkpoints/<step>
 
 
@@ -60,11 +63,13 @@ def manager(
   every: int = 1,
   last_step: int | None = None,
   read_only: bool = False,
+  best_of: tuple[str, ...] = (),
 ) -> ocp.CheckpointManager:
   """The work dir's manager.  It decides when training saves (`mgr.should_save(step)`):
   every `every` steps, at `last_step`, and at a multi-process run's preemption sync point,
   which jax's coordination service picks for all hosts once any hears a SIGTERM.  Orbax's
-  default decision would also save the first step of a fresh run; this one does not."""
+  default decision would also save the first step of a fresh run; this one does not.
+  `best_of`: modalities whose own best steps are kept too (a network sharing nothing)."""
   policy = None
   if not read_only:
     policy = policies.AnySavePolicy(
@@ -81,11 +86,14 @@ def manager(
     preservation_policy=policies.AnyPreservationPolicy(
       [
         policies.LatestN(n=1),
-        policies.BestN(
-          get_metric_fn=lambda m: m[BEST_METRIC],
-          reverse=False,
-          n=keep_best,
-          keep_checkpoints_without_metrics=False,
+        *(
+          policies.BestN(
+            get_metric_fn=lambda m, key=key: m[key],
+            reverse=False,
+            n=keep_best,
+            keep_checkpoints_without_metrics=False,
+          )
+          for key in (BEST_METRIC, *(f"{BEST_METRIC}/{m}" for m in best_of))
         ),
       ]
     ),
@@ -108,10 +116,12 @@ def save(
   config,
   *,
   val_dice: float | None = None,
+  modality_dice: dict[str, float] | None = None,
   dataset: dict | None = None,
 ):
   """Saves `step` asynchronously, whatever `mgr.should_save` says (training asks it first;
-  tests and tools save the steps they choose); `val_dice` ranks the checkpoint for 'best'.
+  tests and tools save the steps they choose); `val_dice` ranks the checkpoint for 'best',
+  `modality_dice` ({modality: validation Dice}) for each modality's best (`best_steps`).
   `dataset` (JSON: {'splits': {modality: {split: ids}}, 'classes': names, 'label_codes':
   {modality: codes}}) is what `restore_dataset` gives back.  The input pipeline's position is the step itself
   (`pipeline.make_train_iterator(start_step=...)`), so it needs no item of its own."""
@@ -119,7 +129,10 @@ def save(
   if dataset is not None:
     items["dataset"] = ocp.args.JsonSave(dataset)
   args = ocp.args.Composite(**items)
-  metrics = None if val_dice is None else {BEST_METRIC: float(val_dice)}
+  metrics = None
+  if val_dice is not None:
+    metrics = {BEST_METRIC: float(val_dice)}
+    metrics.update({f"{BEST_METRIC}/{m}": float(d) for m, d in (modality_dice or {}).items()})
   mgr.save(step, args=args, metrics=metrics, force=True)
 
 
@@ -164,6 +177,20 @@ def select_step(mgr, which) -> int:
   if step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {mgr.directory}; have {sorted(steps)}")
   return step
+
+
+def best_steps(mgr, modalities) -> dict[str, int] | None:
+  """{modality: the step of its best validation Dice} among the kept checkpoints; None when
+  a modality has no such score (checkpoints saved without per-modality Dice)."""
+  scores = {s: mgr.metrics(s) or {} for s in mgr.all_steps()}
+  chosen = {}
+  for modality in modalities:
+    key = f"{BEST_METRIC}/{modality}"
+    scored = [(metrics[key], step) for step, metrics in scores.items() if key in metrics]
+    if not scored:
+      return None
+    chosen[modality] = max(scored, key=lambda pair: (pair[0], -pair[1]))[1]  # ties: earlier
+  return chosen
 
 
 def restore_config(mgr, step: int) -> mc.ConfigDict:

@@ -32,6 +32,9 @@ def default() -> mc.ConfigDict:
   c.model.dtype = "float32"  # convolutions: 'float32' | 'bfloat16' (params, norms, losses f32)
   c.model.init = "reference"  # kernels: 'reference' (truncated normal, std 0.01) | 'lecun'
   c.model.conv_grads = "xla"  # 'xla' | 'cpu_matmul' (custom matmul gradients, faster on CPU)
+  c.model.head_bias = False  # a bias on the logits' convolution (reference: 2D none, 3D one)
+  c.model.pad = "zeros"  # 2D: 'zeros' | 'reference' (its last two convolutions pad by mirroring)
+  c.model.x_split = 2  # x_shape: per-modality stages at each end (encoder and decoder), 1..3
 
   c.loss = mc.ConfigDict()
   c.loss.dice = 1.0  # weight of the soft Dice loss (per modality)
@@ -59,11 +62,13 @@ def default() -> mc.ConfigDict:
   c.data.synthetic.n_mr = 10  # MR cases
   c.data.synthetic.seed = 0  # phantoms' own seed (the same phantoms for every training seed)
   c.data.synthetic.shape = (96, 96, 40)  # voxels per phantom
+  c.data.synthetic.realism = "simple"  # 'simple' (the demo's) | 'scanner' (MM-WHS protocols; mmwhs)
   c.data.split_fractions = (0.6, 0.2, 0.2)  # train / val / test fractions per modality
   c.data.folds = 1  # k > 1: k-fold cross-validation of the train+val cases; test stays as k=1
   c.data.fold = 0  # with folds > 1: the fold validated on (0..folds-1), the others train
   c.data.patient_pattern = ""  # regex, group 1 = a case id's patient ('': each case its own)
-  c.data.train_fraction = 1.0  # share of each modality's training cases used (data budget)
+  # Share of each modality's training cases used (data budget): '0.25' | 'ct=1,mr=0.25'.
+  c.data.train_fraction = "1"
   c.data.split_file = ""  # a splits.json to use instead of a seeded split
   c.data.cache_dir = ""  # volume cache ('' = <workdir>/cache); gs://... -> ~/.cache/ukd/<hash>
   c.data.size = (256, 256)  # in-plane size the network sees
@@ -179,31 +184,71 @@ def _check_norm(config, modality: str) -> None:
     raise ConfigError(f"{name}.{field}={(low, high)} must satisfy {bounds}")
 
 
-def _spacing_entries(text: str) -> dict:
-  """`data.spacing` as {modality: (rows, cols)}, the key None standing for every modality;
+def _modality_entries(text, field: str, forms: str, value) -> dict:
+  """A per-modality setting as {modality: value}, the key None standing for every modality;
   {} when unset.  A string, because a field that is None cannot be set from the command line,
-  and one string holds all three forms: '1', '1x0.8' and 'ct=1,mr=1.2x1'."""
-  usage = (
-    f"config.data.spacing={text!r} must be '' (off), 'MM', 'ROWSxCOLS' or "
-    "'ct=MM,mr=ROWSxCOLS' with positive numbers (mm)"
-  )
+  and one string holds both forms: 'V' for every modality and 'ct=V,mr=V'.  `value` parses
+  one V (ValueError when it is not one); `forms` is the usage the error shows."""
+  usage = f"config.{field}={text!r} must be {forms}"
+  if isinstance(text, (int, float)) and not isinstance(text, bool):
+    text = repr(float(text))  # configs written when the field was a number
   if not isinstance(text, str):
     raise ConfigError(usage)
   items = [item.strip() for item in text.split(",")] if text.strip() else []
   entries = {}
   for item in items:
-    name, named, value = item.rpartition("=")
+    name, named, written = item.rpartition("=")
     key = name.strip() if named else None
     try:
-      pair = tuple(float(v) for v in value.lower().split("x"))
+      entries_value = value(written)
     except ValueError:
       raise ConfigError(usage) from None
-    pair = pair * 2 if len(pair) == 1 else pair
-    valid = len(pair) == 2 and all(np.isfinite(v) and v > 0 for v in pair)
-    if not valid or key == "" or key in entries or (key is None and len(items) > 1):
+    if key == "" or key in entries or (key is None and len(items) > 1):
       raise ConfigError(usage)
-    entries[key] = pair
+    entries[key] = entries_value
   return entries
+
+
+def _spacing_pair(text: str) -> tuple[float, float]:
+  pair = tuple(float(v) for v in text.lower().split("x"))
+  pair = pair * 2 if len(pair) == 1 else pair
+  if len(pair) != 2 or not all(np.isfinite(v) and v > 0 for v in pair):
+    raise ValueError(text)
+  return pair
+
+
+def _fraction(text: str) -> float:
+  fraction = float(text)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(text)
+  return fraction
+
+
+# The per-modality `data` fields: the forms the error shows, and the parser of one value.
+_PER_MODALITY = {
+  "spacing": (
+    "'' (off), 'MM', 'ROWSxCOLS' or 'ct=MM,mr=ROWSxCOLS' with positive numbers (mm)",
+    _spacing_pair,
+  ),
+  "train_fraction": ("'F' or 'ct=F,mr=F' with each F in (0, 1]", _fraction),
+}
+
+
+def _data_entries(name: str, text) -> dict:
+  forms, value = _PER_MODALITY[name]
+  return _modality_entries(text, f"data.{name}", forms, value)
+
+
+def _spacing_entries(text: str) -> dict:
+  """`data.spacing` as {modality: (rows, cols)}: '1', '1x0.8' and 'ct=1,mr=1.2x1'."""
+  return _data_entries("spacing", text)
+
+
+def train_fraction_for(text, modality: str) -> float:
+  """The share of `modality`'s training cases that `data.train_fraction` ('0.25' or
+  'ct=1,mr=0.25'; a modality it does not name keeps all) trains on."""
+  entries = _data_entries("train_fraction", text)
+  return entries.get(modality, entries.get(None, 1.0))
 
 
 def spacing_for(text: str, modality: str) -> tuple[float, float] | None:
@@ -219,15 +264,17 @@ def spacing_for(text: str, modality: str) -> tuple[float, float] | None:
   return entries[modality]
 
 
-def _check_spacing(config, modalities) -> None:
-  text = config.data.get("spacing", "")  # configs saved with older checkpoints have none
-  unknown = [m for m in _spacing_entries(text) if m is not None and m not in modalities]
+def _check_modality_names(config, name: str, modalities) -> None:
+  """A per-modality `data.<name>` parses and names only modalities the run trains."""
+  text = config.data.get(name, "")  # configs saved with older checkpoints may have none
+  unknown = [m for m in _data_entries(name, text) if m not in (None, *modalities)]
   if unknown:
     raise ConfigError(
-      f"config.data.spacing={text!r} names modality {unknown[0]!r}, not one of {modalities}"
+      f"config.data.{name}={text!r} names modality {unknown[0]!r}, not one of {modalities}"
     )
-  for modality in modalities:
-    spacing_for(text, modality)
+  if name == "spacing":
+    for modality in modalities:
+      spacing_for(text, modality)
 
 
 def check(config: mc.ConfigDict) -> mc.ConfigDict:
@@ -264,11 +311,12 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
     )
   for modality in modalities:
     _check_norm(config, modality)
-  _check_spacing(config, modalities)
+  _check_modality_names(config, "spacing", modalities)
   for field, allowed in (
     ("loss.kd_distance", ("kl", "l2")),
     ("loss.kd_absent", ("mask", "uniform")),
     ("loss.l2_scope", ("kernels", "all")),
+    ("model.pad", ("zeros", "reference")),
     ("data.crop", ("none", "body")),
   ):
     section, name = field.split(".")
@@ -277,13 +325,30 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
   conv_grads = config.model.get("conv_grads", "xla")  # configs saved with older checkpoints: none
   if conv_grads not in ("xla", "cpu_matmul"):
     raise ConfigError(f"config.model.conv_grads={conv_grads!r} must be 'xla' or 'cpu_matmul'")
-  if not 0.0 < config.data.train_fraction <= 1.0:
-    raise ConfigError(f"config.data.train_fraction={config.data.train_fraction} must be in (0, 1]")
+  from ukd import models  # here: reading and writing configs needs no network code
+
+  models.check_x_split(config.model)
+  _check_modality_names(config, "train_fraction", modalities)
   flip_axes(config.data.augment.flip)
   _check_folds(config.data)
+  _check_realism(config.data)
   if not 0.0 <= config.infer.overlap < 1.0:
     raise ConfigError(f"config.infer.overlap={config.infer.overlap} must be in [0, 1)")
   return config
+
+
+def _check_realism(data) -> None:
+  """`data.synthetic.realism`: a phantom set (`ukd.data.synthetic`) that the dataset has."""
+  realism = data.synthetic.realism
+  if realism not in ("simple", "scanner"):
+    raise ConfigError(
+      f"config.data.synthetic.realism={realism!r} must be one of ('simple', 'scanner')"
+    )
+  if realism == "scanner" and data.synthetic.enabled and data.dataset != "mmwhs":
+    raise ConfigError(
+      f"config.data.synthetic.realism='scanner' has cardiac phantoms only: it needs "
+      f"data.dataset='mmwhs', not {data.dataset!r}"
+    )
 
 
 def _check_folds(data) -> None:
@@ -333,10 +398,18 @@ def resolve(config, *, root: str, num_classes: int) -> mc.FrozenConfigDict:
   return mc.FrozenConfigDict(resolved)
 
 
+# Fields added to `default()` with a default that differs from what runs saved before them
+# did, and that older behaviour: a config saved without the field takes this value, so its
+# checkpoint still fits the network it builds (both networks' heads had a bias).
+BEFORE_FIELDS = {"model": {"head_bias": True}}
+
+
 def frozen(saved: dict) -> mc.FrozenConfigDict:
   """A config saved with a checkpoint (already resolved), checked and frozen again; fields
-  added to `default()` since the checkpoint was saved take their default values."""
-  return mc.FrozenConfigDict(check(mc.ConfigDict(_with_defaults(saved, default().to_dict()))))
+  added to `default()` since the checkpoint was saved take their former behaviour
+  (`BEFORE_FIELDS`) or else their default values."""
+  filled = _with_defaults(_with_defaults(saved, BEFORE_FIELDS), default().to_dict())
+  return mc.FrozenConfigDict(check(mc.ConfigDict(filled)))
 
 
 def _with_defaults(saved: dict, defaults: dict) -> dict:

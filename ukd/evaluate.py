@@ -360,10 +360,11 @@ def format_table(summary: Summary, class_names: Sequence[str]) -> str:
   return tables.markdown(header, body)
 
 
-def output_dir(workdir: str | os.PathLike, split: str, step: int, tta: bool = False) -> str:
-  """`<workdir>/eval/<split>-step<N>` (`-tta` with test-time augmentation): every evaluation
-  keeps its own folder, so scoring another checkpoint, split or way of predicting never mixes
-  its files with an earlier one's."""
+def output_dir(workdir: str | os.PathLike, split: str, step: int | str, tta: bool = False) -> str:
+  """`<workdir>/eval/<split>-step<N>` (`-tta` with test-time augmentation; `step-ct600-mr400`
+  for separate networks chosen at their own steps): every evaluation keeps its own folder, so
+  scoring another checkpoint, split or way of predicting never mixes its files with an
+  earlier one's."""
   name = f"{split}-step{step}" + ("-tta" if tta else "")
   return os.fspath(epath.Path(workdir) / "eval" / name)
 
@@ -376,7 +377,8 @@ def split_cases(
   config = seg.config
   adapter = splits.adapter_for(config)
   saved = (seg.dataset or {}).get("splits")
-  source = checkpoints.directory(workdir) / str(seg.step) / "dataset"
+  step = next(iter(seg.step.values())) if isinstance(seg.step, dict) else seg.step
+  source = checkpoints.directory(workdir) / str(step) / "dataset"
   cases = splits.cases_for(config, adapter, config.data.root, workdir, saved=saved, source=source)
   return adapter, [c for m in config.modalities for c in cases[m][split]]
 
@@ -419,14 +421,16 @@ def evaluate(
   adapter, chosen = split_cases(seg, workdir, split)
   if not chosen:
     raise DataError(f"{workdir}: the {split} split has no cases of {list(seg.config.modalities)}")
-  out_dir = output_dir(workdir, split, seg.step, tta=seg.tta)
+  out_dir = output_dir(workdir, split, seg.step_name, tta=seg.tta)
   limit = None if overlays else 0
   result = evaluate_cases(
     seg, adapter, chosen, out_dir=out_dir, overlays=limit, split=split, rules=rules
   )
   fixed = result.get("postprocessed")
   if jax.process_index() == 0:
-    print(f"{split} split, checkpoint step {seg.step}, {len(chosen)} volumes -> {out_dir}")
+    steps = seg.step.items() if isinstance(seg.step, dict) else ()
+    which = ", ".join(f"{m} from step {s}" for m, s in steps) or f"step {seg.step}"
+    print(f"{split} split, checkpoint {which}, {len(chosen)} volumes -> {out_dir}")
     if fixed:
       print("as predicted (raw network labels):")
     print(format_table(result["summary"], adapter.classes))

@@ -170,18 +170,55 @@ def _flip(batch, axes):
 
 
 def _restore(path, step, mesh):
-  """(config, variables, dataset record, step) of one work dir's checkpoint."""
+  """(config, variables, dataset record, step) of one work dir's checkpoint.  The 'best' of
+  a network whose modalities share no parameter (scheme `single`) is each modality's own best
+  step, by that modality's validation Dice: its variables are merged from those steps, and
+  the step is then {modality: step}."""
   workdir, step = checkpoints.resolve(path, step)
   mgr = checkpoints.manager(workdir, read_only=True)
   try:
     chosen = checkpoints.select_step(mgr, step)
     config = config_lib.frozen(checkpoints.restore_config(mgr, chosen).to_dict())
-    variables = checkpoints.restore_variables(mgr, chosen, _abstract_variables(config, mesh))
+    abstract = _abstract_variables(config, mesh)
+    variables = checkpoints.restore_variables(mgr, chosen, abstract)
     dataset = checkpoints.restore_dataset(mgr, chosen)
+    per_modality = None
+    if step == "best" and shares_nothing(abstract):
+      per_modality = checkpoints.best_steps(mgr, config.modalities)
+    if per_modality and set(per_modality.values()) != {chosen}:
+      restored = {
+        s: checkpoints.restore_variables(mgr, s, abstract) for s in set(per_modality.values())
+      }
+      variables = _merge_modalities({m: restored[s] for m, s in per_modality.items()})
+      chosen = per_modality
   finally:
     mgr.close()
-  logging.info("restored step %d of %s", chosen, workdir)
+  logging.info("restored step %s of %s", chosen, workdir)
   return config, variables, dataset, chosen
+
+
+def _modality_of(path, modalities) -> str | None:
+  """The modality a variable belongs to: the per-modality branch in its path
+  (`ukd.models.layers`), None for a shared one."""
+  names = [getattr(key, "key", None) for key in path]
+  return next((m for m in modalities if m in names), None)
+
+
+def shares_nothing(variables) -> bool:
+  """Whether no layer of the network has a branch shared by the modalities."""
+  paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(variables)]
+  return not any(getattr(key, "key", None) == "shared" for path in paths for key in path)
+
+
+def _merge_modalities(by_modality: dict) -> dict:
+  """One variables tree whose every modality's branch comes from `by_modality[modality]`."""
+  modalities = tuple(by_modality)
+  leaves = {
+    m: dict(jax.tree_util.tree_leaves_with_path(variables)) for m, variables in by_modality.items()
+  }
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: leaves[_modality_of(path, modalities)][path], by_modality[modalities[0]]
+  )
 
 
 # What ensemble members must agree on: one network input per voxel (the preprocessing), one

@@ -414,7 +414,7 @@ def _write(seg, job: _Job, loaded: _Loaded, table) -> float:
         names,
         dicom_seg.SEG_CODES.get(seg.config.data.dataset),
         algorithm_version=ukd.__version__,
-        step=seg.step,
+        step=None if seg.step is None else seg.step_name,
       )
       done.append(job.seg)
     if job.nifti:

@@ -20,6 +20,13 @@ Written to the study dir, from every finished run the config names:
              reference variant and each other one, over (seed, test case) pairs
   study.png  mean Dice per variant and modality, one dot per seed, bar = mean over seeds
 ASSD is the pooled form (`ukd.metrics.assd`).
+
+A study config with `arms` is several such studies in one: each arm is the base with the arm's
+own overrides (another phantom set, a scarce modality) and the variants it compares, trained
+into `<dir>/<arm>/` with that arm's own phantoms, cache and report.  The study dir's own
+study.md then holds every arm's tables and, per arm and modality, the reference against the
+best other variant next to the seed spread; study.csv gains an `arm` column and study.png a
+panel per arm.  `--arms=mr_scarce` narrows a run to some arms.
 """
 
 import json
@@ -42,6 +49,7 @@ config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/stud
 flags.DEFINE_string("workdir", None, "Study dir: runs/, study.md, study.csv, study.png.")
 flags.DEFINE_list("only", None, "Train only these variants, e.g. ukd,single.")
 flags.DEFINE_list("seeds", None, "Train only these seeds, e.g. 0,1.")
+flags.DEFINE_list("arms", None, "Train only these arms of a study with arms, e.g. mr_scarce.")
 flags.mark_flag_as_required("workdir")
 
 FLAGS = flags.FLAGS
@@ -87,9 +95,14 @@ def train_run(config, rundir: str) -> dict:
   result_path = epath.Path(rundir) / RESULT
   if result_path.exists():
     return json.loads(result_path.read_text())
-  rows = train.train_and_evaluate(config, rundir)["test"]["cases"]  # the rows of cases.csv
+  tested = train.train_and_evaluate(config, rundir)["test"]
   counts = models.count_params(config.model, tuple(config.modalities))
-  result = {"rows": rows, "params": counts["params"], "kernels": counts["kernels"]}
+  result = {
+    "rows": tested["cases"],  # the rows of cases.csv
+    "step": tested["step"],  # {modality: step} for separate networks chosen each on its own
+    "params": counts["params"],
+    "kernels": counts["kernels"],
+  }
   files.write_text(result_path, json.dumps(result, allow_nan=True))
   return result
 
@@ -127,8 +140,43 @@ def variant_overrides(study, name: str) -> dict:
   return config_lib.plain(study.schemes[name] if name in study.schemes else study.ablations[name])
 
 
-def run_study(study, study_dir: str, only=None, seeds=None) -> dict:
-  """Trains every planned run not yet finished, then writes the report from all finished ones."""
+def arm_study(study, arm: str) -> mc.ConfigDict:
+  """One arm of a study with arms, as a study of its own: the base with the arm's overrides,
+  the arm's variants as the schemes table, no ablations."""
+  spec = study.arms[arm]
+  unknown = sorted(set(spec.variants) - set(study.schemes))
+  if unknown:
+    raise ConfigError(f"config.arms.{arm}.variants names {unknown}, not in config.schemes")
+  out = mc.ConfigDict(study.to_dict())
+  _override(out.base, config_lib.plain(spec.base), f"arms.{arm}.base")
+  out.schemes = {name: study.schemes[name].to_dict() for name in spec.variants}
+  out.ablations = {}
+  out.train = "schemes"
+  out.arms = {}
+  return out
+
+
+def _arms(study, chosen=None) -> list[str]:
+  unknown = sorted(set(chosen or ()) - set(study.arms))
+  if unknown:
+    raise ConfigError(f"--arms names unknown arms {unknown}; known: {sorted(study.arms)}")
+  return [arm for arm in study.arms if not chosen or arm in chosen]
+
+
+def run_study(study, study_dir: str, only=None, seeds=None, arms=None) -> dict:
+  """Trains every planned run not yet finished, then writes the report from all finished ones
+  (of every arm, for a study with arms)."""
+  if study.get("arms"):
+    for arm in _arms(study, arms):
+      sub = arm_study(study, arm)
+      wanted = [name for name in only or () if name in sub.schemes]
+      if only and not wanted:
+        continue  # --only names none of this arm's variants
+      print(f"arm {arm}", flush=True)
+      run_study(sub, files.path(study_dir) / arm, wanted or None, seeds)
+    return write_arms_report(study, study_dir)
+  if arms:
+    raise ConfigError("--arms: this study config has no arms")
   runs = planned_runs(study, only, seeds)
   study_dir = files.path(study_dir)
   files.makedirs(study_dir / "runs")
@@ -274,7 +322,14 @@ def _tests_table(tests, reference) -> str:
   return tables.markdown(header, body)
 
 
+CSV_FIELDS = ("variant", "seed", "modality", "structure", *METRICS)
+
+
 def write_csv(results, path) -> None:
+  files.write_csv(path, CSV_FIELDS, _csv_rows(results))
+
+
+def _csv_rows(results) -> list[dict]:
   """One row per (variant, seed, modality, structure): each metric's mean over the run's test
   cases (NaN cases left out), to 6 significant digits."""
   out = []
@@ -286,18 +341,37 @@ def write_csv(results, path) -> None:
       for (modality, structure), rows in by_key.items():
         row = {"variant": name, "seed": seed, "modality": modality, "structure": structure}
         out.append(row | {k: f"{np.nanmean([r[k] for r in rows]):.6g}" for k in METRICS})
-  files.write_csv(path, ("variant", "seed", "modality", "structure", *METRICS), out)
+  return out
 
 
-def write_chart(results, names, path) -> None:
+def _pyplot():
   import matplotlib
 
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
+  return plt
+
+
+def write_chart(results, names, path) -> None:
+  plt = _pyplot()
   names = [n for n in names if n in results]
-  _, modalities = _structures_and_modalities(results)
   fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.0))
+  _draw_chart(ax, results, names)
+  ax.set_title("Mean Dice over structures per variant (dots: seeds; bars: mean ± std)")
+  _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> None:
+  fig.tight_layout()
+  with files.replacing(path) as tmp:
+    fig.savefig(tmp, dpi=120)
+  _pyplot().close(fig)
+
+
+def _draw_chart(ax, results, names) -> None:
+  """Bars of mean Dice per variant and modality, a dot per seed, on one axes."""
+  _, modalities = _structures_and_modalities(results)
   width = 0.8 / max(1, len(modalities))
   for j, m in enumerate(modalities):
     for i, name in enumerate(names):
@@ -308,30 +382,21 @@ def write_chart(results, names, path) -> None:
       ax.errorbar(x, np.nanmean(values), yerr=np.nanstd(values), color="k", capsize=3)
   ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
   ax.set_ylabel("mean test Dice (%)")
-  ax.set_title("Mean Dice over structures per variant (dots: seeds; bars: mean ± std)")
   ax.legend()
   lows = [np.nanmin(_seed_values(results[n], m, "dice")) for n in names for m in modalities]
   ax.set_ylim(max(0.0, min(lows) * 100 - 10), 100)
-  fig.tight_layout()
-  with files.replacing(path) as tmp:
-    fig.savefig(tmp, dpi=120)
-  plt.close(fig)
 
 
-def write_report(study, study_dir: str) -> dict:
-  """study.md, study.csv and study.png from every finished run; returns what went in."""
-  results = finished_results(study, study_dir)
-  if not results:
-    raise UkdError(f"{study_dir}: no finished study runs to report")
-  # The schemes in the order ukd.models lists them (single first, as in the paper's table).
+def _scheme_order(study) -> list[str]:
+  """The schemes in the order ukd.models lists them (single first, as in the paper's table)."""
   known = list(SCHEMES)
-  schemes = sorted(study.schemes, key=lambda n: known.index(n) if n in known else len(known))
-  ablations = [study.reference, *study.ablations]
-  tests = paired_tests(results, study.reference, schemes)
-  ablation_tests = paired_tests(results, study.reference, list(study.ablations))
-  parts = [
-    "# Sharing schemes",
-    "",
+  return sorted(study.schemes, key=lambda n: known.index(n) if n in known else len(known))
+
+
+def _scheme_sections(study, results) -> list[str]:
+  """The markdown of the schemes' Dice and ASSD tables and paired tests, headings excluded."""
+  schemes = _scheme_order(study)
+  return [
     "Test Dice (%) per structure and modality: mean ± std over seeds of each run's mean over",
     "its test volumes; `Parameters` counts every trainable parameter.",
     "",
@@ -345,8 +410,20 @@ def write_report(study, study_dir: str) -> dict:
     f"Paired Wilcoxon signed-rank tests, `{study.reference}` against each scheme, on the mean",
     "Dice over structures of each (seed, test volume) pair:",
     "",
-    _tests_table(tests, study.reference),
+    _tests_table(paired_tests(results, study.reference, schemes), study.reference),
   ]
+
+
+def write_report(study, study_dir: str) -> dict:
+  """study.md, study.csv and study.png from every finished run; returns what went in."""
+  results = finished_results(study, study_dir)
+  if not results:
+    raise UkdError(f"{study_dir}: no finished study runs to report")
+  schemes = _scheme_order(study)
+  ablations = [study.reference, *study.ablations]
+  tests = paired_tests(results, study.reference, schemes)
+  ablation_tests = paired_tests(results, study.reference, list(study.ablations))
+  parts = ["# Sharing schemes", "", *_scheme_sections(study, results)]
   if any(name in results for name in study.ablations):
     parts += [
       "",
@@ -369,6 +446,72 @@ def write_report(study, study_dir: str) -> dict:
   return {"results": results, "tests": tests + ablation_tests}
 
 
+def _against_best(study, results) -> list[list[str]]:
+  """Per modality: the reference's mean Dice over seeds, the best other variant's, their
+  difference, and the seed spread (the larger of the two standard deviations over seeds):
+  a lead smaller than the spread is within what another seed could give."""
+  rows = []
+  _, modalities = _structures_and_modalities(results)
+  ref = study.reference
+  others = [n for n in _scheme_order(study) if n != ref and n in results]
+  if ref not in results or not others:
+    return rows
+  for m in modalities:
+    seeds = {n: np.asarray(_seed_values(results[n], m, "dice")) * 100 for n in [ref, *others]}
+    best = max(others, key=lambda n: np.nanmean(seeds[n]))
+    diff = np.nanmean(seeds[ref]) - np.nanmean(seeds[best])
+    spread = max(np.nanstd(seeds[ref]), np.nanstd(seeds[best]))
+    rows.append(
+      [
+        m.upper(),
+        f"{np.nanmean(seeds[ref]):.1f}",
+        f"{best} {np.nanmean(seeds[best]):.1f}",
+        f"{diff:+.1f}",
+        f"{spread:.1f}",
+        "yes" if abs(diff) > spread else "no",
+      ]
+    )
+  return rows
+
+
+def write_arms_report(study, study_dir: str) -> dict:
+  """The study dir's study.md (every arm's tables), study.csv (with an `arm` column) and
+  study.png (a panel per arm) from every arm's finished runs."""
+  study_dir = epath.Path(study_dir)
+  arms = {}
+  for arm in study.arms:
+    results = finished_results(arm_study(study, arm), study_dir / arm)
+    if results:
+      arms[arm] = results
+  if not arms:
+    raise UkdError(f"{study_dir}: no finished study runs to report")
+  ref = study.reference
+  summary = [[arm, *row] for arm, results in arms.items() for row in _against_best(study, results)]
+  parts = [
+    "# Sharing schemes, arm by arm",
+    "",
+    f"Per arm and modality, `{ref}` against the best other variant (mean test Dice % over",
+    "seeds); the spread is the larger standard deviation over seeds of the two:",
+    "",
+    tables.markdown(
+      ["Arm", "Modality", ref, "Best other", "Difference", "Seed spread", "Beyond spread"], summary
+    ),
+  ]
+  for arm, results in arms.items():
+    sub = arm_study(study, arm)
+    parts += ["", f"## {arm}", "", study.arms[arm].doc, "", *_scheme_sections(sub, results)]
+  files.write_text(study_dir / "study.md", "\n".join(parts) + "\n")
+  rows = [{"arm": arm, **row} for arm, results in arms.items() for row in _csv_rows(results)]
+  files.write_csv(study_dir / "study.csv", ("arm", *CSV_FIELDS), rows)
+  plt = _pyplot()
+  fig, axes = plt.subplots(len(arms), 1, figsize=(8.0, 3.6 * len(arms)), squeeze=False)
+  for ax, (arm, results) in zip(axes[:, 0], arms.items()):
+    _draw_chart(ax, results, [n for n in _scheme_order(arm_study(study, arm)) if n in results])
+    ax.set_title(f"{arm}: mean test Dice over structures (dots: seeds; bars: mean ± std)")
+  _save_figure(fig, study_dir / "study.png")
+  return {"arms": arms, "summary": summary}
+
+
 # ---- Command line --------------------------------------------------------------------------
 
 
@@ -379,7 +522,7 @@ def main(argv):
     seeds = None if FLAGS.seeds is None else [int(s) for s in FLAGS.seeds]
   except ValueError:
     raise ConfigError(f"--seeds={','.join(FLAGS.seeds)} must be integers") from None
-  run_study(config, FLAGS.workdir, only=FLAGS.only, seeds=seeds)
+  run_study(config, FLAGS.workdir, only=FLAGS.only, seeds=seeds, arms=FLAGS.arms)
   print(f"wrote {os.path.join(FLAGS.workdir, 'study.md')}, study.csv and study.png")
 
 

@@ -47,13 +47,16 @@ class Data:
   class_names: tuple[str, ...]
   cases: dict  # {modality: {split: [Case]}}, the whole split (training uses a subset)
   train_sources: dict  # {modality: [cache entries]}
+  trained: dict  # {modality: [Case]}: the training cases the budget keeps (`training_subset`)
 
   def record(self) -> dict:
     """What checkpoints keep of the dataset (`checkpoints.save`): the split, so evaluation
-    scores the same test cases whatever happens to splits.json or the dataset, and the class
-    names and label codes, so predictions are written in the dataset's own codes."""
+    scores the same test cases whatever happens to splits.json or the dataset, the training
+    cases a `data.train_fraction` budget kept, and the class names and label codes, so
+    predictions are written in the dataset's own codes."""
     return dict(
       splits={m: {s: [c.id for c in cs] for s, cs in by.items()} for m, by in self.cases.items()},
+      trained={m: [c.id for c in cs] for m, cs in self.trained.items()},
       classes=list(self.class_names),
       label_codes={m: list(self.adapter.label_codes(m)) for m in self.cases},
     )
@@ -81,6 +84,7 @@ def dataset_root(config: mc.ConfigDict, workdir: str | os.PathLike) -> str:
       n_mr=phantoms.n_mr,
       shape=phantoms.shape,
       seed=phantoms.seed,
+      realism=phantoms.realism,
     )
   if root in (config_lib.REQUIRED, ""):
     raise ConfigError("config.data.root is not set: pass --config.data.root=/path/to/dataset")
@@ -104,21 +108,22 @@ def prepare_data(config: mc.ConfigDict, root: str, workdir: str | os.PathLike) -
   # Every case of every split, before minutes of preprocessing: a broken test case fails now.
   check.check_cases(adapter, [c for m in modalities for part in cases[m].values() for c in part])
   cache_dir = config.data.cache_dir or os.fspath(files.path(workdir) / "cache")
-  sources = {
-    m: preprocess.cache_cases(
-      adapter,
-      training_subset(cases[m]["train"], config.data.train_fraction),
-      config.data,
-      cache_dir,
+  trained = {
+    m: training_subset(
+      cases[m]["train"], config_lib.train_fraction_for(config.data.train_fraction, m)
     )
     for m in modalities
   }
-  return Data(adapter, tuple(adapter.classes), cases, sources)
+  sources = {
+    m: preprocess.cache_cases(adapter, trained[m], config.data, cache_dir) for m in trained
+  }
+  return Data(adapter, tuple(adapter.classes), cases, sources, trained)
 
 
 def training_subset(cases: list[adapters.Case], fraction: float) -> list[adapters.Case]:
   """The first round(fraction * n) training cases (at least one): the split is already a
-  seeded shuffle, so this is a random subset, and a smaller budget is nested in a larger."""
+  seeded shuffle, so this is a random subset drawn by the run's seed, and a smaller budget is
+  nested in a larger. Validation and test cases are never part of a budget."""
   return cases[: max(1, round(fraction * len(cases)))]
 
 
@@ -271,6 +276,8 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dic
     keep_best=config.keep_best,
     every=config.checkpoint_every,
     last_step=config.total_steps,
+    # Separate networks (nothing shared) are each chosen on their own modality's Dice.
+    best_of=tuple(config.modalities) if infer.shares_nothing(state.params) else (),
   )
   start = mgr.latest_step() or 0
   if start:
@@ -339,7 +346,15 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dic
       if save:
         started = time.perf_counter()
         checkpoints.save(
-          mgr, step, state, config, val_dice=val.get("val_dice/mean"), dataset=data.record()
+          mgr,
+          step,
+          state,
+          config,
+          val_dice=val.get("val_dice/mean"),
+          modality_dice={
+            m: val[f"val_dice/{m}/mean"] for m in config.modalities if f"val_dice/{m}/mean" in val
+          },
+          dataset=data.record(),
         )
         writer.write_scalars(step, {"perf/checkpoint_sec": time.perf_counter() - started})
         writer.flush()  # a remote work dir's logs reach every checkpoint a run resumes from

@@ -83,6 +83,14 @@ class Predictor:
   dataset: dict | None = None
   step: object = None  # checkpoint step(s) (reports name it), None for live variables
 
+  @property
+  def step_name(self) -> str:
+    """The step as reports and folder names write it: '600'; 'ct600-mr400' for separate
+    networks each chosen at its own best step (`ukd.infer.load`)."""
+    if isinstance(self.step, dict):
+      return "-".join(f"{m}{s}" for m, s in self.step.items())
+    return str(self.step)
+
   def batch_function(self, modality: str) -> BatchFn:
     """batch [N, *window, channels] float32 -> class probabilities [N, *window, C]."""
     raise NotImplementedError

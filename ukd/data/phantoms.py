@@ -331,7 +331,7 @@ def _paint(tissue_names, layers, count: int) -> np.ndarray:
   return tissue
 
 
-def _cardiac_tissue(points, rng):
+def _cardiac_tissue(points, rng, names=_CARDIAC, more_body=None):
   """Thorax with a heart in a random pose (rotation up to 15 degrees, size +-10%)."""
   body_points = _pose(points, np.eye(3), np.zeros(3), rng.uniform(0.92, 1.08, 3))
   heart_points = _pose(
@@ -341,7 +341,8 @@ def _cardiac_tissue(points, rng):
     np.full(3, rng.uniform(0.9, 1.1)),
   )
   body, heart = _cardiac_shapes(rng)
-  return _paint(list(_CARDIAC), [(body_points, body), (heart_points, heart)], points.shape[1])
+  body += more_body(_Jitter(rng)) if more_body else []  # wider fields of view see more
+  return _paint(list(names), [(body_points, body), (heart_points, heart)], points.shape[1])
 
 
 def _abdominal_tissue(points, rng):

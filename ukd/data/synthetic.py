@@ -3,10 +3,12 @@
 The real datasets need a registration and cannot be fetched everywhere, yet the dataset
 adapters, preprocessing, training and evaluation must run end to end on files that look
 like the real ones: the same folders, file names, label codes, dtypes and geometry
-conventions. The volumes come from `ukd.data.phantoms` (anatomy, geometry, intensities);
-this module writes them as each dataset ships: MM-WHS and BTCV as NIfTI, CHAOS as DICOM
-series with PNG masks. `ensure` generates a dataset once, for configs that ask for
-synthetic data; `python -m ukd.data.synthetic --layout=mmwhs --out=DIR` writes one.
+conventions. The volumes come from `ukd.data.phantoms` (anatomy, geometry, intensities: the
+'simple' set) or, for MM-WHS, from `ukd.data.scanner_phantoms` (acquired as the MM-WHS
+scanners do: the 'scanner' set); this module writes them as each dataset ships: MM-WHS and
+BTCV as NIfTI, CHAOS as DICOM series with PNG masks. `ensure` generates a dataset once, for
+configs that ask for synthetic data; `python -m ukd.data.synthetic --layout=mmwhs --out=DIR`
+writes one.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import nibabel as nib
 import numpy as np
 
 from ukd import files
+from ukd.data import scanner_phantoms
 from ukd.data.phantoms import DEFAULT_SHAPE, RAS_FROM_LPS, Phantom, check_shape, make_phantom
 from ukd.errors import DataError
+
+# Phantom sets by `data.synthetic.realism`.
+_MAKERS = {"simple": make_phantom, "scanner": scanner_phantoms.make_phantom}
+REALISMS = tuple(_MAKERS)
 
 # CHAOS ground-truth grey values per BTCV code (liver, right kidney, left kidney, spleen);
 # CHAOS labels nothing else.
@@ -44,19 +51,29 @@ def _check_counts(**counts) -> None:
       raise DataError(f"synthetic {name} must be a non-negative integer, got {n!r}")
 
 
-def write_mmwhs(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0) -> list[str]:
+def _maker(realism: str):
+  if realism not in _MAKERS:
+    raise DataError(f"synthetic realism {realism!r} unknown: one of {REALISMS}")
+  return _MAKERS[realism]
+
+
+def write_mmwhs(
+  root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0, realism: str = "simple"
+) -> list[str]:
   """MM-WHS 2017 layout: <root>/{ct,mr}_train/{ct,mr}_train_<1001+k>_{image,label}.nii.gz.
 
   Labels are uint16 with the real codes 205 MYO, 420 LA, 500 LV, 820 AA and the
-  background-mapped 550 RA, 600 RV, 850 PA. Returns the written paths.
+  background-mapped 550 RA, 600 RV, 850 PA; `realism` picks the phantom set (`REALISMS`).
+  Returns the written paths.
   """
   _check_counts(n_ct=n_ct, n_mr=n_mr)
+  make = _maker(realism)
   written = []
   for modality, count in (("ct", n_ct), ("mr", n_mr)):
     folder = os.path.join(os.fspath(root), f"{modality}_train")
     files.makedirs(folder)
     for index in range(count):
-      phantom = make_phantom("cardiac", modality, shape, seed=seed, index=index)
+      phantom = make("cardiac", modality, shape, seed=seed, index=index)
       stem = os.path.join(folder, f"{modality}_train_{1001 + index}")
       for suffix, array in (("image", phantom.image), ("label", phantom.label)):
         path = f"{stem}_{suffix}.nii.gz"
@@ -130,8 +147,11 @@ def _write_chaos_series(patient_dir: str, phantom: Phantom, patient: int, seed: 
   return written
 
 
-def write_abdominal(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0) -> list[str]:
-  """BTCV CT plus CHAOS T2-SPIR MR, in their layouts.
+def write_abdominal(
+  root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0, realism: str = "simple"
+) -> list[str]:
+  """BTCV CT plus CHAOS T2-SPIR MR, in their layouts, from the simple set (the only one with
+  abdominal anatomy).
 
   CT: <root>/BTCV/img/img000k.nii.gz (int16 HU) and label/label000k.nii.gz (uint8 codes
   1 spleen, 2 right kidney, 3 left kidney, 6 liver, and background-mapped 4 gallbladder,
@@ -141,6 +161,8 @@ def write_abdominal(root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int =
   `shape` is (rows, columns, slices) for MR. Returns the written paths.
   """
   _check_counts(n_ct=n_ct, n_mr=n_mr)
+  if realism != "simple":  # the scanner set has no abdominal anatomy
+    raise DataError(f"synthetic realism {realism!r} for the abdominal layout: only 'simple' exists")
   root = os.fspath(root)
   written = []
   for name in ("img", "label"):
@@ -162,7 +184,9 @@ _WRITERS = {"mmwhs": write_mmwhs, "abdominal": write_abdominal}
 _MARKER = ".ukd_synthetic.json"  # hidden, so the dataset adapters never list it
 
 
-def ensure(root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int) -> str:
+def ensure(
+  root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int, realism: str = "simple"
+) -> str:
   """Generate a phantom dataset in `layout` ('mmwhs' or 'abdominal', the names of the dataset
   adapters that read them) into `root` once; later calls (a resumed run) reuse it.
 
@@ -179,6 +203,7 @@ def ensure(root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int) -> str:
     "n_mr": int(n_mr),
     "shape": [int(n) for n in shape],
     "seed": int(seed),
+    "realism": str(realism),
   }
   root = files.path(root)
   if root.exists():
@@ -189,6 +214,7 @@ def ensure(root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int) -> str:
         f"{root}: exists but holds no synthetic dataset ({_MARKER} missing or "
         "unreadable); point data.root elsewhere"
       ) from None
+    found.setdefault("realism", "simple")  # markers from before the scanner set: simple ones
     if found != settings:
       raise DataError(
         f"{root}: holds phantoms made with {found}, not {settings}; delete it or use another root"
@@ -202,13 +228,11 @@ def ensure(root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int) -> str:
   check_shape(settings["shape"])  # fail before anything is written
   _check_counts(n_ct=settings["n_ct"], n_mr=settings["n_mr"])
   with files.new_directory(root) as staging:
-    _WRITERS[settings["layout"]](
-      staging, settings["n_ct"], settings["n_mr"], shape=settings["shape"], seed=settings["seed"]
-    )
+    _WRITERS[settings["layout"]](staging, **{k: v for k, v in settings.items() if k != "layout"})
     with open(os.path.join(staging, _MARKER), "w") as f:
       json.dump(settings, f, sort_keys=True)
   # Checks the settings of phantoms another process finished first.
-  return ensure(root, layout, n_ct=n_ct, n_mr=n_mr, shape=shape, seed=seed)
+  return ensure(root, layout, n_ct=n_ct, n_mr=n_mr, shape=shape, seed=seed, realism=realism)
 
 
 def main(argv=None) -> None:
@@ -224,13 +248,18 @@ def main(argv=None) -> None:
     help="array shape, comma separated; the last axis is the slice axis",
   )
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+    "--realism", choices=REALISMS, default="simple", help="phantom set (scanner: mmwhs only)"
+  )
   args = parser.parse_args(argv)
   try:
     shape = tuple(int(n) for n in args.shape.split(","))
   except ValueError:
     parser.error(f"--shape must be comma-separated integers, got {args.shape!r}")
   try:
-    written = _WRITERS[args.layout](args.out, args.n_ct, args.n_mr, shape=shape, seed=args.seed)
+    written = _WRITERS[args.layout](
+      args.out, args.n_ct, args.n_mr, shape=shape, seed=args.seed, realism=args.realism
+    )
   except DataError as error:
     parser.error(str(error))
   print(f"wrote {len(written)} files under {args.out}")

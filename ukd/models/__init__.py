@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ukd.errors import ConfigError
-from ukd.models import layers
+from ukd.models import dilated2d, layers, unet3d
 from ukd.models.dilated2d import Dilated2D
 from ukd.models.schemes import SCHEMES, Scheme, Sharing, get_scheme
 from ukd.models.unet3d import UNet3D
@@ -13,6 +13,20 @@ from ukd.models.unet3d import UNet3D
 NETWORKS = {"dilated2d": Dilated2D, "unet3d": UNet3D}
 # Number of spatial dimensions of each network's input (its slices / patches).
 DIMS = {"dilated2d": 2, "unet3d": 3}
+# How many stages at each end `model.x_split` may make per modality in each network.
+END_STAGES = {"dilated2d": dilated2d.END_STAGES, "unet3d": unet3d.END_STAGES}
+
+
+def check_x_split(model_config) -> None:
+  """`model.x_split` is a whole number from 1 to the network's `END_STAGES` (an unknown
+  network is `build`'s error)."""
+  value, most = model_config.x_split, END_STAGES.get(model_config.name, 0)
+  whole = isinstance(value, int) and not isinstance(value, bool)
+  if most and not (whole and 1 <= value <= most):
+    raise ConfigError(
+      f"config.model.x_split={value!r} must be a whole number from 1 to {most} "
+      f"(stages at each end of {model_config.name})"
+    )
 
 
 def build(model_config, modalities):
@@ -29,17 +43,23 @@ def build(model_config, modalities):
     )
   if model_config.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={model_config.dtype!r} must be 'float32' or 'bfloat16'")
+  check_x_split(model_config)
   kwargs = dict(
     num_classes=model_config.num_classes,
     modalities=tuple(modalities),
-    scheme=get_scheme(model_config.scheme),
+    scheme=get_scheme(model_config.scheme, model_config.x_split),
     width=model_config.width,
     kernel_init=model_config.init,
     dtype=model_config.dtype,
     conv_grads=model_config.get("conv_grads", "xla"),  # configs saved with older checkpoints: none
+    head_bias=model_config.head_bias,
   )
   if name == "dilated2d":
-    kwargs.update(dropout=model_config.dropout, upsample_mult=model_config.upsample_mult)
+    kwargs.update(
+      dropout=model_config.dropout,
+      upsample_mult=model_config.upsample_mult,
+      pad=model_config.pad,
+    )
   return NETWORKS[name](**kwargs)
 
 
@@ -91,4 +111,6 @@ __all__ = [
   "Sharing",
   "get_scheme",
   "DIMS",
+  "END_STAGES",
+  "check_x_split",
 ]

@@ -6,33 +6,44 @@ Layout (base width w = 16 in the paper, C classes):
   with a 2x2 max-pool after each of the first three stages;
   two dilated (rate 2) residual blocks at 32w; two BN-LReLU-conv layers at 32w;
   a 3x3 conv to 8*8*C*k channels (+BN+LReLU, k = 8 in the paper); 8x depth-to-space;
-  a 5x5 conv to C logits.
+  a 5x5 conv to C logits (a bias with `head_bias`; the reference has none).
 Each residual block is two BN -> leaky ReLU -> 3x3 conv -> dropout layers with a
 zero-padding shortcut where the width grows; the two layers after the dilated
 blocks end in dropout too, as in the reference code.  Kernels start from the
-reference's truncated normal (std 0.01) unless `init='lecun'`.  One difference
-from the reference is kept: its last two convolutions pad symmetrically (mirror),
-these pad with zeros like every other layer.  At w = 16, C = 5 the kernels hold
-39,302,456 weights.
+reference's truncated normal (std 0.01) unless `init='lecun'`.  Every convolution
+pads with zeros, except with `pad='reference'`: then the last two (the 3x3 before
+the depth-to-space and the 5x5 head) pad by mirroring, as the reference's.
+At w = 16, C = 5 the kernels hold 39,302,456 weights.
+
+Stages for the sharing schemes (`ukd.models.schemes`), by resolution level from the
+input: enc:1 the stem and stage1 (full), enc:2 stage2 (1/2), enc:3 stage3 (1/4),
+enc:4 stages 4-7 and the dilated blocks (1/8); from the output: dec:1 the 3x3 conv
+before the depth-to-space and the head, dec:2 and dec:3 the two layers after the
+dilated blocks (the later one is dec:2).
 """
 
 import functools
 
 import flax.linen as nn
 
-from ukd.models import layers
+from ukd.models import layers, schemes
 from ukd.models.schemes import Scheme
 
-# (stage name, widths of its residual blocks in units of the base width, max-pool after it).
+# (stage name, widths of its residual blocks in units of the base width, max-pool after it,
+# encoder depth: its resolution level).
 RESIDUAL_STAGES = (
-  ("stage1", (1,), True),
-  ("stage2", (2,), True),
-  ("stage3", (4, 4), True),
-  ("stage4", (8, 8), False),
-  ("stage5", (16, 16), False),
-  ("stage6", (16, 16), False),
-  ("stage7", (32, 32), False),
+  ("stage1", (1,), True, 1),
+  ("stage2", (2,), True, 2),
+  ("stage3", (4, 4), True, 3),
+  ("stage4", (8, 8), False, 4),
+  ("stage5", (16, 16), False, 4),
+  ("stage6", (16, 16), False, 4),
+  ("stage7", (32, 32), False, 4),
 )
+BOTTOM = 4  # the encoder depth of the 1/8 level: stages 4-7 and the dilated blocks
+# Stages at each end the x_shape scheme can make per modality: all three of the decoder's,
+# so that the deepest encoder level always stays shared.
+END_STAGES = 3
 UPSAMPLE = 8  # three 2x2 pools, undone by one 8x depth-to-space
 
 
@@ -84,6 +95,8 @@ class Dilated2D(nn.Module):
   kernel_init: str = "reference"
   dtype: str = "float32"  # convolutions' computation dtype (bfloat16: mixed precision)
   conv_grads: str = "xla"  # convolutions' gradients: a key of layers.CONV_GRADS
+  head_bias: bool = False  # a bias on the logits (the reference's head has none)
+  pad: str = "zeros"  # 'reference': the last two convolutions pad by mirroring
 
   @nn.compact
   def __call__(self, x, modality, train: bool = False):
@@ -109,11 +122,11 @@ class Dilated2D(nn.Module):
       dtype=self.dtype,
       conv_grads=self.conv_grads,
     )
-    enc = self.scheme.sharing(("first", "encoder"))
-    h = conv(enc.conv, features=w, kernel_size=(3, 3), name="stem")(x, modality)
+    s = self.scheme.sharing(schemes.encoder(1))
+    h = conv(s.conv, features=w, kernel_size=(3, 3), name="stem")(x, modality)
 
-    for name, widths, pool in RESIDUAL_STAGES:
-      s = self.scheme.sharing(("encoder",))
+    for name, widths, pool, depth in RESIDUAL_STAGES:
+      s = self.scheme.sharing(schemes.encoder(depth))
       for i, k in enumerate(widths):
         h = block(k * w, conv_shared=s.conv, norm_shared=s.norm, name=f"{name}_{i}")(
           h, modality, train
@@ -121,27 +134,34 @@ class Dilated2D(nn.Module):
       if pool:
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
 
-    s = self.scheme.sharing(("encoder",))
+    s = self.scheme.sharing(schemes.encoder(BOTTOM))
     for i in range(2):
       h = block(32 * w, conv_shared=s.conv, norm_shared=s.norm, dilation=2, name=f"dilated_{i}")(
         h, modality, train
       )
 
-    d = self.scheme.sharing(("decoder",))
     for i in range(2):
-      h = layers.ModalityNorm(mods, d.norm, name=f"post_norm_{i}")(h, modality, train)
+      s = self.scheme.sharing(schemes.decoder(3 - i))
+      h = layers.ModalityNorm(mods, s.norm, name=f"post_norm_{i}")(h, modality, train)
       h = layers.leaky_relu(h)
-      h = conv(d.conv, features=32 * w, kernel_size=(3, 3), name=f"post_conv_{i}")(h, modality)
+      h = conv(s.conv, features=32 * w, kernel_size=(3, 3), name=f"post_conv_{i}")(h, modality)
       h = drop(h)
 
+    s = self.scheme.sharing(schemes.decoder(1))
+    mirror = self.pad == "reference"
     channels = UPSAMPLE * UPSAMPLE * self.num_classes * self.upsample_mult
-    h = conv(d.conv, features=channels, kernel_size=(3, 3), name="upsample_conv")(h, modality)
-    h = layers.ModalityNorm(mods, d.norm, name="upsample_norm")(h, modality, train)
+    h = conv(s.conv, features=channels, kernel_size=(3, 3), mirror=mirror, name="upsample_conv")(
+      h, modality
+    )
+    h = layers.ModalityNorm(mods, s.norm, name="upsample_norm")(h, modality, train)
     h = depth_to_space(layers.leaky_relu(h), UPSAMPLE)
-
-    last = self.scheme.sharing(("last", "decoder"))
     return conv(
-      last.conv, features=self.num_classes, kernel_size=(5, 5), use_bias=True, name="head"
+      s.conv,
+      features=self.num_classes,
+      kernel_size=(5, 5),
+      use_bias=self.head_bias,
+      mirror=mirror,
+      name="head",
     )(h, modality)
 
 

@@ -15,7 +15,7 @@ per-modality norm still sees only its own modality.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,12 +28,24 @@ from ukd.ops import matmul_conv_grads
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-3
 
-# Kernel initialisers by `config.model.init`: 'reference' is the authors' TensorFlow
-# truncated_normal_initializer(stddev=0.01) (a normal of std 0.01 cut at 2 std, so the
-# drawn weights have std 0.01 * 0.8796); 'lecun' is Flax's default, lecun-normal.
+
+class KernelInits(NamedTuple):
+  """The initialisers of a network's convolution kernels and of its transposed ones."""
+
+  conv: Callable
+  transpose: Callable
+
+
+# Kernel initialisers by `config.model.init`: 'reference' is the authors' TensorFlow code,
+# truncated_normal_initializer(stddev=0.01) for convolutions (a normal of std 0.01 cut at
+# 2 std, so the drawn weights have std 0.01 * 0.8796) and, in their 3D code, an uncut
+# random_normal_initializer(stddev=0.01) for the transposed convolutions; 'lecun' is
+# Flax's default, lecun-normal, for both.
 KERNEL_INITS = {
-  "reference": nn.initializers.truncated_normal(stddev=0.01),
-  "lecun": nn.initializers.lecun_normal(),
+  "reference": KernelInits(
+    nn.initializers.truncated_normal(stddev=0.01), nn.initializers.normal(stddev=0.01)
+  ),
+  "lecun": KernelInits(nn.initializers.lecun_normal(), nn.initializers.lecun_normal()),
 }
 
 
@@ -93,11 +105,18 @@ class ModalityConv(_PerModality):
   dilation: int = 1
   use_bias: bool = False
   transpose: bool = False
+  mirror: bool = False  # pad by mirroring the border (see `mirror_pad`), not with zeros
 
   @nn.compact
   def __call__(self, x, modality):
-    initializer = KERNEL_INITS[self.kernel_init]
+    inits = KERNEL_INITS[self.kernel_init]
     dtype = jnp.dtype(self.dtype)
+    padding = "SAME"
+    if self.mirror:
+      if self.transpose:
+        raise ValueError("mirror padding is for convolutions, not transposed ones")
+      x = mirror_pad(x, _same_pads(self.kernel_size, self.dilation))
+      padding = "VALID"
 
     def make(name):
       if self.transpose:
@@ -107,7 +126,7 @@ class ModalityConv(_PerModality):
           strides=_tuple(self.strides, x),
           padding="SAME",
           use_bias=self.use_bias,
-          kernel_init=initializer,
+          kernel_init=inits.transpose,
           dtype=dtype,
           param_dtype=jnp.float32,
           name=name,
@@ -116,10 +135,10 @@ class ModalityConv(_PerModality):
         self.features,
         self.kernel_size,
         strides=self.strides,
-        padding="SAME",
+        padding=padding,
         kernel_dilation=self.dilation,
         use_bias=self.use_bias,
-        kernel_init=initializer,
+        kernel_init=inits.conv,
         dtype=dtype,
         param_dtype=jnp.float32,
         conv_general_dilated=CONV_GRADS[self.conv_grads],
@@ -145,6 +164,28 @@ def _tuple(strides, x):
   if isinstance(strides, int):
     return (strides,) * (x.ndim - 2)
   return tuple(strides)
+
+
+def _same_pads(kernel_size, dilation: int) -> tuple[tuple[int, int], ...]:
+  """The (low, high) padding per spatial axis that keeps the size, split as 'SAME' splits it."""
+  totals = [dilation * (k - 1) for k in kernel_size]
+  return tuple((t // 2, t - t // 2) for t in totals)
+
+
+def mirror_pad(x, pads):
+  """Pads the spatial axes of [B, *spatial, C] by mirroring, the border value included
+  (TensorFlow's and numpy's 'symmetric': 1 2 3 -> 2 1 | 1 2 3 | 3 2), with (low, high) per
+  axis.  The reference pads its last two 2D convolutions this way, so the logits at the
+  image border come from mirrored features rather than from zeros.  Built from split, flip
+  and concatenate, which `ukd.onnx_export` translates."""
+  for axis, (low, high) in enumerate(pads, start=1):
+    size = x.shape[axis]
+    if max(low, high) > size:
+      raise ValueError(f"cannot mirror-pad {max(low, high)} pixels of an axis of {size}")
+    first = jnp.split(x, [low], axis=axis)[0]
+    last = jnp.split(x, [size - high], axis=axis)[1]
+    x = jnp.concatenate([jnp.flip(first, axis), x, jnp.flip(last, axis)], axis=axis)
+  return x
 
 
 def pad_channels(x, features: int):

@@ -5,8 +5,14 @@ levels with 3x3x1 kernels (the patches are thin: 256x256x8).  Decoder, per level
 a stride-2 transposed convolution (to 128, 128 and 64 channels with 3x3x1, 3x3x1
 and 3x3x3 kernels) followed by batch normalization and leaky ReLU, concatenation
 with the encoder's skip, then two convolutions at 128 (3x3x1), 64 and 32 channels.
-A 1x1x1 head gives the logits.  Every convolution is followed by batch
-normalization and leaky ReLU.  Widths scale with `width / 16`.
+A 1x1x1 head gives the logits (with a bias, as the reference's, under `head_bias`).
+Every convolution is followed by batch normalization and leaky ReLU.  Widths scale
+with `width / 16`.  With `init='reference'` the transposed convolutions start from
+the reference's uncut normal of std 0.01, the others from its truncated normal.
+
+Stages for the sharing schemes (`ukd.models.schemes`): the encoder levels from the
+input (enc:1 = enc1 .. enc:4 = bottom), the decoder levels from the output (dec:1 =
+dec1 with the head, dec:2 = dec2, dec:3 = dec3).
 """
 
 import functools
@@ -14,7 +20,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ukd.models import layers
+from ukd.models import layers, schemes
 from ukd.models.schemes import Scheme
 
 # (stage name, widths in units of width/16, kernel).  A 2x2x2 max-pool follows every level
@@ -32,6 +38,9 @@ DECODER = (
   ("dec1", 64, (3, 3, 3), 32, (3, 3, 3)),
 )
 POOL = (2, 2, 2)
+# Stages at each end the x_shape scheme can make per modality: all three decoder levels,
+# so that the bottom level always stays shared.
+END_STAGES = 3
 
 
 class ConvNormAct(nn.Module):
@@ -77,6 +86,7 @@ class UNet3D(nn.Module):
   kernel_init: str = "reference"
   dtype: str = "float32"  # convolutions' computation dtype (bfloat16: mixed precision)
   conv_grads: str = "xla"  # convolutions' gradients: a key of layers.CONV_GRADS
+  head_bias: bool = False  # a bias on the logits (the reference's 3D head has one)
 
   @nn.compact
   def __call__(self, x, modality, train: bool = False):
@@ -93,15 +103,17 @@ class UNet3D(nn.Module):
     for i, (name, widths, kernel) in enumerate(ENCODER):
       if i:
         x = nn.max_pool(x, POOL, strides=POOL)
-      s = self.scheme.sharing(("first", "encoder") if i == 0 else ("encoder",))
+      s = self.scheme.sharing(schemes.encoder(i + 1))
       for j, f in enumerate(widths):
         x = layer(scale(f), kernel, conv_shared=s.conv, norm_shared=s.norm, name=f"{name}_{j}")(
           x, modality, train
         )
       skips.append(x)
 
-    s = self.scheme.sharing(("decoder",))
-    for (name, up, up_kernel, f, kernel), skip in zip(DECODER, reversed(skips[:-1])):
+    for i, ((name, up, up_kernel, f, kernel), skip) in enumerate(
+      zip(DECODER, reversed(skips[:-1]))
+    ):
+      s = self.scheme.sharing(schemes.decoder(len(DECODER) - i))
       x = layer(
         scale(up),
         up_kernel,
@@ -116,13 +128,13 @@ class UNet3D(nn.Module):
           x, modality, train
         )
 
-    last = self.scheme.sharing(("last", "decoder"))
+    head = self.scheme.sharing(schemes.decoder(1))  # the last decoder level's
     return layers.ModalityConv(
       mods,
-      last.conv,
+      head.conv,
       features=self.num_classes,
       kernel_size=(1, 1, 1),
-      use_bias=True,
+      use_bias=self.head_bias,
       kernel_init=init,
       dtype=self.dtype,
       conv_grads=self.conv_grads,
