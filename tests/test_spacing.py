@@ -190,7 +190,7 @@ def test_a_network_trained_in_millimetres_predicts_alike_at_0_7_and_1_4_mm(tmp_p
   The network is the test suite's tiny demo network trained for 300 steps, so its Dice
   against the truth is modest and the two predictions of one heart agree less than a
   converged network's would (measured: 0.76-0.94 per structure, mean 0.85; without
-  data.spacing 0.0-0.14)."""
+  data.spacing 0.0-0.14).  `benchmarks/spacing_agreement.py` measures the demo's network."""
   config = importlib.import_module("configs.demo").get_config("tiny")
   config.modalities = ("ct",)
   config.data.spacing = "2.8"
