@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import random_variables, tiny_config
 
-from ukd import checkpoints, infer, train
+from ukd import checkpoints, evaluate, infer, train
 from ukd import config as config_lib
 from ukd.data import synthetic
 from ukd.data.adapters import Case
@@ -120,6 +120,8 @@ def test_separate_networks_are_each_loaded_from_their_own_best_step(tmp_path):
   assert sorted(checkpoints.manager(tmp_path, read_only=True).all_steps()) == [2, 4, 6]
   seg = infer.load(tmp_path)
   assert seg.step == {"ct": 2, "mr": 6} and seg.step_name == "ct2-mr6"
+  assert evaluate.output_dir("w", "test", seg.step_name).endswith("eval/test-step-ct2-mr6")
+  assert evaluate.output_dir("w", "test", 6).endswith("eval/test-step6")
   got = seg.variables[0]
   for modality, source in (("ct", first), ("mr", third)):
     want = _branch(source, modality)

@@ -365,6 +365,7 @@ def output_dir(workdir: str | os.PathLike, split: str, step: int | str, tta: boo
   for separate networks chosen at their own steps): every evaluation keeps its own folder, so
   scoring another checkpoint, split or way of predicting never mixes its files with an
   earlier one's."""
+  step = str(step) if str(step).isdigit() else f"-{step}"
   name = f"{split}-step{step}" + ("-tta" if tta else "")
   return os.fspath(epath.Path(workdir) / "eval" / name)
 
