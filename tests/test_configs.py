@@ -162,4 +162,4 @@ def test_study_config_builds_on_its_sibling_configs_without_the_study_runner():
   full = study.get_config(None)
   assert (full.reference, full.train, tuple(full.seeds)) == ("ukd", "schemes", (0, 1, 2))
   assert sorted(full.schemes) == sorted(models.SCHEMES)
-  assert full.base.total_steps == 600 and full.base.model.width == 4
+  assert full.base.total_steps == 400 and full.base.model.width == 4
