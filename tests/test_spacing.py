@@ -197,7 +197,7 @@ def test_a_network_trained_in_millimetres_predicts_alike_at_0_7_and_1_4_mm(tmp_p
   config.data.size = (32, 32)  # 90 mm windows over the 170 mm field of view
   config.batch_size = 4
   config.total_steps = 300
-  config.optim.decay_steps = 100
+  config.optim.decay_steps, config.optim.decay_rate = 100, 0.95  # the rate nearly constant
   config.model.num_classes = 5
   config = config_lib.check(config)
   synthetic.write_mmwhs(tmp_path / "data", n_ct=4, n_mr=0, shape=(64, 64, 12))
