@@ -565,6 +565,7 @@ def test_the_arms_report_holds_every_arm_and_the_lead_over_the_best_other(tmp_pa
     ("plain", "single", 0): (0.70, 0.73),
     ("plain", "single", 1): (0.72, 0.75),
     ("mr_scarce", "ukd", 0): (0.60, 0.50),
+    ("mr_scarce", "single", 0): (0.55, 0.58),
   }
   for (arm, name, seed), (ct, mr) in dice.items():
     rows = _rows("ct", {"c": {"A": ct}}) + _rows("mr", {"m": {"A": mr}})
@@ -582,7 +583,13 @@ def test_the_arms_report_holds_every_arm_and_the_lead_over_the_best_other(tmp_pa
   # plain MR: ukd 72.0, single 74.0: -2.0 against a spread of 2.0 (std of 0.70, 0.74): not beyond.
   mr = rows[("plain", "MR")]
   assert (mr["Difference"], mr["Seed spread"], mr["Beyond spread"]) == ("-2.0", "2.0", "no")
-  assert ("mr_scarce", "CT") not in rows  # one variant only: nothing to compare with
+  # mr_scarce has one seed: no spread, so no verdict.
+  one = rows[("mr_scarce", "MR")]
+  assert (one["Difference"], one["Seed spread"], one["Beyond spread"]) == (
+    "-8.0",
+    "n/a (1 seed)",
+    "n/a",
+  )
   with open(os.path.join(tmp_path, "study.csv")) as f:
     csv_rows = list(csv.DictReader(f))
   assert len(csv_rows) == 2 * len(dice)  # one per run and modality (one structure)

@@ -460,6 +460,8 @@ def _against_best(study, results) -> list[list[str]]:
     seeds = {n: np.asarray(_seed_values(results[n], m, "dice")) * 100 for n in [ref, *others]}
     best = max(others, key=lambda n: np.nanmean(seeds[n]))
     diff = np.nanmean(seeds[ref]) - np.nanmean(seeds[best])
+    # One seed has no spread: whether a lead is beyond it cannot be told.
+    several = min(len(seeds[ref]), len(seeds[best])) > 1
     spread = max(np.nanstd(seeds[ref]), np.nanstd(seeds[best]))
     rows.append(
       [
@@ -467,8 +469,8 @@ def _against_best(study, results) -> list[list[str]]:
         f"{np.nanmean(seeds[ref]):.1f}",
         f"{best} {np.nanmean(seeds[best]):.1f}",
         f"{diff:+.1f}",
-        f"{spread:.1f}",
-        "yes" if abs(diff) > spread else "no",
+        f"{spread:.1f}" if several else "n/a (1 seed)",
+        ("yes" if abs(diff) > spread else "no") if several else "n/a",
       ]
     )
   return rows
