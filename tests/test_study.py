@@ -16,7 +16,7 @@ from helpers import run_module
 from PIL import Image
 from scipy import stats
 
-from ukd import metrics, models, study
+from ukd import metrics, models, study, study_report
 from ukd.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,8 +163,8 @@ def test_micro_study_markdown_tables(micro):
   ukd_rows = load_result(study_dir, "ukd-seed0")["rows"]
   single_rows = load_result(study_dir, "single-seed0")["rows"]
   for m in MODALITIES:
-    ref = study.case_means(ukd_rows, m, "dice")
-    other = study.case_means(single_rows, m, "dice")
+    ref = study_report.case_means(ukd_rows, m, "dice")
+    other = study_report.case_means(single_rows, m, "dice")
     diff = [ref[c] - other[c] for c in sorted(ref)]
     row = rows[("single", m.upper())]
     assert row[2] == str(len(diff))
@@ -327,7 +327,7 @@ def test_metric_table_cells_are_mean_and_std_over_seeds():
     "y": {0: _result(_rows("ct", {"c1": {"A": 1.0, "B": 1.0}}) + _rows("mr", {"m1": {}}))},
   }
   header, body = table(
-    study.metric_table(results, ["x", "y", "z"], "dice", 100.0, 1, True), "Variant"
+    study_report.metric_table(results, ["x", "y", "z"], "dice", 100.0, 1, True), "Variant"
   )
   assert header == [
     "Variant",
@@ -364,7 +364,7 @@ def test_metric_table_cells_are_mean_and_std_over_seeds():
   )
 
   # ASSD: an undefined distance (NaN) leaves its case out of that seed's mean.
-  header, body = table(study.metric_table(results, ["x"], "assd", 1.0, 2), "Variant")
+  header, body = table(study_report.metric_table(results, ["x"], "assd", 1.0, 2), "Variant")
   assert "Parameters" not in header
   x = dict(zip(header, body[0], strict=True))
   # CT A: seed 0 (2 + 4) / 2 = 3, seed 1 1 -> 2.00 +- 1.00.  CT B: seed 0 only c2 (1), seed 1 1.
@@ -378,7 +378,7 @@ def test_metric_table_cells_are_mean_and_std_over_seeds():
     1: _result(_rows("ct", {"c1": {"A": 3.0}, "c2": {"A": 1.0}}, "assd")),
     2: _result(_rows("ct", {"c1": {"A": 6.0}}, "assd")),
   }
-  header, body = table(study.metric_table(results, ["w"], "assd", 1.0, 2), "Variant")
+  header, body = table(study_report.metric_table(results, ["w"], "assd", 1.0, 2), "Variant")
   w = dict(zip(header, body[0], strict=True))
   # Seed means 2 and 6 -> 4.00 +- 2.00; seed 0 left out.
   assert (w["Seeds"], w["CT A"], w["CT mean"]) == (
@@ -411,7 +411,7 @@ def test_paired_tests_match_scipy_wilcoxon_on_the_paired_case_means():
     ),
   }
   results = {"ref": ref, "other": other, "same": ref}
-  tests = study.paired_tests(results, "ref", ["ref", "other", "same", "missing"])
+  tests = study_report.paired_tests(results, "ref", ["ref", "other", "same", "missing"])
   assert [(t["variant"], t["modality"]) for t in tests] == [
     ("other", "ct"),
     ("other", "mr"),
@@ -434,10 +434,10 @@ def test_paired_tests_match_scipy_wilcoxon_on_the_paired_case_means():
   for t in tests[1:]:
     assert t["mean_diff"] == 0.0 and t["wins"] == 0 and math.isnan(t["p"])
   assert [t["pairs"] for t in tests[1:]] == [2, 7, 2]
-  _, body = table(study._tests_table(tests, "ref"), "Compared with")
+  _, body = table(study_report._tests_table(tests, "ref"), "Compared with")
   assert body[0] == ["other", "CT", "5", "+12.6", "4/5", "0.188"]
   assert body[1] == ["other", "MR", "2", "+0.0", "0/2", "n/a"]
-  assert study.paired_tests(results, "absent", ["other"]) == []
+  assert study_report.paired_tests(results, "absent", ["other"]) == []
 
 
 def test_planned_runs_order_and_unknown_only():
