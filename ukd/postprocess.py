@@ -270,7 +270,9 @@ def choose_for_workdir(workdir: str, step="best") -> dict:
   path = epath.Path(workdir) / FILE
   if jax.process_index() == 0:
     files.write_json(path, record)
-    print(f"post-processing chosen on {len(cases)} validation volumes (step {seg.step}) -> {path}")
+    print(
+      f"post-processing chosen on {len(cases)} validation volumes (step {seg.step_name}) -> {path}"
+    )
     print(f"post-processing: {describe(rules, adapter.classes)}")
   if jax.process_count() > 1:  # the others read the file next (the test evaluation)
     multihost_utils.sync_global_devices("ukd: postprocessing.json written")
