@@ -5,7 +5,6 @@ import importlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from absl import flags
@@ -181,16 +180,17 @@ def _train(config, root, cache):
 
 
 def test_a_network_trained_in_millimetres_predicts_alike_at_0_7_and_1_4_mm(tmp_path):
-  """One phantom heart written twice with the same array shape, 244 x 244 pixels in-plane:
-  at 0.7 mm (a 170 mm field of view, as the training phantoms) and at 1.4 mm (340 mm, the
-  whole thorax).  Resized to data.size the heart would differ 2x in size; resampled to the
-  2.8 mm the network was trained at it is the same.  Both predictions are compared on the
-  0.7 mm grid, with the same weights once with data.spacing and once without.
+  """One unseen phantom heart written at 0.7 mm (244 x 244 pixels over its 170 mm field of
+  view) and at 1.4 mm (every other pixel: coarse pixel (i, j) is fine pixel (2i, 2j)), the same
+  field of view at two matrix sizes as a scanner gives it.  Resampled to the 2.8 mm the
+  network was trained at, both reach it at one scale; the predictions are compared on the
+  coarse grid.  The control writes the 1.4 mm pixels with the 0.7 mm header: the heart then
+  claims half its size, is resampled to half its pixels, and the answers part.
 
-  The network is the test suite's tiny demo network trained for 300 steps, so its Dice
-  against the truth is modest and the two predictions of one heart agree less than a
-  converged network's would (measured: 0.76-0.94 per structure, mean 0.85; without
-  data.spacing 0.0-0.14).  `benchmarks/spacing_agreement.py` measures the demo's network."""
+  The network is the suite's tiny demo network at the demo's width 4, trained for 300 steps:
+  its Dice against the truth is 0.37-0.59, yet its two answers agree (measured: 0.963-0.984
+  per structure, mean 0.975 and 0.979 on cases 9 and 10; at width 2, means 0.944-0.971 from
+  run to run).  `benchmarks/spacing_agreement.py` measures the demo's converged network."""
   config = importlib.import_module("configs.demo").get_config("tiny")
   config.modalities = ("ct",)
   config.data.spacing = "2.8"
@@ -199,33 +199,23 @@ def test_a_network_trained_in_millimetres_predicts_alike_at_0_7_and_1_4_mm(tmp_p
   config.total_steps = 300
   config.optim.decay_steps, config.optim.decay_rate = 100, 0.95  # the rate nearly constant
   config.model.num_classes = 5
+  config.model.width = 4
   config = config_lib.check(config)
   synthetic.write_mmwhs(tmp_path / "data", n_ct=4, n_mr=0, shape=(64, 64, 12))
   variables = _train(config, str(tmp_path / "data"), str(tmp_path / "cache"))
+  seg = infer.Segmenter(config, variables)
 
-  # Case 9 is none of the 4 training cases; the field of view does not change its anatomy.
-  fine = phantoms.make_phantom("cardiac", "ct", (244, 244, 12), index=9)
-  grid = phantoms._GRIDS["cardiac", "ct"]
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setitem(phantoms._GRIDS, ("cardiac", "ct"), grid._replace(fov=(340.0, 340.0, 150.0)))
-    coarse = phantoms.make_phantom("cardiac", "ct", (244, 244, 12), index=9)
-  assert np.allclose(np.array(coarse.spacing) / fine.spacing, (2, 2, 1))
-  # Fine voxel j lies at coarse voxel 60.75 + j / 2: the nearest coarse voxel is j // 2 + 61.
-  fine_in_coarse = np.linalg.inv(coarse.affine) @ fine.affine
-  assert np.allclose(fine_in_coarse[:3], [[0.5, 0, 0, 60.75], [0, 0.5, 0, 60.75], [0, 0, 1, 0]])
-  nearest = np.arange(244) // 2 + 61
+  def predict(image, affine):
+    vol = volumes.from_array(image.astype(np.float32), affine)
+    return vol.to_original(seg.predict_volume(vol, "ct")[0])
 
-  agreement = {}
-  for spacing in ("2.8", ""):
-    settings = ml_collections.ConfigDict(config.to_dict())
-    settings.data.spacing = spacing
-    seg = infer.Segmenter(settings, variables)
-    predicted = []
-    for case in (fine, coarse):
-      vol = volumes.from_array(case.image.astype(np.float32), case.affine)
-      predicted.append(vol.to_original(seg.predict_volume(vol, "ct")[0]))
-    agreement[spacing] = np.mean(_dice(predicted[0], predicted[1][np.ix_(nearest, nearest)]))
-    if spacing:
-      learned = np.mean(_dice(predicted[0], _CODES[fine.label]))
-  assert learned > 0.35  # measured 0.54: the network found the heart
-  assert agreement["2.8"] > 0.7 and agreement[""] < 0.4, agreement
+  fine = phantoms.make_phantom("cardiac", "ct", (244, 244, 12), index=9)  # not trained on
+  coarse_affine = fine.affine @ np.diag([2.0, 2.0, 1.0, 1.0])
+  mm = np.linalg.norm(fine.affine[:3, :3], axis=0)
+  assert np.allclose(np.linalg.norm(coarse_affine[:3, :3], axis=0), mm * (2, 2, 1))
+  at_fine = predict(fine.image, fine.affine)
+  agreement = np.mean(_dice(at_fine[::2, ::2], predict(fine.image[::2, ::2], coarse_affine)))
+  wrong_header = np.mean(_dice(at_fine[::2, ::2], predict(fine.image[::2, ::2], fine.affine)))
+  learned = np.mean(_dice(at_fine, _CODES[fine.label]))
+  assert learned > 0.3  # measured 0.37-0.59: the network found the heart
+  assert agreement >= 0.95 and wrong_header < 0.5, (agreement, wrong_header)

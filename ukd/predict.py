@@ -23,14 +23,13 @@ import concurrent.futures
 import dataclasses
 import os
 import re
-import sys
 import time
 
 import numpy as np
-from nibabel import orientations
 
 import ukd
 from ukd import files, windows
+from ukd import progress as progress_lib
 from ukd.data import dicom_seg, dicom_series, volumes
 from ukd.errors import ConfigError, DataError, error
 from ukd.predict_inputs import Case, Inputs, find_inputs, output_name
@@ -39,9 +38,6 @@ _NIFTI = re.compile(r"\.nii(\.gz)?$")
 OUTPUT_FORMATS = ("nifti", "dicom_seg")
 # Cases waiting between two stages (read -> network, network -> write).
 IN_FLIGHT = 2
-# Grids closer than this fraction of a voxel are the same grid: DICOM decimal strings and
-# float32 NIfTI affines round positions far below it.
-GRID_TOLERANCE = 0.01
 
 
 class SomeFailed(DataError):
@@ -107,7 +103,7 @@ def predict_file(
   case = Case(output_name(in_path), in_path, path=in_path)
   job = _Job(case, modality, None, out_path, None, sidecar_path(out_path), probabilities)
   tables = {modality: seg.label_table(modality, label_codes)}
-  _run(seg, [job], tables, None, _Progress(0, show=False))
+  _run(seg, [job], tables, None, progress_lib.Progress(0, show=False))
 
 
 def parse_formats(output_format: str) -> tuple[str, ...]:
@@ -224,14 +220,14 @@ def predict_paths(
         "--output_format=dicom_seg of a NIfTI input needs --dicom_reference=DIR, a DICOM "
         "series on the same grid, for the SEG to refer to"
       )
-    reference = _read_reference(dicom_reference)
+    reference = dicom_seg.read_reference(dicom_reference)
   extras = {"probabilities"} if probabilities else set()
   extras |= {"entropy"} if uncertainty else set()
   jobs, complete = _plan(seg, inputs, output_dir, modality, formats, extras, overwrite, resume)
   tables = {
     m: seg.label_table(m, label_codes) for m in {j.modality for j in jobs if j.problem is None}
   }
-  progress = _Progress(len(jobs), show=show_progress)
+  progress = progress_lib.Progress(len(jobs), show=show_progress)
   if complete:
     progress.note(f"{output_dir}: {complete} case(s) already complete; --continue skips them")
   if inputs.skipped_labels:
@@ -246,37 +242,6 @@ def predict_paths(
       f"each named above); the other {len(jobs) - len(failed)} were written to {output_dir}"
     )
   return written
-
-
-def _read_reference(folder):
-  """The one DICOM series of `--dicom_reference`, read before any prediction."""
-  found = dicom_series.find_series(folder)
-  if len(found) != 1:
-    raise error(
-      DataError, folder, f"--dicom_reference must hold one DICOM series, found {len(found)}"
-    )
-  return dicom_series.read_series(found[0])
-
-
-def _canonical_affine(vol: volumes.Volume) -> np.ndarray:
-  """The affine of `vol.array` (canonical voxel axes), not of the file's own axes."""
-  ornt = orientations.io_orientation(vol.affine)
-  return vol.affine @ orientations.inv_ornt_aff(ornt, vol.original_shape)
-
-
-def _check_grid(vol: volumes.Volume, reference, source: str) -> None:
-  """A NIfTI's SEG refers to the reference series voxel by voxel: the grids must agree."""
-  ref = reference.volume
-  tolerance = GRID_TOLERANCE * min(vol.spacing)
-  if vol.array.shape != ref.array.shape or not np.allclose(
-    _canonical_affine(vol), _canonical_affine(ref), rtol=0, atol=tolerance
-  ):
-    raise error(
-      DataError,
-      source,
-      f"not on the grid of the --dicom_reference series {reference.source} (shape "
-      f"{vol.array.shape} vs {ref.array.shape}, or a different affine); a SEG must match its series",
-    )
 
 
 def class_volumes(labels: np.ndarray, spacing, names) -> dict[str, float]:
@@ -378,7 +343,7 @@ def _read(seg, job: _Job, reference, progress) -> _Loaded:
   else:
     vol = volumes.read_image(job.case.path)
     if job.seg:
-      _check_grid(vol, reference, job.case.source)
+      dicom_seg.check_reference_grid(vol, reference, job.case.source)
       image = reference
   prepared = windows.prepare(vol, job.modality, seg.settings)
   return _Loaded(vol, image, prepared, time.perf_counter() - start)
@@ -442,50 +407,3 @@ def entropy(probs: np.ndarray) -> np.ndarray:
   p = np.clip(probs, 0.0, 1.0)
   logs = np.log(np.where(p > 0, p, 1.0))
   return np.maximum(-np.sum(p * logs, axis=-1), 0.0).astype(np.float32)
-
-
-class _Progress:
-  """Per-case progress for a person: a rich bar over the lines of finished cases on a
-  terminal, plain lines where stdout is a log or a pipe. Failures go to stderr."""
-
-  def __init__(self, total: int, show: bool = True):
-    self.total, self.show, self.count, self.bar = total, show, 0, None
-    if show and total and sys.stdout.isatty():
-      from rich import progress
-
-      self.bar = progress.Progress(
-        progress.TextColumn("predict"),
-        progress.BarColumn(),
-        progress.MofNCompleteColumn(),
-        progress.TimeElapsedColumn(),
-      )
-      self.task = self.bar.add_task("predict", total=total)
-      self.bar.start()
-
-  def _line(self, text: str, stream=None) -> None:
-    if not self.show:
-      return
-    if self.bar is not None:
-      self.bar.console.print(text, markup=False, highlight=False)
-    else:
-      print(text, file=stream or sys.stdout, flush=True)
-
-  def note(self, text: str) -> None:
-    self._line(text)
-
-  def done(self, job: _Job, seconds: float) -> None:
-    self.count += 1
-    first = job.nifti or job.seg
-    self._line(f"[{self.count}/{self.total}] {job.case.source} -> {first} ({seconds:.1f} s)")
-    if self.bar is not None:
-      self.bar.advance(self.task)
-
-  def failed(self, job: _Job, message: str) -> None:
-    self.count += 1
-    self._line(f"ukd: failed: {message}", sys.stderr)
-    if self.bar is not None:
-      self.bar.advance(self.task)
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.stop()

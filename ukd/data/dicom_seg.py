@@ -14,11 +14,17 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from nibabel import orientations
 
 from ukd import files
+from ukd.data import dicom_series
 from ukd.data.dicom import DicomImage
-from ukd.data.volumes import from_array
+from ukd.data.volumes import Volume, from_array
 from ukd.errors import DataError, error
+
+# Grids closer than this fraction of a voxel are the same grid: DICOM decimal strings and
+# float32 NIfTI affines round positions far below it.
+GRID_TOLERANCE = 0.01
 
 # Segmented property (category, type) of each class, per dataset: the name of a SNOMED CT
 # concept in pydicom's `codes.SCT`, or (code value, meaning) for the few it lacks. Classes
@@ -194,3 +200,34 @@ def read_seg(path, image: DicomImage, class_names) -> np.ndarray:
     ) from exc
   on_disk = np.stack([lookup[frame].T for frame in pixels], axis=-1)
   return from_array(on_disk, image.volume.affine, source=path).array
+
+
+def read_reference(folder):
+  """The one DICOM series of `--dicom_reference`, read before any prediction."""
+  found = dicom_series.find_series(folder)
+  if len(found) != 1:
+    raise error(
+      DataError, folder, f"--dicom_reference must hold one DICOM series, found {len(found)}"
+    )
+  return dicom_series.read_series(found[0])
+
+
+def _canonical_affine(vol: Volume) -> np.ndarray:
+  """The affine of `vol.array` (canonical voxel axes), not of the file's own axes."""
+  ornt = orientations.io_orientation(vol.affine)
+  return vol.affine @ orientations.inv_ornt_aff(ornt, vol.original_shape)
+
+
+def check_reference_grid(vol: Volume, reference, source: str) -> None:
+  """A NIfTI's SEG refers to the reference series voxel by voxel: the grids must agree."""
+  ref = reference.volume
+  tolerance = GRID_TOLERANCE * min(vol.spacing)
+  if vol.array.shape != ref.array.shape or not np.allclose(
+    _canonical_affine(vol), _canonical_affine(ref), rtol=0, atol=tolerance
+  ):
+    raise error(
+      DataError,
+      source,
+      f"not on the grid of the --dicom_reference series {reference.source} (shape "
+      f"{vol.array.shape} vs {ref.array.shape}, or a different affine); a SEG must match its series",
+    )
