@@ -41,18 +41,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _losses(workdir):
+def _metrics(workdir) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
+    return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+  rows = _metrics(workdir)
   steps = [r["step"] for r in rows if "train/loss" in r]
   return steps, {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def _best_step(workdir) -> int:
   """The validated step with the highest mean validation Dice (the earlier on a tie)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  scored = [(r["val_dice/mean"], -r["step"]) for r in rows if "val_dice/mean" in r]
+  scored = [(r["val_dice/mean"], -r["step"]) for r in _metrics(workdir) if "val_dice/mean" in r]
   return -max(scored)[1]
 
 

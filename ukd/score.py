@@ -52,7 +52,6 @@ from collections.abc import Mapping
 
 import numpy as np
 from absl import logging
-from nibabel import orientations
 
 from ukd import evaluate, files, metrics
 from ukd.data import dicom_seg, dicom_series, volumes
@@ -216,16 +215,10 @@ def to_classes(label: volumes.Volume, table: LabelTable) -> np.ndarray:
   return mapped.array
 
 
-def _canonical_grid(vol: volumes.Volume) -> tuple[tuple[int, ...], np.ndarray]:
-  """(shape, affine) of the canonical array: equal for files of one grid stored with their
-  axes in different orders or directions."""
-  ornt = orientations.io_orientation(vol.affine)
-  return vol.array.shape, vol.affine @ orientations.inv_ornt_aff(ornt, vol.original_shape)
-
-
 def check_grid(prediction: volumes.Volume, reference: volumes.Volume, source: str) -> None:
   """A one-line DataError naming `source` unless `prediction` lies on `reference`'s grid."""
-  (shape, affine), (ref_shape, ref_affine) = map(_canonical_grid, (prediction, reference))
+  shape, affine = prediction.array.shape, prediction.canonical_affine()
+  ref_shape, ref_affine = reference.array.shape, reference.canonical_affine()
   if shape != ref_shape:
     problem = f"shape {prediction.original_shape} differs from {reference.original_shape}"
   elif not np.allclose(affine, ref_affine, rtol=0, atol=volumes.AFFINE_TOLERANCE):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from nibabel import orientations
 
 from ukd import files
 from ukd.data import dicom_series
@@ -212,18 +211,12 @@ def read_reference(folder):
   return dicom_series.read_series(found[0])
 
 
-def _canonical_affine(vol: Volume) -> np.ndarray:
-  """The affine of `vol.array` (canonical voxel axes), not of the file's own axes."""
-  ornt = orientations.io_orientation(vol.affine)
-  return vol.affine @ orientations.inv_ornt_aff(ornt, vol.original_shape)
-
-
 def check_reference_grid(vol: Volume, reference, source: str) -> None:
   """A NIfTI's SEG refers to the reference series voxel by voxel: the grids must agree."""
   ref = reference.volume
   tolerance = GRID_TOLERANCE * min(vol.spacing)
   if vol.array.shape != ref.array.shape or not np.allclose(
-    _canonical_affine(vol), _canonical_affine(ref), rtol=0, atol=tolerance
+    vol.canonical_affine(), ref.canonical_affine(), rtol=0, atol=tolerance
   ):
     raise error(
       DataError,

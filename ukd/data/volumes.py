@@ -42,6 +42,12 @@ class Volume:
   original_shape: tuple[int, int, int]
   source: str
 
+  def canonical_affine(self) -> np.ndarray:
+    """The affine of `array` (canonical voxel axes), not of the file's own axes: equal for
+    files of one grid stored with their axes in different orders or directions."""
+    ornt = orientations.io_orientation(self.affine)
+    return self.affine @ orientations.inv_ornt_aff(ornt, self.original_shape)
+
   def to_original(self, canonical: np.ndarray) -> np.ndarray:
     """Inverse reorientation; accepts extra trailing axes (e.g. probabilities [X,Y,Z,C]).
 
