@@ -17,7 +17,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ukd import evaluate, infer, metrics, train
+from ukd import commands
+from ukd.evaluation import metrics
+from ukd.serve import segmenter as infer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Holds the float32/ and bfloat16/ runs.")
@@ -30,7 +32,7 @@ def compare(workdirs: dict) -> dict:
   Dice over cases and structures}}} for runs that share data, split and seed."""
   # The last step of both runs: the best-by-validation step can differ between them.
   segmenters = {d: infer.load(w, step="latest") for d, w in workdirs.items()}
-  adapter, cases = evaluate.split_cases(segmenters["float32"], workdirs["float32"], "test")
+  adapter, cases = infer.split_cases(segmenters["float32"], workdirs["float32"], "test")
   equal = total = 0
   dice = {d: {} for d in segmenters}
   for case in cases:
@@ -56,7 +58,7 @@ def main(argv):
       if config.data.synthetic.enabled
       else config.data.root
     )
-    train.train_and_evaluate(config, workdir)
+    commands.train_and_evaluate(config, workdir)
   result = compare(workdirs)
   result["device"] = jax.devices()[0].device_kind
   print(f"device: {result['device']}; {result['cases']} test volumes")

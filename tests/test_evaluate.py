@@ -12,12 +12,14 @@ import pytest
 from helpers import tiny_config, write_folder_dataset
 from PIL import Image
 
-from ukd import checkpoints, evaluate, models
+from ukd import commands, models
 from ukd.data import adapters
 from ukd.data import splits as splits_lib
 from ukd.data.adapters import Case
-from ukd.data.volumes import from_array
+from ukd.data.io.volumes import from_array
 from ukd.errors import DataError
+from ukd.evaluation import evaluate
+from ukd.runtime import checkpoints
 
 CLASSES = ("background", "A", "B")
 SHAPE = (16, 16, 6)
@@ -223,7 +225,7 @@ def test_evaluate_scores_the_test_split_of_a_work_dir(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   _zero_checkpoint(workdir, config, dice_by_step={2: 0.5, 4: 0.4})  # best 2, latest 4
 
-  result = evaluate.evaluate(workdir)
+  result = commands.evaluate(workdir)
 
   with open(os.path.join(workdir, "splits.json")) as f:
     splits = json.load(f)
@@ -246,8 +248,8 @@ def test_evaluate_scores_the_test_split_of_a_work_dir(tmp_path, capsys):
 
   # Another step and another split each get their own folder; the first is left as it was.
   before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
-  evaluate.evaluate(workdir, step="latest")
-  evaluate.evaluate(workdir, split="val", step=4, overlays=False)
+  commands.evaluate(workdir, step="latest")
+  commands.evaluate(workdir, split="val", step=4, overlays=False)
   assert sorted(os.listdir(os.path.join(workdir, "eval"))) == [
     "test-step2",
     "test-step4",
@@ -282,14 +284,14 @@ def test_evaluation_uses_the_split_its_checkpoint_trained_with(tmp_path):
   )
   assert any(resplit[m]["test"] != ["case2"] for m in ("ct", "mr"))  # what used to happen
 
-  result = evaluate.evaluate(workdir)
+  result = commands.evaluate(workdir)
   assert _tested_ids(result["dir"]) == {("ct", "case2"), ("mr", "case2")}
   assert not os.path.exists(os.path.join(workdir, "splits.json"))
 
   os.remove(os.path.join(root, "mr", "imagesTr", "case2_0000.nii.gz"))
   os.remove(os.path.join(root, "mr", "labelsTr", "case2.nii.gz"))
   with pytest.raises(DataError, match=r"checkpoints/2/dataset: mr test cases \['case2'\]"):
-    evaluate.evaluate(workdir)
+    commands.evaluate(workdir)
 
 
 def test_dice_only_evaluation_draws_the_overlays_asked_for_per_modality():

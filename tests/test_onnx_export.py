@@ -9,7 +9,8 @@ import pytest
 from helpers import tiny_config
 
 from ukd import config as config_lib
-from ukd import models, onnx_export, steps
+from ukd import models
+from ukd.serve import onnx_graph as onnx_export
 
 TOLERANCE = 1e-5  # max abs difference, onnxruntime vs JAX
 
@@ -54,7 +55,7 @@ def network(request):
   config = config_lib.check(_config(request.param))
   model = models.build(config.model, config.modalities)
   variables = _random_variables(model, config)
-  eval_step = steps.make_eval_step(model)
+  eval_step = models.make_eval_step(model)
   fn = lambda x: jax.nn.softmax(eval_step(variables, x, "ct").astype(jnp.float32), axis=-1)
   channels = 3 if models.DIMS[config.model.name] == 2 else 1
   shape = (3, *models.input_spatial(config), channels)

@@ -1,4 +1,4 @@
-"""What every ukd command line (`ukd.main`, `ukd.study`) does around its own flags.
+"""What every ukd command line (`ukd.main`, `ukd.study.runner`) does around its own flags.
 
 `run(main)` is `absl.app.run(main)` with what a user of either command expects:
   * packaged configs: `--config=configs/x.py` names a file of a checkout; run anywhere else
@@ -16,12 +16,13 @@ Nothing here imports JAX, so `--help` and flag errors answer at once.
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 import ml_collections as mc
 from absl import app, flags, logging
 
-from ukd import errors, library_logging
+from ukd import errors
 
 _TRACEBACK = "Traceback (most recent call last)"
 
@@ -31,7 +32,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def guarded(argv):
     if not flags.FLAGS["verbosity"].present:
-      library_logging.quiet_libraries()
+      quiet_libraries()
     try:
       main(argv)
     except errors.UkdError as e:
@@ -39,6 +40,14 @@ def run(main: Callable[[list[str]], None]) -> None:
       errors.exit_with(e)
 
   app.run(guarded, argv=packaged_configs(sys.argv), flags_parser=parse_flags)
+
+
+def quiet_libraries() -> None:
+  """Keeps library chatter (Orbax notices at every checkpoint load, deprecation warnings) off
+  the user's terminal, which then shows the project's own lines only; `--verbosity` (any
+  value) leaves logging as absl sets it.  Set once per command line, before anything runs."""
+  logging.set_verbosity(logging.ERROR)
+  warnings.simplefilter("ignore")
 
 
 def packaged_configs(argv: Sequence[str]) -> list[str]:

@@ -14,12 +14,13 @@ Training resumes automatically from the work dir's latest checkpoint.  Errors in
 the user's input end the program with one line naming the file or setting (`ukd.cli`).
 """
 
+import importlib
+
 from absl import flags
 from ml_collections import config_flags
 
 from ukd import cli as cli_lib
-from ukd import distributed
-from ukd.errors import ConfigError
+from ukd.runtime import distributed
 
 config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/mmwhs.py[:arg].", lock_config=True
@@ -111,32 +112,35 @@ flags.DEFINE_bool(
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  if FLAGS.mode != "score":
-    cli_lib.require_flags(FLAGS.mode, "workdir")
-  # Imported here so that `--help` and flag errors answer without loading JAX.
-  from ukd import check, evaluate, export, postprocess, predict, predict_inputs, score, train
+def _lib(name: str):
+  """A module of ukd, imported when a mode runs, so that `--help` and flag errors answer
+  without loading JAX."""
+  return importlib.import_module(f"ukd.{name}")
 
-  if FLAGS.device:
-    predict.use_device(FLAGS.device)  # before anything touches a device
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if FLAGS.mode == "train":
-    train.train_and_evaluate(_config(), FLAGS.workdir)
-  elif FLAGS.mode == "check":
-    check.check_dataset(_config(), train.dataset_root(_config(), FLAGS.workdir))
-  elif FLAGS.mode == "evaluate":
-    evaluate.evaluate(FLAGS.workdir, step=FLAGS.step, tta=FLAGS.tta, postprocess=FLAGS.postprocess)
-  elif FLAGS.mode == "postprocess":
-    postprocess.choose_for_workdir(FLAGS.workdir, step=FLAGS.step)
-  elif FLAGS.mode == "export":
-    cli_lib.require_flags("export", "output")
-    export.export(
+
+# {mode: (the flags it requires, what it runs)}.
+MODES = {
+  "train": (("workdir",), lambda: _lib("commands").train_and_evaluate(_config(), FLAGS.workdir)),
+  "check": (("workdir",), lambda: _lib("commands").check(_config(), FLAGS.workdir)),
+  "evaluate": (
+    ("workdir",),
+    lambda: _lib("commands").evaluate(
+      FLAGS.workdir, step=FLAGS.step, tta=FLAGS.tta, postprocess=FLAGS.postprocess
+    ),
+  ),
+  "postprocess": (
+    ("workdir",),
+    lambda: _lib("commands").postprocess(FLAGS.workdir, step=FLAGS.step),
+  ),
+  "export": (
+    ("workdir", "output"),
+    lambda: _lib("serve.export").export(
       FLAGS.workdir, FLAGS.output, step=FLAGS.step, tta=FLAGS.tta, postprocess=FLAGS.postprocess
-    )
-  elif FLAGS.mode == "score":
-    cli_lib.require_flags("score", "predictions", "references", "output", "dataset")
-    score.score(
+    ),
+  ),
+  "score": (
+    ("predictions", "references", "output", "dataset"),
+    lambda: _lib("evaluation.score").score(
       FLAGS.predictions,
       FLAGS.references,
       FLAGS.output,
@@ -145,24 +149,20 @@ def main(argv):
       classes=FLAGS.classes,
       dicom_reference=FLAGS.dicom_reference,
       allow_missing=FLAGS.allow_missing,
-    )
-  else:
-    cli_lib.require_flags("predict", "input", "output")
-    if not FLAGS.modality and predict_inputs.is_nifti(FLAGS.input):  # before the checkpoint
-      raise ConfigError("--modality is required for NIfTI input (DICOM has its Modality tag)")
-    segmenter = export.load_backend(
+    ),
+  ),
+  "predict": (
+    ("workdir", "input", "output"),
+    lambda: _lib("commands").predict(
       FLAGS.workdir,
-      FLAGS.step,
+      FLAGS.input,
+      FLAGS.output,
+      FLAGS.modality,
+      step=FLAGS.step,
       backend=FLAGS.backend,
       precision=FLAGS.precision,
       tta=FLAGS.tta,
       postprocess=FLAGS.postprocess,
-    )
-    written = predict.predict_paths(
-      segmenter,
-      FLAGS.input,
-      FLAGS.output,
-      FLAGS.modality,
       probabilities=FLAGS.probabilities,
       overwrite=FLAGS.overwrite,
       label_codes=FLAGS.label_codes,
@@ -170,8 +170,21 @@ def main(argv):
       dicom_reference=FLAGS.dicom_reference,
       uncertainty=FLAGS.uncertainty,
       resume=FLAGS["continue"].value,
-    )
-    print(f"wrote {len(written)} file(s) to {FLAGS.output}")
+    ),
+  ),
+}
+
+
+def main(argv):
+  del argv
+  required, run = MODES[FLAGS.mode]
+  cli_lib.require_flags(FLAGS.mode, *required)
+  if FLAGS.device:
+    from ukd.serve import predict
+
+    predict.use_device(FLAGS.device)  # before anything touches a device
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  run()
 
 
 def _config():

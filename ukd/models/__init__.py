@@ -1,5 +1,9 @@
 """The paper's networks, built from `config.model` with a sharing scheme."""
 
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +118,14 @@ __all__ = [
   "END_STAGES",
   "check_x_split",
 ]
+
+
+def make_eval_step(model: nn.Module) -> Callable[[dict, jax.Array, str], jax.Array]:
+  """`eval_step(variables, image, modality)`: logits with the norms' running statistics;
+  compiled once per (modality, input shape)."""
+
+  @functools.partial(jax.jit, static_argnames="modality")
+  def eval_step(variables, image, modality):
+    return model.apply(variables, image, modality=modality, train=False)
+
+  return eval_step

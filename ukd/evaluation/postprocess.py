@@ -4,7 +4,7 @@ Why: a network labels voxel by voxel (a 2D one even slice by slice), so it leave
 islands of a class far from the organ, which cost Dice and, much more, surface distances.
 Removing them is right for a class that is one piece (the aorta, the left ventricle) and wrong
 for one that has several (two kidneys), and CT and MR networks err differently, so nothing is
-removed by default: `choose_for_workdir` predicts every validation case once, tries each rule
+removed by default: `ukd.commands.choose_postprocessing` predicts every validation case once, tries each rule
 on those labels in memory, and keeps a rule for a modality and class only where it raises the
 mean Dice over that modality's validation cases (strictly: a tie keeps the labels as they are).
 
@@ -18,7 +18,7 @@ and a thin oblique structure (a vessel, a myocardial wall) whose voxels touch on
 from one slice to the next is still one structure: face connectivity would cut it into pieces
 and delete all but one.  Merging by corners only ever keeps more, never removes more.
 
-`<workdir>/postprocessing.json`, written by `choose_for_workdir`:
+`<workdir>/postprocessing.json`, written by `ukd.commands.choose_postprocessing`:
   {"rules": {modality: {class index (str): rule}},  what `load_rules` returns
    "step": checkpoint step, "split": "val", "cases": {modality: volumes}, "connectivity": 26,
    "validation": {modality: {class index: {"name", "none": mean Dice as predicted,
@@ -100,7 +100,7 @@ def candidate_scores(truth, pred, spacing, num_classes: int) -> CaseScores:
   """One case's Dice of every foreground class under every rule tried (`CaseScores`).
 
   Each class is labelled into components once; a rule's Dice then follows from each
-  component's size and overlap with the truth, with `ukd.metrics.dice`'s convention (both
+  component's size and overlap with the truth, with `ukd.evaluation.metrics.dice`'s convention (both
   empty: 1).
 
   Args:
@@ -221,64 +221,6 @@ def describe(rules: Mapping, class_names: Sequence[str] | None = None) -> str:
   )
 
 
-def choose_for_workdir(workdir: str, step="best") -> dict:
-  """Chooses a work dir's rules on its validation split into `<workdir>/postprocessing.json`.
-
-  Every validation case is predicted once, as evaluation predicts it (several processes
-  share the cases out and gather the scores; process 0 writes), and every rule is tried on
-  those labels.  Prints the rules chosen.
-
-  Args:
-    workdir: a work dir, its checkpoints dir or one step's dir.
-    step: the checkpoint: 'best', 'latest' or a step number.
-
-  Returns:
-    The record written (the module docstring).
-  """
-  # Imported here: `ukd.windows` applies rules without the training stack these load.
-  import jax
-  from jax.experimental import multihost_utils
-
-  from ukd import checkpoints, evaluate, infer
-
-  workdir, step = checkpoints.resolve(workdir, step)
-  seg = infer.load(workdir, step, postprocess="none")
-  adapter, cases = evaluate.split_cases(seg, workdir, "val")
-  if not cases:
-    raise DataError(f"{workdir}: the val split has no cases to choose post-processing on")
-  num_classes = int(seg.config.model.num_classes)
-  rows = []
-  for case in cases[jax.process_index() :: jax.process_count()]:
-    image, label = adapter.read(case)
-    if label is None:
-      raise DataError(f"case {case.id}: no label to choose post-processing on ({case.image})")
-    pred, _ = seg.predict_volume(image, case.modality)
-    scores = candidate_scores(label.array, pred, image.spacing, num_classes)
-    rows.append({"modality": case.modality, "case": case.id, "scores": scores})
-  rows = evaluate.gather_rows(rows)
-  modalities = [m for m in seg.config.modalities if any(r["modality"] == m for r in rows)]
-  by_modality = {m: [r["scores"] for r in rows if r["modality"] == m] for m in modalities}
-  rules, numbers = decide(by_modality, list(adapter.classes))
-  record = dict(
-    rules=rules,
-    step=seg.step,
-    split="val",
-    cases={m: len(of) for m, of in by_modality.items()},
-    connectivity=CONNECTIVITY,
-    validation=numbers,
-  )
-  path = epath.Path(workdir) / FILE
-  if jax.process_index() == 0:
-    files.write_json(path, record)
-    print(
-      f"post-processing chosen on {len(cases)} validation volumes (step {seg.step_name}) -> {path}"
-    )
-    print(f"post-processing: {describe(rules, adapter.classes)}")
-  if jax.process_count() > 1:  # the others read the file next (the test evaluation)
-    multihost_utils.sync_global_devices("ukd: postprocessing.json written")
-  return record
-
-
 # --- reading rules ----------------------------------------------------------------------------
 
 
@@ -305,7 +247,7 @@ def load_rules(workdirs: Sequence, choice: str) -> dict | None:
         1,
       )
       return None
-    from ukd import checkpoints  # here: reading rules needs no orbax otherwise
+    from ukd.runtime import checkpoints  # here: reading rules needs no orbax otherwise
 
     path = checkpoints.resolve(workdirs[0], "best")[0] / FILE
     return _read_rules(path) if path.exists() else None

@@ -18,9 +18,9 @@ import ml_collections as mc
 import numpy as np
 import optax
 
-from ukd import losses, optimizer
-from ukd import mesh as mesh_lib
-from ukd import state as state_lib
+from ukd.runtime import mesh as mesh_lib
+from ukd.train import losses, optimizer
+from ukd.train import state as state_lib
 
 # One batch per modality: {'ct': {'image': [B, ..., channels], 'label': [B, ...]}, 'mr': ...}.
 Batch = Mapping[str, Mapping[str, jax.Array]]
@@ -121,17 +121,6 @@ def make_train_step(
     out_shardings=(repl, repl),
     donate_argnums=0,
   )
-
-
-def make_eval_step(model: nn.Module) -> Callable[[Variables, jax.Array, str], jax.Array]:
-  """`eval_step(variables, image, modality)`: logits with the norms' running statistics;
-  compiled once per (modality, input shape)."""
-
-  @functools.partial(jax.jit, static_argnames="modality")
-  def eval_step(variables, image, modality):
-    return model.apply(variables, image, modality=modality, train=False)
-
-  return eval_step
 
 
 def nonfinite_terms(metrics: Mapping[str, np.ndarray | float]) -> list[str]:

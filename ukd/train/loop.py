@@ -1,4 +1,4 @@
-"""train_and_evaluate(config, workdir): the whole training run, in clear sections.
+"""train(config, workdir): the whole training run, in clear sections.
 
 Running the same command again in the same work dir resumes from the latest
 checkpoint: parameters, optimizer, per-modality statistics, RNG, step and the
@@ -18,23 +18,17 @@ import ml_collections as mc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ukd import (
-  check,
-  checkpoints,
-  evaluate,
-  files,
-  infer,
-  models,
-  postprocess,
-  profiling,
-  steps,
-  writers,
-)
 from ukd import config as config_lib
-from ukd import mesh as mesh_lib
-from ukd import state as state_lib
-from ukd.data import adapters, pipeline, preprocess, splits, synthetic
+from ukd import files, models
+from ukd.data import adapters, check, pipeline, preprocess, splits
+from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
+from ukd.evaluation import evaluate
+from ukd.runtime import checkpoints
+from ukd.runtime import mesh as mesh_lib
+from ukd.serve import segmenter as infer
+from ukd.train import profiling, steps, writers
+from ukd.train import state as state_lib
 
 T = TypeVar("T")
 
@@ -237,9 +231,9 @@ class Throughput:
     self.mark = (step, self.clock())
 
 
-def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
-  """Trains (or resumes) in `workdir`, chooses post-processing on the validation split
-  (`ukd.postprocess`; none without validation cases), then evaluates the test split.
+def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Trains (or resumes) in `workdir` to `config.total_steps`, validating and checkpointing on
+  the way (`ukd.commands.train_and_evaluate` then chooses post-processing and evaluates).
 
   Args:
     config: the training config; not changed: the run uses `config_lib.resolve`'s frozen copy,
@@ -247,8 +241,8 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dic
     workdir: local or `gs://...`; a work dir with a checkpoint resumes from it.
 
   Returns:
-    {'step': the last step, 'val': the last validation's scalars, 'test': `evaluate.evaluate`'s
-    result for the best checkpoint}.
+    {'step': the last step, 'val': the last validation's scalars, 'validated': whether the
+    dataset has validation cases}.
   """
   config = config_lib.check(config)
   # Listening from the start: a SIGTERM during setup or compilation stops the run after its
@@ -372,10 +366,5 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dic
     if closer:
       closer()
 
-  # ---- Post-processing chosen on validation (every process, as evaluation), then the test ----
-  if any(data.cases[m]["val"] for m in config.modalities):
-    postprocess.choose_for_workdir(workdir)
-  # ---- Test evaluation: as predicted and with the rules chosen -------------------------------
-  # Every test case's overlay, unless config.overlays is 0; summary, rows, its folder.
-  tested = evaluate.evaluate(workdir, overlays=config.overlays > 0)
-  return {"step": step, "val": val, "test": tested}
+  validated = any(data.cases[m]["val"] for m in config.modalities)
+  return {"step": step, "val": val, "validated": validated}

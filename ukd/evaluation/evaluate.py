@@ -4,7 +4,7 @@ Metrics are computed on each volume's canonical grid with its own voxel spacing,
 distances are in millimetres whatever resolution the network worked at.  Each volume counts
 once, and a table cell is the mean ± std over volumes, as in the paper.
 
-Aggregation and empty structures (see `ukd.metrics` for the per-volume rules):
+Aggregation and empty structures (see `ukd.evaluation.metrics` for the per-volume rules):
   * per structure: `metrics.summarize` over the volumes; a NaN (a structure absent from
     exactly one of prediction and ground truth has no surface distance) is left out of mean
     and std and counted in 'n_empty';
@@ -19,7 +19,7 @@ Outputs of `evaluate_cases(..., out_dir=d)` (`evaluate` uses d = <workdir>/eval/
   d/cases.csv      case, modality, class, dice, assd, hd95: one row per volume and structure
   d/overlays/<modality>/<case id>.png   image | ground truth | prediction on three slices
                    (per modality: case ids are only unique within one)
-With post-processing rules (`ukd.postprocess`; `evaluate` takes the work dir's by default) each
+With post-processing rules (`ukd.evaluation.postprocess`; `evaluate` takes the work dir's by default) each
 prediction is also scored post-processed, without predicting again: metrics.json then holds
 'postprocessed': {'rules', 'metrics': m of the post-processed labels} as well, and
 d/cases_postprocessed.csv their rows.
@@ -38,12 +38,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from ukd import checkpoints, files, infer, metrics, tables
-from ukd import postprocess as postprocess_lib
-from ukd.data import splits
+from ukd import files
 from ukd.data.adapters import Adapter, Case
 from ukd.errors import DataError
-from ukd.metrics import METRICS
+from ukd.evaluation import metrics, tables
+from ukd.evaluation import postprocess as postprocess_lib
+from ukd.evaluation.metrics import METRICS
 
 # Distinct colours for classes 1, 2, ... (cycled when there are more classes).
 PALETTE = np.array(
@@ -189,7 +189,7 @@ def overlay_image(
 
 
 def evaluate_cases(
-  seg: infer.Segmenter,
+  seg,
   adapter: Adapter,
   cases: Sequence[Case],
   *,
@@ -205,7 +205,8 @@ def evaluate_cases(
   label is read for scoring and pictures.
 
   Args:
-    seg: the loaded checkpoint.
+    seg: the predictor: `predict_volume(image, modality)`, `config` and `step` (a live
+      `Segmenter` or an exported model; evaluation never loads one itself).
     adapter: the dataset's adapter, which reads the cases.
     cases: the labelled cases to score.
     out_dir: where to write the files listed in the module docstring (metrics.json naming
@@ -215,7 +216,7 @@ def evaluate_cases(
     metric_names: the scores of each row (Dice alone spares the surface distances:
       training validates so).
     split: the split the cases come from, recorded in metrics.json.
-    rules: post-processing rules by modality (`ukd.postprocess.load_rules`): each prediction
+    rules: post-processing rules by modality (`ukd.evaluation.postprocess.load_rules`): each prediction
       is also scored post-processed (`seg` should apply none itself).
 
   Returns:
@@ -368,81 +369,3 @@ def output_dir(workdir: str | os.PathLike, split: str, step: int | str, tta: boo
   step = str(step) if str(step).isdigit() else f"-{step}"
   name = f"{split}-step{step}" + ("-tta" if tta else "")
   return os.fspath(epath.Path(workdir) / "eval" / name)
-
-
-def split_cases(
-  seg: infer.Segmenter, workdir: str | os.PathLike, split: str
-) -> tuple[Adapter, list[Case]]:
-  """(adapter, cases of `split` for every modality) of a loaded checkpoint: the split the
-  checkpoint recorded (`checkpoints.save`; `splits.json` for checkpoints that recorded none)."""
-  config = seg.config
-  adapter = splits.adapter_for(config)
-  saved = (seg.dataset or {}).get("splits")
-  step = next(iter(seg.step.values())) if isinstance(seg.step, dict) else seg.step
-  source = checkpoints.directory(workdir) / str(step) / "dataset"
-  cases = splits.cases_for(config, adapter, config.data.root, workdir, saved=saved, source=source)
-  return adapter, [c for m in config.modalities for c in cases[m][split]]
-
-
-def evaluate(
-  workdir: str | os.PathLike,
-  *,
-  split: str = "test",
-  step: str | int = "best",
-  overlays: bool = True,
-  tta: bool | None = None,
-  postprocess: str = "auto",
-) -> dict[str, Any]:
-  """Scores a work dir's checkpoint on one split of its dataset into `output_dir`.
-
-  Everything comes from the work dir: the network and config from the checkpoint, the split
-  from what the checkpoint recorded (`checkpoints.save`; `splits.json` for checkpoints that
-  recorded none), so the test cases are the ones training never saw, even if the dataset
-  gained cases since.  Prints the table.
-
-  Args:
-    workdir: a training run's work dir, local or on cloud storage.
-    split: 'train', 'val' or 'test'.
-    step: the checkpoint: 'best', 'latest' or a step number.
-    overlays: also draw every case's overlay picture.
-    tta: mirroring test-time augmentation (None: the config's `infer.tta`).
-    postprocess: 'auto', 'none' or a postprocessing.json (`ukd.postprocess.load_rules`);
-      with rules, the same predictions are scored as predicted and post-processed.
-
-  Returns:
-    {'summary': `summarize_rows`' result, 'cases': the rows, 'dir': the output folder,
-    'step': the checkpoint's step, 'split': `split`, 'postprocessed': {'rules', 'cases',
-    'summary'} of the post-processed labels, or None without rules}.
-  """
-  if split not in splits.SPLIT_NAMES:
-    raise DataError(f"split {split!r} is not one of {list(splits.SPLIT_NAMES)}")
-  workdir, step = checkpoints.resolve(workdir, step)
-  seg = infer.load(workdir, step=step, tta=tta, postprocess="none")
-  rules = postprocess_lib.load_rules([workdir], postprocess)
-  adapter, chosen = split_cases(seg, workdir, split)
-  if not chosen:
-    raise DataError(f"{workdir}: the {split} split has no cases of {list(seg.config.modalities)}")
-  out_dir = output_dir(workdir, split, seg.step_name, tta=seg.tta)
-  limit = None if overlays else 0
-  result = evaluate_cases(
-    seg, adapter, chosen, out_dir=out_dir, overlays=limit, split=split, rules=rules
-  )
-  fixed = result.get("postprocessed")
-  if jax.process_index() == 0:
-    steps = seg.step.items() if isinstance(seg.step, dict) else ()
-    which = ", ".join(f"{m} from step {s}" for m, s in steps) or f"step {seg.step}"
-    print(f"{split} split, checkpoint {which}, {len(chosen)} volumes -> {out_dir}")
-    if fixed:
-      print("as predicted (raw network labels):")
-    print(format_table(result["summary"], adapter.classes))
-    if fixed:
-      print(f"post-processed ({postprocess_lib.describe(rules, adapter.classes)}):")
-      print(format_table(fixed["summary"], adapter.classes))
-  return dict(
-    summary=result["summary"],
-    cases=result["cases"],
-    dir=out_dir,
-    step=seg.step,
-    split=split,
-    postprocessed=fixed,
-  )

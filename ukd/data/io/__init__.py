@@ -1,0 +1,1 @@
+"""Reading and writing scans: NIfTI volumes, DICOM series, DICOM-SEG."""

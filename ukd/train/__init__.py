@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, state, steps, writers, profiling, and the loop."""
