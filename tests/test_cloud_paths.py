@@ -12,6 +12,8 @@ import csv
 import hashlib
 import json
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -36,6 +38,8 @@ def bucket(tmp_path, monkeypatch):
   """The local folder that holds `gs://bucket`; the test runs in an empty current folder
   that must stay empty (a `gs:` folder there is a URL taken for a local path)."""
   store = tmp_path / "store"
+  # The store below stands in for gcsfs, which `files.path` asks for on gs:// paths.
+  monkeypatch.setitem(sys.modules, "gcsfs", types.ModuleType("gcsfs"))
 
   def local(p):
     text = os.fspath(p)

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 from ukd import files
 from ukd.data import check as check_lib
 from ukd.data import splits
-from ukd.errors import ConfigError, DataError
+from ukd.errors import ConfigError, DataError, import_extra
 from ukd.evaluation import evaluate as evaluate_lib
 from ukd.evaluation import postprocess as postprocess_lib
 from ukd.runtime import checkpoints
@@ -198,6 +198,11 @@ def predict(
   once rather than after the checkpoint."""
   if not modality and inputs.is_nifti(input):
     raise ConfigError("--modality is required for NIfTI input (DICOM has its Modality tag)")
+  if inputs.needs_dicom(input):
+    import_extra("pydicom", "dicom", "DICOM input")
+  if "dicom_seg" in options.get("output_format", ""):
+    for module in ("pydicom", "highdicom"):
+      import_extra(module, "dicom", "--output_format=dicom_seg")
   seg = export_lib.load_backend(
     workdir, step, backend=backend, precision=precision, tta=tta, postprocess=postprocess
   )

@@ -12,6 +12,7 @@ The subclasses also derive from ValueError (bad input) or RuntimeError (a run th
 callers that catch those keep working.
 """
 
+import importlib
 import sys
 
 
@@ -27,6 +28,20 @@ class ConfigError(UkdError, ValueError):
 
 class DataError(UkdError, ValueError):
   """Bad input data or dataset layout; the message names the file and the problem."""
+
+
+class MissingExtra(ConfigError):
+  """A mode, flag or input that needs an optional extra which is not installed."""
+
+
+def import_extra(module: str, extra: str, what: str):
+  """`module`, imported where the job that needs it runs: the optional extras (DICOM, ONNX,
+  OpenVINO, cloud storage) are never imported at start-up, so a bare install runs every mode
+  that needs none, and one that needs one stops before any work with the command to fix it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise MissingExtra(f"{what} needs the '{extra}' extra: pip install 'ukd[{extra}]'") from None
 
 
 class CheckpointError(UkdError, ValueError):

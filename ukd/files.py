@@ -28,6 +28,7 @@ so a kill leaves the old object or none, never a truncated one.
 """
 
 import contextlib
+import importlib.util
 import csv
 import io
 import json
@@ -40,7 +41,7 @@ import tempfile
 
 from etils import epath
 
-from ukd.errors import ConfigError, error
+from ukd.errors import ConfigError, error, import_extra
 
 # The URL schemes epath reads and writes: through TensorFlow's gfile where it is installed,
 # else fsspec (gcsfs for gs://).
@@ -67,6 +68,8 @@ def path(p) -> epath.Path:
   if match.group(1) not in REMOTE_SCHEMES:
     schemes = ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
     raise error(ConfigError, text, f"unsupported storage {match.group(1)}://; use {schemes}")
+  if match.group(1) == "gs" and importlib.util.find_spec("tensorflow") is None:
+    import_extra("gcsfs", "gcs", text)  # epath reaches gs:// through gcsfs without TensorFlow
   return epath.Path(text)
 
 

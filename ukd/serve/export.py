@@ -31,9 +31,8 @@ from jax import export as jax_export
 import ukd
 from ukd import config as config_lib
 from ukd import files, models
-from ukd.errors import ConfigError
+from ukd.errors import ConfigError, import_extra
 from ukd.evaluation import metrics
-from ukd.serve import onnx_graph as onnx_export
 from ukd.serve import runners as exported
 from ukd.serve import segmenter as infer
 
@@ -48,6 +47,9 @@ BF16_GATE_CASES = 4
 def export(workdir, output, *, step="best", tta: bool | None = None, postprocess="auto") -> dict:
   """Writes the export of `workdir`'s checkpoint (several, comma-separated: an ensemble) into
   `output`, which must not hold one already; returns the sidecar record."""
+  import_extra("onnx", "export", "--mode=export")  # before the checkpoint loads
+  from ukd.serve import onnx_graph  # imports onnx: only an export needs it
+
   seg = infer.load(workdir, step=step, tta=tta, postprocess=postprocess)
   output = os.fspath(output)
   if os.path.exists(os.path.join(output, exported.SIDECAR)):
@@ -59,7 +61,7 @@ def export(workdir, output, *, step="best", tta: bool | None = None, postprocess
     spec = jax.ShapeDtypeStruct(symbolic, np.float32)
     artefact = jax_export.export(jax.jit(fn), platforms=PLATFORMS)(spec)
     files.write_bytes(os.path.join(output, f"{modality}.stablehlo"), artefact.serialize())
-    graph = onnx_export.to_onnx(fn, example, name=f"ukd_{modality}")
+    graph = onnx_graph.to_onnx(fn, example, name=f"ukd_{modality}")
     files.write_bytes(os.path.join(output, f"{modality}.onnx"), graph.SerializeToString())
   record = sidecar(seg)
   record["bf16_gate"] = bf16_gate(output, record, workdir)
@@ -146,6 +148,7 @@ def load_backend(workdir, step="best", *, backend="jax", precision="float32", **
     return exported.load(workdir, backend=backend, precision=precision)
   if backend == "jax":
     return infer.load(workdir, step=step, **options)
+  exported._optional("onnx", backend)  # the work dir is exported to ONNX first
   folder = tempfile.mkdtemp(prefix="ukd_export_")
   export(workdir, folder, step=step, **options)
   return exported.load(folder, backend=backend, precision=precision)

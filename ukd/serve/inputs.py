@@ -110,6 +110,19 @@ def find_inputs(path, extract_to: str | None = None, exclude=None) -> Inputs:
   return _dicom(path, extract_to, exclude)
 
 
+def needs_dicom(path) -> bool:
+  """Whether `find_inputs(path)` would read DICOM (a .zip, or a folder without NIfTI
+  images), which needs the 'dicom' extra: asked before a model is loaded."""
+  path = os.fspath(path)
+  where = epath.Path(path)
+  if where.is_file():
+    return path.lower().endswith(".zip")
+  if not where.is_dir():
+    return False
+  folders = [os.path.join(path, d) for d in _NNUNET_IMAGES if (where / d).is_dir()] or [path]
+  return not any(_niftis(folder) for folder in folders)
+
+
 def _dicom(path: str, extract_to: str | None, exclude) -> Inputs:
   found = dicom_series.find_series(path, extract_to=extract_to)
   if exclude is not None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ukd import files
 from ukd.data.io.volumes import Volume, from_array
-from ukd.errors import DataError, error
+from ukd.errors import DataError, error, import_extra
 
 # DICOM patient coordinates are LPS; NIfTI/ukd affines are RAS (the matrix is its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -60,11 +60,7 @@ _DECODER_PACKAGES = {
 
 def import_pydicom():
   """pydicom is an optional extra: only DICOM input needs it."""
-  try:
-    import pydicom
-  except ImportError:
-    raise DataError("reading DICOM needs pydicom: pip install 'ukd[dicom]'") from None
-  return pydicom
+  return import_extra("pydicom", "dicom", "DICOM input")
 
 
 @dataclasses.dataclass

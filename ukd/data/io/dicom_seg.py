@@ -19,7 +19,7 @@ from ukd import files
 from ukd.data.io import dicom_series
 from ukd.data.io.dicom import DicomImage
 from ukd.data.io.volumes import Volume, from_array
-from ukd.errors import DataError, error
+from ukd.errors import DataError, error, import_extra
 
 # Grids closer than this fraction of a voxel are the same grid: DICOM decimal strings and
 # float32 NIfTI affines round positions far below it.
@@ -47,11 +47,7 @@ TISSUE = ("Tissue", "Tissue")
 
 
 def _import_highdicom():
-  try:
-    import highdicom
-  except ImportError:
-    raise DataError("DICOM-SEG needs highdicom: pip install 'ukd[dicom]'") from None
-  return highdicom
+  return import_extra("highdicom", "dicom", "DICOM-SEG")
 
 
 def _concept(entry):
