@@ -28,8 +28,8 @@ so a kill leaves the old object or none, never a truncated one.
 """
 
 import contextlib
-import importlib.util
 import csv
+import importlib.util
 import io
 import json
 import os
