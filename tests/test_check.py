@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from ukd import check, train
+from ukd.data import check
+from ukd.train import loop as train
 from ukd.data import adapters
 from ukd.errors import DataError
 

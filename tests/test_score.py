@@ -1,4 +1,4 @@
-"""Scoring folders of predictions against references (`ukd.score`, `--mode=score`)."""
+"""Scoring folders of predictions against references (`ukd.evaluation.score`, `--mode=score`)."""
 
 import csv
 import json
@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from helpers import run_module, tiny_config
 
-from ukd import checkpoints, evaluate, infer, models, predict, score
-from ukd.data import synthetic
+from ukd import models
+from ukd.runtime import checkpoints
+from ukd.evaluation import evaluate
+from ukd.serve import segmenter as infer
+from ukd.serve import predict
+from ukd.evaluation import score
+from ukd.data.synthetic import generate as synthetic
 from ukd.data.adapters import get_adapter
 from ukd.errors import ConfigError, DataError
 
@@ -224,7 +229,9 @@ def test_scoring_predicted_files_gives_the_evaluation_numbers(tmp_path, monkeypa
 
 def test_a_dicom_seg_is_scored_on_the_grid_of_its_source_series(tmp_path):
   pytest.importorskip("highdicom")
-  from ukd.data import dicom_seg, dicom_series, dicom_write
+  from ukd.data.io import dicom_seg
+  from ukd.data.io import dicom_series
+  from ukd.data.synthetic import dicom_write
 
   affine = np.diag([0.8, 0.7, 2.5, 1.0])
   image = np.arange(6 * 5 * 3, dtype=np.float32).reshape(6, 5, 3)

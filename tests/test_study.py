@@ -16,7 +16,10 @@ from helpers import run_module
 from PIL import Image
 from scipy import stats
 
-from ukd import metrics, models, study, study_report
+from ukd import models
+from ukd.evaluation import metrics
+from ukd.study import runner as study
+from ukd.study import report as study_report
 from ukd.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +30,7 @@ SCHEMES = ("single", "ukd")
 
 
 def run_study(*args, timeout=300, check=True):
-  return run_module("ukd.study", *args, timeout=timeout, check=check)
+  return run_module("ukd.study.runner", *args, timeout=timeout, check=check)
 
 
 def micro_config():

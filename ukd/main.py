@@ -18,7 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ukd import cli as cli_lib
-from ukd import distributed
+from ukd.runtime import distributed
 from ukd.errors import ConfigError
 
 config_flags.DEFINE_config_file(
@@ -122,7 +122,14 @@ def main(argv):
   if FLAGS.mode != "score":
     cli_lib.require_flags(FLAGS.mode, "workdir")
   # Imported here so that `--help` and flag errors answer without loading JAX.
-  from ukd import check, evaluate, export, postprocess, predict, predict_inputs, score, train
+  from ukd.data import check
+  from ukd.evaluation import evaluate
+  from ukd.serve import export
+  from ukd.evaluation import postprocess
+  from ukd.serve import predict
+  from ukd.serve import inputs as predict_inputs
+  from ukd.evaluation import score
+  from ukd.train import loop as train
 
   if FLAGS.device:
     predict.use_device(FLAGS.device)  # before anything touches a device

@@ -18,22 +18,20 @@ import ml_collections as mc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ukd import (
-  check,
-  checkpoints,
-  evaluate,
-  files,
-  infer,
-  models,
-  postprocess,
-  profiling,
-  steps,
-  writers,
-)
+from ukd import files, models
+from ukd.data import check
+from ukd.runtime import checkpoints
+from ukd.evaluation import evaluate
+from ukd.serve import segmenter as infer
+from ukd.evaluation import postprocess
+from ukd.train import profiling
+from ukd.train import steps
+from ukd.train import writers
 from ukd import config as config_lib
-from ukd import mesh as mesh_lib
-from ukd import state as state_lib
-from ukd.data import adapters, pipeline, preprocess, splits, synthetic
+from ukd.runtime import mesh as mesh_lib
+from ukd.train import state as state_lib
+from ukd.data import adapters, pipeline, preprocess, splits
+from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
 
 T = TypeVar("T")
@@ -239,7 +237,7 @@ class Throughput:
 
 def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) in `workdir`, chooses post-processing on the validation split
-  (`ukd.postprocess`; none without validation cases), then evaluates the test split.
+  (`ukd.evaluation.postprocess`; none without validation cases), then evaluates the test split.
 
   Args:
     config: the training config; not changed: the run uses `config_lib.resolve`'s frozen copy,

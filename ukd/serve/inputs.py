@@ -11,7 +11,7 @@ name its outputs get:
     label files are counted, so the user sees they were left out on purpose;
   * a folder holding DICOM series, searched through (one series, a study, a PACS export or a
     CD copy), a .zip of one, or a single DICOM file: each series is a case
-    (`ukd.data.dicom_series`).
+    (`ukd.data.io.dicom_series`).
 
 A folder with NIfTI files is read as NIfTI, one without as DICOM. A case's output name is
 what its label would be called: a NIfTI file's name without its extension and the image
@@ -28,7 +28,7 @@ import re
 from etils import epath
 
 from ukd import files
-from ukd.data import dicom_series
+from ukd.data.io import dicom_series
 from ukd.errors import DataError, error
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
