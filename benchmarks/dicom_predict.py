@@ -61,8 +61,8 @@ def _segmenter():
   from configs import demo
   from ukd import config as config_lib
   from ukd import models
-  from ukd.serve import segmenter as infer
   from ukd.data.io import volumes
+  from ukd.serve import segmenter as infer
 
   config = config_lib.check(demo.get_config())
   model = models.build(config.model, config.modalities)
@@ -75,9 +75,8 @@ def _segmenter():
 
 
 def _child(folder: str, which: str, measure: str) -> dict:
+  from ukd.data.io import dicom_series, volumes
   from ukd.serve import predict
-  from ukd.data.io import dicom_series
-  from ukd.data.io import volumes
 
   seg = _segmenter()
   source = os.path.join(folder, "ct.nii.gz" if which == "nifti" else "ct")

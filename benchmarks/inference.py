@@ -58,8 +58,7 @@ def _timed(segmenter, volume) -> float:
 def _pipeline(workdir: str) -> None:
   """End-to-end prediction of the test split against the forward passes alone."""
   from ukd.evaluation import evaluate
-  from ukd.serve import predict
-  from ukd.serve import windows
+  from ukd.serve import predict, windows
 
   seg = infer.load(workdir)
   adapter, cases = evaluate.split_cases(seg, workdir, "test")
@@ -93,8 +92,8 @@ def _pipeline(workdir: str) -> None:
 def _backends() -> None:
   """ms per slice on JAX and on the exported model's runtimes."""
   from ukd.serve import export
-  from ukd.serve import runners as exported
   from ukd.serve import onnx_graph as onnx_export
+  from ukd.serve import runners as exported
 
   config = _config()
   config.infer.batch_size = _BATCH.value

@@ -17,9 +17,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ukd.evaluation import evaluate
+from ukd.evaluation import evaluate, metrics
 from ukd.serve import segmenter as infer
-from ukd.evaluation import metrics
 from ukd.train import loop as train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/demo.py.")

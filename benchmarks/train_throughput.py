@@ -43,10 +43,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ukd.runtime import mesh as mesh_lib
 from ukd import models
-from ukd.train import steps
+from ukd.runtime import mesh as mesh_lib
 from ukd.train import state as state_lib
+from ukd.train import steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with overrides).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "config.model.dtype values to time.")

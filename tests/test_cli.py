@@ -17,9 +17,8 @@ import pytest
 from helpers import run_module
 
 from ukd import cli
-from ukd.runtime import checkpoints
-from ukd.runtime import distributed
 from ukd.errors import ConfigError
+from ukd.runtime import checkpoints, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny"]

@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
+from ukd import config as config_lib
 from ukd import files
-from ukd.runtime import checkpoints
+from ukd.data import adapters, preprocess, splits
+from ukd.data.io import volumes
+from ukd.data.synthetic import generate as synthetic
+from ukd.errors import ConfigError, DataError
 from ukd.evaluation import evaluate
+from ukd.runtime import checkpoints
 from ukd.train import loop as train
 from ukd.train import writers
-from ukd import config as config_lib
-from ukd.data import adapters, preprocess, splits
-from ukd.data.synthetic import generate as synthetic
-from ukd.data.io import volumes
-from ukd.errors import ConfigError, DataError
 
 BUCKET = "gs://bucket"
 

@@ -9,8 +9,8 @@ from helpers import tiny_config
 from jax import lax
 
 from ukd import models
-from ukd.models import layers
 from ukd.models import conv_grads as mcg
+from ukd.models import layers
 
 
 def _grads(conv_fn, x, w, dilation, padding):

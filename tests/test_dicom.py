@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from ukd.data import adapters
-from ukd.data.io import dicom
 from ukd.data.adapters import Case
+from ukd.data.io import dicom
 from ukd.errors import DataError
 
 
@@ -514,9 +514,8 @@ def test_seg_references_its_series_and_codes_each_class(tmp_path):
   hd = pytest.importorskip("highdicom")
   import pydicom
 
-  from ukd.data.io import dicom_seg
+  from ukd.data.io import dicom_seg, volumes
   from ukd.data.synthetic import dicom_write
-  from ukd.data.io import volumes
 
   nifti = _nifti(tmp_path)
   dicom_write.write_series(nifti, tmp_path / "ct", shuffle_names=True)
@@ -563,9 +562,8 @@ def test_seg_references_its_series_and_codes_each_class(tmp_path):
 
 def test_seg_of_a_multiframe_series_and_generic_tissue_codes(tmp_path):
   hd = pytest.importorskip("highdicom")
-  from ukd.data.io import dicom_seg
+  from ukd.data.io import dicom_seg, volumes
   from ukd.data.synthetic import dicom_write
-  from ukd.data.io import volumes
 
   nifti = _nifti(tmp_path)
   dicom_write.write_series(nifti, tmp_path / "mr", modality="MR", multiframe=True)
@@ -709,8 +707,8 @@ def test_a_mosaic_that_cannot_be_cut_is_refused_in_one_line(tmp_path):
 
 
 def test_a_single_dicom_file_is_a_series(tmp_path):
-  from ukd.serve import inputs as predict_inputs
   from ukd.data.io import dicom_series
+  from ukd.serve import inputs as predict_inputs
 
   path = _real(tmp_path, _pydicom_data("CT_small.dcm")) / "CT_small.dcm"
   (series,) = dicom_series.find_series(path)
@@ -727,9 +725,8 @@ def test_seg_of_an_enhanced_image_with_pixel_measures_in_each_frames_groups(tmp_
   """Scanners may put PixelSpacing in every frame's functional groups rather than the shared
   ones (pydicom's emri_small.dcm does), where highdicom looks for it."""
   pytest.importorskip("highdicom")
-  from ukd.data.io import dicom_seg
+  from ukd.data.io import dicom_seg, volumes
   from ukd.data.synthetic import dicom_write
-  from ukd.data.io import volumes
 
   nifti = _nifti(tmp_path)
   (path,) = dicom_write.write_series(nifti, tmp_path / "mr", modality="MR", multiframe=True)

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from helpers import ROOT, random_variables, run_module, tiny_config
 
-from ukd.runtime import checkpoints
-from ukd.serve import export
-from ukd.serve import runners as exported
-from ukd.serve import segmenter as infer
-from ukd.serve import predict
 from ukd import config as config_lib
 from ukd.errors import ConfigError
+from ukd.runtime import checkpoints
+from ukd.serve import export, predict
+from ukd.serve import runners as exported
+from ukd.serve import segmenter as infer
 
 RECORD = {
   "splits": {"ct": {"train": ["a"], "val": ["b"], "test": ["c"]}},

@@ -13,18 +13,17 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from ukd import models
-from ukd.runtime import checkpoints
-from ukd.evaluation import evaluate
-from ukd.serve import segmenter as infer
-from ukd.serve import predict
-from ukd.serve import windows
 from ukd import config as config_lib
-from ukd.train import state as state_lib
+from ukd import models
 from ukd.data import preprocess
-from ukd.data.io import volumes
 from ukd.data.adapters import Case
+from ukd.data.io import volumes
 from ukd.errors import CheckpointError, ConfigError, DataError
+from ukd.evaluation import evaluate
+from ukd.runtime import checkpoints
+from ukd.serve import predict, windows
+from ukd.serve import segmenter as infer
+from ukd.train import state as state_lib
 
 SIZE = (16, 16)
 PATCH = (16, 16, 8)

@@ -11,15 +11,13 @@ import pytest
 from helpers import run_module
 from test_infer import RECORD, STEP, _config, _create, _ct_like, _save, _variables
 
-from ukd.runtime import checkpoints
-from ukd.serve import segmenter as infer
-from ukd.serve import predict
-from ukd.serve import inputs as predict_inputs
 from ukd import config as config_lib
-from ukd.data.io import dicom_seg
-from ukd.data.io import dicom_series
-from ukd.data.io import volumes
+from ukd.data.io import dicom_seg, dicom_series, volumes
 from ukd.errors import ConfigError, DataError
+from ukd.runtime import checkpoints
+from ukd.serve import inputs as predict_inputs
+from ukd.serve import predict
+from ukd.serve import segmenter as infer
 
 pytest.importorskip("highdicom")
 from ukd.data.synthetic import dicom_write  # noqa: E402

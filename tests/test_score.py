@@ -11,14 +11,13 @@ import pytest
 from helpers import run_module, tiny_config
 
 from ukd import models
-from ukd.runtime import checkpoints
-from ukd.evaluation import evaluate
-from ukd.serve import segmenter as infer
-from ukd.serve import predict
-from ukd.evaluation import score
-from ukd.data.synthetic import generate as synthetic
 from ukd.data.adapters import get_adapter
+from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, DataError
+from ukd.evaluation import evaluate, score
+from ukd.runtime import checkpoints
+from ukd.serve import predict
+from ukd.serve import segmenter as infer
 
 
 def _save(array, path, affine=None, dtype=np.uint8):
@@ -229,8 +228,7 @@ def test_scoring_predicted_files_gives_the_evaluation_numbers(tmp_path, monkeypa
 
 def test_a_dicom_seg_is_scored_on_the_grid_of_its_source_series(tmp_path):
   pytest.importorskip("highdicom")
-  from ukd.data.io import dicom_seg
-  from ukd.data.io import dicom_series
+  from ukd.data.io import dicom_seg, dicom_series
   from ukd.data.synthetic import dicom_write
 
   affine = np.diag([0.8, 0.7, 2.5, 1.0])

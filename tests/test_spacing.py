@@ -13,16 +13,16 @@ from ml_collections import config_flags
 
 from ukd import config as config_lib
 from ukd import models
-from ukd.serve import segmenter as infer
-from ukd.train import steps
-from ukd.serve import windows
-from ukd.runtime import mesh as mesh_lib
-from ukd.train import state as state_lib
 from ukd.data import adapters, pipeline, preprocess
-from ukd.data.synthetic import phantoms
-from ukd.data.synthetic import generate as synthetic
 from ukd.data.io import volumes
+from ukd.data.synthetic import generate as synthetic
+from ukd.data.synthetic import phantoms
 from ukd.errors import ConfigError
+from ukd.runtime import mesh as mesh_lib
+from ukd.serve import segmenter as infer
+from ukd.serve import windows
+from ukd.train import state as state_lib
+from ukd.train import steps
 
 # --- the setting ---------------------------------------------------------------------------------
 

@@ -17,10 +17,10 @@ from PIL import Image
 from scipy import stats
 
 from ukd import models
-from ukd.evaluation import metrics
-from ukd.study import runner as study
-from ukd.study import report as study_report
 from ukd.errors import ConfigError
+from ukd.evaluation import metrics
+from ukd.study import report as study_report
+from ukd.study import runner as study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = f"--config={os.path.join(ROOT, 'configs', 'study.py')}:micro"

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from helpers import tiny_config, toy_batch
 
-from ukd.runtime import mesh as mesh_lib
 from ukd import models
-from ukd.train import optimizer
-from ukd.train import steps
+from ukd.runtime import mesh as mesh_lib
+from ukd.train import optimizer, steps
 from ukd.train import state as state_lib
 
 HERE = os.path.dirname(__file__)

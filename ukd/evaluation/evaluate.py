@@ -39,15 +39,14 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from ukd import files
-from ukd.runtime import checkpoints
-from ukd.serve import segmenter as infer
-from ukd.evaluation import metrics
-from ukd.evaluation import tables
-from ukd.evaluation import postprocess as postprocess_lib
 from ukd.data import splits
 from ukd.data.adapters import Adapter, Case
 from ukd.errors import DataError
+from ukd.evaluation import metrics, tables
+from ukd.evaluation import postprocess as postprocess_lib
 from ukd.evaluation.metrics import METRICS
+from ukd.runtime import checkpoints
+from ukd.serve import segmenter as infer
 
 # Distinct colours for classes 1, 2, ... (cycled when there are more classes).
 PALETTE = np.array(

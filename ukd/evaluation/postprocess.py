@@ -239,8 +239,8 @@ def choose_for_workdir(workdir: str, step="best") -> dict:
   import jax
   from jax.experimental import multihost_utils
 
-  from ukd.runtime import checkpoints
   from ukd.evaluation import evaluate
+  from ukd.runtime import checkpoints
   from ukd.serve import segmenter as infer
 
   workdir, step = checkpoints.resolve(workdir, step)

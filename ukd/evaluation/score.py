@@ -56,16 +56,13 @@ from absl import logging
 from etils import epath
 
 from ukd import files
-from ukd.evaluation import evaluate
-from ukd.evaluation import metrics
-from ukd.data.io import dicom_seg
-from ukd.data.io import dicom_series
-from ukd.data.io import volumes
 from ukd.data.adapters import get_adapter, map_labels
 from ukd.data.adapters.base import require_dir, visible
 from ukd.data.adapters.folder import read_dataset_json
+from ukd.data.io import dicom_seg, dicom_series, volumes
 from ukd.data.io.dicom import import_pydicom
 from ukd.errors import ConfigError, DataError, error
+from ukd.evaluation import evaluate, metrics
 
 # --dataset -> (adapter, the modality its codes belong to; None: --modality chooses).
 DATASETS = {

@@ -33,11 +33,11 @@ from jax import export as jax_export
 import ukd
 from ukd import config as config_lib
 from ukd import files, models
-from ukd.serve import runners as exported
-from ukd.serve import segmenter as infer
+from ukd.errors import ConfigError
 from ukd.evaluation import metrics
 from ukd.serve import onnx_graph as onnx_export
-from ukd.errors import ConfigError
+from ukd.serve import runners as exported
+from ukd.serve import segmenter as infer
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 # bf16 is allowed for a model when, on its test cases, bf16 labels agree with float32 labels

@@ -30,12 +30,10 @@ from absl import logging
 
 import ukd
 from ukd import files
-from ukd.serve import windows
 from ukd import progress as progress_lib
-from ukd.data.io import dicom_seg
-from ukd.data.io import dicom_series
-from ukd.data.io import volumes
+from ukd.data.io import dicom_seg, dicom_series, volumes
 from ukd.errors import ConfigError, DataError, error
+from ukd.serve import windows
 from ukd.serve.inputs import Case, Inputs, find_inputs, output_name
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$")

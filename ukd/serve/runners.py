@@ -25,9 +25,8 @@ import os
 import ml_collections as mc
 import numpy as np
 
-from ukd.serve import predict
-from ukd.serve import windows
 from ukd.errors import ConfigError, DataError, error
+from ukd.serve import predict, windows
 
 SIDECAR = "model.json"
 BACKENDS = ("jax", "onnxruntime", "openvino")

@@ -26,15 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ukd import models
-from ukd.runtime import checkpoints
-from ukd.train import steps
-from ukd.serve import windows
 from ukd import config as config_lib
-from ukd.runtime import mesh as mesh_lib
-from ukd.evaluation import postprocess as postprocess_lib
+from ukd import models
 from ukd.data.io import volumes
 from ukd.errors import ConfigError, DataError
+from ukd.evaluation import postprocess as postprocess_lib
+from ukd.runtime import checkpoints
+from ukd.runtime import mesh as mesh_lib
+from ukd.serve import windows
+from ukd.train import steps
 
 
 class Segmenter(windows.Predictor):

@@ -34,10 +34,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ukd.evaluation import postprocess
 from ukd.data import preprocess
 from ukd.data.io import volumes
 from ukd.errors import ConfigError, DataError
+from ukd.evaluation import postprocess
 
 # batch [N, *window, channels] float32 -> class probabilities [N, *window, C] (any array type).
 BatchFn = Callable[[np.ndarray], object]

@@ -10,9 +10,8 @@ import numpy as np
 from etils import epath
 
 from ukd import files
-from ukd.evaluation import metrics
-from ukd.evaluation import tables
 from ukd.errors import UkdError
+from ukd.evaluation import metrics, tables
 from ukd.evaluation.metrics import METRICS
 from ukd.models.schemes import SCHEMES
 

@@ -40,8 +40,8 @@ from ml_collections import config_flags
 from ukd import cli as cli_lib
 from ukd import config as config_lib
 from ukd import files
-from ukd.study import report as study_report
 from ukd.errors import ConfigError
+from ukd.study import report as study_report
 from ukd.study.report import RESULT
 
 config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/study.py[:arg].")

@@ -18,21 +18,17 @@ import ml_collections as mc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ukd import files, models
-from ukd.data import check
-from ukd.runtime import checkpoints
-from ukd.evaluation import evaluate
-from ukd.serve import segmenter as infer
-from ukd.evaluation import postprocess
-from ukd.train import profiling
-from ukd.train import steps
-from ukd.train import writers
 from ukd import config as config_lib
-from ukd.runtime import mesh as mesh_lib
-from ukd.train import state as state_lib
-from ukd.data import adapters, pipeline, preprocess, splits
+from ukd import files, models
+from ukd.data import adapters, check, pipeline, preprocess, splits
 from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
+from ukd.evaluation import evaluate, postprocess
+from ukd.runtime import checkpoints
+from ukd.runtime import mesh as mesh_lib
+from ukd.serve import segmenter as infer
+from ukd.train import profiling, steps, writers
+from ukd.train import state as state_lib
 
 T = TypeVar("T")
 

@@ -8,8 +8,8 @@ from typing import Any
 import flax.struct
 import jax
 
-from ukd.runtime import mesh as mesh_lib
 from ukd import models
+from ukd.runtime import mesh as mesh_lib
 from ukd.train import optimizer
 
 

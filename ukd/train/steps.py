@@ -18,9 +18,8 @@ import ml_collections as mc
 import numpy as np
 import optax
 
-from ukd.train import losses
-from ukd.train import optimizer
 from ukd.runtime import mesh as mesh_lib
+from ukd.train import losses, optimizer
 from ukd.train import state as state_lib
 
 # One batch per modality: {'ct': {'image': [B, ..., channels], 'label': [B, ...]}, 'mr': ...}.

@@ -7,7 +7,17 @@ import os
 from etils import epath
 
 from ukd import files
-from ukd.data.adapters.base import Adapter, Case, check_modalities, map_labels, match_files, pair_cases, require_dir, require_root, visible
+from ukd.data.adapters.base import (
+  Adapter,
+  Case,
+  check_modalities,
+  map_labels,
+  match_files,
+  pair_cases,
+  require_dir,
+  require_root,
+  visible,
+)
 from ukd.data.adapters.registry import register
 from ukd.data.io.dicom import read_dicom_series
 from ukd.data.io.volumes import Volume

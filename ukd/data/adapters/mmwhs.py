@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import os
 
-from ukd.data.adapters.base import Adapter, Case, check_modalities, match_files, pair_cases, require_dir, require_root
+from ukd.data.adapters.base import (
+  Adapter,
+  Case,
+  check_modalities,
+  match_files,
+  pair_cases,
+  require_dir,
+  require_root,
+)
 from ukd.data.adapters.registry import register
 from ukd.data.io.volumes import Volume
 

@@ -22,7 +22,13 @@ import numpy as np
 
 from ukd import files
 from ukd.data.synthetic import scanner_phantoms
-from ukd.data.synthetic.phantoms import DEFAULT_SHAPE, RAS_FROM_LPS, Phantom, check_shape, make_phantom
+from ukd.data.synthetic.phantoms import (
+  DEFAULT_SHAPE,
+  RAS_FROM_LPS,
+  Phantom,
+  check_shape,
+  make_phantom,
+)
 from ukd.errors import DataError
 
 # Phantom sets by `data.synthetic.realism`.
