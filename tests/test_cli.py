@@ -340,6 +340,14 @@ def test_help_answers_without_loading_jax():
   assert out.stdout.splitlines()[-1] == "False", out.stdout[-2000:]
 
 
+def test_help_exits_0():
+  """absl's --help exits 1, which a script or package check takes for a failure."""
+  for flag in ("--help", "--helpfull"):
+    result = run_module("ukd.main", flag, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "modality_overrides_header" in result.stdout
+
+
 def test_configs_are_found_outside_a_checkout(tmp_path, monkeypatch):
   packaged = os.path.join(
     os.path.dirname(importlib.util.find_spec("ukd.configs").origin), "demo.py"

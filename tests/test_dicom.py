@@ -292,7 +292,7 @@ def test_several_series_in_a_tree_are_found_apart(tmp_path):
   _check_export(dicom_series.find_series(root), study)
   (alone,) = dicom_series.find_series(root / "a")
   assert alone.name == "a"
-  with pytest.raises(DataError, match=r"notes.txt: not a folder or a .zip file"):
+  with pytest.raises(DataError, match=r"notes.txt: not a DICOM file, a folder or a .zip file"):
     dicom_series.find_series(root / "b" / "notes.txt")
 
 
@@ -580,3 +580,189 @@ def test_seg_of_a_multiframe_series_and_generic_tissue_codes(tmp_path):
   np.testing.assert_array_equal(dicom_seg.read_seg(tmp_path / "seg.dcm", image, classes), canonical)
   with pytest.raises(DataError, match=r"segment 1 'lesion' is not one of \['background', 'liver'"):
     dicom_seg.read_seg(tmp_path / "seg.dcm", image, ABDOMEN)
+
+
+# ---- Real files (pydicom's and nibabel's own test data) and what scanners and CDs do --------
+
+
+def _real(tmp_path, *paths):
+  """A folder holding copies of the files (a .gz one unpacked), as a user would point at."""
+  import gzip
+  import shutil
+
+  folder = tmp_path / "real"
+  folder.mkdir(exist_ok=True)
+  for path in paths:
+    path = str(path)
+    if path.endswith(".gz"):
+      with gzip.open(path) as f:
+        (folder / os.path.basename(path)[: -len(".gz")]).write_bytes(f.read())
+    else:
+      shutil.copy(path, folder)
+  return folder
+
+
+def _nibabel_data(name):
+  nibabel = pytest.importorskip("nibabel")
+  return os.path.join(os.path.dirname(nibabel.__file__), "nicom", "tests", "data", name)
+
+
+def _pydicom_data(name):
+  """A test file pydicom ships (never one it would download)."""
+  pydicom = pytest.importorskip("pydicom")
+  path = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", name)
+  if not os.path.exists(path):
+    pytest.skip(f"{name} is not shipped with this pydicom")
+  return path
+
+
+def test_a_single_slice_is_as_thick_as_its_slice_thickness_not_the_slice_spacing(tmp_path):
+  """pydicom's JPEG 2000 CT: SliceThickness 5, SpacingBetweenSlices 20 (the gap between slices
+  of the series it came from): one slice's voxels are 5 mm deep."""
+  from pydicom.pixels import get_decoder
+  from pydicom.uid import JPEG2000
+
+  if not get_decoder(JPEG2000).is_available:
+    pytest.skip("no JPEG 2000 decoder installed")
+  image = _read_only_series(_real(tmp_path, _pydicom_data("693_J2KI.dcm")))
+  assert image.volume.array.shape == (512, 512, 1)
+  assert image.volume.spacing == pytest.approx((0.478516, 0.478516, 5.0))
+
+
+def test_a_copy_of_an_instance_is_dropped_with_a_note_another_instance_there_is_an_error(
+  tmp_path,
+):
+  import shutil
+
+  pytest.importorskip("pydicom")
+  from pydicom.uid import generate_uid
+
+  from ukd.data.synthetic import dicom_write
+
+  nifti = _nifti(tmp_path)
+  folder = tmp_path / "ct"
+  dicom_write.write_series(nifti, folder)
+  clean = _read_only_series(folder)
+  (folder / "copy").mkdir()
+  shutil.copy(folder / "IM00003.dcm", folder / "copy" / "IM00003.dcm")  # as CDs hold them
+  image = _read_only_series(folder)
+  assert image.skipped == [f"series ct in {folder}: dropped 1 duplicate file (copy/IM00003.dcm)"]
+  np.testing.assert_array_equal(image.volume.array, clean.volume.array)
+  assert len(image.headers) == 6 and not any(p.endswith("copy/IM00003.dcm") for p in image.paths)
+
+  _edit(
+    folder / "copy" / "IM00003.dcm", lambda ds: setattr(ds, "PixelData", bytes(len(ds.PixelData)))
+  )
+  with pytest.raises(DataError, match=r"IM00003.dcm and copy/IM00003.dcm hold the same "):
+    _read_only_series(folder)
+
+  def another(ds):
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+
+  _edit(folder / "copy" / "IM00003.dcm", another)  # another instance at the same position
+  with pytest.raises(DataError) as caught:
+    _read_only_series(folder)
+  assert str(caught.value) == (
+    f"series ct in {folder}: 1 slice repeats another's position (several acquisitions, "
+    "echoes or phases in one series)"
+  )
+
+
+@pytest.mark.filterwarnings("ignore:The DICOM readers are highly experimental")
+def test_a_siemens_mosaic_is_cut_into_its_slices_on_nibabels_grid(tmp_path):
+  """nibabel's Siemens DWI: 48 slices of 128 x 128 tiled 7 x 7 into 896 x 896 pixels. The
+  volume and its affine are nibabel's own demosaiced ones (its axes are rows, columns)."""
+  import pydicom
+  from nibabel.nicom import dicomwrappers
+
+  folder = _real(tmp_path, _nibabel_data("siemens_dwi_1000.dcm.gz"))
+  image = _read_only_series(folder)
+  assert image.volume.array.shape == (128, 128, 48)
+  assert image.volume.spacing == pytest.approx((1.796875, 1.796875, 3.0))
+  wrapper = dicomwrappers.wrapper_from_data(pydicom.dcmread(folder / "siemens_dwi_1000.dcm"))
+  expected = wrapper.get_data()
+  on_disk = image.volume.to_original(image.volume.array)  # (column, row, slice)
+  np.testing.assert_allclose(on_disk, expected.transpose(1, 0, 2), rtol=1e-6)
+  nib_affine = dicom.LPS_TO_RAS @ wrapper.affine[:, [1, 0, 2, 3]]  # to (column, row, slice)
+  np.testing.assert_allclose(image.volume.affine, nib_affine, atol=1e-4)
+
+
+def test_a_mosaic_that_cannot_be_cut_is_refused_in_one_line(tmp_path):
+  """nibabel's 0.dcm: a MOSAIC of 48 images shrunk to 256 x 256 pixels, which 7 x 7 tiles do
+  not divide; without its CSA header no MOSAIC says how many slices it holds."""
+  folder = _real(tmp_path, _nibabel_data("0.dcm"))
+  with pytest.raises(DataError) as caught:
+    _read_only_series(folder)
+  assert str(caught.value) == (
+    f"series real in {folder}: 0.dcm: Siemens MOSAIC of 48 images (CSA NumberOfImagesInMosaic) "
+    "that do not tile its 256x256 pixels: cannot demosaic"
+  )
+
+  def no_csa(ds):
+    del ds[0x00291010]
+
+  _edit(folder / "0.dcm", no_csa)
+  with pytest.raises(DataError, match=r"0.dcm: Siemens MOSAIC without NumberOfImagesInMosaic"):
+    _read_only_series(folder)
+
+
+def test_a_single_dicom_file_is_a_series(tmp_path):
+  from ukd.data.io import dicom_series
+  from ukd.serve import inputs as predict_inputs
+
+  path = _real(tmp_path, _pydicom_data("CT_small.dcm")) / "CT_small.dcm"
+  (series,) = dicom_series.find_series(path)
+  assert (series.name, series.files, series.modality) == ("CT_small", (str(path),), "CT")
+  assert dicom_series.read_series(series).volume.array.shape == (128, 128, 1)
+  (case,) = predict_inputs.find_inputs(path).cases
+  assert case.name == "CT_small"
+  (tmp_path / "notes.txt").write_text("not DICOM")
+  with pytest.raises(DataError, match=r"notes.txt: not a NIfTI file \(.nii, .nii.gz\), a DICOM"):
+    predict_inputs.find_inputs(tmp_path / "notes.txt")
+
+
+def test_seg_of_an_enhanced_image_with_pixel_measures_in_each_frames_groups(tmp_path):
+  """Scanners may put PixelSpacing in every frame's functional groups rather than the shared
+  ones (pydicom's emri_small.dcm does), where highdicom looks for it."""
+  pytest.importorskip("highdicom")
+  from ukd.data.io import dicom_seg, volumes
+  from ukd.data.synthetic import dicom_write
+
+  nifti = _nifti(tmp_path)
+  (path,) = dicom_write.write_series(nifti, tmp_path / "mr", modality="MR", multiframe=True)
+
+  def per_frame(ds):
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    measures = shared.PixelMeasuresSequence
+    del shared.PixelMeasuresSequence
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+      frame.PixelMeasuresSequence = measures
+
+  _edit(path, per_frame)
+  image = _read_only_series(tmp_path / "mr")
+  assert "PixelMeasuresSequence" not in image.headers[0].SharedFunctionalGroupsSequence[0]
+  canonical = volumes.from_array(_labels(), nifti.affine).array
+  dicom_seg.write_seg(canonical, image, tmp_path / "seg.dcm", ABDOMEN)
+  np.testing.assert_array_equal(dicom_seg.read_seg(tmp_path / "seg.dcm", image, ABDOMEN), canonical)
+  assert "PixelMeasuresSequence" not in image.headers[0].SharedFunctionalGroupsSequence[0]
+
+
+def test_no_seg_of_a_source_without_a_frame_of_reference(tmp_path):
+  """pydicom's JPEG 2000 CT has no FrameOfReferenceUID, which a CT image must have and a SEG
+  placed in its space needs: no SEG, one line why."""
+  pytest.importorskip("highdicom")
+  from pydicom.pixels import get_decoder
+  from pydicom.uid import JPEG2000
+
+  from ukd.data.io import dicom_seg
+
+  if not get_decoder(JPEG2000).is_available:
+    pytest.skip("no JPEG 2000 decoder installed")
+  folder = _real(tmp_path, _pydicom_data("693_J2KI.dcm"))
+  image = _read_only_series(folder)
+  reason = "the source images have no FrameOfReferenceUID, which a SEG of them needs"
+  assert dicom_seg.seg_problem(image) == reason
+  with pytest.raises(DataError) as caught:
+    dicom_seg.write_seg(np.zeros((512, 512, 1), np.uint8), image, tmp_path / "seg.dcm", ABDOMEN)
+  assert str(caught.value) == f"series real in {folder}: no DICOM-SEG: {reason}"
+  assert not os.path.exists(tmp_path / "seg.dcm")

@@ -1,6 +1,7 @@
 """--mode=export: StableHLO and ONNX per modality with a JSON sidecar, run by `ukd.exported`
 without the training stack, on JAX and onnxruntime, with the labels of the live network."""
 
+import gc
 import json
 import os
 import subprocess
@@ -116,6 +117,11 @@ def test_predict_with_onnxruntime_from_a_work_dir_exports_on_the_fly(workdir, sc
   b, pb = live.predict_volume(vol, "ct", probabilities=True)
   np.testing.assert_allclose(pa, pb, atol=1e-5)
   assert np.array_equal(a, b)
+  folder = model.path  # the temporary export goes with the model, not left in /tmp
+  assert os.path.exists(os.path.join(folder, exported.SIDECAR))
+  del model
+  gc.collect()
+  assert not os.path.exists(folder)
 
 
 def test_bf16_needs_openvino_a_cpu_with_bf16_units_and_a_passed_gate(tmp_path, export_dir):

@@ -279,3 +279,137 @@ def test_a_tree_with_a_bad_series_writes_the_good_ones_and_exits_3(state, tmp_pa
   assert shown == [  # plain lines, stdout being a pipe; case 2 failed on stderr
     f"[{n}/3] series study_{n} in {tree} -> {out / f'study_{n}.nii.gz'}" for n in (1, 3)
   ]
+
+
+def _study(tmp_path, modalities=("CT", "CT", "CT")):
+  """A folder of series 1, 2, ... of one scan, with the given Modality tags."""
+  nifti, tree = _scan(tmp_path), tmp_path / "study"
+  for number, modality in enumerate(modalities, start=1):
+    _series(nifti, tree / f"s{number}", series_number=number, modality=modality)
+  return tree
+
+
+def test_a_failing_seg_writer_fails_its_series_only_and_leaves_nothing_of_it(
+  seg, tmp_path, monkeypatch, capsys
+):
+  """highdicom raising (as it does on some real sources) after the prediction is that case's
+  failure line; the partial SEG it left is removed and the next series is still predicted."""
+  tree, out = _study(tmp_path), tmp_path / "out"
+  write_seg = dicom_seg.write_seg
+
+  def fail_on_the_second(labels, image, out_path, *args, **kwargs):
+    if image.source.startswith("series study_2 "):
+      with open(out_path, "wb") as f:
+        f.write(b"half a SEG")
+      raise ValueError("Source images have no Frame Of Reference UID")
+    return write_seg(labels, image, out_path, *args, **kwargs)
+
+  monkeypatch.setattr(dicom_seg, "write_seg", fail_on_the_second)
+  with pytest.raises(predict.SomeFailed) as caught:
+    predict.predict_paths(seg, tree, out, output_format="nifti,dicom_seg")
+  assert str(caught.value) == (
+    f"{tree}: 1 of 3 cases failed (study_2; each named above); the other 2 were written to {out}"
+  )
+  assert caught.value.exit_code == 3
+  assert f"ukd: failed: series study_2 in {tree}: writing failed (ValueError: Source images " in (
+    capsys.readouterr().err
+  )
+  assert sorted(os.listdir(out)) == [
+    f"study_{n}{end}" for n in (1, 3) for end in (".dcm", ".json", ".nii.gz")
+  ]
+
+
+def _edit(path, change):
+  import pydicom
+
+  ds = pydicom.dcmread(path)
+  change(ds)
+  ds.save_as(path)
+
+
+def test_a_series_no_seg_can_be_made_of_gets_its_nifti_and_a_line_why(seg, tmp_path, capsys):
+  tree, out = _study(tmp_path, ("CT", "CT")), tmp_path / "out"
+  for path in dicom_series.find_series(tree / "s2")[0].files:
+    _edit(path, lambda ds: delattr(ds, "FrameOfReferenceUID"))
+  written = predict.predict_paths(seg, tree, out, output_format="nifti,dicom_seg")
+  assert sorted(os.path.basename(p) for p in written) == sorted(
+    ["study_1.nii.gz", "study_1.dcm", "study_1.json", "study_2.nii.gz", "study_2.json"]
+  )
+  assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in written)
+  reason = "the source images have no FrameOfReferenceUID, which a SEG of them needs"
+  assert f"series study_2 in {tree}: no DICOM-SEG written: {reason}\n" in capsys.readouterr().out
+
+  with pytest.raises(predict.SomeFailed, match=r"the other 1 was written"):
+    predict.predict_paths(seg, tree, tmp_path / "seg_only", output_format="dicom_seg")
+  assert (
+    f"ukd: failed: series study_2 in {tree}: no DICOM-SEG can be written: {reason}; add nifti "
+    "to --output_format for the labels\n"
+  ) in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path / "seg_only")) == ["study_1.dcm", "study_1.json"]
+
+
+def test_the_header_decides_the_modality_unless_told_otherwise(seg, tmp_path, capsys):
+  tree, out = _study(tmp_path, ("CT", "MR")), tmp_path / "out"
+  with pytest.raises(predict.SomeFailed) as caught:
+    predict.predict_paths(seg, tree, out, "ct")
+  assert str(caught.value).endswith("the other 1 was written to " + str(out))
+  assert (
+    f"ukd: failed: series study_2 in {tree}: --modality=ct contradicts its DICOM Modality 'MR' "
+    "(mr); pass --modality_overrides_header to predict it as ct anyway\n"
+  ) in capsys.readouterr().err
+  assert sorted(os.listdir(out)) == ["study_1.json", "study_1.nii.gz"]
+
+  predict.predict_paths(seg, tree, out, "ct", overwrite=True, modality_overrides_header=True)
+  assert [_json(out / f"study_{n}.json")["modality"] for n in (1, 2)] == ["ct", "ct"]
+
+
+@pytest.mark.filterwarnings("ignore:The DICOM readers are highly experimental")
+def test_a_mosaic_is_predicted_as_its_volume_and_a_single_file_is_an_input(seg, tmp_path, capsys):
+  """nibabel's Siemens DWI MOSAIC (48 slices of 128 x 128 in one image) and pydicom's
+  CT_small.dcm given as the input itself."""
+  import gzip
+
+  import nibabel
+
+  data = os.path.join(os.path.dirname(nibabel.__file__), "nicom", "tests", "data")
+  (tmp_path / "dwi").mkdir()
+  with gzip.open(os.path.join(data, "siemens_dwi_1000.dcm.gz")) as f:
+    (tmp_path / "dwi" / "b1000").write_bytes(f.read())
+  out = tmp_path / "out"
+  predict.predict_paths(seg, tmp_path / "dwi", out, output_format="nifti,dicom_seg")
+  image = nib.load(out / "dwi.nii.gz")
+  assert image.shape == (128, 128, 48)
+  assert nib.affines.voxel_sizes(image.affine) == pytest.approx((1.796875, 1.796875, 3.0))
+  assert _json(out / "dwi.json")["modality"] == "mr"
+  assert "no DICOM-SEG written: a SEG frame cannot point at one slice of a Siemens MOSAIC" in (
+    capsys.readouterr().out
+  )
+  assert not os.path.exists(out / "dwi.dcm")
+
+  ct = os.path.join(os.path.dirname(__import__("pydicom").data.__file__), "test_files")
+  written = predict.predict_paths(seg, os.path.join(ct, "CT_small.dcm"), tmp_path / "one")
+  assert [os.path.basename(p) for p in written] == ["CT_small.nii.gz", "CT_small.json"]
+  assert nib.load(tmp_path / "one" / "CT_small.nii.gz").shape == (128, 128, 1)
+
+
+def test_the_python_api_needs_an_affine_where_the_model_resamples_and_matches_the_cli(
+  state, tmp_path
+):
+  """A model trained at a set pixel size (`data.spacing`): an array alone would be taken as
+  1 mm voxels; with its affine `Segmenter.predict` gives the command line's labels."""
+  _, train_state = state
+  config = _config()
+  config.data.spacing = "1.5"
+  segmenter = infer.Segmenter(config, _variables(train_state))
+  nifti = _scan(tmp_path)
+  array = _data(nifti)
+  with pytest.raises(DataError) as caught:
+    segmenter.predict(array, "ct")
+  assert str(caught.value) == (
+    "predict: this model resamples to 1.5 mm pixels, so it needs the array's voxel size: pass "
+    "affine= (e.g. nibabel's image.affine) or spacing= (mm)"
+  )
+  predict.predict_paths(segmenter, nifti, tmp_path / "out", "ct", label_codes="index")
+  expected = _data(tmp_path / "out" / "scan.nii.gz")
+  assert len(np.unique(expected)) > 1
+  np.testing.assert_array_equal(segmenter.predict(array, "ct", affine=AFFINE), expected)

@@ -68,6 +68,15 @@ def test_dice_assd_hd95_are_the_hand_computed_ones(tmp_path, capsys):
     assert [(r["class"], float(r["hd95"])) for r in csv.DictReader(f)][0] == ("A", 3.0)
   printed = capsys.readouterr().out
   assert "| A " in printed and "66.7 ± 0.0" in printed and "1.00 ± 0.00" in printed
+  assert "MR HD95 (mm)" in printed and "3.00 ± 0.00" in printed
+
+  # As predict, an earlier score's folder is not replaced without --overwrite.
+  with pytest.raises(ConfigError) as caught:
+    score.score(preds, refs, out, dataset="folder", modality="mr", classes=refs / "dataset.json")
+  assert str(caught.value) == f"{out}: already holds files; pass --overwrite to replace them"
+  score.score(
+    preds, refs, out, dataset="folder", modality="mr", classes=refs / "dataset.json", overwrite=True
+  )
 
 
 def test_mmwhs_codes_score_as_their_classes(tmp_path):
@@ -87,7 +96,7 @@ def test_mmwhs_codes_score_as_their_classes(tmp_path):
   }
   _save(_line(205, 421, 500, 0, 0, 820), f"{preds}/mr_train_1001.nii.gz", dtype=np.uint16)
   with pytest.raises(DataError, match=r"mr_train_1001.nii.gz: label codes \[421\] are not codes"):
-    score.score(preds, refs, tmp_path / "out", dataset="mmwhs", modality="mr")
+    score.score(preds, refs, tmp_path / "out", dataset="mmwhs", modality="mr", overwrite=True)
 
 
 def test_unpaired_files_are_reported(tmp_path):
@@ -125,7 +134,13 @@ def test_a_prediction_on_another_grid_is_a_one_line_error(tmp_path):
   _save(truth, f"{preds}/c.nii.gz", moved)
   with pytest.raises(DataError, match=r"c.nii.gz: affine .* differs from .* of the reference"):
     score.score(
-      preds, refs, tmp_path / "out", dataset="folder", modality="ct", classes=_classes(tmp_path)
+      preds,
+      refs,
+      tmp_path / "out",
+      dataset="folder",
+      modality="ct",
+      classes=_classes(tmp_path),
+      overwrite=True,
     )
   _save(truth[:3], f"{preds}/c.nii.gz", affine)
   out = run_module(
@@ -137,6 +152,7 @@ def test_a_prediction_on_another_grid_is_a_one_line_error(tmp_path):
     "--dataset=folder",
     "--modality=ct",
     f"--classes={_classes(tmp_path)}",
+    "--overwrite",
     check=False,
   )
   assert out.returncode == 2
@@ -243,10 +259,17 @@ def test_a_dicom_seg_is_scored_on_the_grid_of_its_source_series(tmp_path):
     ("AA", 1.0),
   ]
   with pytest.raises(ConfigError, match=r"c.dcm: a DICOM-SEG needs --dicom_reference"):
-    score.score(tmp_path / "preds", tmp_path / "refs", tmp_path / "out", dataset="btcv")
+    score.score(
+      tmp_path / "preds", tmp_path / "refs", tmp_path / "out", dataset="btcv", overwrite=True
+    )
   # Predicted as NIfTI too (--output_format=nifti,dicom_seg): the NIfTI is the one scored.
   _save(np.array([0, 205, 420, 500, 820])[truth], f"{tmp_path}/preds/c.nii.gz", affine, np.uint16)
   rows = score.score(
-    tmp_path / "preds", tmp_path / "refs", tmp_path / "out", dataset="mmwhs", modality="ct"
+    tmp_path / "preds",
+    tmp_path / "refs",
+    tmp_path / "out",
+    dataset="mmwhs",
+    modality="ct",
+    overwrite=True,
   )["cases"]
   assert [r["dice"] for r in rows] == [1.0] * 4

@@ -9,7 +9,8 @@
   * the user's errors on one line: a `UkdError` out of `main` is printed by
     `errors.exit_with`; any other exception is a bug and keeps its traceback;
   * library chatter (Orbax notices, deprecation warnings) kept off the terminal, unless
-    `--verbosity` is given.
+    `--verbosity` is given;
+  * `--help` (`-h`, `--helpfull`) prints the usage and exits 0, where absl's exits 1.
 Nothing here imports JAX, so `--help` and flag errors answer at once.
 """
 
@@ -25,6 +26,7 @@ from absl import app, flags, logging
 from ukd import errors
 
 _TRACEBACK = "Traceback (most recent call last)"
+_HELP = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -39,6 +41,8 @@ def run(main: Callable[[list[str]], None]) -> None:
       logging.flush()
       errors.exit_with(e)
 
+  if any(arg in _HELP for arg in sys.argv[1:]):
+    show_help(full="--helpfull" in sys.argv[1:])
   app.run(guarded, argv=packaged_configs(sys.argv), flags_parser=parse_flags)
 
 
@@ -48,6 +52,14 @@ def quiet_libraries() -> None:
   value) leaves logging as absl sets it.  Set once per command line, before anything runs."""
   logging.set_verbosity(logging.ERROR)
   warnings.simplefilter("ignore")
+
+
+def show_help(full: bool = False) -> None:
+  """The command's docstring and its flags (`full`: absl's too) on stdout, exit status 0:
+  asking for help is no error, but absl's `--help` exits 1, which a script or a package check
+  reads as a failure."""
+  app.usage(shorthelp=not full, writeto_stdout=True)
+  sys.exit(0)
 
 
 def packaged_configs(argv: Sequence[str]) -> list[str]:

@@ -54,8 +54,14 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("output", None, "predict: the folder for label maps; score: for the scores.")
 flags.DEFINE_string("modality", None, "predict / score: the modality of the inputs, e.g. ct or mr.")
+flags.DEFINE_bool(
+  "modality_overrides_header",
+  False,
+  "predict: with --modality, predict every DICOM series as that modality even where its "
+  "Modality tag says another (without it, such a series fails with a line naming both).",
+)
 flags.DEFINE_bool("probabilities", False, "predict: also write class probabilities.")
-flags.DEFINE_bool("overwrite", False, "predict: replace outputs that already exist.")
+flags.DEFINE_bool("overwrite", False, "predict / score: replace outputs that already exist.")
 flags.DEFINE_bool(
   "continue", False, "predict: skip cases whose outputs are complete, redo the others."
 )
@@ -170,6 +176,7 @@ MODES = {
       dicom_reference=FLAGS.dicom_reference,
       uncertainty=FLAGS.uncertainty,
       resume=FLAGS["continue"].value,
+      modality_overrides_header=FLAGS.modality_overrides_header,
     ),
   ),
 }

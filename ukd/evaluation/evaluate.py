@@ -333,20 +333,25 @@ def write_results(
       Image.fromarray(picture).save(tmp, format="PNG")
 
 
-def format_table(summary: Summary, class_names: Sequence[str]) -> str:
+def format_table(summary: Summary, class_names: Sequence[str], hd95: bool = False) -> str:
   """A Markdown table laid out like the paper's: a row per structure and the mean, Dice (%) and
   ASSD (mm) columns per modality (`tables`).
 
   Args:
     summary: `summarize_rows`' result.
     class_names: as the adapters give them, background first.
+    hd95: also an HD95 (mm) column per modality, which the paper leaves out but a score of
+      someone's predictions (`ukd.evaluation.score`) is often compared by.
 
   Returns:
     The table, without a final newline.
   """
   modalities = list(summary)
+  columns = [("dice", "Dice (%)", 100.0, 1), ("assd", "ASSD (mm)", 1.0, 2)]
+  if hd95:
+    columns.append(("hd95", "HD95 (mm)", 1.0, 2))
   header = ["Structure"] + [
-    f"{m.upper()} {what}" for m in modalities for what in ("Dice (%)", "ASSD (mm)")
+    f"{m.upper()} {title}" for m in modalities for _, title, _, _ in columns
   ]
   body = []
   for name in [*class_names[1:], "mean"]:
@@ -354,9 +359,9 @@ def format_table(summary: Summary, class_names: Sequence[str]) -> str:
     for m in modalities:
       stats = summary[m].get(name)
       if stats is None:
-        cells += ["", ""]
+        cells += [""] * len(columns)
       else:
-        cells += [tables.mean_std(stats["dice"], 100.0, 1), tables.mean_std(stats["assd"], 1.0, 2)]
+        cells += [tables.mean_std(stats[key], scale, digits) for key, _, scale, digits in columns]
     body.append(cells)
   return tables.markdown(header, body)
 

@@ -42,7 +42,8 @@ Outputs, written by `evaluate.write_results`, so a score reads like an evaluatio
                     (no checkpoint, no split; nnU-Net names its file summary.json, ukd keeps
                     one name and one format for both)
   out/cases.csv     case, modality, class, dice, assd, hd95: one row per case and structure
-The table of `evaluate.format_table` is printed.
+The table of `evaluate.format_table` is printed, with HD95 beside Dice and ASSD. An `out` that
+already holds files is refused unless `overwrite`.
 """
 
 import dataclasses
@@ -52,6 +53,7 @@ from collections.abc import Mapping
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from ukd import files
 from ukd.data.adapters import get_adapter, map_labels
@@ -271,6 +273,7 @@ def score(
   classes=None,
   dicom_reference=None,
   allow_missing: bool = False,
+  overwrite: bool = False,
 ) -> dict:
   """Scores the predictions in a folder against the references in another, writes the
   outputs of the module docstring into `out_dir` and prints the table.
@@ -284,11 +287,15 @@ def score(
     classes: `folder`'s dataset.json.
     dicom_reference: the folder (or .zip) of the DICOM-SEG predictions' source series.
     allow_missing: score the predictions there are, leaving out references without one.
+    overwrite: write into an `out_dir` that already holds files (as predict, it is refused
+      otherwise: an earlier score's files would be replaced without a word).
 
   Returns:
     {'cases': one row per case and structure, 'summary': `evaluate.summarize_rows`' result,
     'dir': `out_dir`}.
   """
+  if not overwrite and epath.Path(out_dir).is_dir() and any(epath.Path(out_dir).iterdir()):
+    raise error(ConfigError, out_dir, "already holds files; pass --overwrite to replace them")
   table, modality = label_table(dataset, modality, classes)
   pairs = pair_files(predictions, references, allow_missing=allow_missing)
   segs = [p.prediction for p in pairs if _is_seg(p.prediction)]
@@ -317,5 +324,5 @@ def score(
   summary = evaluate.summarize_rows(rows, table.classes)
   evaluate.write_results(out_dir, rows, summary, {})
   print(f"{len(pairs)} {modality} case(s): {predictions} against {references} -> {out_dir}")
-  print(evaluate.format_table(summary, table.classes))
+  print(evaluate.format_table(summary, table.classes, hd95=True))
   return {"cases": rows, "summary": summary, "dir": os.fspath(out_dir)}

@@ -21,7 +21,9 @@ folder given as `--workdir`).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 
 import jax
 import numpy as np
@@ -142,7 +144,7 @@ def bf16_gate(output, record: dict, workdir) -> dict:
 def load_backend(workdir, step="best", *, backend="jax", precision="float32", **options):
   """What `--mode=predict` predicts with: `infer.load` for the 'jax' backend (`options`: tta,
   postprocess); for 'onnxruntime' / 'openvino' an export folder given as `workdir`, or the
-  work dir exported into a temporary folder first."""
+  work dir exported into a temporary folder first, removed with the model."""
   exported.check_request(backend, precision)
   if os.path.exists(os.path.join(os.fspath(workdir), exported.SIDECAR)):
     return exported.load(workdir, backend=backend, precision=precision)
@@ -150,5 +152,13 @@ def load_backend(workdir, step="best", *, backend="jax", precision="float32", **
     return infer.load(workdir, step=step, **options)
   exported._optional("onnx", backend)  # the work dir is exported to ONNX first
   folder = tempfile.mkdtemp(prefix="ukd_export_")
-  export(workdir, folder, step=step, **options)
-  return exported.load(folder, backend=backend, precision=precision)
+  try:
+    export(workdir, folder, step=step, **options)
+    model = exported.load(folder, backend=backend, precision=precision)
+  except BaseException:
+    shutil.rmtree(folder, ignore_errors=True)
+    raise
+  # The model opens its graphs lazily, per modality: the export lives as long as the model
+  # (and is removed at exit at the latest), so no run leaves tens of MB in /tmp.
+  weakref.finalize(model, shutil.rmtree, folder, True)
+  return model

@@ -10,7 +10,8 @@ name its outputs get:
     `labelsTs/`), CHAOS `DICOM_anon/` with `Ground/` PNG masks. Only the images are read; the
     label files are counted, so the user sees they were left out on purpose;
   * a folder holding DICOM series, searched through (one series, a study, a PACS export or a
-    CD copy), or a .zip of one: each series is a case (`ukd.data.io.dicom_series`).
+    CD copy), a .zip of one, or a single DICOM file: each series is a case
+    (`ukd.data.io.dicom_series`).
 
 A folder with NIfTI files is read as NIfTI, one without as DICOM. A case's output name is
 what its label would be called: a NIfTI file's name without its extension and the image
@@ -87,9 +88,11 @@ def find_inputs(path, extract_to: str | None = None, exclude=None) -> Inputs:
   if where.is_file():
     if is_nifti(path):
       return Inputs([_nifti_case(path)])
-    if path.lower().endswith(".zip"):
+    if path.lower().endswith(".zip") or dicom_series.is_dicom_file(path):
       return _dicom(path, extract_to, exclude)
-    raise error(DataError, path, "not a NIfTI file (.nii, .nii.gz), a folder or a .zip")
+    raise error(
+      DataError, path, "not a NIfTI file (.nii, .nii.gz), a DICOM file, a folder or a .zip"
+    )
   if not where.is_dir():
     raise error(DataError, path, "input not found")
   layout = [os.path.join(path, d) for d in _NNUNET_IMAGES if (where / d).is_dir()]

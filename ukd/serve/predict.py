@@ -26,6 +26,7 @@ import re
 import time
 
 import numpy as np
+from absl import logging
 
 import ukd
 from ukd import files
@@ -85,6 +86,7 @@ class _Job:
   sidecar: str
   probabilities: str | None
   entropy: str | None = None
+  seg_skipped: str | None = None  # why no SEG could be written (set by the reader)
 
   @property
   def outputs(self) -> list[str]:
@@ -122,14 +124,17 @@ def _exists(path) -> bool:
   return files.path(path).exists() if files.is_remote(path) else os.path.lexists(path)
 
 
-def _plan(seg, inputs: Inputs, output_dir, modality, formats, extras, overwrite, resume):
+def _plan(seg, inputs: Inputs, output_dir, modality, formats, extras, overwrite, resume, force):
   """(jobs, complete): a job per case, every output name checked: no clash, none replacing an
   input, none existing unless `overwrite`; with `resume` the cases whose outputs all exist are
-  complete (left out of the jobs) and the others' leftovers are replaced."""
+  complete (left out of the jobs) and the others' leftovers are replaced. A series whose
+  Modality tag maps to another modality than `modality` fails unless `force`."""
   table = dict(seg.config.infer.get("dicom_modalities") or dicom_series.DEFAULT_MODALITY_TABLE)
   jobs, taken, complete = [], set(), 0
   for case in inputs.cases:
     chosen, problem = modality, None
+    if chosen is not None and case.series is not None and not force:
+      problem = _contradiction(case, chosen, table)
     if chosen is None:
       try:
         chosen = dicom_series.map_modality(
@@ -169,6 +174,20 @@ def _plan(seg, inputs: Inputs, output_dir, modality, formats, extras, overwrite,
   return jobs, complete
 
 
+def _contradiction(case: Case, modality: str, table) -> str | None:
+  """Why `--modality` contradicts a series' header, or None: the header is what the scanner
+  recorded, so an MR in a folder of CTs is not silently predicted as CT. A tag the table
+  does not map (OT, a secondary capture) leaves the choice to the user."""
+  tag = str(case.series.modality).strip()
+  header = table.get(tag)
+  if header is None or header == modality:
+    return None
+  return (
+    f"{case.source}: --modality={modality} contradicts its DICOM Modality '{tag}' "
+    f"({header}); pass --modality_overrides_header to predict it as {modality} anyway"
+  )
+
+
 def predict_paths(
   seg,
   input_path,
@@ -183,6 +202,7 @@ def predict_paths(
   show_progress: bool = True,
   uncertainty: bool = False,
   resume: bool = False,
+  modality_overrides_header: bool = False,
 ) -> list[str]:
   """Predicts what `input_path` holds (`ukd.serve.inputs`) into `output_dir`; returns
   every path written.
@@ -196,13 +216,16 @@ def predict_paths(
   `resume` leaves out cases whose outputs are complete.
   `label_codes` is 'dataset' (the dataset's own codes) or 'index'. `modality` may be None for
   DICOM: each series is predicted as the modality its Modality tag maps to
-  (`config.infer.dicom_modalities`). A SEG of a NIfTI input needs `dicom_reference`, a folder
+  (`config.infer.dicom_modalities`); a series whose tag maps to another than `modality` fails
+  unless `modality_overrides_header`. A SEG of a NIfTI input needs `dicom_reference`, a folder
   with one DICOM series on the NIfTI's grid.
 
   Every problem with the request (flags, names, existing outputs, the reference) raises
-  before the first prediction. A case that then fails is reported in one line and nothing
-  is written for it; if the input held several, the rest are predicted and `SomeFailed`
-  is raised at the end.
+  before the first prediction. A case that then fails, reading, predicting or writing, is
+  reported in one line and nothing is written for it; if the input held several, the rest
+  are predicted and `SomeFailed` is raised at the end. A series no SEG can be made of
+  (`dicom_seg.seg_problem`) gets its NIfTI and a line saying why it has no SEG (or fails,
+  when no NIfTI was asked for).
   """
   formats = parse_formats(output_format)
   if modality is not None:
@@ -224,7 +247,9 @@ def predict_paths(
     reference = dicom_seg.read_reference(dicom_reference)
   extras = {"probabilities"} if probabilities else set()
   extras |= {"entropy"} if uncertainty else set()
-  jobs, complete = _plan(seg, inputs, output_dir, modality, formats, extras, overwrite, resume)
+  jobs, complete = _plan(
+    seg, inputs, output_dir, modality, formats, extras, overwrite, resume, modality_overrides_header
+  )
   tables = {
     m: seg.label_table(m, label_codes) for m in {j.modality for j in jobs if j.problem is None}
   }
@@ -238,9 +263,11 @@ def predict_paths(
     )
   written, failed = _run(seg, jobs, tables, reference, progress)
   if failed:
+    rest = len(jobs) - len(failed)
     raise SomeFailed(
       f"{input_path}: {len(failed)} of {len(jobs)} cases failed ({', '.join(failed)}; "
-      f"each named above); the other {len(jobs) - len(failed)} were written to {output_dir}"
+      f"each named above); the other {rest} {'was' if rest == 1 else 'were'} written to "
+      f"{output_dir}"
     )
   return written
 
@@ -267,21 +294,25 @@ def _run(seg, jobs: list[_Job], tables, reference, progress) -> tuple[list[str],
   """(paths written, names of failed cases): every job through read -> network -> write, the
   reader and writer on their own threads, at most `IN_FLIGHT` cases waiting at each hand-off.
 
-  A case that fails with a DataError is reported and skipped (raised if it is the only one);
-  anything else stops the run once the stages in flight have stopped.
+  A case that fails in any stage is reported in one line and skipped (raised if it is the
+  only one): a bad file, a decoder's or highdicom's exception, must not cost the other
+  cases of a PACS export. Only an interrupt (not an Exception) stops the run.
   """
   written, failed = [], []
 
   def collect(job, future):
     try:
       seconds = future.result()
-    except DataError as e:
+    except Exception as e:
+      e = _case_error(job, "writing", e)
       if len(jobs) == 1:
-        raise
+        raise e from e.__cause__
       failed.append(job.case.name)
       progress.failed(job, str(e))
       return
     written.extend(job.outputs)
+    if job.seg_skipped:
+      progress.note(f"{job.case.source}: no DICOM-SEG written: {job.seg_skipped}")
     progress.done(job, seconds)
 
   with (
@@ -304,12 +335,16 @@ def _run(seg, jobs: list[_Job], tables, reference, progress) -> tuple[list[str],
         read_next()
         try:
           loaded = future.result()
-        except DataError as e:  # reported in its turn, after the cases before it
-          writes.append((job, _failed(e)))
+        except Exception as e:  # reported in its turn, after the cases before it
+          writes.append((job, _failed(_case_error(job, "reading", e))))
           continue
         start = time.perf_counter()
-        run = seg.batch_function(job.modality)
-        loaded.network = windows.network_probabilities(loaded.prepared.image, seg.settings, run)
+        try:
+          run = seg.batch_function(job.modality)
+          loaded.network = windows.network_probabilities(loaded.prepared.image, seg.settings, run)
+        except Exception as e:
+          writes.append((job, _failed(_case_error(job, "predicting", e))))
+          continue
         loaded.seconds += time.perf_counter() - start
         loaded.prepared = dataclasses.replace(loaded.prepared, image=None)  # not needed now
         writes.append((job, writer.submit(_write, seg, job, loaded, tables[job.modality])))
@@ -321,6 +356,18 @@ def _run(seg, jobs: list[_Job], tables, reference, progress) -> tuple[list[str],
       for _, future in list(reads) + list(writes):
         future.cancel()
   return written, failed
+
+
+def _case_error(job: _Job, stage: str, e: Exception) -> DataError:
+  """A case's failure as its one line: a DataError as it is; anything else named by the case,
+  the stage and the exception (its traceback in the log, shown with --verbosity)."""
+  if isinstance(e, DataError):
+    return e
+  logging.info("%s: %s failed", job.case.source, stage, exc_info=e)
+  text = " ".join(str(e).split()) or "no message"
+  wrapped = DataError(f"{job.case.source}: {stage} failed ({type(e).__name__}: {text})")
+  wrapped.__cause__ = e
+  return wrapped
 
 
 def _failed(e: Exception) -> concurrent.futures.Future:
@@ -346,14 +393,23 @@ def _read(seg, job: _Job, reference, progress) -> _Loaded:
     if job.seg:
       dicom_seg.check_reference_grid(vol, reference, job.case.source)
       image = reference
+  if job.seg and (problem := dicom_seg.seg_problem(image)) is not None:
+    if not job.nifti:
+      raise error(
+        DataError,
+        job.case.source,
+        f"no DICOM-SEG can be written: {problem}; add nifti to --output_format for the labels",
+      )
+    job.seg, job.seg_skipped = None, problem
   prepared = windows.prepare(vol, job.modality, seg.settings)
   return _Loaded(vol, image, prepared, time.perf_counter() - start)
 
 
 def _write(seg, job: _Job, loaded: _Loaded, table) -> float:
   """Writer stage: labels on the case's grid, written; returns the case's seconds (its three
-  stages, not the time it waited between them). Outputs written before a failure are
-  removed, so a failed case leaves nothing behind."""
+  stages, not the time it waited between them). On a failure every output of the case is
+  removed, whatever had been written (a writer may leave a partial file), so a failed case
+  leaves nothing behind."""
   start = time.perf_counter()
   vol, image = loaded.vol, loaded.image
   need_probs = bool(job.probabilities or job.entropy)
@@ -370,7 +426,6 @@ def _write(seg, job: _Job, loaded: _Loaded, table) -> float:
       "source_files": len(image.paths),  # the files of the volume: localizers left out
     }
   record["volumes_mm3"] = class_volumes(labels, vol.spacing, names)
-  done = []
   try:
     if job.seg:
       dicom_seg.write_seg(
@@ -382,22 +437,18 @@ def _write(seg, job: _Job, loaded: _Loaded, table) -> float:
         algorithm_version=ukd.__version__,
         step=None if seg.step is None else seg.step_name,
       )
-      done.append(job.seg)
     if job.nifti:
       dtype = np.uint8 if max(code for code, _ in table) <= 255 else np.uint16
       codes = np.array([code for code, _ in table], dtype)
       volumes.write_like(codes[labels], vol, job.nifti, dtype=dtype)
-      done.append(job.nifti)
     if job.probabilities:
       volumes.write_like(probs, vol, job.probabilities, dtype=np.float32)
-      done.append(job.probabilities)
     if job.entropy:
       volumes.write_like(entropy(probs), vol, job.entropy, dtype=np.float32)
-      done.append(job.entropy)
     seconds = loaded.seconds + time.perf_counter() - start
     files.write_json(job.sidecar, {**record, "seconds": round(seconds, 3)})
   except BaseException:
-    for path in done:
+    for path in job.outputs:
       files.path(path).unlink(missing_ok=True)
     raise
   return seconds

@@ -133,9 +133,20 @@ class Segmenter(windows.Predictor):
 
     Orientation matters (slices are taken along the canonical `data.slice_axis`): pass the
     array's affine, or at least its voxel spacing (an axis-aligned RAS affine); with neither,
-    the array is taken as already RAS.
+    the array is taken as already RAS. A model trained at a set pixel size (`data.spacing`)
+    resamples every slice to it, which 1 mm voxels assumed for an array of any size would get
+    silently wrong: there an array with neither is a one-line DataError.
     """
     self.check_modality(modality)
+    if (
+      spacing is None
+      and affine is None
+      and config_lib.spacing_for(self.config.data.spacing, modality)
+    ):
+      raise DataError(
+        f"predict: this model resamples to {self.config.data.spacing} mm pixels, so it needs "
+        "the array's voxel size: pass affine= (e.g. nibabel's image.affine) or spacing= (mm)"
+      )
     if spacing is not None:
       if affine is not None:
         raise DataError("predict: give spacing or affine, not both (the affine holds the spacing)")

@@ -112,22 +112,25 @@ def _item(ds, frame: int, sequence: str, keyword: str):
 
 def _geometry(ds, frame: int, enhanced: bool):
   """(orientation, position, spacing, thickness, slope, intercept) of one frame, or None
-  where a geometry tag is missing."""
+  where a geometry tag is missing. The thickness is what a lone slice's voxels get:
+  SliceThickness, the slab imaged, rather than SpacingBetweenSlices, which can be larger
+  (a gap between slices) and says nothing about a single one."""
   if enhanced:
     values = [
       _item(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"),
       _item(ds, frame, "PlanePositionSequence", "ImagePositionPatient"),
       _item(ds, frame, "PixelMeasuresSequence", "PixelSpacing"),
     ]
-    between = _item(ds, frame, "PixelMeasuresSequence", "SpacingBetweenSlices")
-    thickness = between or _item(ds, frame, "PixelMeasuresSequence", "SliceThickness")
+    thickness = _item(ds, frame, "PixelMeasuresSequence", "SliceThickness") or _item(
+      ds, frame, "PixelMeasuresSequence", "SpacingBetweenSlices"
+    )
     slope = _item(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
     intercept = _item(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
   else:
     values = [
       ds.get(k) for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
     ]
-    thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    thickness = ds.get("SliceThickness") or ds.get("SpacingBetweenSlices")
     slope, intercept = None, None
   if any(v is None for v in values):
     return None
@@ -186,6 +189,56 @@ def _pixels(ds, count: int, where: str) -> np.ndarray:
   return stored.reshape(count, *stored.shape[-2:])
 
 
+def _demosaic(ds, stored: np.ndarray, geometry: list, where: str):
+  """A Siemens MOSAIC (ImageType MOSAIC: the slices of a volume tiled row by row into one
+  image, their count only in the private CSA header) -> (tiles [n, rows, cols], geometry of
+  each). ImagePositionPatient is the corner of the whole mosaic: the first tile's corner lies
+  half the untiled margin further along the rows and columns; tile k lies k slice spacings
+  along the CSA slice normal (which may point against the rows x columns cross product)."""
+  from nibabel.nicom import csareader
+
+  if len(stored) != 1:
+    raise error(DataError, where, f"MOSAIC of {len(stored)} frames: expected one tiled image")
+  try:
+    csa = csareader.get_csa_header(ds, "image")
+    count = csareader.get_n_mosaic(csa) if csa else None
+    normal = csareader.get_slice_normal(csa) if csa else None
+  except Exception as exc:  # a damaged private header
+    raise error(
+      DataError, where, f"Siemens MOSAIC whose CSA header cannot be read ({exc}): cannot demosaic"
+    ) from exc
+  if not count or normal is None:
+    raise error(
+      DataError,
+      where,
+      "Siemens MOSAIC without NumberOfImagesInMosaic and the slice normal (its CSA image "
+      "header): cannot demosaic",
+    )
+  rows, cols = stored.shape[1:]
+  side = int(np.ceil(np.sqrt(count)))
+  if rows % side or cols % side:
+    raise error(
+      DataError,
+      where,
+      f"Siemens MOSAIC of {count} images (CSA NumberOfImagesInMosaic) that do not tile its "
+      f"{rows}x{cols} pixels: cannot demosaic",
+    )
+  tile_rows, tile_cols = rows // side, cols // side
+  tiles = stored[0].reshape(side, tile_rows, side, tile_cols).transpose(0, 2, 1, 3)
+  tiles = tiles.reshape(side * side, tile_rows, tile_cols)[:count]
+  orientation, position, spacing, thickness, slope, intercept = geometry[0]
+  row_dir, col_dir = orientation[:3], orientation[3:]
+  first = position + row_dir * spacing[1] * (cols - tile_cols) / 2
+  first = first + col_dir * spacing[0] * (rows - tile_rows) / 2
+  step = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
+  normal = np.asarray(normal, np.float64) / np.linalg.norm(normal)
+  geometry = [
+    (orientation, first + k * step * normal, spacing, thickness, slope, intercept)
+    for k in range(count)
+  ]
+  return tiles, geometry
+
+
 def _read_file(pydicom, path: str, source: str, name: str, index: int):
   """The dataset of one file (pixel data dropped) and its frames; `name` is how messages
   name the file (after the series `source`)."""
@@ -207,13 +260,16 @@ def _read_file(pydicom, path: str, source: str, name: str, index: int):
       "no ImageOrientationPatient/ImagePositionPatient/PixelSpacing: not a cross-sectional image",
     )
   stored = _pixels(ds, count, where)
-  localizer = "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]
+  image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+  if "MOSAIC" in image_type:
+    stored, geometry = _demosaic(ds, stored, geometry, where)
+  localizer = "LOCALIZER" in image_type
   frames = []
   for number, (image, (orientation, position, spacing, thickness, slope, intercept)) in enumerate(
     zip(stored, geometry), start=1
   ):
     pixels = image.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    label = name if count == 1 else f"{name} frame {number}"
+    label = name if len(stored) == 1 else f"{name} frame {number}"
     frames.append(
       _Frame(index, number, pixels, orientation, position, spacing, thickness, localizer, label)
     )
@@ -289,7 +345,8 @@ def _slice_step(frames: list[_Frame], normal: np.ndarray, source: str) -> np.nda
     raise error(
       DataError,
       source,
-      f"{repeated} slices repeat a position (several acquisitions, echoes or phases in one series)",
+      f"{_count(repeated, 'slice')} {'repeats' if repeated == 1 else 'repeat'} another's "
+      "position (several acquisitions, echoes or phases in one series)",
     )
   ratios = gaps / step
   if np.abs(ratios - 1).max() <= SPACING_TOLERANCE:
@@ -327,19 +384,52 @@ def _stack(frames: list[_Frame], source: str) -> tuple[list[_Frame], np.ndarray,
   return frames, LPS_TO_RAS @ affine, skipped
 
 
+def _count(n: int, noun: str) -> str:
+  """'1 slice', '2 slices'."""
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _check_copy(first: list[_Frame], copy: list[_Frame], source: str) -> None:
+  """A second file of one SOPInstanceUID is a copy (CDs and PACS exports hold them) only if
+  its frames are the first's, pixels and positions alike; anything else is an error, since
+  which of the two is the instance cannot be told."""
+  same = len(first) == len(copy) and all(
+    a.pixels.shape == b.pixels.shape
+    and np.array_equal(a.pixels, b.pixels)
+    and np.allclose(a.position, b.position)
+    for a, b in zip(first, copy)
+  )
+  if not same:
+    raise error(
+      DataError,
+      source,
+      f"{first[0].name} and {copy[0].name} hold the same SOPInstanceUID with different pixels "
+      "or positions",
+    )
+
+
 def read_files(paths, source: str, root: str | None = None) -> DicomImage:
   """Read the DICOM files `paths` (one series) onto one grid; `source` names the series in
   errors and `root` shortens file names in them (relative paths)."""
   pydicom = import_pydicom()
   if not paths:
     raise error(DataError, source, "no DICOM files")
-  headers, frames = [], []
+  headers, frames, seen, copies = [], [], {}, []
   for index, path in enumerate(paths):
     name = os.path.relpath(path, root) if root and not files.is_remote(path) else path
     ds, found = _read_file(pydicom, path, source, name, index)
     headers.append(ds)
+    uid = str(ds.get("SOPInstanceUID", "")) or None
+    if uid in seen:
+      _check_copy(seen[uid], found, source)
+      copies.append(name)
+      continue
+    seen[uid] = found
     frames += found
   frames, affine, skipped = _stack(frames, source)
+  if copies:
+    shown = ", ".join(copies[:3]) + (", ..." if len(copies) > 3 else "")
+    skipped.append(f"{source}: dropped {_count(len(copies), 'duplicate file')} ({shown})")
   kept = sorted({f.header for f in frames})
   renumber = {old: new for new, old in enumerate(kept)}
   stack = np.stack([f.pixels.T for f in frames], axis=-1)

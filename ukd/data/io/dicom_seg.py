@@ -12,6 +12,7 @@ highdicom (and pydicom) are the optional `dicom` extra: `pip install 'ukd[dicom]
 from __future__ import annotations
 
 import os
+from copy import deepcopy
 
 import numpy as np
 
@@ -81,6 +82,49 @@ def _source_frames(labels: np.ndarray, image: DicomImage) -> np.ndarray:
   return frames
 
 
+def seg_problem(image: DicomImage) -> str | None:
+  """Why no DICOM-SEG of `image` can be written, or None: a SEG's frames are placed in
+  its source's Frame of Reference and point at whole source frames, so a source without a
+  FrameOfReferenceUID (which CT and MR images must have; inventing one would claim an
+  alignment nobody measured), a Siemens MOSAIC (a frame holds many slices) and several
+  multi-frame files cannot have one."""
+  first = image.headers[0]
+  if not first.get("FrameOfReferenceUID"):
+    return "the source images have no FrameOfReferenceUID, which a SEG of them needs"
+  if "MOSAIC" in [str(v).upper() for v in first.get("ImageType", [])]:
+    return "a SEG frame cannot point at one slice of a Siemens MOSAIC image"
+  if len(image.headers) > 1 and any(
+    int(h.get("NumberOfFrames", 1) or 1) > 1 for h in image.headers
+  ):
+    return "a SEG can reference one multi-frame image, not several"
+  return None
+
+
+def _shared_geometry(header, number: int):
+  """An enhanced (multi-frame) header as highdicom reads it: pixel measures and orientation
+  in the shared functional groups. Scanners may repeat them in every frame's groups instead;
+  the reader checked that the frames it kept share them, so moving the values of one of
+  those (frame `number`) to the shared groups of a copy changes nothing the SEG says about
+  the (unchanged) source instance."""
+  if "PerFrameFunctionalGroupsSequence" not in header:
+    return header
+  from pydicom import Dataset
+  from pydicom.sequence import Sequence
+
+  copy = deepcopy(header)  # headers hold no pixel data: cheap
+  if not len(copy.get("SharedFunctionalGroupsSequence") or []):
+    copy.SharedFunctionalGroupsSequence = Sequence([Dataset()])
+  shared = copy.SharedFunctionalGroupsSequence[0]
+  frames = copy.PerFrameFunctionalGroupsSequence
+  for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+    if keyword not in shared and keyword in frames[number - 1]:
+      shared[keyword] = frames[number - 1][keyword]
+      for frame in frames:
+        if keyword in frame:
+          del frame[keyword]
+  return copy
+
+
 def write_seg(
   labels,
   image: DicomImage,
@@ -110,10 +154,9 @@ def write_seg(
       out_path,
       f"labels {labels.min()}..{labels.max()} outside the {len(class_names)} classes",
     )
-  if len(image.headers) > 1 and any(
-    int(h.get("NumberOfFrames", 1) or 1) > 1 for h in image.headers
-  ):
-    raise error(DataError, image.source, "a SEG can reference one multi-frame image, not several")
+  problem = seg_problem(image)
+  if problem is not None:
+    raise error(DataError, image.source, f"no DICOM-SEG: {problem}")
   algorithm = hd.AlgorithmIdentificationSequence(
     name="ukd",
     family=codes.cid7162.ArtificialIntelligence,
@@ -135,7 +178,7 @@ def write_seg(
     )
   pixels = _source_frames(labels.astype(np.uint16 if len(class_names) > 256 else np.uint8), image)
   seg = hd.seg.Segmentation(
-    source_images=image.headers,
+    source_images=[_shared_geometry(h, image.frames[0][1]) for h in image.headers],
     pixel_array=pixels,
     segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
     segment_descriptions=segments,

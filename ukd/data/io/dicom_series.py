@@ -75,9 +75,10 @@ class Series:
 
 
 def _input_name(path: str) -> str:
-  """The folder's (or zip's) own name, for output names."""
+  """The folder's (or zip's, or file's) own name, for output names."""
   name = os.path.basename(os.path.normpath(os.path.abspath(path)))
-  return name[: -len(".zip")] if name.lower().endswith(".zip") else name
+  stem, extension = os.path.splitext(name)
+  return stem if extension.lower() in (".zip", ".dcm") else name
 
 
 def _extract(path: str, into: str | None) -> str:
@@ -91,6 +92,13 @@ def _extract(path: str, into: str | None) -> str:
   except (zipfile.BadZipFile, OSError) as exc:
     raise error(DataError, path, f"cannot unpack zip ({type(exc).__name__}: {exc})") from exc
   return into
+
+
+def is_dicom_file(path) -> bool:
+  """Whether the file at `path` is DICOM by its content (the 'DICM' marker), whatever its name."""
+  pydicom = import_pydicom()
+  with files.local_file(os.fspath(path)) as local:
+    return pydicom.misc.is_dicom(local)
 
 
 def _header(pydicom, path: str):
@@ -112,7 +120,8 @@ def _number(ds) -> int | None:
 
 
 def find_series(path, extract_to: str | None = None) -> list[Series]:
-  """The DICOM series under a folder (searched recursively) or in a .zip file.
+  """The DICOM series under a folder (searched recursively), in a .zip file, or the one
+  series of a single DICOM file (a lone slice or a multi-frame image someone was sent).
 
   A zip is unpacked into `extract_to`, or a temporary folder removed when Python exits (the
   returned records point into it). A folder on cloud storage works too, each file fetched to
@@ -122,15 +131,20 @@ def find_series(path, extract_to: str | None = None) -> list[Series]:
   pydicom = import_pydicom()
   path = os.fspath(path)
   root = epath.Path(path)
+  single = None
   if root.is_file() and path.lower().endswith(".zip"):
     folder = _extract(path, extract_to)
   elif root.is_dir():
     folder = path
+  elif root.is_file() and is_dicom_file(path):
+    folder, single = os.path.dirname(path), [path]
   else:
-    raise error(DataError, path, "not a folder or a .zip file")
+    raise error(DataError, path, "not a DICOM file, a folder or a .zip file")
+  found = single or [
+    os.fspath(top / name) for top, _, names in epath.Path(folder).walk() for name in names
+  ]
   groups: dict[str, list] = {}
   problems: list[Series] = []
-  found = [os.fspath(top / name) for top, _, names in epath.Path(folder).walk() for name in names]
   for candidate in sorted(found):
     relative = os.path.relpath(candidate, folder) if not files.is_remote(candidate) else candidate
     try:
