@@ -33,6 +33,10 @@ class CheckpointError(UkdError, ValueError):
   """A work dir or checkpoint that cannot be used, with a one-line reason."""
 
 
+class WorkdirInUse(UkdError, RuntimeError):
+  """Another training run holds the work dir (`ukd.lock`); the message names it."""
+
+
 class TrainingError(UkdError, RuntimeError):
   """A run that cannot go on (e.g. a non-finite loss), with a one-line reason."""
 

@@ -24,6 +24,7 @@ from ukd import (
   evaluate,
   files,
   infer,
+  lock,
   models,
   postprocess,
   profiling,
@@ -240,6 +241,7 @@ class Throughput:
 def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) in `workdir`, chooses post-processing on the validation split
   (`ukd.postprocess`; none without validation cases), then evaluates the test split.
+  The whole run holds the work dir's lock (`ukd.lock`): a second training there is refused.
 
   Args:
     config: the training config; not changed: the run uses `config_lib.resolve`'s frozen copy,
@@ -250,12 +252,18 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dic
     {'step': the last step, 'val': the last validation's scalars, 'test': `evaluate.evaluate`'s
     result for the best checkpoint}.
   """
+  workdir = files.path(workdir)
+  files.makedirs(workdir)
+  with lock.training(workdir, main_process=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: mc.ConfigDict, workdir) -> dict:
+  """`train_and_evaluate` once the run holds its work dir."""
   config = config_lib.check(config)
   # Listening from the start: a SIGTERM during setup or compilation stops the run after its
   # first step, with that step saved.
   preemption = Preemption()
-  workdir = files.path(workdir)
-  files.makedirs(workdir)
   is_main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh)  # before minutes of preprocessing
