@@ -40,10 +40,12 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_with_one_line(tmp_path, capsys)
   with lock.training(tmp_path):
     assert str(os.getpid()) in (tmp_path / lock.LOCK).read_text()
   assert capsys.readouterr().out == (
-    f"ukd: took over the lock of work dir {tmp_path} left by a training run that did not end "
-    "cleanly (host node7, process 4242, started 2025-01-02T03:04:05+00:00)\n"
+    f"ukd: took over the lock of work dir {tmp_path} left by a training run that was killed "
+    "(host node7, process 4242, started 2025-01-02T03:04:05+00:00)\n"
   )
-  with lock.training(tmp_path):  # a clean end leaves nothing to take over
+  with pytest.raises(ZeroDivisionError), lock.training(tmp_path):  # an end, if with an error,
+    1 / 0  # leaves nothing to take over
+  with lock.training(tmp_path):
     pass
   assert capsys.readouterr().out == ""
 

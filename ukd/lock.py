@@ -9,10 +9,11 @@ training is refused at once, naming the holder.
 Locally the lock is `fcntl.flock` on `<workdir>/.lock`.  The operating system releases it
 when the holder's process ends, however it ends (SIGKILL, a crash, a lost node), so a lock
 is never left stale; the file itself stays, holding the last holder's host, process id and
-start time.  A holder that ends cleanly empties the file, so a non-empty file found
-unlocked was left by a run that died: the new run takes it over and says so.  The lock is
-per open file: another training on the same machine, or on another machine sharing the
-work dir over NFS (Linux emulates flock there with NFS byte-range locks), is refused.
+start time.  A holder that ends, even with an error, empties the file, so a non-empty file
+found unlocked was left by a run that was killed: the new run takes it over and says so.
+The lock is per open file: another training on the same machine, or on another machine
+sharing the work dir over NFS (Linux emulates flock there with NFS byte-range locks), is
+refused.
 File systems without working locks (some FUSE mounts) cannot be guarded this way.
 
 Object stores (`gs://...`) have no such lock: a run there takes none and two trainings on
@@ -55,8 +56,10 @@ def training(workdir, *, main_process: bool = True):
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     acquire(fd, workdir)
-    yield
-    os.ftruncate(fd, 0)  # a clean end: nothing to take over
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)  # ended, if with an error: nothing to take over
   finally:
     os.close(fd)  # releases the lock
 
@@ -70,8 +73,8 @@ def acquire(fd: int, workdir) -> None:
     raise WorkdirInUse(f"work dir {workdir} is in use by a training run ({_holder(fd)})") from None
   if os.fstat(fd).st_size:
     print(
-      f"ukd: took over the lock of work dir {workdir} left by a training run that did not end "
-      f"cleanly ({_holder(fd)})",
+      f"ukd: took over the lock of work dir {workdir} left by a training run that was killed "
+      f"({_holder(fd)})",
       flush=True,
     )
   me = dict(
