@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from ukd import files
+from ukd import fault_log, files
 from ukd.errors import CheckpointError
 
 BEST_METRIC = "val_dice"  # the mean over modalities; 'val_dice/<modality>' each modality's
@@ -223,6 +223,8 @@ def restore_variables(mgr, step: int, abstract_variables):
       ),
     )
   except (ValueError, KeyError) as e:
+    if fault_log.unreadable(e):
+      raise  # damaged, not another network: the caller says so
     raise CheckpointError(
       f"checkpoint {mgr.directory}/{step} does not fit its config's network: "
       f"{str(e).splitlines()[0][:300]}"

@@ -28,6 +28,7 @@ from ukd import (
   models,
   postprocess,
   profiling,
+  recovery,
   steps,
   writers,
 )
@@ -287,10 +288,15 @@ def _train_and_evaluate(config: mc.ConfigDict, workdir) -> dict:
     # Separate networks (nothing shared) are each chosen on their own modality's Dice.
     best_of=tuple(config.modalities) if infer.shares_nothing(state.params) else (),
   )
-  start = mgr.latest_step() or 0
+  try:
+    start, restored = recovery.restore_newest(
+      mgr, config, jax.eval_shape(lambda: state), workdir, main_process=is_main
+    )
+  except BaseException:
+    mgr.close()  # its threads, left running, would report again at exit
+    raise
   if start:
-    checkpoints.check_resumable(mgr, start, config)
-    state = checkpoints.restore_train(mgr, start, jax.eval_shape(lambda: state))
+    state = restored
     if is_main:
       print(f"resumed from step {start} in {workdir}", flush=True)
 
