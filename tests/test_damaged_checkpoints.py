@@ -1,6 +1,6 @@
 """A damaged checkpoint (a truncated data file, a missing _METADATA) never stops a run that
 can go on: resuming takes the newest that restores and moves the others aside (ukd.recovery);
-a damaged one asked for by name is one line."""
+a damaged one asked for by name is one line; one of another network names what differs."""
 
 import glob
 import os
@@ -121,3 +121,20 @@ def test_errors_reported_from_background_threads_go_to_the_log(tmp_path, capsys)
   assert "Traceback" not in captured.out + captured.err
   log = (tmp_path / "ukd.log").read_text()
   assert "ZeroDivisionError" in log and log.count("RuntimeError: a late report") == 2
+
+
+def test_resuming_with_another_network_names_each_field_that_differs(tmp_path):
+  config = tiny_config()
+  folder = _saved(str(tmp_path), config, steps=(2,))
+  changed = tiny_config()
+  changed.model.width = 4
+  changed.modalities = ("ct",)
+  mgr = checkpoints.manager(str(tmp_path))
+  with pytest.raises(CheckpointError) as raised:
+    recovery.restore_newest(mgr, changed, jax.eval_shape(lambda: STATE), tmp_path)
+  mgr.close()
+  assert str(raised.value) == (
+    f"{folder}/2 was trained with config.modalities=('ct', 'mr'), not ('ct',); "
+    "config.model.width=2, not 4; use a new --workdir or the original config"
+  )
+  assert os.listdir(folder) == ["2"]  # another network is no damage: nothing moved
