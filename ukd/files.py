@@ -119,6 +119,42 @@ def _temporary(path: str) -> str:
   return os.path.join(folder, name)
 
 
+_TEMPORARY = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}-")
+
+
+def remove_stale_temporaries(folder) -> list[str]:
+  """Removes the temporary files and folders (`_temporary`) that processes no longer running
+  left in the local `folder` when they were killed; returns their paths.
+
+  A temporary's name holds its writer's process id: one still running on this machine keeps
+  its temporaries, so two runs writing one folder do not break each other's writes.  (A
+  writer on another machine sharing the folder cannot be told from a dead one.)
+  """
+  if is_remote(folder) or not os.path.isdir(folder):
+    return []  # an object store's temporaries are local ones, removed with their folder
+  removed = []
+  for name in sorted(os.listdir(folder)):
+    match = _TEMPORARY.match(name)
+    if match and not _running(int(match.group(1))):
+      stale = os.path.join(folder, name)
+      if os.path.isdir(stale) and not os.path.islink(stale):
+        shutil.rmtree(stale)
+      else:
+        os.remove(stale)
+      removed.append(stale)
+  return removed
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # another user's process
+  return True
+
+
 @contextlib.contextmanager
 def replacing(path):
   """Yields a temporary local path; a clean exit puts it in place as `path`.
