@@ -29,6 +29,7 @@ so a kill leaves the old object or none, never a truncated one.
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -40,7 +41,7 @@ import tempfile
 
 from etils import epath
 
-from ukd.errors import ConfigError, error
+from ukd.errors import ConfigError, WriteError, error
 
 # The URL schemes epath reads and writes: through TensorFlow's gfile where it is installed,
 # else fsspec (gcsfs for gs://).
@@ -170,13 +171,28 @@ def replacing(path):
       yield tmp
       upload(tmp, path)
     return
-  tmp = _temporary(path)
+  tmp = None
   try:
+    tmp = _temporary(path)
     yield tmp
     os.replace(tmp, path)
+  except OSError as e:
+    raise_if_refused(path, e)
+    raise
   finally:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
+
+
+_CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def raise_if_refused(path, e: OSError) -> None:
+  """Raises `e` as a one-line `WriteError` naming `path` and the cause ('no space left on
+  device') when it says the file system refused the write; returns for any other error."""
+  if e.errno in _CANNOT_WRITE and not isinstance(e, WriteError):
+    cause = e.strerror or os.strerror(e.errno)
+    raise WriteError(f"{path}: cannot write: {cause[:1].lower()}{cause[1:]}") from e
 
 
 @contextlib.contextmanager
