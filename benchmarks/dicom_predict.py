@@ -4,7 +4,7 @@
   python -m benchmarks.dicom_predict --slices=40      # a quick look
 
 One CT-like volume (whole HU values, 0.7 x 0.7 x 1.5 mm) is written as an int16 `.nii.gz`
-and as a DICOM series of one file per slice, each stored exactly. Then `ukd.predict.predict_paths`
+and as a DICOM series of one file per slice, each stored exactly. Then `ukd.serve.predict.predict_paths`
 predicts each with the demo network (configs/demo.py; random weights: the time does not
 depend on them), in a subprocess of its own per input and measurement, so neither inherits
 the other's memory or file cache state:
@@ -41,7 +41,7 @@ def _write_scan(folder: str, slices: int) -> None:
   """A body-like ellipse of soft tissue with noise in air, as NIfTI and as DICOM."""
   import nibabel as nib
 
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   rng = np.random.default_rng(0)
   x, y = np.meshgrid(np.linspace(-1, 1, 512), np.linspace(-1, 1, 512), indexing="ij")
@@ -60,8 +60,9 @@ def _segmenter():
 
   from configs import demo
   from ukd import config as config_lib
-  from ukd import infer, models
-  from ukd.data import volumes
+  from ukd import models
+  from ukd.data.io import volumes
+  from ukd.serve import segmenter as infer
 
   config = config_lib.check(demo.get_config())
   model = models.build(config.model, config.modalities)
@@ -74,8 +75,8 @@ def _segmenter():
 
 
 def _child(folder: str, which: str, measure: str) -> dict:
-  from ukd import predict
-  from ukd.data import dicom_series, volumes
+  from ukd.data.io import dicom_series, volumes
+  from ukd.serve import predict
 
   seg = _segmenter()
   source = os.path.join(folder, "ct.nii.gz" if which == "nifti" else "ct")

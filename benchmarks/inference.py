@@ -9,12 +9,12 @@ volume: the network (5 classes, random weights: the time does not depend on them
 random CT-like volume twice through `Segmenter.predict`.  The first time includes compilation;
 the second, a volume of the same size, shows the steady state, in which nothing is recompiled.
 
-pipeline: a trained work dir's test volumes predicted end to end (`ukd.predict.predict_paths`:
+pipeline: a trained work dir's test volumes predicted end to end (`ukd.serve.predict.predict_paths`:
 read, prepare, network, restore, write, three stages on threads) against the network's
 forward passes alone on the same prepared volumes; the ratio is what the host costs on top.
 
 backends: ms per slice of the width-`--width` network at `--size` squared, `--batch` slices a
-call, on JAX, and exported (`ukd.export`) on onnxruntime and OpenVINO (float32; bf16 where the
+call, on JAX, and exported (`ukd.serve.export`) on onnxruntime and OpenVINO (float32; bf16 where the
 CPU has bf16 units and OpenVINO is installed).
 """
 
@@ -27,7 +27,8 @@ import numpy as np
 from absl import app, flags
 
 from ukd import config as config_lib
-from ukd import infer, models
+from ukd import models
+from ukd.serve import segmenter as infer
 
 _WIDTH = flags.DEFINE_integer("width", 16, "Base width of the network (16 in the paper).")
 _SIZE = flags.DEFINE_integer("size", 256, "In-plane size of the volume and the network (H = W).")
@@ -56,7 +57,8 @@ def _timed(segmenter, volume) -> float:
 
 def _pipeline(workdir: str) -> None:
   """End-to-end prediction of the test split against the forward passes alone."""
-  from ukd import evaluate, predict, windows
+  from ukd.evaluation import evaluate
+  from ukd.serve import predict, windows
 
   seg = infer.load(workdir)
   adapter, cases = evaluate.split_cases(seg, workdir, "test")
@@ -89,7 +91,9 @@ def _pipeline(workdir: str) -> None:
 
 def _backends() -> None:
   """ms per slice on JAX and on the exported model's runtimes."""
-  from ukd import export, exported, onnx_export
+  from ukd.serve import export
+  from ukd.serve import onnx_graph as onnx_export
+  from ukd.serve import runners as exported
 
   config = _config()
   config.infer.batch_size = _BATCH.value

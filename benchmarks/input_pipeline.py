@@ -108,9 +108,10 @@ def _train_step_rate(repeats: int = 3) -> float:
   """Steps per second of the paper's 2D train step on random data, after compilation."""
   import jax
 
-  from ukd import mesh as mesh_lib
-  from ukd import models, steps
-  from ukd import state as state_lib
+  from ukd import models
+  from ukd.runtime import mesh as mesh_lib
+  from ukd.train import state as state_lib
+  from ukd.train import steps
 
   config = config_lib.default()  # the paper's 2D setting: width 16, 256x256, 8 + 8
   config.batch_size = _BATCH.value

@@ -17,7 +17,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ukd import evaluate, infer, metrics, train
+from ukd.evaluation import evaluate, metrics
+from ukd.serve import segmenter as infer
+from ukd.train import loop as train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Holds the float32/ and bfloat16/ runs.")

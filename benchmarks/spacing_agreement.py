@@ -13,8 +13,9 @@ prediction's Dice against the truth.
 import numpy as np
 from absl import app, flags
 
-from ukd import infer
-from ukd.data import phantoms, volumes
+from ukd.data.io import volumes
+from ukd.data.synthetic import phantoms
+from ukd.serve import segmenter as infer
 
 flags.DEFINE_string("workdir", None, "A work dir trained with data.spacing set.")
 flags.DEFINE_integer("cases", 4, "Unseen phantom cases per modality.")

@@ -8,14 +8,14 @@ r"""Train-step and inference throughput of a config's network, against the devic
 
 For each dtype in --dtypes (`config.model.dtype`: the convolutions' compute dtype), the
 network, train state and jitted data-parallel train step are built from the config exactly
-as `ukd.train` builds them, fed random inputs of the config's shapes (batch_size per
+as `ukd.train.loop` builds them, fed random inputs of the config's shapes (batch_size per
 modality x modalities, concatenated in one forward pass), compiled, and timed: the median
 of --steps steps after --warmup untimed ones, each blocked on.  The eval forward pass
 (`steps.make_eval_step`, running statistics) is timed the same way on a batch of the same
 number of slices.
 
 --conv_grads sets `config.model.conv_grads` (default: the config's), the convolutions'
-gradients: 'xla' (XLA's own) or 'cpu_matmul' (`ukd.ops.matmul_conv_grads`).
+gradients: 'xla' (XLA's own) or 'cpu_matmul' (`ukd.models.conv_grads`).
 
 The FLOPs per step are XLA's own count (cost analysis of the lowered module, see `_flops`),
 not a hand count.  The train step's count is taken from the step traced with
@@ -43,9 +43,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ukd import mesh as mesh_lib
-from ukd import models, steps
-from ukd import state as state_lib
+from ukd import models
+from ukd.runtime import mesh as mesh_lib
+from ukd.train import state as state_lib
+from ukd.train import steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with overrides).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "config.model.dtype values to time.")

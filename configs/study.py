@@ -1,7 +1,7 @@
 r"""The scheme comparison of the paper in four arms, and its ablations.
 
-  python -m ukd.study --config=configs/study.py --workdir=runs/study
-  python -m ukd.study --config=configs/study.py:ablations --workdir=runs/study_ablations
+  python -m ukd.study.runner --config=configs/study.py --workdir=runs/study
+  python -m ukd.study.runner --config=configs/study.py:ablations --workdir=runs/study_ablations
 
 The default trains the six sharing schemes x 3 seeds on synthetic cardiac phantoms (MM-WHS
 layout) in four arms, each into `<workdir>/<arm>/` (`--arms=mr_scarce` narrows it):
@@ -12,7 +12,7 @@ layout) in four arms, each into `<workdir>/<arm>/` (`--arms=mr_scarce` narrows i
 `:ablations` trains the ablation variants (one seed each) on the simple phantoms.  `:mmwhs`
 is the paper-scale study on MM-WHS for a GPU or TPU:
 
-  python -m ukd.study --config=configs/study.py:mmwhs --workdir=gs://bucket/study \
+  python -m ukd.study.runner --config=configs/study.py:mmwhs --workdir=gs://bucket/study \
       --config.base.data.root=/data/MMWHS
 
 `--only=ukd,single` and `--seeds=0,1` narrow any of them; a stopped study resumes.

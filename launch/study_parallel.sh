@@ -27,7 +27,7 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 study = module.get_config()
 if not study.arms:
-  sys.exit(f"{sys.argv[1]}: this study config has no arms; run python -m ukd.study instead")
+  sys.exit(f"{sys.argv[1]}: this study config has no arms; run python -m ukd.study.runner instead")
 for arm in study.arms:
   for seed in study.seeds:
     for variant in study.arms[arm].variants:
@@ -41,10 +41,10 @@ failed=0
 # shellcheck disable=SC2016,SC2086
 xargs -P "$parallel" -L 1 bash -c '
   log="$workdir/logs/$1-$3-seed$2.log"
-  python -m ukd.study --config="$config" --workdir="$workdir" --arms="$1" --seeds="$2" \
+  python -m ukd.study.runner --config="$config" --workdir="$workdir" --arms="$1" --seeds="$2" \
     --only="$3" $flags >"$log" 2>&1 || { echo "failed: $1 $3 seed $2 ($log)"; exit 1; }
 ' _ <"$workdir.jobs" || failed=1
 echo "$(wc -l <"$workdir.jobs") runs, $parallel at a time (logs: $workdir/logs)"
 # Every run finished is skipped here: this call only writes the reports.
-python -m ukd.study --config="$config" --workdir="$workdir" "$@"
+python -m ukd.study.runner --config="$config" --workdir="$workdir" "$@"
 exit $failed

@@ -10,9 +10,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_config, toy_batch  # noqa: E402
 
-from ukd import mesh as mesh_lib
-from ukd import models, steps  # noqa: E402
-from ukd import state as state_lib
+from ukd import models
+from ukd.runtime import mesh as mesh_lib
+from ukd.train import state as state_lib
+from ukd.train import steps  # noqa: E402
 
 SPATIAL = (16, 16)
 

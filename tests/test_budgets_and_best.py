@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 from helpers import random_variables, tiny_config
 
-from ukd import checkpoints, evaluate, infer, train
 from ukd import config as config_lib
-from ukd.data import synthetic
 from ukd.data.adapters import Case
+from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError
+from ukd.evaluation import evaluate
+from ukd.runtime import checkpoints
+from ukd.serve import segmenter as infer
+from ukd.train import loop as train
 
 RECORD = {
   "splits": {"ct": {"train": ["a"], "val": ["b"], "test": ["c"]}},

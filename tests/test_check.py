@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from ukd import check, train
-from ukd.data import adapters
+from ukd.data import adapters, check
 from ukd.errors import DataError
+from ukd.train import loop as train
 
 # Case k of each modality: shape, voxel size (mm) and whether class B is drawn.
 CASES = {

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from helpers import run_module
 
-from ukd import checkpoints, cli, distributed
+from ukd import cli
 from ukd.errors import ConfigError
+from ukd.runtime import checkpoints, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny"]
@@ -331,7 +332,7 @@ def test_evaluation_keeps_the_checkpoints_test_cases_when_the_dataset_grows(trai
   assert not os.path.exists(os.path.join(copy, "splits.json"))
 
 
-# ---- The command line's own plumbing (ukd.cli, ukd.distributed), without training ----------
+# ---- The command line's own plumbing (ukd.cli, ukd.runtime.distributed), without training ----------
 
 
 def test_help_answers_without_loading_jax():

@@ -17,10 +17,16 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from ukd import checkpoints, evaluate, files, train, writers
 from ukd import config as config_lib
-from ukd.data import adapters, preprocess, splits, synthetic, volumes
+from ukd import files
+from ukd.data import adapters, preprocess, splits
+from ukd.data.io import volumes
+from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, DataError
+from ukd.evaluation import evaluate
+from ukd.runtime import checkpoints
+from ukd.train import loop as train
+from ukd.train import writers
 
 BUCKET = "gs://bucket"
 

@@ -145,12 +145,12 @@ def test_mmwhs_prepares_data_from_the_image_alone():
 
 def test_study_config_builds_on_its_sibling_configs_without_the_study_runner():
   """configs/study.py is data: its runs start from demo.py (or mmwhs.py) imported as modules of
-  `ukd.configs`, so it loads the same in a checkout and installed, and never needs ukd.study."""
+  `ukd.configs`, so it loads the same in a checkout and installed, and never needs ukd.study.runner."""
   code = (
     "import sys\n"
     "from ukd.configs import study\n"
     "c = study.get_config('mmwhs')\n"
-    "print(c.base.data.dataset, c.base.total_steps, 'ukd.study' in sys.modules)\n"
+    "print(c.base.data.dataset, c.base.total_steps, 'ukd.study.runner' in sys.modules)\n"
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.stdout.split() == ["mmwhs", "50000", "False"], out.stderr[-2000:]

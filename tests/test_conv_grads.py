@@ -1,5 +1,5 @@
 """`config.model.conv_grads`: 'cpu_matmul' gives XLA's convolution gradients, computed as
-matmuls on CPU (`ukd.ops.matmul_conv_grads`); 'xla' leaves every convolution XLA's own."""
+matmuls on CPU (`ukd.models.conv_grads`); 'xla' leaves every convolution XLA's own."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +9,8 @@ from helpers import tiny_config
 from jax import lax
 
 from ukd import models
+from ukd.models import conv_grads as mcg
 from ukd.models import layers
-from ukd.ops import matmul_conv_grads as mcg
 
 
 def _grads(conv_fn, x, w, dilation, padding):

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from helpers import random_variables, tiny_config
 
-from ukd import checkpoints, fault_log, infer, recovery
 from ukd import config as config_lib
+from ukd import fault_log, recovery
 from ukd.errors import CheckpointError
+from ukd.runtime import checkpoints
+from ukd.serve import segmenter as infer
 
 STATE = {"w": np.arange(1000, dtype=np.float32), "b": np.ones((3, 4), np.float32)}
 

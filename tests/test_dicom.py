@@ -1,4 +1,4 @@
-"""DICOM series and PNG masks (CHAOS T2-SPIR) through ukd.data.dicom and the abdominal adapter."""
+"""DICOM series and PNG masks (CHAOS T2-SPIR) through ukd.data.io.dicom and the abdominal adapter."""
 
 import os
 import sys
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ukd.data import adapters, dicom
+from ukd.data import adapters
 from ukd.data.adapters import Case
+from ukd.data.io import dicom
 from ukd.errors import DataError
 
 
@@ -140,7 +141,7 @@ def test_missing_pydicom_gives_install_hint(tmp_path, monkeypatch):
     dicom.read_dicom_series(os.path.join(series, "DICOM_anon"))
 
 
-# ---- DICOM series in any layout (ukd.data.dicom_series / dicom_write / dicom_seg) ----
+# ---- DICOM series in any layout (ukd.data.io.dicom_series / dicom_write / dicom_seg) ----
 
 SHAPE = (24, 20, 6)  # columns, rows, slices on disk
 # 0.8 mm along a row, 0.7 mm down a column, 2.5 mm slices, rotated 30 degrees about z: an
@@ -160,7 +161,7 @@ def _nifti(tmp_path, affine=AFFINE, name="ct.nii.gz"):
   """A float HU-like phantom saved as NIfTI and read back as ukd reads NIfTI inputs."""
   import nibabel as nib
 
-  from ukd.data import volumes
+  from ukd.data.io import volumes
 
   i, j, k = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
   array = (-1000 + 13.37 * i + 7.1 * j + 100.25 * k + 0.3 * np.sin(i * j)).astype(np.float32)
@@ -169,7 +170,7 @@ def _nifti(tmp_path, affine=AFFINE, name="ct.nii.gz"):
 
 
 def _read_only_series(folder):
-  from ukd.data import dicom_series
+  from ukd.data.io import dicom_series
 
   (series,) = dicom_series.find_series(folder)
   return dicom_series.read_series(series)
@@ -185,7 +186,8 @@ def _edit(path, change):
 
 def test_series_reads_back_like_its_nifti(tmp_path):
   pytest.importorskip("pydicom")
-  from ukd.data import dicom_series, dicom_write
+  from ukd.data.io import dicom_series
+  from ukd.data.synthetic import dicom_write
 
   nifti = _nifti(tmp_path)
   written = dicom_write.write_series(nifti, tmp_path / "ct", modality="CT")
@@ -213,7 +215,7 @@ def test_series_reads_back_like_its_nifti(tmp_path):
 
 def test_whole_hu_values_are_stored_as_they_are(tmp_path):
   pytest.importorskip("pydicom")
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   array = np.round(_nifti(tmp_path).array)
   dicom_write.write_series(array, tmp_path / "ct", affine=np.diag([0.8, 0.7, 2.5, 1.0]))
@@ -224,7 +226,7 @@ def test_whole_hu_values_are_stored_as_they_are(tmp_path):
 
 def test_a_negative_determinant_comes_back_with_the_slice_axis_reversed(tmp_path):
   pytest.importorskip("pydicom")
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   radiological = np.diag([-0.8, 0.7, 2.5, 1.0])
   nifti = _nifti(tmp_path, radiological)
@@ -240,7 +242,7 @@ def test_shuffled_nameless_files_read_the_same(tmp_path):
   pytest.importorskip("pydicom")
   import pydicom
 
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   nifti = _nifti(tmp_path)
   dicom_write.write_series(nifti, tmp_path / "numbered")
@@ -258,7 +260,7 @@ def _export_tree(tmp_path):
   (shuffled names), plus a text file: one study, three series."""
   from pydicom.uid import generate_uid
 
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   nifti, root, study = _nifti(tmp_path), tmp_path / "export", generate_uid()
   dicom_write.write_series(nifti, root / "a", series_number=3, study_uid=study)
@@ -271,7 +273,7 @@ def _export_tree(tmp_path):
 
 
 def _check_export(found, study):
-  from ukd.data import dicom_series
+  from ukd.data.io import dicom_series
 
   assert [s.name for s in found] == ["export_3", "export_5", "export_5_2"]
   assert [s.number for s in found] == [3, 5, 5]
@@ -284,7 +286,7 @@ def _check_export(found, study):
 
 def test_several_series_in_a_tree_are_found_apart(tmp_path):
   pytest.importorskip("pydicom")
-  from ukd.data import dicom_series
+  from ukd.data.io import dicom_series
 
   root, study = _export_tree(tmp_path)
   _check_export(dicom_series.find_series(root), study)
@@ -298,7 +300,7 @@ def test_a_zip_of_a_tree_is_found_like_the_tree(tmp_path):
   pytest.importorskip("pydicom")
   import zipfile
 
-  from ukd.data import dicom_series
+  from ukd.data.io import dicom_series
 
   root, study = _export_tree(tmp_path)
   with zipfile.ZipFile(tmp_path / "export.zip", "w") as archive:
@@ -316,7 +318,7 @@ def test_a_zip_of_a_tree_is_found_like_the_tree(tmp_path):
 
 def test_an_enhanced_multiframe_file_reads_like_single_frames(tmp_path):
   pytest.importorskip("highdicom")
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   nifti = _nifti(tmp_path)
   dicom_write.write_series(nifti, tmp_path / "single")
@@ -378,7 +380,7 @@ BAD_SERIES = {
 @pytest.mark.parametrize("case", sorted(BAD_SERIES))
 def test_a_bad_series_gives_one_line_naming_it(tmp_path, case):
   pytest.importorskip("pydicom")
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   folder = tmp_path / "ct"
   dicom_write.write_series(_nifti(tmp_path), folder)
@@ -391,7 +393,8 @@ def test_a_bad_series_gives_one_line_naming_it(tmp_path, case):
 
 def test_a_bad_series_does_not_stop_the_good_ones(tmp_path):
   pytest.importorskip("pydicom")
-  from ukd.data import dicom_series, dicom_write
+  from ukd.data.io import dicom_series
+  from ukd.data.synthetic import dicom_write
 
   nifti = _nifti(tmp_path)
   dicom_write.write_series(nifti, tmp_path / "in" / "good", series_number=1)
@@ -415,7 +418,7 @@ def test_localizers_are_skipped_and_reported(tmp_path):
   import pydicom
   from pydicom.uid import generate_uid
 
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   nifti = _nifti(tmp_path)
   folder = tmp_path / "ct"
@@ -444,7 +447,7 @@ def test_a_compressed_series_is_decoded(tmp_path):
   pytest.importorskip("pydicom")
   from pydicom.uid import RLELossless
 
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   nifti = _nifti(tmp_path)
   dicom_write.write_series(nifti, tmp_path / "plain")
@@ -461,7 +464,7 @@ def test_an_undecodable_transfer_syntax_names_it_and_the_package(tmp_path):
   from pydicom.pixels import get_decoder
   from pydicom.uid import JPEGLosslessSV1
 
-  from ukd.data import dicom_write
+  from ukd.data.synthetic import dicom_write
 
   if get_decoder(JPEGLosslessSV1).is_available:
     pytest.skip("a JPEG Lossless decoder (pylibjpeg-libjpeg or gdcm) is installed")
@@ -484,7 +487,7 @@ def test_an_undecodable_transfer_syntax_names_it_and_the_package(tmp_path):
 
 
 def test_modality_table(tmp_path):
-  from ukd.data.dicom_series import map_modality
+  from ukd.data.io.dicom_series import map_modality
 
   assert map_modality("CT", ("ct", "mr")) == "ct"
   assert map_modality("MR", ("ct", "mr")) == "mr"
@@ -511,7 +514,8 @@ def test_seg_references_its_series_and_codes_each_class(tmp_path):
   hd = pytest.importorskip("highdicom")
   import pydicom
 
-  from ukd.data import dicom_seg, dicom_write, volumes
+  from ukd.data.io import dicom_seg, volumes
+  from ukd.data.synthetic import dicom_write
 
   nifti = _nifti(tmp_path)
   dicom_write.write_series(nifti, tmp_path / "ct", shuffle_names=True)
@@ -558,7 +562,8 @@ def test_seg_references_its_series_and_codes_each_class(tmp_path):
 
 def test_seg_of_a_multiframe_series_and_generic_tissue_codes(tmp_path):
   hd = pytest.importorskip("highdicom")
-  from ukd.data import dicom_seg, dicom_write, volumes
+  from ukd.data.io import dicom_seg, volumes
+  from ukd.data.synthetic import dicom_write
 
   nifti = _nifti(tmp_path)
   dicom_write.write_series(nifti, tmp_path / "mr", modality="MR", multiframe=True)

@@ -12,12 +12,14 @@ import pytest
 from helpers import tiny_config, write_folder_dataset
 from PIL import Image
 
-from ukd import checkpoints, evaluate, models
+from ukd import models
 from ukd.data import adapters
 from ukd.data import splits as splits_lib
 from ukd.data.adapters import Case
-from ukd.data.volumes import from_array
+from ukd.data.io.volumes import from_array
 from ukd.errors import DataError
+from ukd.evaluation import evaluate
+from ukd.runtime import checkpoints
 
 CLASSES = ("background", "A", "B")
 SHAPE = (16, 16, 6)

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from helpers import ROOT, random_variables, run_module, tiny_config
 
-from ukd import checkpoints, export, exported, infer, predict
 from ukd import config as config_lib
 from ukd.errors import ConfigError
+from ukd.runtime import checkpoints
+from ukd.serve import export, predict
+from ukd.serve import runners as exported
+from ukd.serve import segmenter as infer
 
 RECORD = {
   "splits": {"ct": {"train": ["a"], "val": ["b"], "test": ["c"]}},
@@ -87,7 +90,7 @@ def test_exported_model_runs_without_the_training_stack_and_predicts_the_live_la
 import sys
 for name in ("flax", "optax", "orbax", "orbax.checkpoint", "grain"):
   sys.modules[name] = None  # importing any of them now fails
-from ukd import exported
+from ukd.serve import runners as exported
 for backend in ("jax", "onnxruntime"):
   exported.load({export_dir!r}, backend=backend).predict_file(
     {scan!r}, {str(tmp_path)!r} + f"/{{backend}}.nii.gz", "ct"

@@ -13,12 +13,17 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from ukd import checkpoints, evaluate, infer, models, predict, windows
 from ukd import config as config_lib
-from ukd import state as state_lib
-from ukd.data import preprocess, volumes
+from ukd import models
+from ukd.data import preprocess
 from ukd.data.adapters import Case
+from ukd.data.io import volumes
 from ukd.errors import CheckpointError, ConfigError, DataError
+from ukd.evaluation import evaluate
+from ukd.runtime import checkpoints
+from ukd.serve import predict, windows
+from ukd.serve import segmenter as infer
+from ukd.train import state as state_lib
 
 SIZE = (16, 16)
 PATCH = (16, 16, 8)
@@ -281,7 +286,7 @@ def test_inference_settings_are_checked_with_the_config(field, value, message):
   assert str(error.value) == message
 
 
-# --- files and folders (ukd.predict) -------------------------------------------------------
+# --- files and folders (ukd.serve.predict) -------------------------------------------------------
 
 
 def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
@@ -368,8 +373,10 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from helpers import tiny_config
-from ukd import infer, mesh, models
-from ukd.data import volumes
+from ukd import models
+from ukd.serve import segmenter as infer
+from ukd.runtime import mesh
+from ukd.data.io import volumes
 config = tiny_config()
 config.data.size = (16, 16)
 config.infer.batch_size = 4

@@ -11,8 +11,9 @@ import time
 import pytest
 from helpers import ROOT, run_module, tiny_config
 
-from ukd import lock, train
+from ukd import lock
 from ukd.errors import WorkdirInUse
+from ukd.train import loop as train
 
 HOLDER = rf"host {re.escape(socket.gethostname())}, process {os.getpid()}, started \S+"
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ukd import losses
+from ukd.train import losses
 
 # The paper's KD settings; a test overrides the one it is about.
 kd_loss = functools.partial(losses.kd_loss, temperature=2.0, distance="kl", absent="mask")

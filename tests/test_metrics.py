@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from ukd import metrics
+from ukd.evaluation import metrics
 
 
 def _box(shape, x, y, z):

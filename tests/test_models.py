@@ -121,7 +121,7 @@ def test_depth_to_space_matches_hand_layout():
 
 def _first_norm_stats(scheme):
   """(ct images, mr images, stem kernel, updated statistics of the first norm after the stem)."""
-  from ukd import steps
+  from ukd.train import steps
 
   config = tiny_config(scheme=scheme)
   model, variables = _init(config, spatial=(16, 16))
@@ -211,7 +211,7 @@ def test_unknown_initialiser_is_a_config_error():
 
 
 def test_bfloat16_computes_convolutions_in_bf16_and_keeps_everything_else_float32():
-  from ukd import steps
+  from ukd.train import steps
 
   config = tiny_config()
   config.model.dtype = "bfloat16"

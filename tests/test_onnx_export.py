@@ -9,7 +9,9 @@ import pytest
 from helpers import tiny_config
 
 from ukd import config as config_lib
-from ukd import models, onnx_export, steps
+from ukd import models
+from ukd.serve import onnx_graph as onnx_export
+from ukd.train import steps
 
 TOLERANCE = 1e-5  # max abs difference, onnxruntime vs JAX
 

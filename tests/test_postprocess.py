@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from helpers import run_module, tiny_config, write_folder_dataset
 
-from ukd import checkpoints, evaluate, models, postprocess
+from ukd import models
 from ukd.data.adapters import Case
-from ukd.data.volumes import from_array
+from ukd.data.io.volumes import from_array
 from ukd.errors import DataError
+from ukd.evaluation import evaluate, postprocess
+from ukd.runtime import checkpoints
 
 SHAPE = (16, 16, 8)
 SPACING = (1.0, 1.0, 1.0)

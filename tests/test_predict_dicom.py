@@ -11,13 +11,16 @@ import pytest
 from helpers import run_module
 from test_infer import RECORD, STEP, _config, _create, _ct_like, _save, _variables
 
-from ukd import checkpoints, infer, predict, predict_inputs
 from ukd import config as config_lib
-from ukd.data import dicom_seg, dicom_series, volumes
+from ukd.data.io import dicom_seg, dicom_series, volumes
 from ukd.errors import ConfigError, DataError
+from ukd.runtime import checkpoints
+from ukd.serve import inputs as predict_inputs
+from ukd.serve import predict
+from ukd.serve import segmenter as infer
 
 pytest.importorskip("highdicom")
-from ukd.data import dicom_write  # noqa: E402
+from ukd.data.synthetic import dicom_write  # noqa: E402
 
 SHAPE = (16, 16, 5)  # columns, rows, slices on disk
 # 0.8 x 0.7 x 2.5 mm voxels (1.4 mm^3), rotated 30 degrees about z: oblique, determinant > 0.

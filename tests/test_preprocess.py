@@ -11,7 +11,7 @@ import pytest
 from ukd import config as config_lib
 from ukd.data import preprocess
 from ukd.data.adapters import Adapter
-from ukd.data.volumes import from_array
+from ukd.data.io.volumes import from_array
 from ukd.errors import ConfigError, DataError
 
 Case = collections.namedtuple("Case", "id modality image label")

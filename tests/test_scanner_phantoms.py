@@ -8,7 +8,8 @@ import pytest
 import scipy.ndimage
 
 from ukd import config as config_lib
-from ukd.data import phantoms, scanner_phantoms, synthetic
+from ukd.data.synthetic import generate as synthetic
+from ukd.data.synthetic import phantoms, scanner_phantoms
 from ukd.errors import ConfigError, DataError
 
 SHAPE = (48, 48, 24)

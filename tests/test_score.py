@@ -1,4 +1,4 @@
-"""Scoring folders of predictions against references (`ukd.score`, `--mode=score`)."""
+"""Scoring folders of predictions against references (`ukd.evaluation.score`, `--mode=score`)."""
 
 import csv
 import json
@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 from helpers import run_module, tiny_config
 
-from ukd import checkpoints, evaluate, infer, models, predict, score
-from ukd.data import synthetic
+from ukd import models
 from ukd.data.adapters import get_adapter
+from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, DataError
+from ukd.evaluation import evaluate, score
+from ukd.runtime import checkpoints
+from ukd.serve import predict
+from ukd.serve import segmenter as infer
 
 
 def _save(array, path, affine=None, dtype=np.uint8):
@@ -208,7 +212,8 @@ def test_scoring_predicted_files_gives_the_evaluation_numbers(tmp_path, monkeypa
 
 def test_a_dicom_seg_is_scored_on_the_grid_of_its_source_series(tmp_path):
   pytest.importorskip("highdicom")
-  from ukd.data import dicom_seg, dicom_series, dicom_write
+  from ukd.data.io import dicom_seg, dicom_series
+  from ukd.data.synthetic import dicom_write
 
   affine = np.diag([0.8, 0.7, 2.5, 1.0])
   image = np.arange(6 * 5 * 3, dtype=np.float32).reshape(6, 5, 3)

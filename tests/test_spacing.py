@@ -12,11 +12,17 @@ from helpers import ROOT, tiny_config
 from ml_collections import config_flags
 
 from ukd import config as config_lib
-from ukd import infer, models, steps, windows
-from ukd import mesh as mesh_lib
-from ukd import state as state_lib
-from ukd.data import adapters, phantoms, pipeline, preprocess, synthetic, volumes
+from ukd import models
+from ukd.data import adapters, pipeline, preprocess
+from ukd.data.io import volumes
+from ukd.data.synthetic import generate as synthetic
+from ukd.data.synthetic import phantoms
 from ukd.errors import ConfigError
+from ukd.runtime import mesh as mesh_lib
+from ukd.serve import segmenter as infer
+from ukd.serve import windows
+from ukd.train import state as state_lib
+from ukd.train import steps
 
 # --- the setting ---------------------------------------------------------------------------------
 

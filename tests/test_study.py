@@ -16,8 +16,11 @@ from helpers import run_module
 from PIL import Image
 from scipy import stats
 
-from ukd import metrics, models, study, study_report
+from ukd import models
 from ukd.errors import ConfigError
+from ukd.evaluation import metrics
+from ukd.study import report as study_report
+from ukd.study import runner as study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = f"--config={os.path.join(ROOT, 'configs', 'study.py')}:micro"
@@ -27,7 +30,7 @@ SCHEMES = ("single", "ukd")
 
 
 def run_study(*args, timeout=300, check=True):
-  return run_module("ukd.study", *args, timeout=timeout, check=check)
+  return run_module("ukd.study.runner", *args, timeout=timeout, check=check)
 
 
 def micro_config():

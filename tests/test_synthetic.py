@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from ukd.data import phantoms, synthetic
+from ukd.data.synthetic import generate as synthetic
+from ukd.data.synthetic import phantoms
 from ukd.errors import DataError
 
 pydicom = pytest.importorskip("pydicom")

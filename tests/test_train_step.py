@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from helpers import tiny_config, toy_batch
 
-from ukd import mesh as mesh_lib
-from ukd import models, optimizer, steps
-from ukd import state as state_lib
+from ukd import models
+from ukd.runtime import mesh as mesh_lib
+from ukd.train import optimizer, steps
+from ukd.train import state as state_lib
 
 HERE = os.path.dirname(__file__)
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from helpers import random_variables, tiny_config
 
-from ukd import checkpoints, infer, predict
 from ukd import config as config_lib
 from ukd.data import pipeline
 from ukd.errors import ConfigError
+from ukd.runtime import checkpoints
+from ukd.serve import predict
+from ukd.serve import segmenter as infer
 
 RECORD = {
   "splits": {"ct": {"train": ["a"], "val": ["b"], "test": ["c"]}},

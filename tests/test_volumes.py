@@ -1,4 +1,4 @@
-"""Geometry round trips and input validation of ukd.data.volumes."""
+"""Geometry round trips and input validation of ukd.data.io.volumes."""
 
 import gzip
 
@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ukd.data import volumes
+from ukd.data.io import volumes
 from ukd.errors import DataError
 
 

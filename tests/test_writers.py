@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from ukd import train, writers
+from ukd.train import loop as train
+from ukd.train import writers
 
 
 def _events(logdir) -> list:

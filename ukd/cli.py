@@ -1,4 +1,4 @@
-"""What every ukd command line (`ukd.main`, `ukd.study`) does around its own flags.
+"""What every ukd command line (`ukd.main`, `ukd.study.runner`) does around its own flags.
 
 `run(main)` is `absl.app.run(main)` with what a user of either command expects:
   * packaged configs: `--config=configs/x.py` names a file of a checkout; run anywhere else

@@ -338,7 +338,7 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
 
 
 def _check_realism(data) -> None:
-  """`data.synthetic.realism`: a phantom set (`ukd.data.synthetic`) that the dataset has."""
+  """`data.synthetic.realism`: a phantom set (`ukd.data.synthetic.generate`) that the dataset has."""
   realism = data.synthetic.realism
   if realism not in ("simple", "scanner"):
     raise ConfigError(

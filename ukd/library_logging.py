@@ -1,6 +1,6 @@
 """How much the libraries ukd runs on (Orbax, JAX, absl, Python warnings) say on the terminal.
 
-Kept apart from what a run itself reports (`ukd.writers`): this is set once per command line,
+Kept apart from what a run itself reports (`ukd.train.writers`): this is set once per command line,
 before anything runs.
 """
 

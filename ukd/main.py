@@ -18,8 +18,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from ukd import cli as cli_lib
-from ukd import distributed
 from ukd.errors import ConfigError
+from ukd.runtime import distributed
 
 config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/mmwhs.py[:arg].", lock_config=True
@@ -116,7 +116,11 @@ def main(argv):
   if FLAGS.mode != "score":
     cli_lib.require_flags(FLAGS.mode, "workdir")
   # Imported here so that `--help` and flag errors answer without loading JAX.
-  from ukd import check, evaluate, export, postprocess, predict, predict_inputs, score, train
+  from ukd.data import check
+  from ukd.evaluation import evaluate, postprocess, score
+  from ukd.serve import export, predict
+  from ukd.serve import inputs as predict_inputs
+  from ukd.train import loop as train
 
   if FLAGS.device:
     predict.use_device(FLAGS.device)  # before anything touches a device

@@ -18,8 +18,9 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ukd import checkpoints, fault_log
+from ukd import fault_log
 from ukd.errors import CheckpointError, UkdError
+from ukd.runtime import checkpoints
 
 DAMAGED = "damaged"  # <workdir>/checkpoints/damaged/<step>
 

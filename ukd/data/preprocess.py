@@ -42,7 +42,7 @@ from etils import epath
 
 from ukd import config as config_lib
 from ukd import files
-from ukd.data.volumes import Volume
+from ukd.data.io.volumes import Volume
 from ukd.errors import DataError
 
 # Bump when the content or layout of cache entries changes, so old entries are not reused.

@@ -3,7 +3,7 @@
 `load_or_make_splits` makes (seeded) or reads `<workdir>/splits.json`; `cases_by_split`
 lists a dataset's cases and hands them out by modality and split.  `adapter_for` and
 `cases_for` do both from a config: the one way training, evaluation and the dataset check
-(`ukd.check`) build a config's adapter and find its cases.
+(`ukd.data.check`) build a config's adapter and find its cases.
 
 A patient's cases always share a split (and a fold): with `data.patient_pattern` a case id
 names its patient (`patient_of`), else each case is its own patient, as in MM-WHS, BTCV and

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ukd.ops import matmul_conv_grads
+from ukd.models import conv_grads as matmul_conv_grads
 
 # The reference implementation's batch-norm settings (TensorFlow's decay 0.9, epsilon 1e-3).
 BN_MOMENTUM = 0.9
@@ -51,7 +51,7 @@ KERNEL_INITS = {
 
 # The convolution `nn.Conv` calls, by `config.model.conv_grads`: 'xla' is XLA's own (every
 # derivative, any platform); 'cpu_matmul' computes some layers' gradients as matmuls on CPU
-# (see `ukd.ops.matmul_conv_grads`; reverse mode only: no `jax.jvp` through the model).
+# (see `ukd.models.conv_grads`; reverse mode only: no `jax.jvp` through the model).
 CONV_GRADS = {
   "xla": lax.conv_general_dilated,
   "cpu_matmul": matmul_conv_grads.conv_general_dilated,
@@ -177,7 +177,7 @@ def mirror_pad(x, pads):
   (TensorFlow's and numpy's 'symmetric': 1 2 3 -> 2 1 | 1 2 3 | 3 2), with (low, high) per
   axis.  The reference pads its last two 2D convolutions this way, so the logits at the
   image border come from mirrored features rather than from zeros.  Built from split, flip
-  and concatenate, which `ukd.onnx_export` translates."""
+  and concatenate, which `ukd.serve.onnx_graph` translates."""
   for axis, (low, high) in enumerate(pads, start=1):
     size = x.shape[axis]
     if max(low, high) > size:

@@ -19,8 +19,8 @@ from ukd.data.adapters.base import (
   visible,
 )
 from ukd.data.adapters.registry import register
-from ukd.data.dicom import read_dicom_series
-from ukd.data.volumes import Volume
+from ukd.data.io.dicom import read_dicom_series
+from ukd.data.io.volumes import Volume
 from ukd.errors import DataError, error
 
 ABDOMINAL_CLASSES = ("background", "liver", "right_kidney", "left_kidney", "spleen")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from etils import epath
 
-from ukd.data.volumes import Volume, read_image, read_label
+from ukd.data.io.volumes import Volume, read_image, read_label
 from ukd.errors import DataError, error
 
 _NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")

@@ -8,16 +8,9 @@ import re
 
 from etils import epath
 
-from ukd.data.adapters.base import (
-  Adapter,
-  Case,
-  pair_cases,
-  require_dir,
-  require_root,
-  visible,
-)
+from ukd.data.adapters.base import Adapter, Case, pair_cases, require_dir, require_root, visible
 from ukd.data.adapters.registry import register
-from ukd.data.volumes import Volume
+from ukd.data.io.volumes import Volume
 from ukd.errors import DataError, error
 
 

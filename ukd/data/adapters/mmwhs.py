@@ -14,7 +14,7 @@ from ukd.data.adapters.base import (
   require_root,
 )
 from ukd.data.adapters.registry import register
-from ukd.data.volumes import Volume
+from ukd.data.io.volumes import Volume
 
 # The four structures used by Dou et al.; the other annotated structures (550 RV cavity,
 # 600 RA cavity, 850 pulmonary artery) become background. Code 421 (seen as a left-atrium

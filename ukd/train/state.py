@@ -1,6 +1,6 @@
 """The train state: everything a train step changes, and how a run creates it.
 
-The optimizer is `ukd.optimizer`'s; the mesh the state is replicated on is `ukd.mesh`'s.
+The optimizer is `ukd.train.optimizer`'s; the mesh the state is replicated on is `ukd.runtime.mesh`'s.
 """
 
 from typing import Any
@@ -8,8 +8,9 @@ from typing import Any
 import flax.struct
 import jax
 
-from ukd import mesh as mesh_lib
-from ukd import models, optimizer
+from ukd import models
+from ukd.runtime import mesh as mesh_lib
+from ukd.train import optimizer
 
 
 class TrainState(flax.struct.PyTreeNode):

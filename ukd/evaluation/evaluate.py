@@ -4,7 +4,7 @@ Metrics are computed on each volume's canonical grid with its own voxel spacing,
 distances are in millimetres whatever resolution the network worked at.  Each volume counts
 once, and a table cell is the mean ± std over volumes, as in the paper.
 
-Aggregation and empty structures (see `ukd.metrics` for the per-volume rules):
+Aggregation and empty structures (see `ukd.evaluation.metrics` for the per-volume rules):
   * per structure: `metrics.summarize` over the volumes; a NaN (a structure absent from
     exactly one of prediction and ground truth has no surface distance) is left out of mean
     and std and counted in 'n_empty';
@@ -19,7 +19,7 @@ Outputs of `evaluate_cases(..., out_dir=d)` (`evaluate` uses d = <workdir>/eval/
   d/cases.csv      case, modality, class, dice, assd, hd95: one row per volume and structure
   d/overlays/<modality>/<case id>.png   image | ground truth | prediction on three slices
                    (per modality: case ids are only unique within one)
-With post-processing rules (`ukd.postprocess`; `evaluate` takes the work dir's by default) each
+With post-processing rules (`ukd.evaluation.postprocess`; `evaluate` takes the work dir's by default) each
 prediction is also scored post-processed, without predicting again: metrics.json then holds
 'postprocessed': {'rules', 'metrics': m of the post-processed labels} as well, and
 d/cases_postprocessed.csv their rows.
@@ -38,12 +38,15 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from ukd import checkpoints, files, infer, metrics, tables
-from ukd import postprocess as postprocess_lib
+from ukd import files
 from ukd.data import splits
 from ukd.data.adapters import Adapter, Case
 from ukd.errors import DataError
-from ukd.metrics import METRICS
+from ukd.evaluation import metrics, tables
+from ukd.evaluation import postprocess as postprocess_lib
+from ukd.evaluation.metrics import METRICS
+from ukd.runtime import checkpoints
+from ukd.serve import segmenter as infer
 
 # Distinct colours for classes 1, 2, ... (cycled when there are more classes).
 PALETTE = np.array(
@@ -215,7 +218,7 @@ def evaluate_cases(
     metric_names: the scores of each row (Dice alone spares the surface distances:
       training validates so).
     split: the split the cases come from, recorded in metrics.json.
-    rules: post-processing rules by modality (`ukd.postprocess.load_rules`): each prediction
+    rules: post-processing rules by modality (`ukd.evaluation.postprocess.load_rules`): each prediction
       is also scored post-processed (`seg` should apply none itself).
 
   Returns:
@@ -406,7 +409,7 @@ def evaluate(
     step: the checkpoint: 'best', 'latest' or a step number.
     overlays: also draw every case's overlay picture.
     tta: mirroring test-time augmentation (None: the config's `infer.tta`).
-    postprocess: 'auto', 'none' or a postprocessing.json (`ukd.postprocess.load_rules`);
+    postprocess: 'auto', 'none' or a postprocessing.json (`ukd.evaluation.postprocess.load_rules`);
       with rules, the same predictions are scored as predicted and post-processed.
 
   Returns:

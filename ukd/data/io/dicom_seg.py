@@ -16,9 +16,9 @@ import os
 import numpy as np
 
 from ukd import files
-from ukd.data import dicom_series
-from ukd.data.dicom import DicomImage
-from ukd.data.volumes import Volume, from_array
+from ukd.data.io import dicom_series
+from ukd.data.io.dicom import DicomImage
+from ukd.data.io.volumes import Volume, from_array
 from ukd.errors import DataError, error
 
 # Grids closer than this fraction of a voxel are the same grid: DICOM decimal strings and
@@ -161,7 +161,7 @@ def write_seg(
 def read_seg(path, image: DicomImage, class_names) -> np.ndarray:
   """The class indices of a DICOM-SEG of the series `image`, canonical like
   `image.volume.array` (int32): each segment becomes the class its label names, so a SEG is
-  scored against a NIfTI reference read with `ukd.data.volumes.read_label` voxel by voxel."""
+  scored against a NIfTI reference read with `ukd.data.io.volumes.read_label` voxel by voxel."""
   hd = _import_highdicom()
   path = os.fspath(path)
   try:

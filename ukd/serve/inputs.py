@@ -10,7 +10,7 @@ name its outputs get:
     `labelsTs/`), CHAOS `DICOM_anon/` with `Ground/` PNG masks. Only the images are read; the
     label files are counted, so the user sees they were left out on purpose;
   * a folder holding DICOM series, searched through (one series, a study, a PACS export or a
-    CD copy), or a .zip of one: each series is a case (`ukd.data.dicom_series`).
+    CD copy), or a .zip of one: each series is a case (`ukd.data.io.dicom_series`).
 
 A folder with NIfTI files is read as NIfTI, one without as DICOM. A case's output name is
 what its label would be called: a NIfTI file's name without its extension and the image
@@ -27,7 +27,7 @@ import re
 from etils import epath
 
 from ukd import files
-from ukd.data import dicom_series
+from ukd.data.io import dicom_series
 from ukd.errors import DataError, error
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$")

@@ -1,13 +1,13 @@
 """Running an exported ukd model: jax, numpy, scipy and nibabel; no flax, optax, orbax or grain.
 
-`ukd.export` writes, per modality, the network's batch function (softmax probabilities,
+`ukd.serve.export` writes, per modality, the network's batch function (softmax probabilities,
 mirroring TTA and ensemble averaging included, float32, any batch size) as StableHLO
 (`<modality>.stablehlo`, `jax.export`) and as ONNX (`<modality>.onnx`), and `model.json`:
 everything prediction needs besides (preprocessing, classes and label codes, post-processing
 rules, step, ukd version).  `load(DIR)` gives an object that predicts as a `ukd.infer.Segmenter`
-does, through the same `ukd.windows` road, so `ukd.predict.predict_paths` takes either:
+does, through the same `ukd.serve.windows` road, so `ukd.serve.predict.predict_paths` takes either:
 
-    from ukd import exported
+    from ukd.serve import runners as exported
     model = exported.load("export/", backend="onnxruntime")
     model.predict_file("scan.nii.gz", "labels.nii.gz", "ct")
 
@@ -25,8 +25,8 @@ import os
 import ml_collections as mc
 import numpy as np
 
-from ukd import predict, windows
 from ukd.errors import ConfigError, DataError, error
+from ukd.serve import predict, windows
 
 SIDECAR = "model.json"
 BACKENDS = ("jax", "onnxruntime", "openvino")
@@ -73,7 +73,7 @@ class ExportedModel(windows.Predictor):
     return self._functions[modality]
 
   def predict_file(self, in_path, out_path, modality: str, label_codes: str = "dataset") -> None:
-    """NIfTI in, label map and sidecar out, as `ukd.predict.predict_file`."""
+    """NIfTI in, label map and sidecar out, as `ukd.serve.predict.predict_file`."""
     predict.predict_file(self, in_path, out_path, modality, label_codes=label_codes)
 
   def _file(self, modality: str, suffix: str) -> str:
@@ -143,7 +143,7 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 def check_request(backend: str, precision: str) -> None:
   """A one-line ConfigError for a backend or precision this machine cannot serve, whatever
   the model: bf16 only on OpenVINO, on a CPU with bf16 units (emulated it is slower than
-  float32).  `ukd.export.load_backend` asks before it exports anything."""
+  float32).  `ukd.serve.export.load_backend` asks before it exports anything."""
   if backend not in BACKENDS:
     raise ConfigError(f"--backend={backend!r} must be one of {BACKENDS}")
   if precision not in ("float32", "bf16"):
@@ -159,7 +159,7 @@ def check_request(backend: str, precision: str) -> None:
 
 def _check_gate(record: dict) -> None:
   """bf16 only for a model whose bf16 labels passed the accuracy gate at export
-  (`ukd.export.bf16_gate`)."""
+  (`ukd.serve.export.bf16_gate`)."""
   gate = record.get("bf16_gate") or {}
   if not gate.get("passed"):
     reason = gate.get("reason", "bf16 labels were not checked against float32 at export")

@@ -1,7 +1,7 @@
 """The study's report: tables, paired tests, CSV and chart from its finished runs.
 
-`ukd.study` trains the runs; this module reads what they left (`RESULT` in each run dir) and
-writes study.md, study.csv and study.png, for one study or arm by arm (see `ukd.study`).
+`ukd.study.runner` trains the runs; this module reads what they left (`RESULT` in each run dir) and
+writes study.md, study.csv and study.png, for one study or arm by arm (see `ukd.study.runner`).
 """
 
 import json
@@ -9,9 +9,10 @@ import json
 import numpy as np
 from etils import epath
 
-from ukd import files, metrics, tables
+from ukd import files
 from ukd.errors import UkdError
-from ukd.metrics import METRICS
+from ukd.evaluation import metrics, tables
+from ukd.evaluation.metrics import METRICS
 from ukd.models.schemes import SCHEMES
 
 RESULT = "study_result.json"  # what a finished run leaves in its run dir
@@ -32,7 +33,7 @@ def finished_results(study, study_dir: str) -> dict:
 
 def case_means(rows, modality: str, metric: str) -> dict:
   """{case: mean over structures} of one modality, as the evaluation report computes it."""
-  from ukd import evaluate
+  from ukd.evaluation import evaluate
 
   return evaluate.case_means([r for r in rows if r["modality"] == modality], metric)
 
@@ -305,7 +306,7 @@ def _against_best(study, results) -> list[list[str]]:
 def write_arms_report(study, study_dir: str, subs: dict) -> dict:
   """The study dir's study.md (every arm's tables), study.csv (with an `arm` column) and
   study.png (a panel per arm) from every arm's finished runs; `subs` holds each arm as a study
-  of its own (`ukd.study.arm_study`), whose runs are in `<study_dir>/<arm>`."""
+  of its own (`ukd.study.runner.arm_study`), whose runs are in `<study_dir>/<arm>`."""
   study_dir = epath.Path(study_dir)
   arms = {}
   for arm, sub in subs.items():

@@ -2,7 +2,7 @@
 
 A PACS export or a CD copy holds files with any name (or none), in any folders, in any
 order, often several series side by side. Files are recognised by their content (the
-'DICM' marker), grouped by SeriesInstanceUID and read with `ukd.data.dicom`. `find_series`
+'DICM' marker), grouped by SeriesInstanceUID and read with `ukd.data.io.dicom`. `find_series`
 only lists; `read_series` raises a one-line DataError for a series that cannot be read, so a
 caller goes through the list, predicts the good series and reports each bad one:
 
@@ -29,7 +29,7 @@ import zipfile
 from etils import epath
 
 from ukd import files
-from ukd.data.dicom import DicomImage, import_pydicom, read_files
+from ukd.data.io.dicom import DicomImage, import_pydicom, read_files
 from ukd.errors import DataError, error
 
 # DICOM Modality tag -> ukd modality name; a config field can replace it.
@@ -181,7 +181,7 @@ def _named(groups: dict[str, list], base: str, root: str, folder: str) -> list[S
 
 
 def read_series(series: Series) -> DicomImage:
-  """Read one found series onto one grid (`ukd.data.dicom.read_files`); a bad series raises
+  """Read one found series onto one grid (`ukd.data.io.dicom.read_files`); a bad series raises
   one DataError line that names it."""
   if series.problem is not None:
     raise error(DataError, series.source, series.problem)

@@ -100,7 +100,7 @@ def candidate_scores(truth, pred, spacing, num_classes: int) -> CaseScores:
   """One case's Dice of every foreground class under every rule tried (`CaseScores`).
 
   Each class is labelled into components once; a rule's Dice then follows from each
-  component's size and overlap with the truth, with `ukd.metrics.dice`'s convention (both
+  component's size and overlap with the truth, with `ukd.evaluation.metrics.dice`'s convention (both
   empty: 1).
 
   Args:
@@ -235,11 +235,13 @@ def choose_for_workdir(workdir: str, step="best") -> dict:
   Returns:
     The record written (the module docstring).
   """
-  # Imported here: `ukd.windows` applies rules without the training stack these load.
+  # Imported here: `ukd.serve.windows` applies rules without the training stack these load.
   import jax
   from jax.experimental import multihost_utils
 
-  from ukd import checkpoints, evaluate, infer
+  from ukd.evaluation import evaluate
+  from ukd.runtime import checkpoints
+  from ukd.serve import segmenter as infer
 
   workdir, step = checkpoints.resolve(workdir, step)
   seg = infer.load(workdir, step, postprocess="none")
@@ -305,7 +307,7 @@ def load_rules(workdirs: Sequence, choice: str) -> dict | None:
         1,
       )
       return None
-    from ukd import checkpoints  # here: reading rules needs no orbax otherwise
+    from ukd.runtime import checkpoints  # here: reading rules needs no orbax otherwise
 
     path = checkpoints.resolve(workdirs[0], "best")[0] / FILE
     return _read_rules(path) if path.exists() else None

@@ -1,6 +1,6 @@
 """Cardiac CT and MR phantoms acquired as the MM-WHS scanners acquire them ('scanner' set).
 
-The 'simple' phantoms (`ukd.data.phantoms`) differ between the modalities in contrast only:
+The 'simple' phantoms (`ukd.data.synthetic.phantoms`) differ between the modalities in contrast only:
 both see the same heart at similar voxel sizes, blood pools told apart by brightness. Real
 MM-WHS CT and MR differ far more (Zhuang & Shen 2016, MedIA 31; Zhuang et al. 2019, MedIA 58,
 "Evaluation of algorithms for multi-modality whole heart segmentation"):
@@ -11,7 +11,7 @@ MM-WHS CT and MR differ far more (Zhuang & Shen 2016, MedIA 31; Zhuang et al. 20
       reconstructed at about 1 mm, slices coarser than in-plane, a larger field of view that
       holds the chest wall, lungs, spine and liver dome.
 
-This module samples the anatomy of `ukd.data.phantoms` (the same heart, plus the liver dome and
+This module samples the anatomy of `ukd.data.synthetic.phantoms` (the same heart, plus the liver dome and
 descending aorta that the wider MR field of view sees, unlabelled) that way. The voxel grid
 keeps the configured shape, so training costs what it costs on the simple set; a grid of
 64 x 64 x 40 voxels holds about 5 (MR) to 8 (CT) times fewer voxels per axis than the
@@ -40,8 +40,8 @@ import math
 import numpy as np
 import scipy.ndimage
 
-from ukd.data import phantoms
-from ukd.data.phantoms import RAS_FROM_LPS, Phantom, check_shape
+from ukd.data.synthetic import phantoms
+from ukd.data.synthetic.phantoms import RAS_FROM_LPS, Phantom, check_shape
 from ukd.errors import DataError
 
 # ----------------------------------------------------------------------------- acquisition

@@ -6,7 +6,7 @@ out twice:
   * `<modality>.stablehlo`: `jax.export` with a symbolic batch, lowered for CPU, CUDA and TPU
     in one artefact, for serving from JAX;
   * `<modality>.onnx`: the format deployment stacks take (onnxruntime, OpenVINO, TensorRT,
-    Triton, MONAI Deploy), written by `ukd.onnx_export` (our own converter of the jaxpr
+    Triton, MONAI Deploy), written by `ukd.serve.onnx_graph` (our own converter of the jaxpr
     primitives the two networks use; see there why not jax2onnx).
 `model.json` holds the rest (`ukd.exported` reads it): the checked config (preprocessing,
 spacing, size, slice axis, windows), the network's dimensionality, class names and label
@@ -30,8 +30,12 @@ from jax import export as jax_export
 
 import ukd
 from ukd import config as config_lib
-from ukd import exported, files, infer, metrics, models, onnx_export
+from ukd import files, models
 from ukd.errors import ConfigError
+from ukd.evaluation import metrics
+from ukd.serve import onnx_graph as onnx_export
+from ukd.serve import runners as exported
+from ukd.serve import segmenter as infer
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 # bf16 is allowed for a model when, on its test cases, bf16 labels agree with float32 labels
@@ -103,7 +107,7 @@ def bf16_gate(output, record: dict, workdir) -> dict:
     import openvino  # noqa: F401
   except ImportError:
     return {"passed": False, "reason": "not measured: OpenVINO is not installed"}
-  from ukd import evaluate  # the work dir's test split, as evaluation finds it
+  from ukd.evaluation import evaluate  # the work dir's test split, as evaluation finds it
 
   first = str(workdir).split(",")[0]
   seg = infer.load(first)

@@ -3,7 +3,7 @@
 A broken validation or test case (a truncated download, a label on another grid, a stray
 label code, a header in metres) would otherwise surface at the first validation, hours into
 a run, or not until the final evaluation.  `check_cases` reads each case once through its
-adapter, whose `read` refuses exactly those (`ukd.data.volumes`, `ukd.data.adapters`), and
+adapter, whose `read` refuses exactly those (`ukd.data.io.volumes`, `ukd.data.adapters`), and
 collects every broken case rather than stopping at the first.  Training runs it on all
 splits before preprocessing; `python -m ukd.main --mode=check --config=...` runs it alone
 and prints what it found per modality: cases, spacing and shape ranges, and the classes

@@ -1,6 +1,6 @@
 """The paper's comparison in one command: every sharing scheme (and ablation) on the same data.
 
-  python -m ukd.study --config=configs/study.py --workdir=runs/study [--only=ukd,single]
+  python -m ukd.study.runner --config=configs/study.py --workdir=runs/study [--only=ukd,single]
                       [--seeds=0,1]
 
 A study config (`configs/study.py`) holds a `base` training config and named variants, each
@@ -13,13 +13,13 @@ runs share one preprocessing cache.  A run that finished leaves
 `study_result.json` (its test rows) and is skipped next time; an interrupted run resumes from
 its checkpoint, since `train_and_evaluate` does.
 
-Written to the study dir (`ukd.study_report`), from every finished run the config names:
+Written to the study dir (`ukd.study.report`), from every finished run the config names:
   study.csv  one row per (variant, seed, modality, structure): dice, assd, hd95
   study.md   the tables (Dice % and ASSD mm per structure, mean +- std over seeds, parameter
              counts) and a paired Wilcoxon signed-rank test per modality between the
              reference variant and each other one, over (seed, test case) pairs
   study.png  mean Dice per variant and modality, one dot per seed, bar = mean over seeds
-ASSD is the pooled form (`ukd.metrics.assd`).
+ASSD is the pooled form (`ukd.evaluation.metrics.assd`).
 
 A study config with `arms` is several such studies in one: each arm is the base with the arm's
 own overrides (another phantom set, a scarce modality) and the variants it compares, trained
@@ -39,9 +39,10 @@ from ml_collections import config_flags
 
 from ukd import cli as cli_lib
 from ukd import config as config_lib
-from ukd import files, study_report
+from ukd import files
 from ukd.errors import ConfigError
-from ukd.study_report import RESULT
+from ukd.study import report as study_report
+from ukd.study.report import RESULT
 
 config_flags.DEFINE_config_file("config", None, "Study config, e.g. configs/study.py[:arg].")
 flags.DEFINE_string("workdir", None, "Study dir: runs/, study.md, study.csv, study.png.")
@@ -87,7 +88,8 @@ def _override(node, overrides: dict, where: str) -> None:
 
 def train_run(config, rundir: str) -> dict:
   """Trains and tests one run unless it already finished; returns its saved result."""
-  from ukd import models, train
+  from ukd import models
+  from ukd.train import loop as train
 
   result_path = epath.Path(rundir) / RESULT
   if result_path.exists():

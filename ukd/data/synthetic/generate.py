@@ -3,11 +3,11 @@
 The real datasets need a registration and cannot be fetched everywhere, yet the dataset
 adapters, preprocessing, training and evaluation must run end to end on files that look
 like the real ones: the same folders, file names, label codes, dtypes and geometry
-conventions. The volumes come from `ukd.data.phantoms` (anatomy, geometry, intensities: the
-'simple' set) or, for MM-WHS, from `ukd.data.scanner_phantoms` (acquired as the MM-WHS
+conventions. The volumes come from `ukd.data.synthetic.phantoms` (anatomy, geometry, intensities: the
+'simple' set) or, for MM-WHS, from `ukd.data.synthetic.scanner_phantoms` (acquired as the MM-WHS
 scanners do: the 'scanner' set); this module writes them as each dataset ships: MM-WHS and
 BTCV as NIfTI, CHAOS as DICOM series with PNG masks. `ensure` generates a dataset once, for
-configs that ask for synthetic data; `python -m ukd.data.synthetic --layout=mmwhs --out=DIR`
+configs that ask for synthetic data; `python -m ukd.data.synthetic.generate --layout=mmwhs --out=DIR`
 writes one.
 """
 
@@ -21,8 +21,14 @@ import nibabel as nib
 import numpy as np
 
 from ukd import files
-from ukd.data import scanner_phantoms
-from ukd.data.phantoms import DEFAULT_SHAPE, RAS_FROM_LPS, Phantom, check_shape, make_phantom
+from ukd.data.synthetic import scanner_phantoms
+from ukd.data.synthetic.phantoms import (
+  DEFAULT_SHAPE,
+  RAS_FROM_LPS,
+  Phantom,
+  check_shape,
+  make_phantom,
+)
 from ukd.errors import DataError
 
 # Phantom sets by `data.synthetic.realism`.
@@ -236,7 +242,7 @@ def ensure(
 
 
 def main(argv=None) -> None:
-  """python -m ukd.data.synthetic --layout=mmwhs --out=DIR --n_ct=4 --n_mr=4"""
+  """python -m ukd.data.synthetic.generate --layout=mmwhs --out=DIR --n_ct=4 --n_mr=4"""
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--layout", choices=sorted(_WRITERS), required=True)
   parser.add_argument("--out", required=True, help="dataset root to write")

@@ -27,14 +27,14 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def mean_std(stats: Mapping[str, float], scale: float, digits: int) -> str:
-  """'mean ± std' of a `ukd.metrics.summarize` result, e.g. '81.3 ± 4.2'.
+  """'mean ± std' of a `ukd.evaluation.metrics.summarize` result, e.g. '81.3 ± 4.2'.
 
   Values without a number (NaN: a distance with exactly one mask empty, or a seed with no
   defined value at all) are left out of mean and std and counted after it, '(2 n/a)', so a
   gap is never hidden; with no number at all the cell is 'n/a'.
 
   Args:
-    stats: {'mean', 'std', 'n', 'n_empty'} as `ukd.metrics.summarize` returns it.
+    stats: {'mean', 'std', 'n', 'n_empty'} as `ukd.evaluation.metrics.summarize` returns it.
     scale: factor for mean and std, e.g. 100 for Dice in percent.
     digits: digits after the decimal point.
 

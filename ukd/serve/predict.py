@@ -1,6 +1,6 @@
 """Predicting files, folders and DICOM series: label maps in the dataset's own codes out.
 
-`predict_paths` predicts everything one input holds (`ukd.predict_inputs`: NIfTI files,
+`predict_paths` predicts everything one input holds (`ukd.serve.inputs`: NIfTI files,
 DICOM series, a dataset's layout) into an output folder, as NIfTI label maps, DICOM
 Segmentations, or both, with a JSON sidecar per case naming each code's class and giving the
 case's time and each class's volume. Every output name is checked before the first
@@ -28,11 +28,12 @@ import time
 import numpy as np
 
 import ukd
-from ukd import files, windows
+from ukd import files
 from ukd import progress as progress_lib
-from ukd.data import dicom_seg, dicom_series, volumes
+from ukd.data.io import dicom_seg, dicom_series, volumes
 from ukd.errors import ConfigError, DataError, error
-from ukd.predict_inputs import Case, Inputs, find_inputs, output_name
+from ukd.serve import windows
+from ukd.serve.inputs import Case, Inputs, find_inputs, output_name
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
 OUTPUT_FORMATS = ("nifti", "dicom_seg")
@@ -183,7 +184,7 @@ def predict_paths(
   uncertainty: bool = False,
   resume: bool = False,
 ) -> list[str]:
-  """Predicts what `input_path` holds (`ukd.predict_inputs`) into `output_dir`; returns
+  """Predicts what `input_path` holds (`ukd.serve.inputs`) into `output_dir`; returns
   every path written.
 
   Per case `<name>`: `<name>.nii.gz` (`output_format` 'nifti') and/or `<name>.dcm` (a

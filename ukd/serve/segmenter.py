@@ -5,13 +5,13 @@ during training); `load(path)` restores a work dir's checkpoint together with th
 in it, so a network always runs with the preprocessing it was trained with.  `load` given
 several work dirs (the folds of a cross-validation) gives an ensemble.
 
-Volumes take the road of `ukd.windows` (prepare -> windows -> restore), which an exported
+Volumes take the road of `ukd.serve.windows` (prepare -> windows -> restore), which an exported
 model shares.  What this module adds is the batch function, one jitted call per batch:
   * the network of every ensemble member on the batch, their softmax probabilities averaged;
   * with test-time augmentation (`tta`), each sample also mirrored along every combination of
     the axes the network was trained to see flipped (`data.augment.flip`), all mirrors in one
     batch through the network, flipped back and averaged (as nnU-Net's mirroring).
-`label_table` gives the dataset's own label codes, in which `ukd.predict` writes files.
+`label_table` gives the dataset's own label codes, in which `ukd.serve.predict` writes files.
 
 Batches are sharded over the 'data' mesh axis (`infer.batch_size` rounded up to a multiple of
 the device count), so a single compiled function per modality serves every volume.
@@ -26,18 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ukd import checkpoints, fault_log, models, recovery, steps, windows
 from ukd import config as config_lib
-from ukd import mesh as mesh_lib
-from ukd import postprocess as postprocess_lib
-from ukd.data import volumes
+from ukd import fault_log, models, recovery
+from ukd.data.io import volumes
 from ukd.errors import ConfigError, DataError, UkdError
+from ukd.evaluation import postprocess as postprocess_lib
+from ukd.runtime import checkpoints
+from ukd.runtime import mesh as mesh_lib
+from ukd.serve import windows
+from ukd.train import steps
 
 
 class Segmenter(windows.Predictor):
   """A network (or an ensemble of networks) with its variables on the devices and the config
   it was trained with; `predict_volume`, `label_table` and `check_modality` come from
-  `ukd.windows.Predictor`, which an exported model shares."""
+  `ukd.serve.windows.Predictor`, which an exported model shares."""
 
   def __init__(
     self, config, variables, mesh=None, *, step=None, tta: bool | None = None, postprocess=None
@@ -49,7 +52,7 @@ class Segmenter(windows.Predictor):
     there (several hosts share out the cases instead: `evaluate.evaluate_cases`).
     `config` is a checked one (`ukd.config.check`), as training and checkpoints hold.
     `tta` mirrors every sample (None: the config's `infer.tta`); `postprocess` holds the
-    connected-component rules applied to the labels (`ukd.postprocess`; None: none)."""
+    connected-component rules applied to the labels (`ukd.evaluation.postprocess`; None: none)."""
     self.config = config
     self.step = step  # checkpoint step(s) when loaded from work dirs (reports name it)
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(jax.local_devices())
@@ -90,7 +93,7 @@ class Segmenter(windows.Predictor):
     modalities, network and preprocessing, since their probabilities are averaged voxel by
     voxel.  The variables land replicated on whatever devices this process has, whatever
     trained them.  `postprocess`: 'auto' (the work dir's chosen rules, if any), 'none', or
-    the path of a postprocessing.json (`ukd.postprocess.load_rules`).
+    the path of a postprocessing.json (`ukd.evaluation.postprocess.load_rules`).
     """
     if isinstance(path, (list, tuple)):
       paths = list(path)
@@ -142,7 +145,7 @@ class Segmenter(windows.Predictor):
 
   def batch_function(self, modality: str):
     """batch [N, *window, channels] (N = `batch_size`) -> probabilities on the devices: the
-    function `ukd.windows` slides over a volume, and what an export serialises."""
+    function `ukd.serve.windows` slides over a volume, and what an export serialises."""
     sharding = mesh_lib.batch_sharding(self.mesh)
 
     def run(batch):

@@ -1,6 +1,6 @@
 """Phantom CT and MR volumes: simple anatomy (heart, abdomen) sampled as each modality sees it.
 
-`ukd.data.synthetic` writes them in the on-disk layouts of MM-WHS 2017, BTCV and CHAOS.
+`ukd.data.synthetic.generate` writes them in the on-disk layouts of MM-WHS 2017, BTCV and CHAOS.
 
 The real datasets need a registration and cannot be fetched everywhere, yet the dataset
 adapters, preprocessing, training and evaluation must run end to end on files that look

@@ -17,8 +17,8 @@ import random
 import numpy as np
 
 from ukd import files
-from ukd.data.dicom import LPS_TO_RAS, import_pydicom
-from ukd.data.volumes import Volume
+from ukd.data.io.dicom import LPS_TO_RAS, import_pydicom
+from ukd.data.io.volumes import Volume
 from ukd.errors import DataError, error
 
 _SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
@@ -168,7 +168,7 @@ def write_series(
   """Write a Volume (its on-disk grid and affine), or an array [X, Y, Z] with a RAS `affine`
   (identity when None), as a DICOM series in `folder`; returns the paths written.
 
-  Voxel axes (column, row, slice), as `ukd.data.dicom` reads them: a volume read back has the
+  Voxel axes (column, row, slice), as `ukd.data.io.dicom` reads them: a volume read back has the
   same canonical array and, for an affine with a positive determinant, the same affine (a
   negative one comes back with the slice axis reversed). Files are `IM00001.dcm`... in slice
   order, or with `shuffle_names` random names without extension, so a reader cannot rely on

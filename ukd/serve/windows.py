@@ -34,9 +34,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ukd import postprocess
-from ukd.data import preprocess, volumes
+from ukd.data import preprocess
+from ukd.data.io import volumes
 from ukd.errors import ConfigError, DataError
+from ukd.evaluation import postprocess
 
 # batch [N, *window, channels] float32 -> class probabilities [N, *window, C] (any array type).
 BatchFn = Callable[[np.ndarray], object]
@@ -51,7 +52,7 @@ class Settings:
   num_classes: int
   overlap: float
   batch_size: int
-  # Connected-component rules chosen on validation (`ukd.postprocess`), applied to the labels
+  # Connected-component rules chosen on validation (`ukd.evaluation.postprocess`), applied to the labels
   # on the volume's grid; None: the network's labels as they are.
   postprocess: dict | None = None
 
@@ -122,7 +123,7 @@ class Predictor:
 
   def check_modality(self, modality: str) -> None:
     """A DataError unless the network was trained on `modality`; predicting checks it, and so
-    do callers that have work to do before the first prediction (`ukd.predict`)."""
+    do callers that have work to do before the first prediction (`ukd.serve.predict`)."""
     known = list(self.config.modalities)
     if modality not in known:
       raise DataError(f"modality {modality!r} is not one this network was trained on: {known}")
@@ -135,7 +136,7 @@ def predict_volume(
 
   The image alone decides everything, the crop included: evaluation predicts exactly as
   prediction does, never helped by the label it is scored against.  The three stages are
-  public so that `ukd.predict` can run them on different threads, case after case.
+  public so that `ukd.serve.predict` can run them on different threads, case after case.
   """
   prepared = prepare(vol, modality, settings)
   network = network_probabilities(prepared.image, settings, run)

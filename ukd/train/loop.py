@@ -18,25 +18,17 @@ import ml_collections as mc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ukd import (
-  check,
-  checkpoints,
-  evaluate,
-  files,
-  infer,
-  lock,
-  models,
-  postprocess,
-  profiling,
-  recovery,
-  steps,
-  writers,
-)
 from ukd import config as config_lib
-from ukd import mesh as mesh_lib
-from ukd import state as state_lib
-from ukd.data import adapters, pipeline, preprocess, splits, synthetic
+from ukd import files, lock, models, recovery
+from ukd.data import adapters, check, pipeline, preprocess, splits
+from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
+from ukd.evaluation import evaluate, postprocess
+from ukd.runtime import checkpoints
+from ukd.runtime import mesh as mesh_lib
+from ukd.serve import segmenter as infer
+from ukd.train import profiling, steps, writers
+from ukd.train import state as state_lib
 
 T = TypeVar("T")
 
@@ -241,7 +233,7 @@ class Throughput:
 
 def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) in `workdir`, chooses post-processing on the validation split
-  (`ukd.postprocess`; none without validation cases), then evaluates the test split.
+  (`ukd.evaluation.postprocess`; none without validation cases), then evaluates the test split.
   The whole run holds the work dir's lock (`ukd.lock`): a second training there is refused.
 
   Args:

@@ -1,6 +1,6 @@
 """Scoring a folder of predictions against a folder of references (`--mode=score`), as
 nnU-Net's `evaluate_folder` does: no checkpoint needed, so predictions of any model, ukd's or
-another, get the numbers and reports an evaluation gives (`ukd.evaluate`).
+another, get the numbers and reports an evaluation gives (`ukd.evaluation.evaluate`).
 
 Pairing, by case name: a file's name without `.nii`, `.nii.gz` or `.dcm` and without one
 trailing `_label`, `_image` or `_0000`.
@@ -29,7 +29,7 @@ Grids: a prediction must lie on its reference's grid, the same voxels in the sam
 shapes and affines are compared after both are made canonical (a file stored with flipped or
 permuted axes still matches), affines within `volumes.AFFINE_TOLERANCE`.  Anything else is an
 error, never a resample: a resampled label is not the one the model made.  Metrics are those of
-`ukd.metrics` on the canonical arrays, distances in mm with the reference's voxel spacing.
+`ukd.evaluation.metrics` on the canonical arrays, distances in mm with the reference's voxel spacing.
 
 DICOM-SEG predictions: a SEG holds frames of its source series, not a grid of its own, so
 `dicom_reference` names a folder (or .zip) holding the source series, in any layout
@@ -53,13 +53,14 @@ from collections.abc import Mapping
 import numpy as np
 from absl import logging
 
-from ukd import evaluate, files, metrics
-from ukd.data import dicom_seg, dicom_series, volumes
+from ukd import files
 from ukd.data.adapters import get_adapter, map_labels
 from ukd.data.adapters.base import require_dir, visible
 from ukd.data.adapters.folder import read_dataset_json
-from ukd.data.dicom import import_pydicom
+from ukd.data.io import dicom_seg, dicom_series, volumes
+from ukd.data.io.dicom import import_pydicom
 from ukd.errors import ConfigError, DataError, error
+from ukd.evaluation import evaluate, metrics
 
 # --dataset -> (adapter, the modality its codes belong to; None: --modality chooses).
 DATASETS = {

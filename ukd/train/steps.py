@@ -18,9 +18,9 @@ import ml_collections as mc
 import numpy as np
 import optax
 
-from ukd import losses, optimizer
-from ukd import mesh as mesh_lib
-from ukd import state as state_lib
+from ukd.runtime import mesh as mesh_lib
+from ukd.train import losses, optimizer
+from ukd.train import state as state_lib
 
 # One batch per modality: {'ct': {'image': [B, ..., channels], 'label': [B, ...]}, 'mr': ...}.
 Batch = Mapping[str, Mapping[str, jax.Array]]

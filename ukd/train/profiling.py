@@ -15,7 +15,8 @@ import tempfile
 
 import jax
 
-from ukd import files, writers
+from ukd import files
+from ukd.train import writers
 
 PROFILE = "profile"  # <workdir>/profile
 

@@ -8,10 +8,10 @@ grid is refused with one line naming the series and the problem (missing slices,
 or orientations, gantry tilt, no pixel data, an undecodable transfer syntax), so a caller
 reading many series can go on with the others; a localizer mixed into a series is skipped and
 reported instead. The source headers stay with the volume, so a DICOM-SEG can reference them
-(`ukd.data.dicom_seg`).
+(`ukd.data.io.dicom_seg`).
 
 pydicom is an optional extra (`pip install 'ukd[dicom]'`), imported when a series is read.
-Series discovery is `ukd.data.dicom_series`, writing `ukd.data.dicom_write`.
+Series discovery is `ukd.data.io.dicom_series`, writing `ukd.data.synthetic.dicom_write`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from ukd import files
-from ukd.data.volumes import Volume, from_array
+from ukd.data.io.volumes import Volume, from_array
 from ukd.errors import DataError, error
 
 # DICOM patient coordinates are LPS; NIfTI/ukd affines are RAS (the matrix is its own inverse).
