@@ -1,5 +1,5 @@
 """A damaged checkpoint (a truncated data file, a missing _METADATA) never stops a run that
-can go on: resuming takes the newest that restores and moves the others aside (ukd.recovery);
+can go on: resuming takes the newest that restores and moves the others aside (ukd.runtime.recovery);
 a damaged one asked for by name is one line; one of another network names what differs."""
 
 import glob
@@ -14,9 +14,8 @@ import pytest
 from helpers import random_variables, tiny_config
 
 from ukd import config as config_lib
-from ukd import fault_log, recovery
 from ukd.errors import CheckpointError
-from ukd.runtime import checkpoints
+from ukd.runtime import checkpoints, fault_log, recovery
 from ukd.serve import segmenter as infer
 
 STATE = {"w": np.arange(1000, dtype=np.float32), "b": np.ones((3, 4), np.float32)}

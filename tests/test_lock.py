@@ -1,4 +1,4 @@
-"""One training run per work dir (ukd.lock): a second is refused, a dead run's lock is taken
+"""One training run per work dir (ukd.runtime.lock): a second is refused, a dead run's lock is taken
 over, and the modes that only read take none."""
 
 import os
@@ -11,8 +11,8 @@ import time
 import pytest
 from helpers import ROOT, run_module, tiny_config
 
-from ukd import lock
 from ukd.errors import WorkdirInUse
+from ukd.runtime import lock
 from ukd.train import loop as train
 
 HOLDER = rf"host {re.escape(socket.gethostname())}, process {os.getpid()}, started \S+"
@@ -45,7 +45,7 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_with_one_line(tmp_path, capsys)
     "(host node7, process 4242, started 2025-01-02T03:04:05+00:00)\n"
   )
   with pytest.raises(ZeroDivisionError), lock.training(tmp_path):  # an end, if with an error,
-    1 / 0  # leaves nothing to take over
+    raise ZeroDivisionError  # leaves nothing to take over
   with lock.training(tmp_path):
     pass
   assert capsys.readouterr().out == ""

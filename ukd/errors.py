@@ -34,7 +34,7 @@ class CheckpointError(UkdError, ValueError):
 
 
 class WorkdirInUse(UkdError, RuntimeError):
-  """Another training run holds the work dir (`ukd.lock`); the message names it."""
+  """Another training run holds the work dir (`ukd.runtime.lock`); the message names it."""
 
 
 class WriteError(UkdError, OSError):

@@ -21,8 +21,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from ukd import fault_log, files
+from ukd import files
 from ukd.errors import CheckpointError
+from ukd.runtime import fault_log
 
 BEST_METRIC = "val_dice"  # the mean over modalities; 'val_dice/<modality>' each modality's
 CHECKPOINTS = "checkpoints"  # <workdir>/checkpoints/<step>

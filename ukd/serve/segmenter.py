@@ -27,11 +27,11 @@ import numpy as np
 from absl import logging
 
 from ukd import config as config_lib
-from ukd import fault_log, models, recovery
+from ukd import models
 from ukd.data.io import volumes
 from ukd.errors import ConfigError, DataError, UkdError
 from ukd.evaluation import postprocess as postprocess_lib
-from ukd.runtime import checkpoints
+from ukd.runtime import checkpoints, fault_log, recovery
 from ukd.runtime import mesh as mesh_lib
 from ukd.serve import windows
 from ukd.train import steps

@@ -19,12 +19,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ukd import config as config_lib
-from ukd import files, lock, models, recovery
+from ukd import files, models
 from ukd.data import adapters, check, pipeline, preprocess, splits
 from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
 from ukd.evaluation import evaluate, postprocess
-from ukd.runtime import checkpoints
+from ukd.runtime import checkpoints, lock, recovery
 from ukd.runtime import mesh as mesh_lib
 from ukd.serve import segmenter as infer
 from ukd.train import profiling, steps, writers
@@ -234,7 +234,7 @@ class Throughput:
 def train_and_evaluate(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) in `workdir`, chooses post-processing on the validation split
   (`ukd.evaluation.postprocess`; none without validation cases), then evaluates the test split.
-  The whole run holds the work dir's lock (`ukd.lock`): a second training there is refused.
+  The whole run holds the work dir's lock (`ukd.runtime.lock`): a second training there is refused.
 
   Args:
     config: the training config; not changed: the run uses `config_lib.resolve`'s frozen copy,

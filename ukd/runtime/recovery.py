@@ -6,7 +6,7 @@ when an older checkpoint beside it is whole (Orbax keeps the latest and the best
 the user delete folders by hand.  So a resume tries the checkpoints newest first; each that
 fails to restore is moved aside to `checkpoints/damaged/<step>/` (kept, for a look or a
 rescue; never deleted) and named in one line with the first line of its error, the whole
-error going to `<workdir>/ukd.log` (`ukd.fault_log`).  When none restores, nothing is moved
+error going to `<workdir>/ukd.log` (`ukd.runtime.fault_log`).  When none restores, nothing is moved
 (a cause common to all, such as an unreadable mount, is no damage to them) and the run stops
 with one line naming each.
 
@@ -18,9 +18,8 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ukd import fault_log
 from ukd.errors import CheckpointError, UkdError
-from ukd.runtime import checkpoints
+from ukd.runtime import checkpoints, fault_log
 
 DAMAGED = "damaged"  # <workdir>/checkpoints/damaged/<step>
 
