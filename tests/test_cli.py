@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import ml_collections as mc
 import nibabel as nib
 import numpy as np
 import pytest
@@ -138,6 +139,7 @@ def test_user_errors_are_one_line(args, expected, tmp_path):
   [
     ("--config.no_such_key=1", "no_such_key"),
     ("--config.batch_size=abc", "batch_size"),
+    ("--config.model.widht=3", "no such config field 'widht' (did you mean 'width'?)"),
   ],
 )
 def test_broken_overrides_are_flag_errors(override, expected, tmp_path):
@@ -146,6 +148,16 @@ def test_broken_overrides_are_flag_errors(override, expected, tmp_path):
   assert "Traceback" not in out.stderr
   lines = [line for line in out.stderr.splitlines() if line.startswith("ukd: error:")]
   assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
+
+
+def test_a_misspelt_config_field_reads_plainly_with_the_suggestion():
+  config = mc.ConfigDict({"model": {"width": 2}})
+  for lookup in (lambda: config.model.widht, lambda: config["model"]["widht"]):
+    with pytest.raises((AttributeError, KeyError)) as raised:
+      lookup()
+    assert cli._no_such_field(raised.value) == (
+      "no such config field 'widht' (did you mean 'width'?)"
+    )
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(trained, tmp_path):

@@ -1,5 +1,6 @@
 """Atomic writes (ukd.files): a killed or failing write never leaves a truncated file."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -7,11 +8,13 @@ import sys
 import pytest
 
 from ukd import files
+from ukd.errors import WriteError
 
 # Writes half of the new content through `files.replacing`, then dies as a kill would.
 _KILLED_MIDWAY = """
 import os, signal, sys
 from ukd import files
+from ukd.errors import WriteError
 with files.replacing(sys.argv[1]) as tmp:
   with open(tmp, "w") as f:
     f.write("new con")
@@ -69,3 +72,37 @@ def test_a_new_directory_appears_whole_or_not_at_all(tmp_path):
       f.write(b"second")
   assert (entry / "image.npy").read_bytes() == b"whole"
   assert os.listdir(tmp_path / "cache") == ["case-1234"]
+
+
+@pytest.mark.parametrize(
+  "code,cause",
+  [
+    (errno.ENOSPC, "no space left on device"),
+    (errno.EROFS, "read-only file system"),
+    (errno.EACCES, "permission denied"),
+  ],
+)
+def test_a_refused_write_is_one_line_naming_the_path_and_cause_and_leaves_the_old_file(
+  code, cause, tmp_path, monkeypatch
+):
+  path = tmp_path / "metrics.json"
+  path.write_text("old content")
+  real_open = open
+
+  def refusing(name, mode="r", *args, **kwargs):
+    if "w" in mode:
+      raise OSError(code, os.strerror(code), name)
+    return real_open(name, mode, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", refusing)
+  with pytest.raises(WriteError) as raised:
+    files.write_json(path, {"new": 1})
+  monkeypatch.undo()
+  assert str(raised.value) == f"{path}: cannot write: {cause}"
+  assert raised.value.exit_code == 74
+  assert path.read_text() == "old content" and os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_other_errors_of_a_write_are_not_taken_for_a_refusal(tmp_path):
+  with pytest.raises(FileNotFoundError), files.replacing(tmp_path / "x.txt") as tmp:
+    open(os.path.join(tmp, "missing", "y"))

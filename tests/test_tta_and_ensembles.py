@@ -3,6 +3,8 @@ folder in three stages with --continue."""
 
 import json
 import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -142,8 +144,16 @@ def test_entropy_maps_lie_between_zero_and_ln_c_and_continue_skips_complete_case
   assert entropy.shape == (16, 16, 5)
   assert entropy.min() >= 0 and entropy.max() <= np.log(3) + 1e-6 and entropy.max() > 0.01
 
-  # A case interrupted before its sidecar is redone; complete ones are skipped.
+  # A case interrupted before its sidecar is redone; complete ones are skipped; a killed
+  # run's temporary file is removed, a running writer's is not.
   os.remove(out / "case1.json")
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+  )
+  stale = out / f".tmp-{int(dead.stdout)}-0123abcd-case1.json"
+  live = out / f".tmp-{os.getpid()}-0123abcd-case2.json"
+  stale.write_text("{")
+  live.write_text("{")
   before = os.path.getmtime(out / "case0.nii.gz")
   with pytest.raises(Exception, match="already exists"):
     predict.predict_paths(seg, str(inputs), str(out), "ct", uncertainty=True, show_progress=False)
@@ -156,6 +166,7 @@ def test_entropy_maps_lie_between_zero_and_ln_c_and_continue_skips_complete_case
     "case1_entropy.nii.gz",
   ]
   assert os.path.getmtime(out / "case0.nii.gz") == before
+  assert not stale.exists() and live.exists()
   with open(out / "case1.json") as f:
     assert json.load(f)["seconds"] > 0
 

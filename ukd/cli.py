@@ -16,6 +16,7 @@ Nothing here imports JAX, so `--help` and flag errors answer at once.
 
 import importlib.util
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -90,12 +91,24 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     message = _without_traceback(str(e))
   except (AttributeError, KeyError, TypeError, ValueError, SyntaxError, OSError) as e:
     message = (
-      f"no such config field {e}"
-      if isinstance(e, (AttributeError, KeyError))
-      else f"{type(e).__name__}: {e}"
+      _no_such_field(e) if isinstance(e, (AttributeError, KeyError)) else f"{type(e).__name__}: {e}"
     )
   print(f"ukd: error: bad flag or config override: {' '.join(message.split())}", file=sys.stderr)
   sys.exit(2)
+
+
+def _no_such_field(e: AttributeError | KeyError) -> str:
+  """The line "no such config field 'widht' (did you mean 'width'?)" from ml_collections'
+  error, a KeyError (inside an AttributeError) whose text is the quoted name, a newline and
+  'Did you mean "width" instead of "widht"?': printed as it is, its quotes came out escaped."""
+  while e.args and isinstance(e.args[0], (AttributeError, KeyError)):
+    e = e.args[0]
+  text = str(e.args[0]) if e.args else str(e)
+  first, _, rest = text.partition("\n")
+  name = first.strip("'\"")
+  message = f"no such config field '{name}'"
+  suggestion = re.search(r'Did you mean "([^"]+)"', rest)
+  return message + (f" (did you mean '{suggestion.group(1)}'?)" if suggestion else "")
 
 
 def _without_traceback(message: str) -> str:

@@ -19,7 +19,7 @@ from ukd.data import splits
 from ukd.errors import ConfigError, DataError, import_extra
 from ukd.evaluation import evaluate as evaluate_lib
 from ukd.evaluation import postprocess as postprocess_lib
-from ukd.runtime import checkpoints
+from ukd.runtime import checkpoints, lock
 from ukd.serve import export as export_lib
 from ukd.serve import inputs, segmenter
 from ukd.serve import predict as predict_lib
@@ -31,17 +31,23 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
   Segmenter predicts the validation split to choose post-processing (none without validation
   cases) and then the test split, so the network is restored and compiled one time.
 
+  The whole run holds the work dir's lock (`ukd.runtime.lock`): a second training there is
+  refused.
+
   Returns:
     {'step': the last step, 'val': the last validation's scalars, 'test': `evaluate`'s result
     for the best checkpoint}.
   """
-  trained = loop.train(config, workdir)
-  workdir, step = checkpoints.resolve(workdir, "best")
-  seg = segmenter.load(workdir, step, postprocess="none")
-  if trained["validated"]:
-    choose_postprocessing(seg, workdir)
-  # Every test case's overlay, unless config.overlays is 0.
-  tested = evaluate_split(seg, workdir, overlays=seg.config.overlays > 0)
+  workdir = files.path(workdir)
+  files.makedirs(workdir)
+  with lock.training(workdir, main_process=jax.process_index() == 0):
+    trained = loop.train(config, workdir)
+    workdir, step = checkpoints.resolve(workdir, "best")
+    seg = segmenter.load(workdir, step, postprocess="none")
+    if trained["validated"]:
+      choose_postprocessing(seg, workdir)
+    # Every test case's overlay, unless config.overlays is 0.
+    tested = evaluate_split(seg, workdir, overlays=seg.config.overlays > 0)
   return {"step": trained["step"], "val": trained["val"], "test": tested}
 
 

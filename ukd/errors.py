@@ -48,6 +48,19 @@ class CheckpointError(UkdError, ValueError):
   """A work dir or checkpoint that cannot be used, with a one-line reason."""
 
 
+class WorkdirInUse(UkdError, RuntimeError):
+  """Another training run holds the work dir (`ukd.runtime.lock`); the message names it."""
+
+
+class WriteError(UkdError, OSError):
+  """A file that cannot be written (a full disk, a quota, a read-only or forbidden folder);
+  the message names the path and the cause.  Exits 74, EX_IOERR of BSD's sysexits, so a
+  script can tell it from a bad input; nothing partial is left under the final name, and the
+  same command goes on once the cause is fixed."""
+
+  exit_code = 74
+
+
 class TrainingError(UkdError, RuntimeError):
   """A run that cannot go on (e.g. a non-finite loss), with a one-line reason."""
 

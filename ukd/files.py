@@ -29,6 +29,7 @@ so a kill leaves the old object or none, never a truncated one.
 
 import contextlib
 import csv
+import errno
 import importlib.util
 import io
 import json
@@ -41,7 +42,7 @@ import tempfile
 
 from etils import epath
 
-from ukd.errors import ConfigError, error, import_extra
+from ukd.errors import ConfigError, WriteError, error, import_extra
 
 # The URL schemes epath reads and writes: through TensorFlow's gfile where it is installed,
 # else fsspec (gcsfs for gs://).
@@ -122,6 +123,42 @@ def _temporary(path: str) -> str:
   return os.path.join(folder, name)
 
 
+_TEMPORARY = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}-")
+
+
+def remove_stale_temporaries(folder) -> list[str]:
+  """Removes the temporary files and folders (`_temporary`) that processes no longer running
+  left in the local `folder` when they were killed; returns their paths.
+
+  A temporary's name holds its writer's process id: one still running on this machine keeps
+  its temporaries, so two runs writing one folder do not break each other's writes.  (A
+  writer on another machine sharing the folder cannot be told from a dead one.)
+  """
+  if is_remote(folder) or not os.path.isdir(folder):
+    return []  # an object store's temporaries are local ones, removed with their folder
+  removed = []
+  for name in sorted(os.listdir(folder)):
+    match = _TEMPORARY.match(name)
+    if match and not _running(int(match.group(1))):
+      stale = os.path.join(folder, name)
+      if os.path.isdir(stale) and not os.path.islink(stale):
+        shutil.rmtree(stale)
+      else:
+        os.remove(stale)
+      removed.append(stale)
+  return removed
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # another user's process
+  return True
+
+
 @contextlib.contextmanager
 def replacing(path):
   """Yields a temporary local path; a clean exit puts it in place as `path`.
@@ -137,13 +174,28 @@ def replacing(path):
       yield tmp
       upload(tmp, path)
     return
-  tmp = _temporary(path)
+  tmp = None
   try:
+    tmp = _temporary(path)
     yield tmp
     os.replace(tmp, path)
+  except OSError as e:
+    raise_if_refused(path, e)
+    raise
   finally:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
+
+
+_CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def raise_if_refused(path, e: OSError) -> None:
+  """Raises `e` as a one-line `WriteError` naming `path` and the cause ('no space left on
+  device') when it says the file system refused the write; returns for any other error."""
+  if e.errno in _CANNOT_WRITE and not isinstance(e, WriteError):
+    cause = e.strerror or os.strerror(e.errno)
+    raise WriteError(f"{path}: cannot write: {cause[:1].lower()}{cause[1:]}") from e
 
 
 @contextlib.contextmanager

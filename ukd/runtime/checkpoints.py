@@ -23,6 +23,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from ukd import files
 from ukd.errors import CheckpointError
+from ukd.runtime import fault_log
 
 BEST_METRIC = "val_dice"  # the mean over modalities; 'val_dice/<modality>' each modality's
 CHECKPOINTS = "checkpoints"  # <workdir>/checkpoints/<step>
@@ -145,17 +146,39 @@ def restore_train(mgr, step: int, abstract_state):
 
 
 def check_resumable(mgr, step: int, config) -> None:
-  """Refuses to resume a work dir whose checkpoint holds another network or modalities."""
+  """Refuses to resume a work dir whose checkpoint holds another network or modalities,
+  naming each field that differs and both its values."""
   saved = restore_config(mgr, step)
-  for key in ("model", "modalities"):
-    old, new = saved[key], config[key]
-    old = old.to_dict() if hasattr(old, "to_dict") else list(old)
-    new = new.to_dict() if hasattr(new, "to_dict") else list(new)
-    if old != new:
-      raise CheckpointError(
-        f"{mgr.directory}/{step} was trained with config.{key}={old}, not {new}; "
-        "use a new --workdir or the original config"
-      )
+  old = _fields({key: saved[key] for key in ("model", "modalities")})
+  new = _fields({key: config[key] for key in ("model", "modalities")})
+  differ = [
+    f"config.{k}={_shown(old, k)}, not {_shown(new, k)}"
+    for k in sorted(set(old) | set(new))
+    if old.get(k) != new.get(k)
+  ]
+  if differ:
+    raise CheckpointError(
+      f"{mgr.directory}/{step} was trained with {'; '.join(differ)}; "
+      "use a new --workdir or the original config"
+    )
+
+
+def _fields(tree, prefix: str = "") -> dict:
+  """{'model.width': 2, 'modalities': ('ct', 'mr'), ...}: a config's leaves by dotted name."""
+  if hasattr(tree, "to_dict"):
+    tree = tree.to_dict()
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _fields(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: _frozen(tree)}
+
+
+def _frozen(value):
+  """Sequences, nested too, as tuples: JSON gives back lists for the tuples saved."""
+  return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _shown(fields: dict, key: str) -> str:
+  return repr(fields[key]) if key in fields else "(unset)"
 
 
 def select_step(mgr, which) -> int:
@@ -223,6 +246,8 @@ def restore_variables(mgr, step: int, abstract_variables):
       ),
     )
   except (ValueError, KeyError) as e:
+    if fault_log.unreadable(e):
+      raise  # damaged, not another network: the caller says so
     raise CheckpointError(
       f"checkpoint {mgr.directory}/{step} does not fit its config's network: "
       f"{str(e).splitlines()[0][:300]}"

@@ -213,7 +213,8 @@ def predict_paths(
   with `probabilities` `<name>_probabilities.nii.gz` (float32 class probabilities), with
   `uncertainty` `<name>_entropy.nii.gz` (the voxel-wise entropy of the averaged softmax, in
   nats: 0 where the network, its mirrors and members agree on one class, ln C at most).
-  `resume` leaves out cases whose outputs are complete.
+  `resume` leaves out cases whose outputs are complete and removes the temporary files a
+  killed run left (`files.remove_stale_temporaries`).
   `label_codes` is 'dataset' (the dataset's own codes) or 'index'. `modality` may be None for
   DICOM: each series is predicted as the modality its Modality tag maps to
   (`config.infer.dicom_modalities`); a series whose tag maps to another than `modality` fails
@@ -250,12 +251,15 @@ def predict_paths(
   jobs, complete = _plan(
     seg, inputs, output_dir, modality, formats, extras, overwrite, resume, modality_overrides_header
   )
+  stale = files.remove_stale_temporaries(output_dir) if resume else []
   tables = {
     m: seg.label_table(m, label_codes) for m in {j.modality for j in jobs if j.problem is None}
   }
   progress = progress_lib.Progress(len(jobs), show=show_progress)
   if complete:
     progress.note(f"{output_dir}: {complete} case(s) already complete; --continue skips them")
+  if stale:
+    progress.note(f"{output_dir}: removed {len(stale)} unfinished file(s) of a killed run")
   if inputs.skipped_labels:
     progress.note(
       f"{input_path}: skipped {inputs.skipped_labels} label file(s) ({inputs.label_kind}); "

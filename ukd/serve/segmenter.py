@@ -31,9 +31,9 @@ from ukd import models
 from ukd.data import splits
 from ukd.data.adapters import Adapter, Case
 from ukd.data.io import volumes
-from ukd.errors import ConfigError, DataError
+from ukd.errors import ConfigError, DataError, UkdError
 from ukd.evaluation import postprocess as postprocess_lib
-from ukd.runtime import checkpoints
+from ukd.runtime import checkpoints, fault_log, recovery
 from ukd.runtime import mesh as mesh_lib
 from ukd.serve import windows
 
@@ -193,22 +193,33 @@ def _restore(path, step, mesh):
   mgr = checkpoints.manager(workdir, read_only=True)
   try:
     chosen = checkpoints.select_step(mgr, step)
-    config = config_lib.frozen(checkpoints.restore_config(mgr, chosen).to_dict())
-    abstract = _abstract_variables(config, mesh)
-    variables = checkpoints.restore_variables(mgr, chosen, abstract)
-    dataset = checkpoints.restore_dataset(mgr, chosen)
-    per_modality = None
-    if step == "best" and shares_nothing(abstract):
-      per_modality = checkpoints.best_steps(mgr, config.modalities)
-    if per_modality and set(per_modality.values()) != {chosen}:
-      restored = {
-        s: checkpoints.restore_variables(mgr, s, abstract) for s in set(per_modality.values())
-      }
-      variables = _merge_modalities({m: restored[s] for m, s in per_modality.items()})
-      chosen = per_modality
+    with fault_log.background_errors(workdir):
+      config, variables, dataset, chosen = _restore_step(mgr, step, chosen, mesh)
+  except UkdError:
+    raise
+  except Exception as e:  # whatever Orbax or TensorStore raise for a damaged folder
+    raise recovery.damaged_error(mgr, chosen, e, workdir) from None
   finally:
     mgr.close()
   logging.info("restored step %s of %s", chosen, workdir)
+  return config, variables, dataset, chosen
+
+
+def _restore_step(mgr, step, chosen: int, mesh):
+  """`_restore` once `select_step` has chosen the step for `step`."""
+  config = config_lib.frozen(checkpoints.restore_config(mgr, chosen).to_dict())
+  abstract = _abstract_variables(config, mesh)
+  variables = checkpoints.restore_variables(mgr, chosen, abstract)
+  dataset = checkpoints.restore_dataset(mgr, chosen)
+  per_modality = None
+  if step == "best" and shares_nothing(abstract):
+    per_modality = checkpoints.best_steps(mgr, config.modalities)
+  if per_modality and set(per_modality.values()) != {chosen}:
+    restored = {
+      s: checkpoints.restore_variables(mgr, s, abstract) for s in set(per_modality.values())
+    }
+    variables = _merge_modalities({m: restored[s] for m, s in per_modality.items()})
+    chosen = per_modality
   return config, variables, dataset, chosen
 
 

@@ -24,7 +24,7 @@ from ukd.data import adapters, check, pipeline, preprocess, splits
 from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
 from ukd.evaluation import evaluate
-from ukd.runtime import checkpoints
+from ukd.runtime import checkpoints, recovery
 from ukd.runtime import mesh as mesh_lib
 from ukd.serve import segmenter as infer
 from ukd.train import profiling, steps, writers
@@ -273,10 +273,15 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
     # Separate networks (nothing shared) are each chosen on their own modality's Dice.
     best_of=tuple(config.modalities) if infer.shares_nothing(state.params) else (),
   )
-  start = mgr.latest_step() or 0
+  try:
+    start, restored = recovery.restore_newest(
+      mgr, config, jax.eval_shape(lambda: state), workdir, main_process=is_main
+    )
+  except BaseException:
+    mgr.close()  # its threads, left running, would report again at exit
+    raise
   if start:
-    checkpoints.check_resumable(mgr, start, config)
-    state = checkpoints.restore_train(mgr, start, jax.eval_shape(lambda: state))
+    state = restored
     if is_main:
       print(f"resumed from step {start} in {workdir}", flush=True)
 
