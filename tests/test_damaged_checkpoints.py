@@ -62,7 +62,8 @@ def test_resume_takes_the_newest_checkpoint_that_restores_and_moves_the_damaged_
   (line,) = capsys.readouterr().out.splitlines()
   assert line.startswith(f"ukd: checkpoint {folder}/4 is damaged (")
   assert line.endswith(f"); moved to {folder}/damaged/4; details in {log}")
-  assert "tensorstore_spec" not in line and len(line) < 600
+  # The cause is its first line, without TensorStore's spec (a few hundred characters).
+  assert "tensorstore_spec" not in line and len(line.replace(str(tmp_path), "")) < 500
   assert "Traceback" in log.read_text()
 
 

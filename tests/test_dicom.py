@@ -10,7 +10,7 @@ from PIL import Image
 from ukd.data import adapters
 from ukd.data.adapters import Case
 from ukd.data.io import dicom
-from ukd.errors import DataError
+from ukd.errors import DataError, MissingExtra
 
 
 def _write_dicom(path, pixels, position, orientation=(1, 0, 0, 0, 1, 0), spacing=(0.8, 0.6)):
@@ -137,7 +137,9 @@ def test_missing_pydicom_gives_install_hint(tmp_path, monkeypatch):
   pytest.importorskip("pydicom")
   _, _, series = _chaos_dicom(tmp_path)
   monkeypatch.setitem(sys.modules, "pydicom", None)
-  with pytest.raises(DataError, match=r"pip install 'ukd\[dicom\]'"):
+  with pytest.raises(
+    MissingExtra, match=r"^DICOM input needs the .dicom. extra: pip install .ukd\[dicom\].$"
+  ):
     dicom.read_dicom_series(os.path.join(series, "DICOM_anon"))
 
 

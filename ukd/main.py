@@ -155,6 +155,7 @@ MODES = {
       classes=FLAGS.classes,
       dicom_reference=FLAGS.dicom_reference,
       allow_missing=FLAGS.allow_missing,
+      overwrite=FLAGS.overwrite,
     ),
   ),
   "predict": (

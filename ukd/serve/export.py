@@ -146,11 +146,13 @@ def load_backend(workdir, step="best", *, backend="jax", precision="float32", **
   postprocess); for 'onnxruntime' / 'openvino' an export folder given as `workdir`, or the
   work dir exported into a temporary folder first, removed with the model."""
   exported.check_request(backend, precision)
+  if backend != "jax":
+    exported.backend_module(backend)  # before a checkpoint loads or an export is written
   if os.path.exists(os.path.join(os.fspath(workdir), exported.SIDECAR)):
     return exported.load(workdir, backend=backend, precision=precision)
   if backend == "jax":
     return infer.load(workdir, step=step, **options)
-  exported._optional("onnx", backend)  # the work dir is exported to ONNX first
+  exported.backend_module("onnx", backend)  # the work dir is exported to ONNX first
   folder = tempfile.mkdtemp(prefix="ukd_export_")
   try:
     export(workdir, folder, step=step, **options)

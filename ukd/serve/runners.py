@@ -92,14 +92,14 @@ def _jax_function(model: ExportedModel, modality: str):
 
 
 def _onnxruntime_function(model: ExportedModel, modality: str):
-  ort = _optional("onnxruntime")
+  ort = backend_module("onnxruntime")
   session = ort.InferenceSession(model._file(modality, ".onnx"), providers=["CPUExecutionProvider"])
   name = session.get_inputs()[0].name
   return lambda batch: session.run(None, {name: np.asarray(batch, np.float32)})[0]
 
 
 def _openvino_function(model: ExportedModel, modality: str):
-  ov = _optional("openvino")
+  ov = backend_module("openvino")
   hint = {"INFERENCE_PRECISION_HINT": "bf16" if model.precision == "bf16" else "f32"}
   compiled = ov.Core().compile_model(model._file(modality, ".onnx"), "CPU", hint)
   request = compiled.create_infer_request()
@@ -118,7 +118,7 @@ _BUILDERS = {
 }
 
 
-def _optional(module: str, backend: str | None = None):
+def backend_module(module: str, backend: str | None = None):
   """`module` for `--backend=<backend>` (default: the module itself), or the one-line error
   naming the extra that brings it: 'openvino' for OpenVINO, 'export' for the ONNX ones."""
   backend = backend or module
@@ -146,8 +146,6 @@ def check_request(backend: str, precision: str) -> None:
     raise ConfigError(f"--precision={precision!r} must be float32 or bf16")
   if precision == "bf16" and backend != "openvino":
     raise ConfigError("--precision=bf16 runs on --backend=openvino only")
-  if backend != "jax":
-    _optional(backend)
   if precision == "bf16" and not cpu_has_bf16():
     raise ConfigError(
       f"--precision=bf16: this CPU has no bf16 matrix units ({' or '.join(BF16_FLAGS)}); "
