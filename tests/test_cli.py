@@ -160,6 +160,7 @@ def test_a_misspelt_config_field_reads_plainly_with_the_suggestion():
     )
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(trained, tmp_path):
   """Killed right after its first checkpoint, a run resumes and logs the same losses."""
   workdir, _ = trained
@@ -185,6 +186,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(trained, tmp_path):
     assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(trained):
   """An infinite L2 weight makes the loss infinite at the first step after the resume."""
   workdir, _ = trained
@@ -200,6 +202,7 @@ def test_nonfinite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(traine
   assert "MYO" in ukd("--mode=evaluate", f"--workdir={workdir}", "--step=latest").stdout
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_and_the_resumed_run_equals_an_uninterrupted_one(
   trained, tmp_path
 ):

@@ -210,6 +210,7 @@ def test_unknown_initialiser_is_a_config_error():
     models.build(config.model, config.modalities)
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_convolutions_in_bf16_and_keeps_everything_else_float32():
   from ukd.train import steps
 
@@ -244,6 +245,7 @@ def test_bfloat16_computes_convolutions_in_bf16_and_keeps_everything_else_float3
 # ---------------------------------------------------------------- forward-mode derivatives
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,spatial", [("dilated2d", (16, 16)), ("unet3d", (16, 16, 8))])
 def test_forward_mode_derivative_agrees_with_reverse_mode(name, spatial):
   """`jax.jvp` runs through the default model (XLA's convolutions have every derivative), and

@@ -96,6 +96,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_two_processes_train_kill_resume_and_evaluate_like_one(reference, tmp_path):
   phantoms = os.path.join(reference, "phantoms")
   workdir = str(tmp_path / "pair")

@@ -185,6 +185,7 @@ def _train(config, root, cache):
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+@pytest.mark.slow
 def test_a_network_trained_in_millimetres_predicts_alike_at_0_7_and_1_4_mm(tmp_path):
   """One unseen phantom heart written at 0.7 mm (244 x 244 pixels over its 170 mm field of
   view) and at 1.4 mm (every other pixel: coarse pixel (i, j) is fine pixel (2i, 2j)), the same

@@ -72,6 +72,7 @@ def micro(tmp_path_factory):
   return study_dir, out
 
 
+@pytest.mark.slow
 def test_micro_study_writes_csv_with_one_row_per_run_modality_structure(micro):
   study_dir, out = micro
   assert "[1/2] single-seed0" in out.stdout and "[2/2] ukd-seed0" in out.stdout
@@ -102,6 +103,7 @@ def test_micro_study_writes_csv_with_one_row_per_run_modality_structure(micro):
         assert math.isnan(value) and dice == 0.0, r
 
 
+@pytest.mark.slow
 def test_micro_study_results_hold_every_test_row_and_parameter_counts(micro):
   study_dir, _ = micro
   counts = {}
@@ -123,6 +125,7 @@ def test_micro_study_results_hold_every_test_row_and_parameter_counts(micro):
   assert 1.9 < ratio <= 2.0, counts
 
 
+@pytest.mark.slow
 def test_micro_study_markdown_tables(micro):
   study_dir, _ = micro
   with open(os.path.join(study_dir, "study.md")) as f:
@@ -180,6 +183,7 @@ def test_micro_study_markdown_tables(micro):
       assert row[5] == "n/a"
 
 
+@pytest.mark.slow
 def test_micro_study_chart_is_a_png(micro):
   study_dir, _ = micro
   path = os.path.join(study_dir, "study.png")
@@ -213,6 +217,7 @@ def _age(path):
   os.utime(path, (0, 0))
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_rewrites_the_report(micro):
   study_dir, _ = micro
   before = {name: _run_state(study_dir, f"{name}-seed0") for name in SCHEMES}
@@ -233,6 +238,7 @@ def test_rerun_skips_finished_runs_and_rewrites_the_report(micro):
     assert f.read() == csv_before
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(micro):
   """A run killed after its last checkpoint but before its result: --only=ukd redoes only it,
   from the checkpoint, and its test rows come out the same."""

@@ -134,6 +134,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
     mesh_lib.check_batch_size(config.batch_size, FakeMesh())
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device():
   """One step on 4 simulated CPU devices equals the step on 1 device (loss, params, stats)."""
   env = dict(
