@@ -1,12 +1,17 @@
 """Small configs, inputs and command-line runs shared by the tests."""
 
+import json
 import os
 import subprocess
 import sys
 
+import jax
+import nibabel as nib
 import numpy as np
 
 from ukd import config as config_lib
+from ukd import models
+from ukd.train import state as state_lib
 
 
 def tiny_config(name="dilated2d", scheme="ukd", modalities=("ct", "mr"), num_classes=3):
@@ -47,6 +52,22 @@ def run_module(module, *args, timeout=300, check=True):
   if check:
     assert out.returncode == 0, out.stderr[-4000:]
   return out
+
+
+def on_devices(count: int, *args, timeout=300) -> dict:
+  """`python args...` on `count` simulated CPU devices; returns the JSON of its last line.
+  The device count must be set before JAX starts, hence a process of its own."""
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={count} --xla_backend_optimization_level=0",
+    JAX_TRANSFER_GUARD="allow",  # the scripts themselves compute with jnp on host values
+  )
+  out = subprocess.run(
+    [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def random_variables(config, seed=0):
@@ -94,3 +115,68 @@ def write_folder_dataset(root, modalities, count, make_case, affine):
         nib.Nifti1Image(image, affine), os.path.join(folder, "imagesTr", f"case{k}_0000.nii.gz")
       )
       nib.save(nib.Nifti1Image(label, affine), os.path.join(folder, "labelsTr", f"case{k}.nii.gz"))
+
+
+# 0.8 mm along a row, 0.7 mm down a column, 2.5 mm slices, rotated 30 degrees about z: an
+# oblique grid with a positive determinant (a NIfTI a converter might write).
+_COS, _SIN = np.cos(np.radians(30)), np.sin(np.radians(30))
+OBLIQUE_AFFINE = np.array(
+  [
+    [0.8 * _COS, -0.7 * _SIN, 0.0, -12.0],
+    [0.8 * _SIN, 0.7 * _COS, 0.0, 5.0],
+    [0.0, 0.0, 2.5, 30.0],
+    [0.0, 0.0, 0.0, 1.0],
+  ]
+)
+
+
+# ---- A random network that predicts like a trained one (test_infer, test_predict_dicom) ----
+
+SIZE = (16, 16)
+PATCH = (16, 16, 8)
+STEP = 3
+# What training records of its dataset: MM-WHS-like codes, one of them beyond a byte.
+RECORD = {
+  "splits": {"ct": {"train": ["a"], "val": ["b"], "test": ["c"]}},
+  "classes": ["background", "MYO", "AA"],
+  "label_codes": {"ct": [0, 205, 820], "mr": [0, 63, 126]},
+}
+
+
+def infer_config(name="dilated2d", batch=8, width=2):
+  config = tiny_config(name)
+  config.model.width = width
+  # lecun-normal: the reference's std-0.01 kernels give an untrained network near-equal class
+  # scores, whose argmax float rounding can flip.
+  config.model.init = "lecun"
+  config.data.size = SIZE
+  config.data.patch = PATCH
+  config.infer.batch_size = batch
+  return config
+
+
+def variables_of(state):
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def new_state(config):
+  """A freshly initialised train state; jitted, which compiles faster than running eagerly."""
+  model = models.build(config.model, config.modalities)
+  spatial = models.input_spatial(config)
+  return jax.jit(lambda key: state_lib.create(config, model, spatial, key))(jax.random.key(0))
+
+
+def ct_like(shape, seed=0):
+  """Smooth blobs plus noise in HU, so a random network still predicts several classes."""
+  rng = np.random.default_rng(seed)
+  grid = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+  blob = sum(np.cos(3 * g + p) for g, p in zip(grid, rng.uniform(0, 3, 3)))
+  return (300 * blob + rng.normal(0, 50, shape)).astype(np.float32)
+
+
+def save_nifti(array, affine, path):
+  image = nib.Nifti1Image(array, affine)
+  image.set_qform(affine, code=1)
+  image.set_sform(affine, code=1)
+  nib.save(image, str(path))
+  return str(path)

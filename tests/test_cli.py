@@ -303,7 +303,8 @@ def test_a_batch_the_devices_cannot_share_fails_before_any_data_is_touched(tmp_p
     "ukd: error: config.batch_size=3 (per modality) must be divisible by the 2 devices of "
     "the data mesh"
   )
-  assert os.listdir(tmp_path) == []  # no phantoms generated, nothing cached
+  # No phantoms generated, nothing cached: only the work dir's lock, taken before any work.
+  assert os.listdir(tmp_path) == [".lock"]
 
 
 def test_evaluation_keeps_the_checkpoints_test_cases_when_the_dataset_grows(trained, tmp_path):

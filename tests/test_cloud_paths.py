@@ -108,6 +108,7 @@ def _names(folder):
 
 def test_paths_resolve_locally_and_leave_urls_alone(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
+  monkeypatch.setitem(sys.modules, "gcsfs", types.ModuleType("gcsfs"))  # as if installed
   assert os.fspath(files.path("gs://bucket/run")) == "gs://bucket/run"
   assert os.fspath(files.path("run")) == os.path.join(str(tmp_path), "run")
   assert files.is_remote("gs://bucket/run") and not files.is_remote("/data/gs://x")

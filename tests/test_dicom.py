@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import OBLIQUE_AFFINE
 from PIL import Image
 
 from ukd.data import adapters
@@ -146,17 +147,7 @@ def test_missing_pydicom_gives_install_hint(tmp_path, monkeypatch):
 # ---- DICOM series in any layout (ukd.data.io.dicom_series / dicom_write / dicom_seg) ----
 
 SHAPE = (24, 20, 6)  # columns, rows, slices on disk
-# 0.8 mm along a row, 0.7 mm down a column, 2.5 mm slices, rotated 30 degrees about z: an
-# oblique grid with a positive determinant (a NIfTI a converter might write).
-_COS, _SIN = np.cos(np.radians(30)), np.sin(np.radians(30))
-AFFINE = np.array(
-  [
-    [0.8 * _COS, -0.7 * _SIN, 0.0, -12.0],
-    [0.8 * _SIN, 0.7 * _COS, 0.0, 5.0],
-    [0.0, 0.0, 2.5, 30.0],
-    [0.0, 0.0, 0.0, 1.0],
-  ]
-)
+AFFINE = OBLIQUE_AFFINE
 
 
 def _nifti(tmp_path, affine=AFFINE, name="ct.nii.gz"):

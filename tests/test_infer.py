@@ -3,15 +3,23 @@ compilation reuse, checkpoints, output names."""
 
 import json
 import os
-import subprocess
-import sys
 import tracemalloc
 
 import jax
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import (
+  PATCH,
+  RECORD,
+  STEP,
+  ct_like,
+  infer_config,
+  new_state,
+  on_devices,
+  save_nifti,
+  variables_of,
+)
 
 from ukd import config as config_lib
 from ukd import models
@@ -23,46 +31,11 @@ from ukd.evaluation import evaluate
 from ukd.runtime import checkpoints
 from ukd.serve import predict, windows
 from ukd.serve import segmenter as infer
-from ukd.train import state as state_lib
 
-SIZE = (16, 16)
-PATCH = (16, 16, 8)
-STEP = 3
 # Voxel axes (0, 1, 2) point Superior, Left, Posterior, slightly tilted: nothing is canonical.
 OBLIQUE_LPS = np.array(
   [[0.05, -1.2, 0.0, 10.0], [0.0, 0.03, -1.5, -20.0], [2.5, 0.0, 0.04, 5.0], [0.0, 0.0, 0.0, 1.0]]
 )
-
-
-# What training records of its dataset: MM-WHS-like codes, one of them beyond a byte.
-RECORD = {
-  "splits": {"ct": {"train": ["a"], "val": ["b"], "test": ["c"]}},
-  "classes": ["background", "MYO", "AA"],
-  "label_codes": {"ct": [0, 205, 820], "mr": [0, 63, 126]},
-}
-
-
-def _config(name="dilated2d", batch=8, width=2):
-  config = tiny_config(name)
-  config.model.width = width
-  # lecun-normal: the reference's std-0.01 kernels give an untrained network near-equal class
-  # scores, whose argmax float rounding can flip.
-  config.model.init = "lecun"
-  config.data.size = SIZE
-  config.data.patch = PATCH
-  config.infer.batch_size = batch
-  return config
-
-
-def _variables(state):
-  return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-def _create(config):
-  """A freshly initialised train state; jitted, which compiles faster than running eagerly."""
-  model = models.build(config.model, config.modalities)
-  spatial = models.input_spatial(config)
-  return jax.jit(lambda key: state_lib.create(config, model, spatial, key))(jax.random.key(0))
 
 
 def _zeros_like_network(config):
@@ -76,32 +49,16 @@ def _zeros_like_network(config):
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
-def _ct_like(shape, seed=0):
-  """Smooth blobs plus noise in HU, so a random network still predicts several classes."""
-  rng = np.random.default_rng(seed)
-  grid = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
-  blob = sum(np.cos(3 * g + p) for g, p in zip(grid, rng.uniform(0, 3, 3)))
-  return (300 * blob + rng.normal(0, 50, shape)).astype(np.float32)
-
-
-def _save(array, affine, path):
-  image = nib.Nifti1Image(array, affine)
-  image.set_qform(affine, code=1)
-  image.set_sform(affine, code=1)
-  nib.save(image, str(path))
-  return str(path)
-
-
 @pytest.fixture(scope="module")
 def state2d():
-  config = _config()
-  return config, _create(config)
+  config = infer_config()
+  return config, new_state(config)
 
 
 @pytest.fixture(scope="module")
 def seg(state2d):
   config, state = state2d
-  return infer.Segmenter(config, _variables(state))
+  return infer.Segmenter(config, variables_of(state))
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +75,16 @@ def workdir(state2d, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seg3d():
-  config = _config("unet3d")
-  return infer.Segmenter(config, _variables(_create(config)))
+  config = infer_config("unet3d")
+  return infer.Segmenter(config, variables_of(new_state(config)))
 
 
 # --- geometry --------------------------------------------------------------------------------------
 
 
 def test_predict_file_writes_onto_the_input_grid(seg, tmp_path):
-  original = _ct_like((6, 20, 12))
-  source = _save(original, OBLIQUE_LPS, tmp_path / "scan.nii.gz")
+  original = ct_like((6, 20, 12))
+  source = save_nifti(original, OBLIQUE_LPS, tmp_path / "scan.nii.gz")
   out = str(tmp_path / "out" / "pred.nii.gz")
   probs_path = str(tmp_path / "out" / "probs.nii.gz")
   predict.predict_file(seg, source, out, "ct", probabilities=probs_path)
@@ -152,7 +109,7 @@ def test_predict_file_writes_onto_the_input_grid(seg, tmp_path):
 
 
 def test_spacing_alone_means_an_axis_aligned_ras_array(seg):
-  volume = _ct_like((16, 16, 5))
+  volume = ct_like((16, 16, 5))
   assert np.array_equal(
     seg.predict(volume, "ct", spacing=(2.0, 2.0, 3.0)), seg.predict(volume, "ct")
   )
@@ -163,18 +120,18 @@ def test_spacing_alone_means_an_axis_aligned_ras_array(seg):
 
 def test_results_do_not_depend_on_the_batch_size(state2d):
   config, state = state2d
-  volume = volumes.from_array(_ct_like((16, 16, 10), seed=1))
+  volume = volumes.from_array(ct_like((16, 16, 10), seed=1))
   results = []
   for batch in (1, 7):
-    config = _config(batch=batch)
-    seg = infer.Segmenter(config, _variables(state))
+    config = infer_config(batch=batch)
+    seg = infer.Segmenter(config, variables_of(state))
     results.append(seg.predict_volume(volume, "mr", probabilities=True))
   assert np.array_equal(results[0][0], results[1][0])
   np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-6)
 
 
 def test_volumes_of_any_slice_count_and_new_weights_reuse_the_compiled_network(seg):
-  seg.predict(_ct_like((16, 16, 9)), "ct")
+  seg.predict(ct_like((16, 16, 9)), "ct")
   original = jax.device_get(seg.variables)
   compiles = []
 
@@ -186,11 +143,11 @@ def test_volumes_of_any_slice_count_and_new_weights_reuse_the_compiled_network(s
   try:
     jax.jit(lambda x: x * 3 + 1)(np.ones(5))  # the listener does see compilations
     assert len(compiles) == 1
-    seg.predict(_ct_like((16, 16, 9), seed=2), "ct")
-    seg.predict(_ct_like((20, 12, 13), seed=3), "ct")
+    seg.predict(ct_like((16, 16, 9), seed=2), "ct")
+    seg.predict(ct_like((20, 12, 13), seed=3), "ct")
     # Training's validations: the run's one Segmenter takes each step's weights.
     seg.update(jax.tree.map(lambda x: np.asarray(x) * 1.01, original))
-    seg.predict(_ct_like((16, 16, 9), seed=4), "ct")
+    seg.predict(ct_like((16, 16, 9), seed=4), "ct")
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
     seg.update(original)  # the fixture is shared
@@ -217,7 +174,7 @@ def test_window_starts_cover_the_volume_with_the_overlap():
 
 
 def test_one_window_equals_whole_volume_inference(seg3d):
-  volume = volumes.from_array(_ct_like(PATCH))
+  volume = volumes.from_array(ct_like(PATCH))
   labels, probs = seg3d.predict_volume(volume, "ct", probabilities=True)
 
   prepared = preprocess.prepare(volume, None, "ct", seg3d.config.data)
@@ -233,9 +190,9 @@ def test_one_window_equals_whole_volume_inference(seg3d):
 
 @pytest.mark.parametrize("slices", [5, 20])
 def test_sliding_windows_are_batch_invariant_on_any_slice_count(seg3d, slices):
-  volume = volumes.from_array(_ct_like((16, 16, slices)))
+  volume = volumes.from_array(ct_like((16, 16, slices)))
   results = [
-    infer.Segmenter(_config("unet3d", batch=b), seg3d.variables).predict_volume(
+    infer.Segmenter(infer_config("unet3d", batch=b), seg3d.variables).predict_volume(
       volume, "mr", probabilities=True
     )
     for b in (1, 3)
@@ -279,7 +236,7 @@ def test_bad_input_gives_a_one_line_error(seg, tmp_path, call, message):
   ],
 )
 def test_inference_settings_are_checked_with_the_config(field, value, message):
-  config = _config()
+  config = infer_config()
   config.infer[field] = value
   with pytest.raises(ConfigError) as error:
     config_lib.check(config)
@@ -292,8 +249,8 @@ def test_inference_settings_are_checked_with_the_config(field, value, message):
 def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
   inputs = tmp_path / "in"
   inputs.mkdir()
-  _save(_ct_like((16, 16, 4)), OBLIQUE_LPS, inputs / "b.nii")
-  _save(_ct_like((12, 16, 6)), np.diag([-1.0, -1.0, 2.0, 1.0]), inputs / "a_0000.nii.gz")
+  save_nifti(ct_like((16, 16, 4)), OBLIQUE_LPS, inputs / "b.nii")
+  save_nifti(ct_like((12, 16, 6)), np.diag([-1.0, -1.0, 2.0, 1.0]), inputs / "a_0000.nii.gz")
   (inputs / "notes.txt").write_text("not an image")
   out = tmp_path / "out"
   written = predict.predict_paths(seg, str(inputs), str(out), "ct", probabilities=True)
@@ -311,7 +268,7 @@ def test_predict_paths_names_outputs_after_the_cases(seg, tmp_path):
 
 
 def test_load_predicts_like_the_live_variables(seg, workdir):
-  volume = _ct_like((16, 16, 6), seed=5)
+  volume = ct_like((16, 16, 6), seed=5)
   expected = seg.predict_volume(volumes.from_array(volume), "mr", probabilities=True)
   ckpt = os.path.join(workdir, "checkpoints")
   for path in (workdir, ckpt, os.path.join(ckpt, str(STEP))):
@@ -352,10 +309,10 @@ def test_an_unknown_step_is_refused(workdir, sub, step, message):
 # user sees one `ukd: error:` line (test_cli), the test process an "unraisable" warning.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, change):
-  saved_config = _config()
-  trained = _config(width=4)
+  saved_config = infer_config()
+  trained = infer_config(width=4)
   if change == "scheme":
-    trained = _config()
+    trained = infer_config()
     trained.model.scheme = "joint"  # shared norms: no per-modality statistics to restore
   mgr = checkpoints.manager(str(tmp_path))
   checkpoints.save(mgr, 1, _zeros_like_network(trained), saved_config)
@@ -396,18 +353,7 @@ print(json.dumps(dict(devices=len(jax.devices()), batch=out[3][0],
 
 
 def test_batches_are_sharded_over_several_devices():
-  env = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=3 --xla_backend_optimization_level=0",
-    JAX_PLATFORMS="cpu",
-    JAX_TRANSFER_GUARD="allow",  # the script itself computes with jnp on host values
-  )
-  code = _MULTI_DEVICE.format(tests=os.path.dirname(__file__))
-  out = subprocess.run(
-    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = on_devices(3, "-c", _MULTI_DEVICE.format(tests=os.path.dirname(__file__)))
   assert result["devices"] == 3
   assert result["batch"] == 6  # 4 rounded up to a multiple of the 3 devices
   assert result["labels_equal"] and result["probs_diff"] < 1e-5
@@ -420,7 +366,7 @@ def _nnunet_inputs(folder):
   """imagesTr as nnU-Net names it: `case_0000.nii.gz`, whose label is `case.nii.gz`."""
   folder.mkdir()
   for name in ("a_0000.nii.gz", "b_0000.nii.gz"):
-    _save(_ct_like((16, 16, 4)), OBLIQUE_LPS, folder / name)
+    save_nifti(ct_like((16, 16, 4)), OBLIQUE_LPS, folder / name)
   return folder
 
 
@@ -451,7 +397,7 @@ def test_files_hold_the_datasets_label_codes_and_name_them(seg, workdir, tmp_pat
   assert loaded.label_table("ct") == [(0, "background"), (205, "MYO"), (820, "AA")]
   assert loaded.label_table("mr") == [(0, "background"), (63, "MYO"), (126, "AA")]
   assert loaded.label_table("ct", "index") == [(0, "background"), (1, "MYO"), (2, "AA")]
-  source = _save(_ct_like((6, 20, 12)), OBLIQUE_LPS, tmp_path / "scan.nii.gz")
+  source = save_nifti(ct_like((6, 20, 12)), OBLIQUE_LPS, tmp_path / "scan.nii.gz")
   predict.predict_file(loaded, source, tmp_path / "codes.nii.gz", "ct")
   predict.predict_file(loaded, source, tmp_path / "index.nii.gz", "ct", label_codes="index")
   codes, index = (nib.load(tmp_path / f"{n}.nii.gz") for n in ("codes", "index"))
@@ -473,10 +419,10 @@ def test_evaluation_predicts_from_the_image_alone(state2d, monkeypatch):
   """Scored against two different labels, a case gets the same prediction, which is the one
   the image alone gives (the crop included)."""
   _, state = state2d
-  config = _config()
+  config = infer_config()
   config.data.crop = "body"
-  seg = infer.Segmenter(config, _variables(state))
-  image = volumes.from_array(_ct_like((16, 16, 6), seed=7))
+  seg = infer.Segmenter(config, variables_of(state))
+  image = volumes.from_array(ct_like((16, 16, 6), seed=7))
   expected, _ = seg.predict_volume(image, "ct")
   near, far = np.zeros((16, 16, 6), np.int32), np.zeros((16, 16, 6), np.int32)
   near[2:6, 2:6, 1:4], far[9:15, 8:14, 2:5] = 1, 2
@@ -521,8 +467,8 @@ def test_large_volumes_are_restored_a_run_of_slices_at_a_time(seg, monkeypatch):
   monkeypatch.setattr(
     preprocess, "RESTORE_CHUNK_BYTES", shape[0] * shape[1] * classes * 4 * shape[2] // 10
   )
-  volume = volumes.from_array(_ct_like(shape, seed=3))
-  seg.predict_volume(volumes.from_array(_ct_like((16, 16, 9))), "ct")  # compiled beforehand
+  volume = volumes.from_array(ct_like(shape, seed=3))
+  seg.predict_volume(volumes.from_array(ct_like((16, 16, 9))), "ct")  # compiled beforehand
   prepared = preprocess.prepare(volume, None, "ct", seg.config.data)
   network = windows.network_probabilities(prepared.image, seg.settings, seg.batch_function("ct"))
 

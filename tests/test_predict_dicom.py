@@ -8,8 +8,17 @@ import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import run_module
-from test_infer import RECORD, STEP, _config, _create, _ct_like, _save, _variables
+from helpers import (
+  OBLIQUE_AFFINE,
+  RECORD,
+  STEP,
+  ct_like,
+  infer_config,
+  new_state,
+  run_module,
+  save_nifti,
+  variables_of,
+)
 
 from ukd import config as config_lib
 from ukd.data.io import dicom_seg, dicom_series, volumes
@@ -23,31 +32,22 @@ pytest.importorskip("highdicom")
 from ukd.data.synthetic import dicom_write  # noqa: E402
 
 SHAPE = (16, 16, 5)  # columns, rows, slices on disk
-# 0.8 x 0.7 x 2.5 mm voxels (1.4 mm^3), rotated 30 degrees about z: oblique, determinant > 0.
-_COS, _SIN = np.cos(np.radians(30)), np.sin(np.radians(30))
-AFFINE = np.array(
-  [
-    [0.8 * _COS, -0.7 * _SIN, 0.0, -12.0],
-    [0.8 * _SIN, 0.7 * _COS, 0.0, 5.0],
-    [0.0, 0.0, 2.5, 30.0],
-    [0.0, 0.0, 0.0, 1.0],
-  ]
-)
+AFFINE = OBLIQUE_AFFINE  # 0.8 x 0.7 x 2.5 mm voxels (1.4 mm^3)
 VOXEL_MM3 = 0.8 * 0.7 * 2.5
 CODES = {0: 0, 205: 1, 820: 2}  # RECORD's CT codes -> class index
 
 
 @pytest.fixture(scope="module")
 def state():
-  config = _config()
-  return config, _create(config)
+  config = infer_config()
+  return config, new_state(config)
 
 
 @pytest.fixture(scope="module")
 def seg(state):
   """A network that knows its dataset (MM-WHS classes MYO and AA) and checkpoint step."""
   config, train_state = state
-  segmenter = infer.Segmenter(config, _variables(train_state), step=STEP)
+  segmenter = infer.Segmenter(config, variables_of(train_state), step=STEP)
   segmenter.dataset = RECORD
   return segmenter
 
@@ -55,7 +55,7 @@ def seg(state):
 def _scan(folder, name="scan.nii.gz", seed=0):
   """Whole HU values, which a DICOM series stores exactly."""
   folder.mkdir(parents=True, exist_ok=True)
-  return _save(np.round(_ct_like(SHAPE, seed)), AFFINE, folder / name)
+  return save_nifti(np.round(ct_like(SHAPE, seed)), AFFINE, folder / name)
 
 
 def _series(nifti, folder, **kwargs):
@@ -124,9 +124,9 @@ def test_the_modality_comes_from_the_tag_through_the_config_table(state, tmp_pat
   import pydicom
 
   _, train_state = state
-  config = _config()
+  config = infer_config()
   config.infer.dicom_modalities = {"CT": "mr"}
-  seg = infer.Segmenter(config, _variables(train_state))
+  seg = infer.Segmenter(config, variables_of(train_state))
   folder = _series(_scan(tmp_path), tmp_path / "scan")
   predict.predict_paths(seg, folder, tmp_path / "out")
   assert _json(tmp_path / "out" / "scan.json")["modality"] == "mr"
@@ -143,7 +143,7 @@ def test_the_modality_comes_from_the_tag_through_the_config_table(state, tmp_pat
 
 
 def test_a_checkpoints_config_without_newer_fields_gets_their_defaults():
-  saved = _config().to_dict()
+  saved = infer_config().to_dict()
   del saved["infer"]["dicom_modalities"]
   restored = config_lib.frozen(saved)
   assert dict(restored.infer.dicom_modalities) == {"CT": "ct", "MR": "mr"}
@@ -398,9 +398,9 @@ def test_the_python_api_needs_an_affine_where_the_model_resamples_and_matches_th
   """A model trained at a set pixel size (`data.spacing`): an array alone would be taken as
   1 mm voxels; with its affine `Segmenter.predict` gives the command line's labels."""
   _, train_state = state
-  config = _config()
+  config = infer_config()
   config.data.spacing = "1.5"
-  segmenter = infer.Segmenter(config, _variables(train_state))
+  segmenter = infer.Segmenter(config, variables_of(train_state))
   nifti = _scan(tmp_path)
   array = _data(nifti)
   with pytest.raises(DataError) as caught:

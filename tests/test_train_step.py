@@ -1,12 +1,9 @@
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config, toy_batch
+from helpers import on_devices, tiny_config, toy_batch
 
 from ukd import models
 from ukd.runtime import mesh as mesh_lib
@@ -137,18 +134,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 @pytest.mark.slow
 def test_four_devices_equal_one_device():
   """One step on 4 simulated CPU devices equals the step on 1 device (loss, params, stats)."""
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
-    JAX_TRANSFER_GUARD="allow",  # the script itself computes with jnp on host values
-  )
-  script = os.path.join(HERE, "multidevice_step.py")
-  out = subprocess.run(
-    [sys.executable, script], env=env, capture_output=True, text=True, timeout=300
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = on_devices(4, os.path.join(HERE, "multidevice_step.py"))
   assert result["devices"] == 4
   assert result["loss_diff"] < 1e-5
   assert result["params_diff"] < 1e-5
