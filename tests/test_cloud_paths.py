@@ -233,9 +233,10 @@ def test_a_remote_cache_dir_is_kept_on_local_disk(phantoms, tmp_path, monkeypatc
   assert preprocess.local_cache_dir("relative/cache") == "relative/cache"  # local: as given
 
   adapter = adapters.get_adapter("mmwhs")
-  data = config_lib.default().data
-  data.size = (8, 8)
-  (entry,) = preprocess.cache_cases(adapter, adapter.cases(f"{BUCKET}/data")[:1], data, remote)
+  config = config_lib.default()
+  config.data.size = (8, 8)
+  settings = config_lib.preprocessing(config)["ct"]
+  (entry,) = preprocess.cache_cases(adapter, adapter.cases(f"{BUCKET}/data")[:1], settings, remote)
   assert os.path.dirname(os.path.dirname(entry["image"])) == kept
   assert np.load(entry["image"], mmap_mode="r").shape == (8, 8, 8)
   assert not (phantoms.parent / "run").exists()  # nothing went to the bucket

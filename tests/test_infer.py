@@ -177,7 +177,7 @@ def test_one_window_equals_whole_volume_inference(seg3d):
   volume = volumes.from_array(ct_like(PATCH))
   labels, probs = seg3d.predict_volume(volume, "ct", probabilities=True)
 
-  prepared = preprocess.prepare(volume, None, "ct", seg3d.config.data)
+  prepared = preprocess.prepare(volume, None, seg3d.settings.preprocessing["ct"])
   model = models.build(seg3d.config.model, seg3d.config.modalities)
   apply = jax.jit(lambda v, x: model.apply(v, x, modality="ct"))  # compiles faster than eager
   logits = apply(seg3d.variables[0], prepared.image[None, ..., None])
@@ -469,7 +469,7 @@ def test_large_volumes_are_restored_a_run_of_slices_at_a_time(seg, monkeypatch):
   )
   volume = volumes.from_array(ct_like(shape, seed=3))
   seg.predict_volume(volumes.from_array(ct_like((16, 16, 9))), "ct")  # compiled beforehand
-  prepared = preprocess.prepare(volume, None, "ct", seg.config.data)
+  prepared = preprocess.prepare(volume, None, seg.settings.preprocessing["ct"])
   network = windows.network_probabilities(prepared.image, seg.settings, seg.batch_function("ct"))
 
   def peak_bytes(run):

@@ -4,7 +4,6 @@ import collections
 import hashlib
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -17,8 +16,10 @@ from ukd.errors import ConfigError, DataError
 Case = collections.namedtuple("Case", "id modality image label")
 
 
-def make_cfg(**overrides):
-  cfg = ml_collections.ConfigDict(
+def make_cfg(**overrides) -> dict:
+  """{modality: Preprocessing} of a checked config with these `data` settings."""
+  config = config_lib.default()
+  config.data.update(
     dict(
       size=(32, 32),
       slice_axis=2,
@@ -31,8 +32,8 @@ def make_cfg(**overrides):
       ),
     )
   )
-  cfg.update(overrides)
-  return cfg
+  config.data.update(overrides)
+  return config_lib.preprocessing(config_lib.check(config))
 
 
 def blob_label(shape=(16, 16, 4)):
@@ -45,7 +46,7 @@ def blob_label(shape=(16, 16, 4)):
 
 def test_window_scales_to_unit_range():
   image = np.linspace(-2000, 2000, 16 * 16 * 4, dtype=np.float32).reshape(16, 16, 4)
-  out = preprocess.prepare(from_array(image), None, "ct", make_cfg(size=(16, 16))).image
+  out = preprocess.prepare(from_array(image), None, make_cfg(size=(16, 16))["ct"]).image
   assert out.dtype == np.float32
   assert out.min() == -1.0 and out.max() == 1.0
   assert np.allclose(out, np.clip(image, -1000, 1000) / 1000.0, atol=1e-6)
@@ -55,7 +56,7 @@ def test_zscore_clips_outliers_then_standardises():
   rng = np.random.default_rng(0)
   image = rng.normal(100.0, 20.0, (16, 16, 4)).astype(np.float32)
   image[0, 0, 0] = 1e6
-  out = preprocess.prepare(from_array(image), None, "mr", make_cfg(size=(16, 16))).image
+  out = preprocess.prepare(from_array(image), None, make_cfg(size=(16, 16))["mr"]).image
   assert abs(out.mean()) < 1e-4 and abs(out.std() - 1.0) < 1e-3
   assert out.max() < 4.0  # the outlier was clipped at the 99.5th percentile
 
@@ -102,7 +103,7 @@ def test_body_crop_finds_the_body_without_a_label():
   rng = np.random.default_rng(1)
   image = rng.normal(-1000.0, 5.0, (60, 50, 10)).astype(np.float32)  # air
   image[20:40, 10:30] = 40.0  # soft tissue
-  prep = preprocess.prepare(from_array(image), None, "ct", make_cfg(crop="body"))
+  prep = preprocess.prepare(from_array(image), None, make_cfg(crop="body")["ct"])
   assert prep.geometry["crop_box"] == [[18, 42], [8, 32]]
 
 
@@ -113,7 +114,7 @@ def test_shapes_round_trip_for_any_axis_and_crop(slice_axis, crop):
   label = blob_label((37, 23, 11))
   image = rng.normal(size=label.shape) + 5 * label
   cfg = make_cfg(size=(24, 40), slice_axis=slice_axis, crop=crop)
-  prep = preprocess.prepare(from_array(image), from_array(label), "mr", cfg)
+  prep = preprocess.prepare(from_array(image), from_array(label), cfg["mr"])
   slices = label.shape[slice_axis]
   assert prep.image.shape == prep.label.shape == (24, 40, slices)
   assert prep.label.dtype == np.int32
@@ -127,7 +128,7 @@ def test_shapes_round_trip_for_any_axis_and_crop(slice_axis, crop):
 def test_integer_upsampling_restores_the_label_exactly(slice_axis):
   label = blob_label()
   cfg = make_cfg(size=(32, 32) if slice_axis == 2 else (32, 16), slice_axis=slice_axis)
-  prep = preprocess.prepare(from_array(label.astype(np.float32)), from_array(label), "ct", cfg)
+  prep = preprocess.prepare(from_array(label.astype(np.float32)), from_array(label), cfg["ct"])
   assert set(np.unique(prep.label)) == {0, 1, 2}
   assert np.array_equal(preprocess.restore(prep.label, prep.geometry, is_label=True), label)
   one_hot = np.eye(3, dtype=np.float32)[prep.label]
@@ -138,7 +139,7 @@ def test_integer_upsampling_restores_the_label_exactly(slice_axis):
 def test_cropped_away_region_is_background_with_probability_one():
   image = np.full((40, 30, 4), -1000.0, np.float32)  # air
   image[5:15, 8:20] = 40.0  # the body
-  prep = preprocess.prepare(from_array(image), None, "ct", make_cfg(crop="body", crop_margin=0))
+  prep = preprocess.prepare(from_array(image), None, make_cfg(crop="body", crop_margin=0)["ct"])
   assert prep.geometry["crop_box"] == [[5, 15], [8, 20]]
   probs = np.full(prep.image.shape + (3,), 1 / 3, np.float32)
   restored = preprocess.restore(probs, prep.geometry, is_label=False)
@@ -150,7 +151,7 @@ def test_cropped_away_region_is_background_with_probability_one():
 
 
 def test_restore_rejects_a_wrong_shape():
-  prep = preprocess.prepare(from_array(np.zeros((8, 8, 3))), None, "ct", make_cfg())
+  prep = preprocess.prepare(from_array(np.zeros((8, 8, 3))), None, make_cfg()["ct"])
   with pytest.raises(DataError, match="restore expects labels"):
     preprocess.restore(np.zeros((32, 32, 4)), prep.geometry, is_label=True)
 
@@ -183,11 +184,11 @@ def write_case(tmp_path, name="ct_1", labelled=True):
 
 def test_cache_writes_entry_and_reuses_it(tmp_path):
   case, adapter, cache = write_case(tmp_path), NpyAdapter(), str(tmp_path / "cache")
-  first = preprocess.cache_case(adapter, case, make_cfg(), cache)
+  first = preprocess.cache_case(adapter, case, make_cfg()[case.modality], cache)
   assert first["id"] == "ct_1" and first["modality"] == "ct"
   assert np.load(first["image"]).shape == (32, 32, 4)
   assert np.load(first["label"]).max() == 2
-  second = preprocess.cache_case(adapter, case, make_cfg(), cache)
+  second = preprocess.cache_case(adapter, case, make_cfg()[case.modality], cache)
   assert adapter.reads == 1
   assert second == first
   assert os.listdir(cache) == [os.path.basename(os.path.dirname(first["image"]))]
@@ -195,22 +196,25 @@ def test_cache_writes_entry_and_reuses_it(tmp_path):
 
 def test_cache_misses_when_a_setting_or_the_file_changes(tmp_path):
   case, adapter, cache = write_case(tmp_path), NpyAdapter(), str(tmp_path / "cache")
-  first = preprocess.cache_case(adapter, case, make_cfg(), cache)
-  other = preprocess.cache_case(adapter, case, make_cfg(size=(16, 16)), cache)
+  first = preprocess.cache_case(adapter, case, make_cfg()[case.modality], cache)
+  other = preprocess.cache_case(adapter, case, make_cfg(size=(16, 16))[case.modality], cache)
   assert adapter.reads == 2 and other["image"] != first["image"]
-  cfg = make_cfg()
-  cfg.norm.ct.window = (-500.0, 500.0)
-  preprocess.cache_case(adapter, case, cfg, cache)
+  norm = dict(
+    ct=dict(kind="window", window=(-500.0, 500.0)), mr=dict(kind="zscore", percentiles=(0.5, 99.5))
+  )
+  preprocess.cache_case(adapter, case, make_cfg(norm=norm)[case.modality], cache)
   assert adapter.reads == 3
   stat = os.stat(case.image)
   os.utime(case.image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-  preprocess.cache_case(adapter, case, make_cfg(), cache)
+  preprocess.cache_case(adapter, case, make_cfg()[case.modality], cache)
   assert adapter.reads == 4
 
 
 def test_unlabelled_case_has_no_label_entry(tmp_path):
   case = write_case(tmp_path, labelled=False)
-  entry = preprocess.cache_case(NpyAdapter(), case, make_cfg(), str(tmp_path / "cache"))
+  entry = preprocess.cache_case(
+    NpyAdapter(), case, make_cfg()[case.modality], str(tmp_path / "cache")
+  )
   assert entry["label"] is None and os.path.exists(entry["image"])
 
 
@@ -223,19 +227,21 @@ def test_failed_write_leaves_no_entry(tmp_path, monkeypatch):
 
   monkeypatch.setattr(preprocess, "_write_entry", write_half_then_fail)
   with pytest.raises(KeyboardInterrupt):
-    preprocess.cache_case(NpyAdapter(), case, make_cfg(), cache)
+    preprocess.cache_case(NpyAdapter(), case, make_cfg()[case.modality], cache)
   assert os.listdir(cache) == []
 
 
 def test_cache_cases_keeps_order(tmp_path):
   cases = [write_case(tmp_path, f"ct_{i}") for i in range(3)]
-  entries = preprocess.cache_cases(NpyAdapter(), cases, make_cfg(), str(tmp_path / "c"), workers=2)
+  entries = preprocess.cache_cases(
+    NpyAdapter(), cases, make_cfg()[cases[0].modality], str(tmp_path / "c"), workers=2
+  )
   assert [e["id"] for e in entries] == ["ct_0", "ct_1", "ct_2"]
 
 
 def test_a_label_rewritten_with_the_same_size_and_mtime_is_not_reused(tmp_path):
   case, adapter, cache = write_case(tmp_path), NpyAdapter(), str(tmp_path / "cache")
-  first = preprocess.cache_case(adapter, case, make_cfg(), cache)
+  first = preprocess.cache_case(adapter, case, make_cfg()[case.modality], cache)
   before = os.stat(case.label)
   edited = blob_label()
   edited[edited == 2] = 1  # same dtype and shape: the file keeps its size
@@ -243,7 +249,7 @@ def test_a_label_rewritten_with_the_same_size_and_mtime_is_not_reused(tmp_path):
   os.utime(case.label, ns=(before.st_atime_ns, before.st_mtime_ns))
   after = os.stat(case.label)
   assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-  second = preprocess.cache_case(adapter, case, make_cfg(), cache)
+  second = preprocess.cache_case(adapter, case, make_cfg()[case.modality], cache)
   assert adapter.reads == 2 and second["label"] != first["label"]
   assert np.load(first["label"]).max() == 2 and np.load(second["label"]).max() == 1
 
@@ -264,14 +270,16 @@ def test_large_files_are_fingerprinted_by_their_first_and_last_mib(tmp_path, mon
 
 def test_the_label_code_table_and_unknown_label_rule_are_part_of_the_key(tmp_path):
   case = write_case(tmp_path)
-  keys = {preprocess.cache_key(NpyAdapter(), case, make_cfg())}
-  keys.add(preprocess.cache_key(NpyAdapter(ignore_unknown_labels=True), case, make_cfg()))
+  keys = {preprocess.cache_key(NpyAdapter(), case, make_cfg()[case.modality])}
+  keys.add(
+    preprocess.cache_key(NpyAdapter(ignore_unknown_labels=True), case, make_cfg()[case.modality])
+  )
 
   class Recoded(NpyAdapter):
     def code_table(self, modality):
       return {0: 0, 1: 2, 2: 1}
 
-  keys.add(preprocess.cache_key(Recoded(), case, make_cfg()))
+  keys.add(preprocess.cache_key(Recoded(), case, make_cfg()[case.modality]))
   assert len(keys) == 3
 
 
@@ -280,7 +288,7 @@ def test_chunked_restore_and_argmax_equal_the_whole_volume_at_once(crop, spacing
   rng = np.random.default_rng(0)
   image = from_array(rng.normal(0, 300, (20, 7, 13)).astype(np.float32))
   cfg = make_cfg(size=(8, 6), slice_axis=1, crop=crop, spacing=spacing)
-  prep = preprocess.prepare(image, None, "ct", cfg)
+  prep = preprocess.prepare(image, None, cfg["ct"])
   # 20 x 13 mm at 0.8 x 2.5 mm: 25 x 5 pixels, the columns padded to 6.
   assert prep.geometry["plane"] == ([25, 6] if spacing else [8, 6])
   probs = rng.dirichlet(np.ones(4), size=(*prep.geometry["plane"], 7)).astype(np.float32)
@@ -303,7 +311,7 @@ def test_spacing_resamples_the_crop_box_and_pads_up_to_size():
   image = np.where(label > 0, 500.0, -200.0).astype(np.float32)
   affine = np.diag([2.0, 3.0, 1.0, 1.0])
   prep = preprocess.prepare(
-    from_array(image, affine), from_array(label, affine), "ct", make_cfg(spacing="1x1.5")
+    from_array(image, affine), from_array(label, affine), make_cfg(spacing="1x1.5")["ct"]
   )
   g = prep.geometry
   assert (g["plane"], g["content_box"], g["size"]) == ([32, 32], [[6, 26], [10, 22]], [32, 32])
@@ -326,12 +334,12 @@ def test_a_plane_larger_than_size_is_kept_and_sizes_round_half_up():
   label = np.zeros((40, 30, 2), np.int32)
   label[8:20, 5:17] = 1  # row blocks of 4: the 4x coarser rows still hold the label exactly
   cfg = make_cfg(size=(16, 16), spacing="4x0.5")
-  prep = preprocess.prepare(from_array(label.astype(np.float32)), from_array(label), "ct", cfg)
+  prep = preprocess.prepare(from_array(label.astype(np.float32)), from_array(label), cfg["ct"])
   g = prep.geometry
   assert (g["plane"], g["content_box"]) == ([16, 60], [[3, 13], [0, 60]])
   assert prep.image.shape == (16, 60, 2)
   assert np.array_equal(preprocess.restore(prep.label, g, is_label=True), label)
-  small = preprocess.prepare(from_array(np.zeros((5, 4, 1))), None, "ct", make_cfg(spacing="2"))
+  small = preprocess.prepare(from_array(np.zeros((5, 4, 1))), None, make_cfg(spacing="2")["ct"])
   assert small.geometry["content_box"] == [[14, 17], [15, 17]]  # 3 x 2 pixels, centred in 32
 
 
@@ -344,7 +352,7 @@ def test_images_shrunk_in_plane_are_smoothed_first_so_their_noise_does_not_alias
   noise = np.random.default_rng(0).normal(0.0, 100.0, (400, 400, 3)).astype(np.float32)
   noise[..., 1] = 0.0  # a slice without noise stays without: slices are not mixed
   affine = np.diag([0.7, 0.7, 2.0, 1.0])
-  prep = preprocess.prepare(from_array(noise, affine), None, "ct", make_cfg(spacing="2.8"))
+  prep = preprocess.prepare(from_array(noise, affine), None, make_cfg(spacing="2.8")["ct"])
   assert prep.geometry["plane"] == [100, 100]
   kept = prep.image[5:-5, 5:-5].std(axis=(0, 1)) / (noise / 1000.0).std(axis=(0, 1)).clip(1e-9)
   assert kept[1] == 0.0
@@ -356,9 +364,9 @@ def test_spacing_applies_to_the_body_box_and_per_modality():
   image[20:40, 10:30] = 40.0  # a 20 x 20 pixel body of 0.5 mm: 10 mm
   affine = np.diag([0.5, 0.5, 3.0, 1.0])
   cfg = make_cfg(crop="body", crop_margin=0, size=(8, 8), spacing="ct=0.25,mr=2")
-  ct = preprocess.prepare(from_array(image, affine), None, "ct", cfg).geometry
+  ct = preprocess.prepare(from_array(image, affine), None, cfg["ct"]).geometry
   assert ct["crop_box"] == [[20, 40], [10, 30]] and ct["plane"] == [40, 40]
-  mr = preprocess.prepare(from_array(image, affine), None, "mr", cfg).geometry
+  mr = preprocess.prepare(from_array(image, affine), None, cfg["mr"]).geometry
   assert mr["plane"] == [8, 8] and mr["content_box"] == [[1, 6], [1, 6]]
 
 
@@ -371,7 +379,7 @@ def test_spacing_shapes_round_trip_for_any_axis_and_crop(slice_axis, crop):
   image = rng.normal(size=label.shape) + 5 * label
   affine = np.diag([0.7, 1.3, 2.5, 1.0])
   cfg = make_cfg(size=(16, 16), slice_axis=slice_axis, crop=crop, spacing="1.1")
-  prep = preprocess.prepare(from_array(image, affine), from_array(label, affine), "mr", cfg)
+  prep = preprocess.prepare(from_array(image, affine), from_array(label, affine), cfg["mr"])
   slices = label.shape[slice_axis]
   assert prep.image.shape == prep.label.shape == (*prep.geometry["plane"], slices)
   if crop == "none":  # e.g. slice axis 2: 37 x 0.7 / 1.1 = 23.5 -> 24, 23 x 1.3 / 1.1 = 27.2 -> 27
@@ -385,7 +393,7 @@ def test_spacing_shapes_round_trip_for_any_axis_and_crop(slice_axis, crop):
 def test_the_cache_key_covers_the_spacing_of_the_cases_modality(tmp_path):
   case = write_case(tmp_path)  # a ct case
   key = {
-    s: preprocess.cache_key(NpyAdapter(), case, make_cfg(spacing=s))
+    s: preprocess.cache_key(NpyAdapter(), case, make_cfg(spacing=s)[case.modality])
     for s in ("", "1", "ct=1,mr=2", "ct=2,mr=1", "1x2")
   }
   assert len({key[""], key["1"], key["ct=2,mr=1"], key["1x2"]}) == 4

@@ -169,7 +169,8 @@ def _dice(a, b) -> list[float]:
 def _train(config, root, cache):
   """`config.total_steps` steps of the run's own pipeline on CT phantoms; live variables."""
   adapter = adapters.get_adapter("mmwhs", modalities=("ct",))
-  entries = preprocess.cache_cases(adapter, adapter.cases(root), config.data, cache)
+  settings = config_lib.preprocessing(config)["ct"]
+  entries = preprocess.cache_cases(adapter, adapter.cases(root), settings, cache)
   batches = pipeline.make_train_iterator(
     {"ct": entries}, pipeline.Spec.from_config(config), ("ct",), seed=0
   )

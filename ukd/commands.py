@@ -13,6 +13,7 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ukd import config as config_lib
 from ukd import files
 from ukd.data import check as check_lib
 from ukd.data import splits
@@ -182,6 +183,7 @@ def choose_postprocessing(seg, workdir) -> dict:
 
 def check(config, workdir) -> dict:
   """`--mode=check`: reads every case of the config's dataset and summarises it."""
+  config = config_lib.check(config)
   return check_lib.check_dataset(config, loop.dataset_root(config, workdir))
 
 

@@ -279,8 +279,11 @@ def _check_modality_names(config, name: str, modalities) -> None:
 
 def check(config: mc.ConfigDict) -> mc.ConfigDict:
   """Checks what would otherwise fail deep inside a run; returns a checked copy, so the
-  caller's object is never changed by a run."""
-  config = mc.ConfigDict(config.to_dict())
+  caller's object is never changed by a run.  `data.augment.flip` comes back as the sorted
+  axes it names (`flip_axes`), the one form the pipeline and the Segmenter read."""
+  raw = config.to_dict()
+  raw["data"]["augment"]["flip"] = flip_axes(raw["data"]["augment"]["flip"])
+  config = mc.ConfigDict(raw)
   _positive(
     config,
     "total_steps",
@@ -329,12 +332,23 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
 
   models.check_x_split(config.model)
   _check_modality_names(config, "train_fraction", modalities)
-  flip_axes(config.data.augment.flip)
+  _check_planes(config.data)
   _check_folds(config.data)
   _check_realism(config.data)
   if not 0.0 <= config.infer.overlap < 1.0:
     raise ConfigError(f"config.infer.overlap={config.infer.overlap} must be in [0, 1)")
   return config
+
+
+def _check_planes(data) -> None:
+  """The in-plane size, slice axis and crop margin every volume is prepared with."""
+  size = tuple(data.size)
+  if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
+    raise ConfigError(f"config.data.size={size} must be two positive ints (H, W)")
+  if data.slice_axis not in (0, 1, 2):
+    raise ConfigError(f"config.data.slice_axis={data.slice_axis!r} must be 0, 1 or 2")
+  if not (isinstance(data.crop_margin, int) and data.crop_margin >= 0):
+    raise ConfigError(f"config.data.crop_margin={data.crop_margin!r} must be an int >= 0")
 
 
 def _check_realism(data) -> None:
@@ -383,6 +397,29 @@ def flip_axes(value) -> tuple[int, ...]:
   if axes is None or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
     raise ConfigError(f"config.data.augment.flip={value!r} must be distinct axes among 0, 1, 2")
   return axes
+
+
+def preprocessing(config) -> dict:
+  """{modality: `preprocess.Preprocessing`} of a checked config: the per-modality strings
+  (`data.spacing`, `data.norm`) parsed once, so the data and serving code take values."""
+  from ukd.data.preprocess import Preprocessing  # here: the config loads without numpy
+
+  data = config.data
+  return {
+    m: Preprocessing(
+      size=tuple(int(v) for v in data.size),
+      slice_axis=int(data.slice_axis),
+      crop=data.crop,
+      crop_margin=int(data.crop_margin),
+      norm=plain(data.norm[m]),
+      spacing=_floats(spacing_for(data.get("spacing", ""), m)),
+    )
+    for m in config.modalities
+  }
+
+
+def _floats(values) -> tuple[float, ...] | None:
+  return None if values is None else tuple(float(v) for v in values)
 
 
 def resolve(config, *, root: str, num_classes: int) -> mc.FrozenConfigDict:

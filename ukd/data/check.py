@@ -14,7 +14,6 @@ import concurrent.futures
 
 import numpy as np
 
-from ukd import config as config_lib
 from ukd.data import splits
 from ukd.errors import DataError, error
 
@@ -94,9 +93,8 @@ def format_report(report, adapter) -> str:
 
 
 def check_dataset(config, root) -> dict:
-  """`--mode=check`: every case of the config's modalities at `root`, whatever its split;
-  prints `format_report` and returns the report."""
-  config = config_lib.check(config)
+  """`--mode=check`: every case of the (checked) config's modalities at `root`, whatever its
+  split; prints `format_report` and returns the report."""
   adapter = splits.adapter_for(config)
   report = check_cases(adapter, splits.list_cases(adapter, root, tuple(config.modalities)))
   print(f"{root}: every case read")

@@ -38,7 +38,6 @@ import zlib
 import grain
 import numpy as np
 
-from ukd import config as config_lib
 from ukd.errors import DataError
 
 # Steps available; effectively endless (training stops by step count, not by exhaustion).
@@ -110,7 +109,7 @@ def _augment_spec(raw) -> dict:
       raise DataError(f"data.augment.{key} must be >= 0, got {aug[key]}")
   if aug["scale"] >= 1:
     raise DataError(f"data.augment.scale must be < 1 (a relative zoom), got {aug['scale']}")
-  aug["flip"] = config_lib.flip_axes(aug["flip"])
+  aug["flip"] = tuple(aug["flip"])  # axes, as `ukd.config.check` leaves them
   return aug
 
 

@@ -40,7 +40,6 @@ import numpy as np
 import scipy.ndimage
 from etils import epath
 
-from ukd import config as config_lib
 from ukd import files
 from ukd.data.io.volumes import Volume
 from ukd.errors import DataError
@@ -66,31 +65,29 @@ class Prepared:
   geometry: dict
 
 
-def settings(cfg, modality: str) -> dict:
-  """Every setting that changes `prepare`'s output, as plain data."""
-  size = tuple(int(v) for v in cfg.size)
-  if len(size) != 2 or min(size) < 1:
-    raise DataError(f"data.size must be two positive ints (H, W), got {size}")
-  slice_axis = int(cfg.slice_axis)
-  if slice_axis not in (0, 1, 2):
-    raise DataError(f"data.slice_axis must be 0, 1 or 2, got {slice_axis}")
-  margin = int(cfg.crop_margin)
-  if margin < 0:
-    raise DataError(f"data.crop_margin must be >= 0, got {margin}")
-  return dict(
-    size=list(size),
-    slice_axis=slice_axis,
-    crop=cfg.crop,
-    crop_margin=margin,
-    norm=config_lib.plain(cfg.norm[modality]),
-    spacing=_target_spacing(cfg, modality),
-  )
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """How one modality's volumes reach the network: everything that changes `prepare`'s
+  output.  Resolved once from a checked config (`ukd.config.preprocessing`), so nothing here
+  parses or re-checks a setting per volume."""
 
+  size: tuple[int, int]  # data.size: the network's in-plane input
+  slice_axis: int  # data.slice_axis of the canonical volume
+  crop: str  # data.crop: 'none' or 'body'
+  crop_margin: int
+  norm: dict  # data.norm[modality], plain data
+  spacing: tuple[float, float] | None  # data.spacing of this modality (mm); None: resize
 
-def _target_spacing(cfg, modality: str) -> list[float] | None:
-  """This modality's in-plane target spacing, mm (rows, cols); None: resize to data.size."""
-  target = config_lib.spacing_for(cfg.get("spacing", ""), modality)
-  return None if target is None else [float(v) for v in target]
+  def record(self) -> dict:
+    """The settings as plain data, as the cache key hashes them."""
+    return dict(
+      size=list(self.size),
+      slice_axis=self.slice_axis,
+      crop=self.crop,
+      crop_margin=self.crop_margin,
+      norm=self.norm,
+      spacing=None if self.spacing is None else list(self.spacing),
+    )
 
 
 def normalise(array: np.ndarray, norm: dict) -> np.ndarray:
@@ -176,9 +173,9 @@ def _place(array: np.ndarray, content, plane, value) -> np.ndarray:
   return out
 
 
-def prepare(image: Volume, label: Volume | None, modality: str, cfg) -> Prepared:
+def prepare(image: Volume, label: Volume | None, settings: Preprocessing) -> Prepared:
   """Canonical volume (and label) -> network space, recording how to go back."""
-  s = settings(cfg, modality)
+  s = settings.record()
   if label is not None and label.array.shape != image.array.shape:
     raise DataError(
       f"{label.source}: label shape {label.array.shape} differs from image "
@@ -336,7 +333,7 @@ def _files_under(folder: epath.Path) -> list[tuple[str, str]]:
   return found
 
 
-def cache_key(adapter, case, cfg) -> str:
+def cache_key(adapter, case, settings: Preprocessing) -> str:
   """Names a cache entry by everything its content depends on, so any change misses the cache:
   the files (by content, `_fingerprint`), how label codes become classes (the adapter's code
   table and `ignore_unknown_labels`) and the preprocessing settings."""
@@ -355,7 +352,7 @@ def cache_key(adapter, case, cfg) -> str:
     classes=list(adapter.classes),
     codes=sorted(adapter.code_table(case.modality).items()),
     ignore_unknown_labels=adapter.ignore_unknown_labels,
-    settings=settings(cfg, case.modality),
+    settings=settings.record(),
   )
   digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
   return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', case.id)}-{digest}"
@@ -404,25 +401,25 @@ def local_cache_dir(cache_dir) -> str:
   return os.path.join(base, "ukd", digest)
 
 
-def cache_case(adapter, case, cfg, cache_dir) -> dict:
+def cache_case(adapter, case, settings: Preprocessing, cache_dir) -> dict:
   """Prepare one case once and reuse it.
 
   The entry is built in a temporary directory and renamed into place (`files.new_directory`),
   so a killed process leaves at most a stray '.tmp-*' directory, never a half-written entry.
   """
-  final = os.path.join(local_cache_dir(cache_dir), cache_key(adapter, case, cfg))
+  final = os.path.join(local_cache_dir(cache_dir), cache_key(adapter, case, settings))
   if os.path.isdir(final):
     return _entry(final, case)
   image, label = adapter.read(case)
-  prepared = prepare(image, label, case.modality, cfg)
+  prepared = prepare(image, label, settings)
   with files.new_directory(final) as tmp:
     _write_entry(tmp, prepared)
   return _entry(final, case)
 
 
-def cache_cases(adapter, cases, cfg, cache_dir, workers: int = 2) -> list[dict]:
+def cache_cases(adapter, cases, settings: Preprocessing, cache_dir, workers: int = 2) -> list[dict]:
   """`cache_case` for many cases, in order; threads overlap file decoding with resizing."""
   if workers <= 1:
-    return [cache_case(adapter, c, cfg, cache_dir) for c in cases]
+    return [cache_case(adapter, c, settings, cache_dir) for c in cases]
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(lambda c: cache_case(adapter, c, cfg, cache_dir), cases))
+    return list(pool.map(lambda c: cache_case(adapter, c, settings, cache_dir), cases))

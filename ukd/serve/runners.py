@@ -25,6 +25,7 @@ import os
 import ml_collections as mc
 import numpy as np
 
+from ukd import config as config_lib
 from ukd.errors import ConfigError, DataError, error, import_extra
 from ukd.serve import predict, windows
 
@@ -61,7 +62,11 @@ class ExportedModel(windows.Predictor):
     self.dataset = {k: record[k] for k in ("classes", "label_codes") if k in record}
     self.batch_size = int(self.config.infer.batch_size)
     self.settings = windows.Settings.from_config(
-      self.config, int(record["dims"]), self.batch_size, record.get("postprocess")
+      self.config,
+      config_lib.preprocessing(self.config),
+      int(record["dims"]),
+      self.batch_size,
+      record.get("postprocess"),
     )
     self._functions = {}
 

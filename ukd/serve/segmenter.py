@@ -78,7 +78,11 @@ class Segmenter(windows.Predictor):
     devices = self.mesh.shape[mesh_lib.DATA_AXIS]
     self.batch_size = -(-int(config.infer.batch_size) // devices) * devices
     self.settings = windows.Settings.from_config(
-      config, models.DIMS[config.model.name], self.batch_size, postprocess
+      config,
+      config_lib.preprocessing(config),
+      models.DIMS[config.model.name],
+      self.batch_size,
+      postprocess,
     )
     self.update(variables)
 
@@ -170,7 +174,7 @@ def mirror_axes(config) -> list[tuple[int, ...]]:
   """Every combination of the axes training flipped (`data.augment.flip`), the identity first:
   4 mirrors for a 2D network trained with both in-plane flips, 8 for a 3D one with all three.
   A network never shown a flip is not asked to predict on one: a ConfigError."""
-  axes = config_lib.flip_axes(config.data.augment.flip)
+  axes = tuple(config.data.augment.flip)  # sorted axes, as `ukd.config.check` leaves them
   if not axes:
     raise ConfigError(
       "test-time augmentation mirrors the image, but this network was trained without flips "

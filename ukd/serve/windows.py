@@ -47,7 +47,8 @@ BatchFn = Callable[[np.ndarray], object]
 class Settings:
   """What windowed prediction needs to know of a network and its preprocessing."""
 
-  data: object  # the config's `data` (prepare / restore read it)
+  preprocessing: dict  # {modality: `preprocess.Preprocessing`}, resolved once
+  window: tuple[int, ...]  # the network's input: data.size (2D) or data.patch (3D)
   dims: int  # 2 or 3
   num_classes: int
   overlap: float
@@ -57,9 +58,12 @@ class Settings:
   postprocess: dict | None = None
 
   @classmethod
-  def from_config(cls, config, dims: int, batch_size: int, postprocess=None) -> Settings:
+  def from_config(cls, config, preprocessing, dims: int, batch_size: int, postprocess=None):
+    """The settings of a resolved config and its `preprocessing` (`ukd.config.preprocessing`)."""
+    window = config.data.patch if dims == 3 else config.data.size
     return cls(
-      config.data,
+      dict(preprocessing),
+      tuple(int(n) for n in window),
       dims,
       int(config.model.num_classes),
       float(config.infer.overlap),
@@ -145,7 +149,7 @@ def predict_volume(
 
 def prepare(vol: volumes.Volume, modality: str, settings: Settings) -> preprocess.Prepared:
   """Host stage 1: the image in network space."""
-  return preprocess.prepare(vol, None, modality, settings.data)
+  return preprocess.prepare(vol, None, settings.preprocessing[modality])
 
 
 def finish(
@@ -164,9 +168,8 @@ def network_probabilities(image: np.ndarray, settings: Settings, run: BatchFn) -
   """[H, W, S] in network space -> [H, W, S, C]."""
   overlap = settings.overlap
   if settings.dims == 3:
-    window = tuple(int(n) for n in settings.data.patch)
-    return _slide(image, window, (overlap,) * 3, _window_input, settings, run)
-  size = tuple(int(n) for n in settings.data.size)
+    return _slide(image, settings.window, (overlap,) * 3, _window_input, settings, run)
+  size = settings.window
   # Windows one slice thick, side by side along the slices; in-plane they overlap, and are
   # blended, only where the slice is larger than data.size.
   blend = image.shape[0] > size[0] or image.shape[1] > size[1]

@@ -108,8 +108,9 @@ def prepare_data(config: mc.ConfigDict, root: str, workdir: str | os.PathLike) -
     )
     for m in modalities
   }
+  preprocessing = config_lib.preprocessing(config)
   sources = {
-    m: preprocess.cache_cases(adapter, trained[m], config.data, cache_dir) for m in trained
+    m: preprocess.cache_cases(adapter, trained[m], preprocessing[m], cache_dir) for m in trained
   }
   return Data(adapter, tuple(adapter.classes), cases, sources, trained)
 
