@@ -89,7 +89,7 @@ def test_validate_names_the_field(field, value, message):
 def test_resolve_fills_discovered_fields_freezes_and_leaves_the_callers_config():
   original = importlib.import_module("configs.demo").get_config(None)
   before = original.to_dict()
-  resolved = config_lib.resolve(original, root="/data/phantoms", num_classes=7)
+  resolved = config_lib.resolve(original, root="/data/phantoms", classes=tuple("abcdefg"))
   assert resolved.data.root == "/data/phantoms" and resolved.model.num_classes == 7
   assert original.to_dict() == before  # discovered values are returned, not written back
   with pytest.raises((AttributeError, TypeError, ValueError)):
@@ -111,7 +111,7 @@ def test_paper_configs_follow_the_reference_recipe():
 
 def test_a_config_saved_before_the_recipe_fields_rebuilds_its_network():
   resolved = config_lib.resolve(
-    importlib.import_module("configs.mmwhs").get_config(None), root="/data", num_classes=5
+    importlib.import_module("configs.mmwhs").get_config(None), root="/data", classes=tuple("abcde")
   )
   saved = resolved.to_dict()
   for field in ("head_bias", "pad", "x_split"):
@@ -125,7 +125,7 @@ def test_resolve_checks_the_config():
   config = importlib.import_module("configs.demo").get_config(None)
   config.loss.kd_absent = "ignore"
   with pytest.raises(ConfigError, match="config.loss.kd_absent='ignore'"):
-    config_lib.resolve(config, root="/x", num_classes=5)
+    config_lib.resolve(config, root="/x", classes=tuple("abcde"))
 
 
 def test_pod_variant_scales_the_schedule_with_the_global_batch():
