@@ -140,7 +140,12 @@ def score_validation(
   config = segmenter.config
   cases = [c for m in config.modalities for c in data.cases[m][split]]
   result = evaluate.evaluate_cases(
-    segmenter, data.adapter, cases, overlays=config.overlays, metric_names=("dice",)
+    segmenter,
+    data.adapter,
+    cases,
+    overlays=config.overlays,
+    metric_names=("dice",),
+    label_sets=config.data.label_sets,  # checkpoints are chosen on what validation labels
   )
   scalars = {
     f"val_dice/{m}/{name}": values["dice"]["mean"]
