@@ -163,3 +163,15 @@ def test_study_config_builds_on_its_sibling_configs_without_the_study_runner():
   assert (full.reference, full.train, tuple(full.seeds)) == ("ukd", "schemes", (0, 1, 2))
   assert sorted(full.schemes) == sorted(models.SCHEMES)
   assert full.base.total_steps == 400 and full.base.model.width == 4
+
+
+def test_abdominal_all_ct_organs_trains_btcvs_13_of_which_mr_labels_4():
+  from ukd.data import adapters
+
+  config = importlib.import_module("configs.abdominal").get_config("all_ct_organs")
+  adapter = adapters.get_adapter("abdominal", **config.data.options.to_dict())
+  assert config.model.num_classes == len(adapter.classes) == 14
+  held = {m: adapter.labelled(m) for m in config.modalities}
+  resolved = config_lib.resolve(config, root="/data", classes=adapter.classes, held=held)
+  # MR labels liver (6), right kidney (2), left kidney (3) and spleen (1) of BTCV's order.
+  assert resolved.data.label_sets.to_dict() == {"mr": (0, 1, 2, 3, 6)}
