@@ -95,10 +95,11 @@ def random_variables(config, seed=0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def write_folder_dataset(root, modalities, count, make_case, affine):
+def write_folder_dataset(root, modalities, count, make_case, affine, labels=None):
   """nnU-Net style folders `<root>/<modality>/{imagesTr,labelsTr}` with a dataset.json
-  naming classes A (1) and B (2); `make_case(modality, k)` gives case k's (image, label)
-  arrays, called modality by modality, case by case."""
+  naming classes A (1) and B (2), or the {name: index} that `labels` gives a modality;
+  `make_case(modality, k)` gives case k's (image, label) arrays, called modality by
+  modality, case by case."""
   import json
 
   import nibabel as nib
@@ -107,8 +108,9 @@ def write_folder_dataset(root, modalities, count, make_case, affine):
     folder = os.path.join(root, modality)
     for sub in ("imagesTr", "labelsTr"):
       os.makedirs(os.path.join(folder, sub))
+    names = (labels or {}).get(modality, {"background": 0, "A": 1, "B": 2})
     with open(os.path.join(folder, "dataset.json"), "w") as f:
-      json.dump({"labels": {"background": 0, "A": 1, "B": 2}, "file_ending": ".nii.gz"}, f)
+      json.dump({"labels": names, "file_ending": ".nii.gz"}, f)
     for k in range(count):
       image, label = make_case(modality, k)
       nib.save(

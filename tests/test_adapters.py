@@ -211,12 +211,40 @@ def test_folder_v1_and_v2_with_relative_and_absolute_paths(tmp_path):
   assert _labels(adapter, cases[0]) == [0, 1, 2]
 
 
-def test_folder_class_names_must_agree(tmp_path):
-  _nnunet(str(tmp_path / "ct"), V2)
-  _nnunet(str(tmp_path / "mr"), {"background": 0, "kidney": 1, "tumour": 2})
-  adapter = adapters.get_adapter("folder", modalities={"ct": "ct", "mr": "mr"})
-  with pytest.raises(DataError, match=r"mr/dataset.json: classes .*kidney.* differ"):
-    adapter.cases(str(tmp_path))
+def test_folders_that_label_different_structures_train_their_union(tmp_path):
+  """Classes are matched by name: background, CT's in its order, then MR's new ones; each
+  modality's codes are its own dataset.json indices, and it holds only its own names."""
+  _nnunet(
+    str(tmp_path / "ct"), {"background": 0, "liver": 1, "spleen": 2, "aorta": 3}, codes=(0, 1, 2, 3)
+  )
+  _nnunet(str(tmp_path / "mr"), {"background": 0, "kidney": 1, "liver": 2}, codes=(0, 1, 2))
+  # Given MR first: modalities still come in the order of their names.
+  adapter = adapters.get_adapter("folder", modalities={"mr": "mr", "ct": "ct"})
+  ct, mr = adapter.cases(str(tmp_path))
+  assert adapter.classes == ("background", "liver", "spleen", "aorta", "kidney")
+  assert adapter.labelled("ct") == ("background", "liver", "spleen", "aorta")
+  assert adapter.labelled("mr") == ("background", "kidney", "liver")
+  assert _labels(adapter, ct) == [0, 1, 2, 3]
+  assert _labels(adapter, mr) == [0, 4, 1]  # MR kidney (1) and liver (2) as union classes
+  # Predictions carry every class, no code twice: MR writes aorta with CT's code 3, which
+  # is free in MR, and spleen, whose CT code 2 is MR's liver, with the next free code, 4;
+  # CT writes kidney with 4, above its own codes, since MR's code for it, 1, is CT's liver.
+  assert adapter.label_codes("mr") == (0, 2, 4, 3, 1)
+  assert adapter.label_codes("ct") == (0, 1, 2, 3, 4)
+
+
+def test_abdominal_all_ct_organs_trains_btcvs_13_with_chaos_4(tmp_path):
+  adapter = adapters.get_adapter("abdominal", organs="all_ct")
+  assert len(adapter.classes) == 14 and adapter.classes[6] == "liver"
+  assert adapter.labelled("mr") == ("background", "liver", "right_kidney", "left_kidney", "spleen")
+  assert adapter.labelled("ct") == adapter.classes
+  # CT codes are BTCV's own; CHAOS grey values land on the same organs.
+  assert adapter.label_codes("ct") == tuple(range(14))
+  table = adapter.code_table("mr")
+  assert [table[v] for v in (0, 63, 126, 189, 252)] == [0, 6, 2, 3, 1]
+  assert adapter.label_codes("mr") == (0, 252, 126, 189, 4, 5, 63, 7, 8, 9, 10, 11, 12, 13)
+  with pytest.raises(DataError, match="organs='every'"):
+    adapters.get_adapter("abdominal", organs="every")
 
 
 def test_folder_label_value_beyond_classes(tmp_path):

@@ -89,7 +89,7 @@ def test_validate_names_the_field(field, value, message):
 def test_resolve_fills_discovered_fields_freezes_and_leaves_the_callers_config():
   original = importlib.import_module("configs.demo").get_config(None)
   before = original.to_dict()
-  resolved = config_lib.resolve(original, root="/data/phantoms", num_classes=7)
+  resolved = config_lib.resolve(original, root="/data/phantoms", classes=tuple("abcdefg"))
   assert resolved.data.root == "/data/phantoms" and resolved.model.num_classes == 7
   assert original.to_dict() == before  # discovered values are returned, not written back
   with pytest.raises((AttributeError, TypeError, ValueError)):
@@ -111,7 +111,7 @@ def test_paper_configs_follow_the_reference_recipe():
 
 def test_a_config_saved_before_the_recipe_fields_rebuilds_its_network():
   resolved = config_lib.resolve(
-    importlib.import_module("configs.mmwhs").get_config(None), root="/data", num_classes=5
+    importlib.import_module("configs.mmwhs").get_config(None), root="/data", classes=tuple("abcde")
   )
   saved = resolved.to_dict()
   for field in ("head_bias", "pad", "x_split"):
@@ -125,7 +125,7 @@ def test_resolve_checks_the_config():
   config = importlib.import_module("configs.demo").get_config(None)
   config.loss.kd_absent = "ignore"
   with pytest.raises(ConfigError, match="config.loss.kd_absent='ignore'"):
-    config_lib.resolve(config, root="/x", num_classes=5)
+    config_lib.resolve(config, root="/x", classes=tuple("abcde"))
 
 
 def test_pod_variant_scales_the_schedule_with_the_global_batch():
@@ -163,3 +163,15 @@ def test_study_config_builds_on_its_sibling_configs_without_the_study_runner():
   assert (full.reference, full.train, tuple(full.seeds)) == ("ukd", "schemes", (0, 1, 2))
   assert sorted(full.schemes) == sorted(models.SCHEMES)
   assert full.base.total_steps == 400 and full.base.model.width == 4
+
+
+def test_abdominal_all_ct_organs_trains_btcvs_13_of_which_mr_labels_4():
+  from ukd.data import adapters
+
+  config = importlib.import_module("configs.abdominal").get_config("all_ct_organs")
+  adapter = adapters.get_adapter("abdominal", **config.data.options.to_dict())
+  assert config.model.num_classes == len(adapter.classes) == 14
+  held = {m: adapter.labelled(m) for m in config.modalities}
+  resolved = config_lib.resolve(config, root="/data", classes=adapter.classes, held=held)
+  # MR labels liver (6), right kidney (2), left kidney (3) and spleen (1) of BTCV's order.
+  assert resolved.data.label_sets.to_dict() == {"mr": (0, 1, 2, 3, 6)}

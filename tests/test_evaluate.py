@@ -49,7 +49,7 @@ CASES = [
 ]
 
 
-class StubAdapter:
+class StubAdapter(adapters.Adapter):
   """Reads the cases above from memory."""
 
   classes = CLASSES

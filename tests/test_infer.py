@@ -24,7 +24,7 @@ from helpers import (
 from ukd import config as config_lib
 from ukd import models
 from ukd.data import preprocess
-from ukd.data.adapters import Case
+from ukd.data.adapters import Adapter, Case
 from ukd.data.io import volumes
 from ukd.errors import CheckpointError, ConfigError, DataError
 from ukd.evaluation import evaluate
@@ -427,7 +427,7 @@ def test_evaluation_predicts_from_the_image_alone(state2d, monkeypatch):
   near, far = np.zeros((16, 16, 6), np.int32), np.zeros((16, 16, 6), np.int32)
   near[2:6, 2:6, 1:4], far[9:15, 8:14, 2:5] = 1, 2
 
-  class OneCase:
+  class OneCase(Adapter):
     classes = ("background", "A", "B")
 
     def __init__(self, label):

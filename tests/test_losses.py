@@ -265,6 +265,83 @@ def test_kd_uniform_absent_on_random_batches():
   assert float(kd_loss(logits, labels, absent="uniform")) == pytest.approx(expected, rel=1e-4)
 
 
+# ---------------------------------------------------------------- label sets
+
+# Two voxels, three classes, class 2 not labelled: voxel 1 (1/2, 1/5, 3/10) labelled
+# background, voxel 2 (1/10, 3/5, 3/10) labelled class 1. Merged (background + class 2):
+# voxel 1 (4/5, 1/5), voxel 2 (2/5, 3/5).
+PARTIAL_PROBS = np.array([[0.5, 0.2, 0.3], [0.1, 0.6, 0.3]], np.float32)
+PARTIAL_LABELS = np.array([0, 1], np.int32)
+LABELLED = np.array([True, True, False])
+
+
+def _partial(loss, probs, labels=PARTIAL_LABELS):
+  return float(loss(np.log(probs), labels, LABELLED))
+
+
+def test_label_set_dice_and_ce_worked_example():
+  # Dice, merged class: 2 * 4/5 / (16/25 + 4/25 + 1) = 8/9; class 1: 2 * 3/5 / (1/25 + 9/25 +
+  # 1) = 6/7; class 2 is not one of the classes: 1 - (8/9 + 6/7) / 2 = 8/63.
+  assert _partial(losses.dice_loss, PARTIAL_PROBS) == pytest.approx(8 / 63, rel=1e-5)
+  # CE: each merged class holds 1 of 2 voxels, weight 1/2: -(1/2 ln 4/5 + 1/2 ln 3/5) / 2.
+  expected = -(0.5 * math.log(0.8) + 0.5 * math.log(0.6)) / 2
+  assert _partial(losses.weighted_ce_loss, PARTIAL_PROBS) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", [losses.dice_loss, losses.weighted_ce_loss])
+def test_label_set_losses_ignore_moves_between_background_and_an_unlabelled_class(loss):
+  before = _partial(loss, PARTIAL_PROBS)
+  swapped = np.array([[0.3, 0.2, 0.5], [0.35, 0.6, 0.05]], np.float32)  # bg <-> class 2
+  assert _partial(loss, swapped) == pytest.approx(before, rel=1e-6)
+  # A label that names the unlabelled class is the merged class too.
+  assert _partial(loss, PARTIAL_PROBS, np.array([2, 1], np.int32)) == pytest.approx(before)
+  into_labelled = np.array([[0.3, 0.4, 0.3], [0.1, 0.6, 0.3]], np.float32)  # bg -> class 1
+  assert _partial(loss, into_labelled) > before + 1e-3
+  # Every class labelled: the loss as it always was (class 2 a class of its own).
+  full = float(loss(np.log(PARTIAL_PROBS), PARTIAL_LABELS, np.ones(3, bool)))
+  assert full == pytest.approx(float(loss(np.log(PARTIAL_PROBS), PARTIAL_LABELS)), rel=1e-6)
+  assert abs(full - before) > 1e-3
+
+
+def test_label_set_losses_have_finite_gradients():
+  logits = np.log(PARTIAL_PROBS)
+  for loss in (losses.dice_loss, losses.weighted_ce_loss):
+    grad = jax.grad(loss)(logits, PARTIAL_LABELS, LABELLED)
+    assert np.all(np.isfinite(grad))
+    # Nothing pushes probability between background and class 2 of a voxel: their logits'
+    # gradients are equal, so the merged probability is all the loss sees.
+    np.testing.assert_allclose(
+      grad[:, 0] * PARTIAL_PROBS[:, 2], grad[:, 2] * PARTIAL_PROBS[:, 0], atol=1e-6
+    )
+
+
+# 'ct' labels classes 0, 1, 2; 'mr' labels 0 and 1 (its 0 also covers class 2's organ).
+KD_LOGITS = {
+  "ct": np.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]], np.float32),
+  "mr": np.array([[0.0, 0.0, 4.0], [0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], np.float32),
+}
+KD_LABELS = {"ct": np.array([0, 1, 2], np.int32), "mr": np.array([0, 1, 1], np.int32)}
+KD_LABELLED = {"ct": np.ones(3, bool), "mr": np.array([True, True, False])}
+
+
+@pytest.mark.parametrize("absent", ["mask", "uniform"])
+def test_kd_averages_over_the_classes_both_modalities_label(absent):
+  # Only class 1 is labelled by both: background is not, since MR's 0 also covers class 2.
+  # T = 2: p_ct^1 = softmax(0, 1, 0), p_mr^1 = softmax(mean((0,0,0), (2,0,0)) / 2) = softmax(1/2, 0, 0).
+  expected = _sym_kl(_softmax([0.0, 1.0, 0.0]), _softmax([0.5, 0.0, 0.0]))
+  value = kd_loss(KD_LOGITS, KD_LABELS, absent=absent, labelled=KD_LABELLED)
+  assert float(value) == pytest.approx(expected, rel=1e-5)
+  # Nor do background's and class 2's class means count: change them, the loss stays.
+  moved = {m: v.copy() for m, v in KD_LOGITS.items()}
+  moved["ct"][[0, 2]] = 5.0 * moved["ct"][[2, 0]]
+  moved["mr"][0] = [0.0, 3.0, 0.0]
+  again = kd_loss(moved, KD_LABELS, absent=absent, labelled=KD_LABELLED)
+  assert float(again) == pytest.approx(expected, rel=1e-5)
+  # No class both label: the pair adds nothing.
+  apart = {"ct": np.array([True, False, True]), "mr": KD_LABELLED["mr"]}
+  assert float(kd_loss(KD_LOGITS, KD_LABELS, absent=absent, labelled=apart)) == 0.0
+
+
 # ---------------------------------------------------------------- L2
 
 

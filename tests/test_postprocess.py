@@ -10,7 +10,7 @@ import pytest
 from helpers import run_module, tiny_config, write_folder_dataset
 
 from ukd import models
-from ukd.data.adapters import Case
+from ukd.data.adapters import Adapter, Case
 from ukd.data.io.volumes import from_array
 from ukd.errors import DataError
 from ukd.evaluation import evaluate, postprocess
@@ -135,7 +135,7 @@ def test_a_bad_rules_file_is_a_one_line_error_naming_it(tmp_path, content, probl
   assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
 
 
-class _Stub:
+class _Stub(Adapter):
   """Reads and predicts from memory, counting predictions: no network."""
 
   classes = ("background", "A", "B")

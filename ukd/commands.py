@@ -91,7 +91,8 @@ def evaluate_split(
   Returns:
     {'summary': `evaluate.summarize_rows`' result, 'cases': the rows, 'dir': the output
     folder, 'step': the checkpoint's step, 'split': `split`, 'postprocessed': {'rules',
-    'cases', 'summary'} of the post-processed labels, or None without rules}.
+    'cases', 'summary'} of the post-processed labels, or None without rules, 'not_scored':
+    {modality: classes its references do not label}}.
   """
   rules = postprocess_lib.load_rules([workdir], postprocess)
   adapter, chosen = segmenter.split_cases(seg, workdir, split)
@@ -115,6 +116,8 @@ def evaluate_split(
     if fixed:
       print("as predicted (raw network labels):")
     print(evaluate_lib.format_table(result["summary"], adapter.classes))
+    for modality, names in result["not_scored"].items():
+      print(f"{modality}: not scored (its references do not label them): {', '.join(names)}")
     if fixed:
       print(f"post-processed ({postprocess_lib.describe(rules, adapter.classes)}):")
       print(evaluate_lib.format_table(fixed["summary"], adapter.classes))
@@ -125,6 +128,7 @@ def evaluate_split(
     step=seg.step,
     split=split,
     postprocessed=fixed,
+    not_scored=result["not_scored"],
   )
 
 
@@ -149,6 +153,7 @@ def choose_postprocessing(seg, workdir) -> dict:
   if not cases:
     raise DataError(f"{workdir}: the val split has no cases to choose post-processing on")
   num_classes = int(seg.config.model.num_classes)
+  label_sets = seg.config.data.get("label_sets")  # configs saved before label sets: none
   rows = []
   for case in cases[jax.process_index() :: jax.process_count()]:
     image, label = adapter.read(case)
@@ -156,6 +161,10 @@ def choose_postprocessing(seg, workdir) -> dict:
       raise DataError(f"case {case.id}: no label to choose post-processing on ({case.image})")
     pred, _ = seg.predict_volume(image, case.modality)
     scores = postprocess_lib.candidate_scores(label.array, pred, image.spacing, num_classes)
+    # A class the references do not label has no truth to judge a rule by: any rule that
+    # removed it would look perfect, so it gets none.
+    scored = evaluate_lib.scored_classes(adapter, case.modality, label_sets)
+    scores = {k: v for k, v in scores.items() if adapter.classes[int(k)] in scored}
     rows.append({"modality": case.modality, "case": case.id, "scores": scores})
   rows = evaluate_lib.gather_rows(rows)
   modalities = [m for m in seg.config.modalities if any(r["modality"] == m for r in rows)]

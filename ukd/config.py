@@ -70,6 +70,9 @@ def default() -> mc.ConfigDict:
   # Share of each modality's training cases used (data budget): '0.25' | 'ct=1,mr=0.25'.
   c.data.train_fraction = "1"
   c.data.split_file = ""  # a splits.json to use instead of a seeded split
+  # Classes each modality's labels hold, by name: 'mr=MYO+LVC' ('' = all the dataset gives).
+  c.data.labelled = ""
+  c.data.label_sets = {}  # set by resolve: {modality: class indices} of partly labelled ones
   c.data.cache_dir = ""  # volume cache ('' = <workdir>/cache); gs://... -> ~/.cache/ukd/<hash>
   c.data.size = (256, 256)  # in-plane size the network sees
   c.data.spacing = ""  # in-plane mm ('': resize to size): '1' | '1x0.8' (rows x cols) | 'ct=1,mr=2'
@@ -225,12 +228,23 @@ def _fraction(text: str) -> float:
 
 
 # The per-modality `data` fields: the forms the error shows, and the parser of one value.
+def _class_names(text: str) -> tuple[str, ...]:
+  names = tuple(name.strip() for name in text.split("+"))
+  if not all(names) or len(set(names)) != len(names):
+    raise ValueError(text)
+  return names
+
+
 _PER_MODALITY = {
   "spacing": (
     "'' (off), 'MM', 'ROWSxCOLS' or 'ct=MM,mr=ROWSxCOLS' with positive numbers (mm)",
     _spacing_pair,
   ),
   "train_fraction": ("'F' or 'ct=F,mr=F' with each F in (0, 1]", _fraction),
+  "labelled": (
+    "'' (every class), 'A+B' or 'ct=A+B,mr=C' with distinct class names",
+    _class_names,
+  ),
 }
 
 
@@ -333,6 +347,7 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
   models.check_x_split(config.model)
   _check_modality_names(config, "train_fraction", modalities)
   _check_planes(config.data)
+  _check_modality_names(config, "labelled", modalities)
   _check_folds(config.data)
   _check_realism(config.data)
   if not 0.0 <= config.infer.overlap < 1.0:
@@ -422,17 +437,67 @@ def _floats(values) -> tuple[float, ...] | None:
   return None if values is None else tuple(float(v) for v in values)
 
 
-def resolve(config, *, root: str, num_classes: int) -> mc.FrozenConfigDict:
+def resolve(config, *, root: str, classes, held=None) -> mc.FrozenConfigDict:
   """The config a run (and its checkpoints) uses: checked, with what the dataset decided
-  filled in (the dataset root, e.g. generated phantoms, and the class count), and frozen.
+  filled in (the dataset root, e.g. generated phantoms, the class count and the label sets),
+  and frozen.
 
   Everything below training and inference reads this one immutable object; nothing may
   change it halfway, so the config saved with a checkpoint is the one the run used.
+
+  Args:
+    config: the run's config.
+    root: the dataset root.
+    classes: the network's class names, background first (the adapter's).
+    held: {modality: class names its references hold} as the dataset says (the adapter's
+      `labelled`); a modality it leaves out holds every class.
   """
   resolved = check(config)
   resolved.data.root = str(root)
-  resolved.model.num_classes = int(num_classes)
+  resolved.model.num_classes = len(classes)
+  resolved.data.label_sets = label_sets(
+    resolved.data.labelled, tuple(classes), dict(held or {}), tuple(resolved.modalities)
+  )
   return mc.FrozenConfigDict(resolved)
+
+
+def label_sets(text: str, classes: tuple[str, ...], held: dict, modalities) -> dict:
+  """{modality: class indices its labels hold} for the modalities that hold only some of
+  `classes`: what the dataset holds (`held`) and, where `data.labelled` (`text`) names a
+  modality's classes, only those of them.  Background (index 0) is always in: it is the class
+  the losses merge the others into.  Worked out once, here, so that training reads arrays
+  (`label_masks`), never names."""
+  declared = _data_entries("labelled", text)
+  sets = {}
+  for modality in modalities:
+    names = set(held.get(modality, classes))
+    wanted = declared.get(modality, declared.get(None))
+    if wanted is not None:
+      unknown = [name for name in wanted if name not in classes]
+      if unknown:
+        raise ConfigError(
+          f"config.data.labelled={text!r}: {unknown[0]!r} is not a class of the dataset "
+          f"{list(classes)}"
+        )
+      names &= set(wanted)
+    indices = (0, *(k for k, name in enumerate(classes) if k and name in names))
+    if len(indices) == 1:
+      raise ConfigError(f"modality {modality!r} would train with no labelled class")
+    if len(indices) < len(classes):
+      sets[modality] = indices
+  return sets
+
+
+def label_masks(config) -> dict[str, np.ndarray]:
+  """{modality: [num_classes] booleans, the classes its labels hold} of the modalities whose
+  labels hold only some classes (`data.label_sets`); the others are left out."""
+  sets = config.data.get("label_sets") or {}  # configs saved before label sets have none
+  masks = {}
+  for modality, indices in sets.items():
+    mask = np.zeros(config.model.num_classes, bool)
+    mask[list(indices)] = True
+    masks[modality] = mask
+  return masks
 
 
 # Fields added to `default()` with a default that differs from what runs saved before them

@@ -27,6 +27,10 @@ checks the others, naming the field:
                          x * (1 + a) + b, |a|, |b| <= it)
   data.workers           grain worker processes (0 = in the training process)
   data.prefetch          batches buffered per process
+  data.label_sets        resolved label sets (`ukd.config.label_sets`): a modality whose
+                         labels hold only some classes has the others' labels read as
+                         background, so that a class `data.labelled` leaves out is never
+                         trained on, nor drawn as foreground, whatever its files hold
 
 Worker processes are spawned by grain: outside ``absl.app.run`` call
 ``absl.flags.FLAGS.mark_as_parsed()`` first, and ``close()`` the iterator when done.
@@ -60,6 +64,8 @@ class Spec:
   augment: dict
   workers: int
   prefetch: int
+  # {modality: [num_classes] int lookup, label -> label trained on} of partly labelled ones.
+  relabel: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_config(cls, config, dims: int | None = None) -> "Spec":
@@ -89,7 +95,15 @@ class Spec:
         f"data.workers must be >= 0 and data.prefetch >= 1, got {workers} and {prefetch}"
       )
     augment = _augment_spec(data.augment)
-    return cls(int(dims), int(config.batch_size), size, patch, fg, augment, workers, prefetch)
+    # `data.label_sets` holds, per partly labelled modality, the class indices its labels
+    # hold (resolved by `ukd.config.resolve`): any other label is trained on as background.
+    relabel = {}
+    for m, indices in (data.get("label_sets") or {}).items():
+      relabel[m] = np.zeros(int(config.model.num_classes), np.int32)
+      relabel[m][list(indices)] = list(indices)
+    return cls(
+      int(dims), int(config.batch_size), size, patch, fg, augment, workers, prefetch, relabel
+    )
 
   @property
   def window(self) -> tuple[int, int]:
@@ -211,9 +225,10 @@ class ModalitySampler:
   processes receive paths rather than volumes.
   """
 
-  def __init__(self, paths: list[tuple[str, str]], spec: Spec):
+  def __init__(self, paths: list[tuple[str, str]], spec: Spec, relabel: np.ndarray | None = None):
     self._paths = paths
     self._spec = spec
+    self._relabel = relabel  # `Spec.relabel` of this modality, or None: labels as they are
     self._open = {}
 
   def __getstate__(self):
@@ -224,6 +239,8 @@ class ModalitySampler:
     if index not in self._open:
       image_path, label_path = self._paths[index]
       label = np.load(label_path, mmap_mode="r")
+      if self._relabel is not None:  # in memory then: one label volume per case
+        label = self._relabel[label]
       fg_slices = np.flatnonzero(np.asarray(label).any(axis=(0, 1)))
       self._open[index] = (np.load(image_path, mmap_mode="r"), label, fg_slices)
     return self._open[index]
@@ -335,7 +352,10 @@ def make_train_iterator(
   for modality in modalities:
     if not sources.get(modality):
       raise DataError(f"sources[{modality!r}] is empty: no training volumes for this modality")
-  samplers = {m: ModalitySampler(_check_entries(m, sources[m], spec), spec) for m in modalities}
+  samplers = {
+    m: ModalitySampler(_check_entries(m, sources[m], spec), spec, spec.relabel.get(m))
+    for m in modalities
+  }
   if not isinstance(start_step, int) or start_step < 0:
     raise DataError(f"start_step must be a non-negative int, got {start_step!r}")
   ds = grain.MapDataset.range(start_step, _MAX_STEPS).map(

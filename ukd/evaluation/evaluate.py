@@ -12,10 +12,16 @@ Aggregation and empty structures (see `ukd.evaluation.metrics` for the per-volum
     volume with a NaN structure has a NaN mean, so it is counted in 'n_empty' rather than
     averaged over its remaining structures, which would hide the miss.
 
+Label sets: a modality's references may hold only some classes (`Adapter.labelled`; BTCV CT
+13 organs, CHAOS MR 4).  Predictions carry every class, but each modality is scored only on the
+classes its references hold; the others are listed as not scored ('not_scored' in the result
+and in metrics.json), never scored as misses.
+
 Outputs of `evaluate_cases(..., out_dir=d)` (`evaluate` uses d = <workdir>/eval/<split>-step<N>):
   d/metrics.json   {'step': checkpoint step, 'split': split scored, 'metrics': m} with
                    m[modality][structure | 'mean'][dice | assd | hd95] =
-                   {'mean', 'std', 'n', 'n_empty'}  (NaN written as null)
+                   {'mean', 'std', 'n', 'n_empty'}  (NaN written as null), and where a
+                   modality leaves classes unscored, 'not_scored': {modality: structures}
   d/cases.csv      case, modality, class, dice, assd, hd95: one row per volume and structure
   d/overlays/<modality>/<case id>.png   image | ground truth | prediction on three slices
                    (per modality: case ids are only unique within one)
@@ -97,13 +103,14 @@ def summarize_rows(
     metric_names: the metrics the rows hold.
 
   Returns:
-    {modality: {structure | 'mean': {metric: metrics.summarize(...)}}}.
+    {modality: {structure | 'mean': {metric: metrics.summarize(...)}}}, with the structures
+    the modality's rows score (`scored_classes`).
   """
   summary = {}
   for modality in dict.fromkeys(r["modality"] for r in rows):
     mine = [r for r in rows if r["modality"] == modality]
     table = {}
-    for name in class_names[1:]:
+    for name in [n for n in class_names[1:] if any(r["class"] == n for r in mine)]:
       of_class = [r for r in mine if r["class"] == name]
       table[name] = {k: metrics.summarize(r[k] for r in of_class) for k in metric_names}
     table["mean"] = {k: metrics.summarize(case_means(mine, k).values()) for k in metric_names}
@@ -118,6 +125,28 @@ def case_means(rows: Iterable[Mapping[str, Any]], metric: str) -> dict[str, floa
   for r in rows:
     by_case.setdefault(r["case"], []).append(r[metric])
   return {case: float(np.mean(values)) for case, values in by_case.items()}
+
+
+def scored_classes(adapter: Adapter, modality: str, label_sets=None) -> tuple[str, ...]:
+  """The foreground classes evaluation scores in `modality`: those its references hold
+  (`adapter.labelled`), and with `label_sets` (a run's resolved `data.label_sets`, for the
+  splits whose references hold what training was told: validation) only those of them."""
+  held = set(adapter.labelled(modality))
+  told = (label_sets or {}).get(modality)
+  if told is not None:
+    held &= {adapter.classes[k] for k in told}
+  return tuple(name for name in adapter.classes[1:] if name in held)
+
+
+def not_scored(adapter: Adapter, modalities: Iterable[str], label_sets=None) -> dict:
+  """{modality: the foreground classes it does not score} of the modalities missing some."""
+  missing = {}
+  for modality in modalities:
+    scored = scored_classes(adapter, modality, label_sets)
+    names = [name for name in adapter.classes[1:] if name not in scored]
+    if names:
+      missing[modality] = names
+  return missing
 
 
 # --- pictures ---------------------------------------------------------------------------------
@@ -198,8 +227,10 @@ def evaluate_cases(
   metric_names: Sequence[str] = METRICS,
   split: str | None = None,
   rules: Mapping | None = None,
+  label_sets: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-  """Predicts and scores every case.
+  """Predicts and scores every case, each on the classes its modality scores
+  (`scored_classes`).
 
   Predictions see the image only, as prediction does (`Segmenter.predict_volume`); the
   label is read for scoring and pictures.
@@ -218,13 +249,18 @@ def evaluate_cases(
     split: the split the cases come from, recorded in metrics.json.
     rules: post-processing rules by modality (`ukd.evaluation.postprocess.load_rules`): each prediction
       is also scored post-processed (`seg` should apply none itself).
+    label_sets: the run's resolved `data.label_sets` where the cases' references hold what
+      training was told (validation); None: what the dataset says they hold.
 
   Returns:
     {'cases': one row per case and structure, 'summary': `summarize_rows`' result,
-    'overlays': '<modality>/<case id>' -> overlay picture}; with `rules` also
-    'postprocessed': {'rules', 'cases', 'summary'} of the post-processed labels.
+    'overlays': '<modality>/<case id>' -> overlay picture, 'not_scored': `not_scored`' result};
+    with `rules` also 'postprocessed': {'rules', 'cases', 'summary'} of the post-processed
+    labels.
   """
   rows, fixed_rows, pictures = [], [], {}
+  modalities = list(dict.fromkeys(c.modality for c in cases))
+  scored = {m: scored_classes(adapter, m, label_sets) for m in modalities}
   drawn = dict.fromkeys((c.modality for c in cases), 0)  # pictures per modality so far
   # Several processes share out the cases (each on its own devices) and gather the scores;
   # process 0 writes the files.
@@ -235,7 +271,7 @@ def evaluate_cases(
       raise DataError(f"case {case.id}: no label to evaluate against ({case.image})")
     pred, _ = seg.predict_volume(image, case.modality)
     scores = metrics.structure_scores(
-      pred, label.array, image.spacing, adapter.classes, metric_names
+      pred, label.array, image.spacing, adapter.classes, metric_names, scored[case.modality]
     )
     rows += _case_rows(case, scores)
     logging.info(
@@ -253,7 +289,7 @@ def evaluate_cases(
       fixed_scores = scores
       if rule:
         fixed_scores = metrics.structure_scores(
-          fixed, label.array, image.spacing, adapter.classes, metric_names
+          fixed, label.array, image.spacing, adapter.classes, metric_names, scored[case.modality]
         )
       fixed_rows += _case_rows(case, fixed_scores)
     wanted = overlays is None or drawn[case.modality] < overlays
@@ -266,13 +302,24 @@ def evaluate_cases(
   by_case = lambda r: order[(r["modality"], r["case"])]
   rows = sorted(gather_rows(rows), key=by_case)
   summary = summarize_rows(rows, adapter.classes, metric_names)
-  result, fixed = {"cases": rows, "summary": summary, "overlays": pictures}, None
+  missing = not_scored(adapter, modalities, label_sets)
+  result = {"cases": rows, "summary": summary, "overlays": pictures, "not_scored": missing}
+  fixed = None
   if rules is not None:
     fixed_rows = sorted(gather_rows(fixed_rows), key=by_case)
     fixed_summary = summarize_rows(fixed_rows, adapter.classes, metric_names)
     result["postprocessed"] = fixed = dict(rules=rules, cases=fixed_rows, summary=fixed_summary)
   if out_dir is not None and jax.process_index() == 0:
-    write_results(out_dir, rows, summary, pictures, step=seg.step, split=split, postprocessed=fixed)
+    write_results(
+      out_dir,
+      rows,
+      summary,
+      pictures,
+      step=seg.step,
+      split=split,
+      postprocessed=fixed,
+      not_scored=missing,
+    )
   return result
 
 
@@ -307,6 +354,7 @@ def write_results(
   step: int | None = None,
   split: str | None = None,
   postprocessed: Mapping[str, Any] | None = None,
+  not_scored: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
   """The files of the module docstring, each written atomically (`ukd.files`).
 
@@ -318,9 +366,12 @@ def write_results(
     step: the checkpoint scored, recorded in metrics.json.
     split: the split scored, recorded in metrics.json.
     postprocessed: {'rules', 'cases', 'summary'} of the post-processed labels, or None.
+    not_scored: {modality: structures its references do not hold}, recorded as such.
   """
   out_dir = epath.Path(out_dir)
   record = {"step": step, "split": split, "metrics": _json_safe(summary)}
+  if not_scored:
+    record["not_scored"] = dict(not_scored)
   columns = ("case", "modality", "class", *METRICS)
   if postprocessed is not None:
     fixed = _json_safe(postprocessed["summary"])

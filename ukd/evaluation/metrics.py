@@ -158,8 +158,10 @@ def hd95(pred, gt, spacing):
   return _distance_metrics(pred, gt, _check_spacing(spacing))["hd95"]
 
 
-def structure_scores(pred_labels, gt_labels, spacing, class_names, metrics=METRICS):
-  """Per-structure metrics of one volume: {class_name: {metric: value}} for `metrics`.
+def structure_scores(pred_labels, gt_labels, spacing, class_names, metrics=METRICS, scored=None):
+  """Per-structure metrics of one volume: {class_name: {metric: value}} for `metrics`, of the
+  classes named in `scored` (None: every class; a reference that does not label a class
+  cannot score it).
 
   `pred_labels` / `gt_labels` are integer label volumes of class indices and
   `class_names` lists every class with 'background' at index 0 (as the dataset
@@ -182,7 +184,7 @@ def structure_scores(pred_labels, gt_labels, spacing, class_names, metrics=METRI
       )
   results = {}
   for index, name in enumerate(class_names):
-    if index == 0:
+    if index == 0 or (scored is not None and name not in scored):
       continue
     pred, gt = pred_labels == index, gt_labels == index
     scores = {"dice": dice(pred, gt)} if "dice" in metrics else {}

@@ -141,7 +141,12 @@ def score_validation(
   config = segmenter.config
   cases = [c for m in config.modalities for c in data.cases[m][split]]
   result = evaluate.evaluate_cases(
-    segmenter, data.adapter, cases, overlays=config.overlays, metric_names=("dice",)
+    segmenter,
+    data.adapter,
+    cases,
+    overlays=config.overlays,
+    metric_names=("dice",),
+    label_sets=config.data.label_sets,  # checkpoints are chosen on what validation labels
   )
   scalars = {
     f"val_dice/{m}/{name}": values["dice"]["mean"]
@@ -258,7 +263,12 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
   # ---- Data: cases, splits, preprocessed cache; then the config is resolved and frozen -----
   root = main_process_first(lambda: dataset_root(config, workdir))
   data = main_process_first(lambda: prepare_data(config, root, workdir))
-  config = config_lib.resolve(config, root=root, num_classes=len(data.class_names))
+  config = config_lib.resolve(
+    config,
+    root=root,
+    classes=data.class_names,
+    held={m: data.adapter.labelled(m) for m in config.modalities},
+  )
 
   # ---- Model, state --------------------------------------------------------------------------
   model = models.build(config.model, config.modalities)

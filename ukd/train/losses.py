@@ -10,6 +10,16 @@ All functions are pure jax.numpy without Python branching on array values, so
 they can be traced under `jax.jit` and differentiated. Inputs are promoted to
 float32 first: the statistics (sums over a whole batch, logs of small
 probabilities) lose too much precision in bfloat16.
+
+Partial label sets. A modality whose labels hold only some classes passes
+`labelled`, a boolean [C] mask of the classes its labels hold. Its label 0 then
+means "background OR one of the unlabelled classes", so the segmentation losses
+score background and the unlabelled classes as ONE merged class, with the merged
+probability p_bg + sum_{unlabelled k} p_k (the marginal, label-set losses of
+Fidon et al., MICCAI 2021): moving probability between background and an
+unlabelled organ changes nothing, so the network is never taught that an organ
+the labels do not mark is background. `labelled=None` (every class labelled)
+computes exactly what the functions computed before label sets existed.
 """
 
 import itertools
@@ -35,12 +45,30 @@ REFERENCE_KD_EPS = 1e-6
 L2_SCOPES = ("kernels", "all")
 
 
-def _probs_and_onehot(logits, labels):
-  """Softmax probabilities and one-hot labels, both float32 [..., C]."""
+def merge_unlabelled(values: jax.Array, labelled: jax.Array | np.ndarray) -> jax.Array:
+  """[..., C] per-class values with the unlabelled classes folded into class 0.
+
+  Column 0 becomes value_0 + sum of the unlabelled columns, the unlabelled columns
+  become 0, the labelled ones stay. Applied to probabilities it gives the merged
+  class's probability; applied to one-hot labels it sends a voxel that carries an
+  unlabelled class's index (labels that hold more than the run declares) to the
+  merged class, which is what it is to a loss that does not use that class.
+  Class 0 always stays: it is the merged class.
+  """
+  keep = jnp.asarray(labelled, bool).at[0].set(True)
+  folded = jnp.sum(jnp.where(keep, 0.0, values), axis=-1)
+  return jnp.where(keep, values, 0.0).at[..., 0].add(folded)
+
+
+def _probs_and_onehot(logits, labels, labelled=None):
+  """Softmax probabilities and one-hot labels, both float32 [..., C]; with a `labelled`
+  mask both are merged (`merge_unlabelled`)."""
   logits = jnp.asarray(logits, jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-  return probs, onehot
+  if labelled is None:
+    return probs, onehot
+  return merge_unlabelled(probs, labelled), merge_unlabelled(onehot, labelled)
 
 
 def _voxel_axes(x):
@@ -48,7 +76,11 @@ def _voxel_axes(x):
   return tuple(range(x.ndim - 1))
 
 
-def dice_loss(logits: jax.Array | np.ndarray, labels: jax.Array | np.ndarray) -> jax.Array:
+def dice_loss(
+  logits: jax.Array | np.ndarray,
+  labels: jax.Array | np.ndarray,
+  labelled: jax.Array | np.ndarray | None = None,
+) -> jax.Array:
   """Soft Dice loss, 1 - mean over classes of the per-class soft Dice.
 
   dice_c = 2 sum(p_c g_c) / (sum(p_c^2) + sum(g_c) + eps), sums over every voxel
@@ -61,21 +93,34 @@ def dice_loss(logits: jax.Array | np.ndarray, labels: jax.Array | np.ndarray) ->
   gradient: it adds a constant 1/C to the loss rather than pushing the network
   towards predicting it.
 
+  With `labelled`, the Dice runs over the merged classes (module docstring): the
+  merged background and the labelled classes, the mean over those alone, as if the
+  network had only the classes the labels can tell apart.
+
   Args:
     logits: [..., C] network outputs.
     labels: [...] class indices.
+    labelled: [C] booleans, the classes the labels hold; None: all of them.
 
   Returns:
     The loss, a float32 scalar.
   """
-  probs, onehot = _probs_and_onehot(logits, labels)
+  probs, onehot = _probs_and_onehot(logits, labels, labelled)
   axes = _voxel_axes(probs)
   intersection = jnp.sum(probs * onehot, axis=axes)
   denominator = jnp.sum(probs * probs, axis=axes) + jnp.sum(onehot, axis=axes) + DICE_EPS
-  return 1.0 - jnp.mean(2.0 * intersection / denominator)
+  dice = 2.0 * intersection / denominator
+  if labelled is None:
+    return 1.0 - jnp.mean(dice)
+  keep = jnp.asarray(labelled, bool).at[0].set(True)
+  return 1.0 - jnp.sum(jnp.where(keep, dice, 0.0)) / jnp.sum(keep)
 
 
-def weighted_ce_loss(logits: jax.Array | np.ndarray, labels: jax.Array | np.ndarray) -> jax.Array:
+def weighted_ce_loss(
+  logits: jax.Array | np.ndarray,
+  labels: jax.Array | np.ndarray,
+  labelled: jax.Array | np.ndarray | None = None,
+) -> jax.Array:
   """Class-weighted cross-entropy, mean over voxels of -sum_c w_c g_c log(p_c).
 
   w_c = 1 - (voxels of class c / all voxels) in this batch, so rare structures
@@ -83,14 +128,20 @@ def weighted_ce_loss(logits: jax.Array | np.ndarray, labels: jax.Array | np.ndar
   statistics of the labels, not something to optimise, hence stop_gradient.
   Probabilities are clipped to [CE_MIN_PROB, 1] before the log (reference code).
 
+  With `labelled`, the merged class is one class of this rule (module docstring):
+  its probability is the merged one and its weight 1 - (voxels labelled background
+  or an unlabelled class / all voxels), the share of the voxels it covers, so it
+  weighs no more than the background it mostly is.
+
   Args:
     logits: [..., C] network outputs.
     labels: [...] class indices.
+    labelled: [C] booleans, the classes the labels hold; None: all of them.
 
   Returns:
     The loss, a float32 scalar.
   """
-  probs, onehot = _probs_and_onehot(logits, labels)
+  probs, onehot = _probs_and_onehot(logits, labels, labelled)
   axes = _voxel_axes(onehot)
   class_fraction = jnp.sum(onehot, axis=axes) / (onehot.size // onehot.shape[-1])
   weights = jax.lax.stop_gradient(1.0 - class_fraction)
@@ -138,6 +189,7 @@ def kd_loss(
   temperature: float | jax.Array,
   distance: str,
   absent: str,
+  labelled: Mapping[str, jax.Array | np.ndarray] | None = None,
 ) -> jax.Array:
   """Knowledge-distillation loss aligning modalities' class-wise predictions.
 
@@ -159,6 +211,13 @@ def kd_loss(
       absent class would otherwise pull the other modality's class towards a
       uniform "no idea". 'uniform' is the reference code exactly: an absent class
       keeps its uniform distribution and the sum over classes is divided by C.
+    labelled: modality -> [C] booleans, the classes its labels hold (None: every
+      class in every modality). Each pair then averages, with either `absent`
+      rule, only over the classes BOTH modalities label (a pair without one
+      contributes 0): a class one modality never labels has no class mean there to
+      align. Background counts only in a modality that labels every class, since
+      elsewhere its label 0 also covers the unlabelled organs, whose logits would
+      pull its class mean away from the other modality's true background.
 
   Returns:
     The loss, a float32 scalar.
@@ -186,17 +245,27 @@ def kd_loss(
   per_modality = {
     m: _class_log_distributions(logits[m], labels[m], temperature, absent) for m in logits
   }
+  exact = {m: _kd_classes(labelled[m]) for m in logits} if labelled is not None else None
   pair_losses = []
   for a, b in itertools.combinations(logits, 2):
     (log_pa, present_a), (log_pb, present_b) = per_modality[a], per_modality[b]
     per_class = _pair_distance(log_pa, log_pb, distance)
-    if absent == "uniform":
+    if absent == "uniform" and exact is None:
       pair_losses.append(jnp.mean(per_class))
       continue
-    shared = present_a & present_b
+    shared = exact[a] & exact[b] if exact is not None else True
+    if absent == "mask":
+      shared = shared & present_a & present_b
     per_class = jnp.where(shared, per_class, 0.0)
     pair_losses.append(jnp.sum(per_class) / jnp.maximum(jnp.sum(shared), 1))
   return jnp.mean(jnp.stack(pair_losses))
+
+
+def _kd_classes(labelled):
+  """The classes whose class mean KD may align ([C] booleans): the labelled ones, and
+  background only when every class is labelled (see `kd_loss`)."""
+  labelled = jnp.asarray(labelled, bool)
+  return labelled.at[0].set(jnp.all(labelled))
 
 
 def _is_kernel(path):

@@ -18,6 +18,7 @@ import ml_collections as mc
 import numpy as np
 import optax
 
+from ukd import config as config_lib
 from ukd.runtime import mesh as mesh_lib
 from ukd.train import losses, optimizer
 from ukd.train import state as state_lib
@@ -46,7 +47,8 @@ def loss_terms(
 
   Args:
     model: the network (`ukd.models.build`).
-    config: the run's config; `modalities` and the `loss` weights are read.
+    config: the run's config; `modalities`, the `loss` weights and the label sets
+      (`data.label_sets`) are read.
     params: the trainable parameters.
     batch_stats: the norms' running statistics.
     batch: one batch of each modality of `config.modalities`.
@@ -68,16 +70,28 @@ def loss_terms(
   )
   logits = dict(zip(modalities, jnp.split(out, len(modalities), axis=0)))
   labels = {m: batch[m]["label"] for m in modalities}
+  # Modalities whose labels hold only some classes: their losses merge the others into
+  # background (`ukd.train.losses`); the others run the losses unchanged.
+  partial = config_lib.label_masks(config)
   terms = {}
   for m in modalities:
-    terms[f"dice/{m}"] = losses.dice_loss(logits[m], labels[m])
-    terms[f"ce/{m}"] = losses.weighted_ce_loss(logits[m], labels[m])
+    terms[f"dice/{m}"] = losses.dice_loss(logits[m], labels[m], partial.get(m))
+    terms[f"ce/{m}"] = losses.weighted_ce_loss(logits[m], labels[m], partial.get(m))
 
   w = config.loss
   total = sum(w.dice * terms[f"dice/{m}"] + w.ce * terms[f"ce/{m}"] for m in modalities)
   if model.scheme.kd and len(modalities) > 1:
+    labelled = None
+    if partial:
+      everything = np.ones(config.model.num_classes, bool)
+      labelled = {m: partial.get(m, everything) for m in modalities}
     terms["kd"] = losses.kd_loss(
-      logits, labels, temperature=w.temperature, distance=w.kd_distance, absent=w.kd_absent
+      logits,
+      labels,
+      temperature=w.temperature,
+      distance=w.kd_distance,
+      absent=w.kd_absent,
+      labelled=labelled,
     )
     total = total + w.kd * terms["kd"]
   terms["l2"] = losses.l2_loss(params, w.l2_scope)

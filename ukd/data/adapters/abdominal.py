@@ -30,6 +30,26 @@ ABDOMINAL_CLASSES = ("background", "liver", "right_kidney", "left_kidney", "sple
 # not annotated in CHAOS and so become background.
 BTCV_CODES = {0: 0, 6: 1, 2: 2, 3: 3, 1: 4, **{code: 0 for code in (4, 5, 7, 8, 9, 10, 11, 12, 13)}}
 
+# BTCV's own 13 organs by code (1..13), for `organs='all_ct'`: CT trains all of them.
+BTCV_ORGANS = (
+  "spleen",
+  "right_kidney",
+  "left_kidney",
+  "gallbladder",
+  "esophagus",
+  "liver",
+  "stomach",
+  "aorta",
+  "inferior_vena_cava",
+  "portal_splenic_vein",
+  "pancreas",
+  "right_adrenal_gland",
+  "left_adrenal_gland",
+)
+# Which classes each `organs` choice trains: the 4 organs both label, or BTCV's 13 (CHAOS MR
+# labels 4 of them; the other 9 MR learns from CT alone).
+ORGANS = {"shared": ABDOMINAL_CLASSES, "all_ct": ("background", *BTCV_ORGANS)}
+
 # CHAOS masks nominally use 63/126/189/252 but document value ranges (resampled or
 # re-saved PNGs drift); the NIfTI conversions accepted here use the same grey values.
 CHAOS_RANGES = ((55, 70, 1), (110, 135, 2), (175, 200, 3), (240, 255, 4))
@@ -61,9 +81,11 @@ class AbdominalAdapter(Adapter):
   <root>/<ct_dir>/RawData/Training/{img,label}/.
   MR: <root>/<mr_dir>/Train_Sets/MR/<patient>/T2SPIR/{DICOM_anon/*.dcm, Ground/*.png},
   or <root>/<mr_dir>/{images,labels}/<name>.nii.gz with the CHAOS grey values as codes.
-  """
 
-  classes = ABDOMINAL_CLASSES
+  `organs='shared'` trains the 4 organs both label (liver, kidneys, spleen), BTCV's other 9
+  becoming background; `organs='all_ct'` trains BTCV's 13 in BTCV's code order, of which
+  CHAOS MR labels 4 (`labelled`), so MR learns the other 9 from CT alone.
+  """
 
   def __init__(
     self,
@@ -71,10 +93,14 @@ class AbdominalAdapter(Adapter):
     ct_dir: str = "BTCV",
     mr_dir: str = "CHAOS",
     modalities=("ct", "mr"),
+    organs: str = "shared",
     ignore_unknown_labels: bool = False,
   ):
     super().__init__(ignore_unknown_labels=ignore_unknown_labels)
-    self.ct_dir, self.mr_dir = ct_dir, mr_dir
+    if organs not in ORGANS:
+      raise error(DataError, f"abdominal option organs={organs!r}", f"choose from {tuple(ORGANS)}")
+    self.ct_dir, self.mr_dir, self.organs = ct_dir, mr_dir, organs
+    self.classes = ORGANS[organs]
     self.modalities = check_modalities(modalities, ("ct", "mr"), "abdominal")
 
   def cases(self, root: str) -> list[Case]:
@@ -107,18 +133,29 @@ class AbdominalAdapter(Adapter):
       return pair_cases(images, labels, "mr", base, lambda key: f"chaos_{key}")
     raise error(DataError, base, "no CHAOS Train_Sets/MR/ or images/ folder found")
 
-  def code_table(self, modality: str) -> dict[int, int]:
-    return BTCV_CODES if modality == "ct" else CHAOS_TABLE
+  def labelled(self, modality: str) -> tuple[str, ...]:
+    return ABDOMINAL_CLASSES if modality == "mr" else self.classes
 
-  def label_codes(self, modality: str) -> tuple[int, ...]:
-    return CHAOS_CODES if modality == "mr" else super().label_codes(modality)
+  def _class_of(self, shared_index: int) -> int:
+    """The class index of a class of ABDOMINAL_CLASSES, for this `organs` choice."""
+    return self.classes.index(ABDOMINAL_CLASSES[shared_index])
+
+  def code_table(self, modality: str) -> dict[int, int]:
+    if modality == "ct":
+      return BTCV_CODES if self.organs == "shared" else {k: k for k in range(len(self.classes))}
+    return {code: self._class_of(index) for code, index in CHAOS_TABLE.items()}
+
+  def held_codes(self, modality: str) -> dict[int, int]:
+    if modality == "ct":
+      return super().held_codes(modality)
+    return {self._class_of(index): code for index, code in enumerate(CHAOS_CODES)}
 
   def read(self, case: Case) -> tuple[Volume, Volume | None]:
     if case.modality == "ct" or not epath.Path(case.image).is_dir():
       return self._read_nifti(case)
     image, label = read_dicom_series(case.image, case.label)
     if label is not None:
-      label = map_labels(label, CHAOS_TABLE.get, self.ignore_unknown_labels)
+      label = map_labels(label, self.code_table("mr").get, self.ignore_unknown_labels)
     return image, label
 
 

@@ -42,7 +42,10 @@ class Adapter:
   default the codes are the indices); `label_codes(modality)` goes back, giving the code a
   prediction writes for each class index, so predicted files read like the dataset's own.
   `ignore_unknown_labels=True` maps label codes the adapter does not know to background
-  instead of failing, for datasets with stray annotation codes.
+  instead of failing, for datasets with stray annotation codes.  `labelled(modality)` names
+  the classes a modality's labels hold, when they hold only some (BTCV CT labels 13 organs,
+  CHAOS MR 4): training then never reads a missing organ as background
+  (`ukd.train.losses`), and evaluation scores only what the references hold.
   """
 
   classes: tuple[str, ...] = ("background",)
@@ -62,18 +65,40 @@ class Adapter:
     """Raw label code -> class index for `modality`; codes not in it are unknown."""
     return {index: index for index in range(len(self.classes))}
 
-  def label_codes(self, modality: str) -> tuple[int, ...]:
-    """The code written for class index 0..C-1: the one code `code_table` maps to it (0 for
-    background, whatever else the table sends there).  Tables that map several codes to one
-    class (value ranges) override this with their nominal codes."""
+  def labelled(self, modality: str) -> tuple[str, ...]:
+    """The names of the classes `modality`'s labels hold; by default every class."""
+    return self.classes
+
+  def held_codes(self, modality: str) -> dict[int, int]:
+    """{class index: code} of the classes `modality`'s labels hold: the one code `code_table`
+    maps to each (0 for background, whatever else the table sends there).  Tables that map
+    several codes to one class (value ranges) override this with their nominal codes."""
     table = self.code_table(modality)
-    codes = [0]
-    for index in range(1, len(self.classes)):
-      found = [code for code, to in table.items() if to == index]
-      if len(found) != 1:
-        raise ValueError(f"{type(self).__name__}: class {index} has codes {found}, not one")
-      codes.append(found[0])
-    return tuple(codes)
+    held = set(self.labelled(modality))
+    codes = {0: 0}
+    for index, name in enumerate(self.classes):
+      if index and name in held:
+        found = [code for code, to in table.items() if to == index]
+        if len(found) != 1:
+          raise ValueError(f"{type(self).__name__}: class {index} has codes {found}, not one")
+        codes[index] = found[0]
+    return codes
+
+  def label_codes(self, modality: str) -> tuple[int, ...]:
+    """The code written for class index 0..C-1 (`held_codes`).  Predictions carry every class,
+    also those this modality's labels lack: such a class takes the code another modality gives
+    it, or where this modality already writes that code, the next one above every code used,
+    so that no two classes share a code."""
+    codes = self.held_codes(modality)
+    for other in getattr(self, "modalities", ()):
+      for index, code in self.held_codes(other).items():
+        if index not in codes and code not in codes.values():
+          codes[index] = code
+    free = max(codes.values()) + 1
+    for index in range(len(self.classes)):
+      if index not in codes:
+        codes[index], free = free, free + 1
+    return tuple(codes[index] for index in range(len(self.classes)))
 
   def _read_nifti(self, case: Case):
     """Shared NIfTI path: label geometry checked against its image, codes mapped."""

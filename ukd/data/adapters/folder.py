@@ -48,8 +48,13 @@ class FolderAdapter(Adapter):
   """nnU-Net style folders, one per modality: imagesTr/<case>_0000<ext>, labelsTr/<case><ext>.
 
   `modalities` maps a modality name to its folder (absolute or relative to the root).
-  Class names come from each folder's dataset.json and must agree across modalities,
-  because all modalities share one network head. They are known after `cases(root)`.
+  Class names come from each folder's dataset.json, and the folders may label different
+  structures (BTCV-like CT with 13 organs, CHAOS-like MR with 4): classes are matched by
+  name, and the network's classes are their union, background first, then the first
+  modality's classes in its dataset.json order, then each next modality's new names in its
+  order; modalities come in the order of their names, since a config keeps its options'
+  keys sorted.  Each modality's label codes are its own dataset.json indices, and it holds
+  only its own names (`labelled`).  All this is known after `cases(root)`.
   """
 
   def __init__(self, *, modalities: dict[str, str], ignore_unknown_labels: bool = False):
@@ -58,34 +63,38 @@ class FolderAdapter(Adapter):
       raise error(
         DataError, f"folder option modalities={modalities!r}", "must map modality names to folders"
       )
-    self.modalities = dict(modalities)
-    self._classes: tuple[str, ...] | None = None
+    self.modalities = dict(sorted(modalities.items()))
+    self._held: dict[str, tuple[str, ...]] | None = None  # {modality: its dataset.json names}
 
   @property
   def classes(self) -> tuple[str, ...]:
-    if self._classes is None:
+    return tuple(dict.fromkeys(name for names in self._names().values() for name in names))
+
+  def _names(self) -> dict[str, tuple[str, ...]]:
+    if self._held is None:
       raise DataError("folder dataset: class names come from dataset.json; call cases(root) first")
-    return self._classes
+    return self._held
+
+  def labelled(self, modality: str) -> tuple[str, ...]:
+    return self._names()[modality]
+
+  def code_table(self, modality: str) -> dict[int, int]:
+    union = self.classes
+    return {code: union.index(name) for code, name in enumerate(self._names()[modality])}
 
   def cases(self, root: str) -> list[Case]:
     root = require_root(root)
-    cases, agreed, agreed_at = [], None, None
+    cases, held = [], {}
     for modality, folder in self.modalities.items():
       folder = os.path.join(root, os.fspath(folder))
       require_dir(folder, f"{modality} dataset folder")
-      meta_path = os.path.join(folder, "dataset.json")
-      classes, ending = read_dataset_json(meta_path)
-      if agreed is not None and classes != agreed:
-        raise error(
-          DataError, meta_path, f"classes {list(classes)} differ from {list(agreed)} in {agreed_at}"
-        )
-      agreed, agreed_at = classes, meta_path
+      held[modality], ending = read_dataset_json(os.path.join(folder, "dataset.json"))
       cases += _folder_cases(folder, modality, ending)
-    self._classes = agreed
+    self._held = held
     return cases
 
   def read(self, case: Case) -> tuple[Volume, Volume | None]:
-    return self._read_nifti(case)  # codes are the dataset.json indices
+    return self._read_nifti(case)  # codes are the modality's dataset.json indices
 
 
 def _folder_cases(folder: str, modality: str, ending: str) -> list[Case]:
