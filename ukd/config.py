@@ -10,6 +10,7 @@ import re
 import ml_collections as mc
 import numpy as np
 
+from ukd.data import lateral
 from ukd.errors import ConfigError
 
 REQUIRED = "<required>"
@@ -53,9 +54,11 @@ def default() -> mc.ConfigDict:
   c.optim.eps = 1e-8  # Adam epsilon (TensorFlow's and optax's default)
 
   c.data = mc.ConfigDict()
-  c.data.dataset = "mmwhs"  # adapter: mmwhs | abdominal | folder
+  c.data.dataset = "mmwhs"  # adapter: mmwhs | abdominal | folder | amos | totalseg
   c.data.root = REQUIRED  # dataset root directory (local or gs://bucket/path)
   c.data.options = mc.ConfigDict()  # adapter options (e.g. folder: modalities={...})
+  c.data.structures = ""  # totalseg: mask files to train, 'liver,kidney_left,...' (class order)
+  c.data.lateral_pairs = ()  # (left, right) class indices a left-right flip swaps (set from data)
   c.data.synthetic = mc.ConfigDict()  # phantoms generated into the root on first use
   c.data.synthetic.enabled = False  # generate (root '' or unset: <workdir>/phantoms)
   c.data.synthetic.n_ct = 10  # CT cases
@@ -330,6 +333,7 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
   models.check_x_split(config.model)
   _check_modality_names(config, "train_fraction", modalities)
   flip_axes(config.data.augment.flip)
+  lateral.mirror_of(config)  # a saved or hand-set pair table fits the classes
   _check_folds(config.data)
   _check_realism(config.data)
   if not 0.0 <= config.infer.overlap < 1.0:
@@ -385,9 +389,10 @@ def flip_axes(value) -> tuple[int, ...]:
   return axes
 
 
-def resolve(config, *, root: str, num_classes: int) -> mc.FrozenConfigDict:
+def resolve(config, *, root: str, num_classes: int, lateral_pairs=()) -> mc.FrozenConfigDict:
   """The config a run (and its checkpoints) uses: checked, with what the dataset decided
-  filled in (the dataset root, e.g. generated phantoms, and the class count), and frozen.
+  filled in (the dataset root, e.g. generated phantoms, the class count and the (left, right)
+  class-index pairs that `ukd.data.lateral` swaps under a left-right flip), and frozen.
 
   Everything below training and inference reads this one immutable object; nothing may
   change it halfway, so the config saved with a checkpoint is the one the run used.
@@ -395,6 +400,7 @@ def resolve(config, *, root: str, num_classes: int) -> mc.FrozenConfigDict:
   resolved = check(config)
   resolved.data.root = str(root)
   resolved.model.num_classes = int(num_classes)
+  resolved.data.lateral_pairs = tuple((int(left), int(right)) for left, right in lateral_pairs)
   return mc.FrozenConfigDict(resolved)
 
 

@@ -64,6 +64,7 @@ class AbdominalAdapter(Adapter):
   """
 
   classes = ABDOMINAL_CLASSES
+  lateral_pairs = (("left_kidney", "right_kidney"),)
 
   def __init__(
     self,

@@ -43,9 +43,13 @@ class Adapter:
   prediction writes for each class index, so predicted files read like the dataset's own.
   `ignore_unknown_labels=True` maps label codes the adapter does not know to background
   instead of failing, for datasets with stray annotation codes.
+  `lateral_pairs` names the (left, right) class pairs that a flip along the patient's
+  left-right axis swaps (`ukd.data.lateral`); a class whose name says left or right and is in
+  no pair makes that flip a one-line error.
   """
 
   classes: tuple[str, ...] = ("background",)
+  lateral_pairs: tuple[tuple[str, str], ...] = ()
 
   def __init__(self, *, ignore_unknown_labels: bool = False):
     self.ignore_unknown_labels = bool(ignore_unknown_labels)
