@@ -9,7 +9,7 @@ from ukd import models
 from ukd.errors import ConfigError
 
 
-@pytest.mark.parametrize("name", ["mmwhs", "abdominal", "demo"])
+@pytest.mark.parametrize("name", ["mmwhs", "abdominal", "amos", "demo"])
 def test_configs_load_validate_and_take_a_scheme(name):
   module = importlib.import_module(f"configs.{name}")
   config = module.get_config(None)
@@ -60,7 +60,7 @@ def test_parse_arg_rejects_unknown_keys_and_bad_values(arg, message):
   assert str(e.value).startswith(message)
 
 
-@pytest.mark.parametrize("name", ["mmwhs", "abdominal", "demo", "study"])
+@pytest.mark.parametrize("name", ["mmwhs", "abdominal", "amos", "demo", "study"])
 def test_every_config_rejects_a_misspelled_argument(name):
   module = importlib.import_module(f"configs.{name}")
   with pytest.raises(ConfigError, match="is not one of"):

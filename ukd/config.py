@@ -10,6 +10,7 @@ import re
 import ml_collections as mc
 import numpy as np
 
+from ukd.data import lateral
 from ukd.errors import ConfigError
 
 REQUIRED = "<required>"
@@ -53,9 +54,11 @@ def default() -> mc.ConfigDict:
   c.optim.eps = 1e-8  # Adam epsilon (TensorFlow's and optax's default)
 
   c.data = mc.ConfigDict()
-  c.data.dataset = "mmwhs"  # adapter: mmwhs | abdominal | folder
+  c.data.dataset = "mmwhs"  # adapter: mmwhs | abdominal | folder | amos | totalseg
   c.data.root = REQUIRED  # dataset root directory (local or gs://bucket/path)
   c.data.options = mc.ConfigDict()  # adapter options (e.g. folder: modalities={...})
+  c.data.structures = ""  # totalseg: mask files to train, 'liver,kidney_left,...' (class order)
+  c.data.lateral_pairs = ()  # (left, right) class indices a left-right flip swaps (set from data)
   c.data.synthetic = mc.ConfigDict()  # phantoms generated into the root on first use
   c.data.synthetic.enabled = False  # generate (root '' or unset: <workdir>/phantoms)
   c.data.synthetic.n_ct = 10  # CT cases
@@ -348,6 +351,7 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
   _check_modality_names(config, "train_fraction", modalities)
   _check_planes(config.data)
   _check_modality_names(config, "labelled", modalities)
+  lateral.mirror_of(config)  # a saved or hand-set pair table fits the classes
   _check_folds(config.data)
   _check_realism(config.data)
   if not 0.0 <= config.infer.overlap < 1.0:
@@ -437,10 +441,10 @@ def _floats(values) -> tuple[float, ...] | None:
   return None if values is None else tuple(float(v) for v in values)
 
 
-def resolve(config, *, root: str, classes, held=None) -> mc.FrozenConfigDict:
+def resolve(config, *, root: str, classes, held=None, lateral_pairs=()) -> mc.FrozenConfigDict:
   """The config a run (and its checkpoints) uses: checked, with what the dataset decided
-  filled in (the dataset root, e.g. generated phantoms, the class count and the label sets),
-  and frozen.
+  filled in (the dataset root, e.g. generated phantoms, the class count, the label sets and the (left, right)
+  class-index pairs that `ukd.data.lateral` swaps under a left-right flip), and frozen.
 
   Everything below training and inference reads this one immutable object; nothing may
   change it halfway, so the config saved with a checkpoint is the one the run used.
@@ -458,6 +462,7 @@ def resolve(config, *, root: str, classes, held=None) -> mc.FrozenConfigDict:
   resolved.data.label_sets = label_sets(
     resolved.data.labelled, tuple(classes), dict(held or {}), tuple(resolved.modalities)
   )
+  resolved.data.lateral_pairs = tuple((int(left), int(right)) for left, right in lateral_pairs)
   return mc.FrozenConfigDict(resolved)
 
 

@@ -22,7 +22,9 @@ checks the others, naming the field:
   data.fg_fraction       probability that a sample is centred on a slice with foreground, and
                          where the sample is a window of the slice, that it holds a foreground
                          pixel of that slice
-  data.augment           flip (axes flipped at random: 0, 1 in-plane, 2 along the slices),
+  data.augment           flip (axes flipped at random: 0, 1 in-plane, 2 along the slices;
+                         a flip along the patient's left-right swaps the labels of the
+                         pairs in data.lateral_pairs: `ukd.data.lateral`),
                          rotate (max degrees), scale (max relative zoom, 0.1 = 0.9..1.1), intensity (max jitter:
                          x * (1 + a) + b, |a|, |b| <= it)
   data.workers           grain worker processes (0 = in the training process)
@@ -42,6 +44,7 @@ import zlib
 import grain
 import numpy as np
 
+from ukd.data import lateral
 from ukd.errors import DataError
 
 # Steps available; effectively endless (training stops by step count, not by exhaustion).
@@ -66,6 +69,7 @@ class Spec:
   prefetch: int
   # {modality: [num_classes] int lookup, label -> label trained on} of partly labelled ones.
   relabel: dict = dataclasses.field(default_factory=dict)
+  mirror: lateral.Mirror | None  # what a left-right flip does to the labels (None: nothing)
 
   @classmethod
   def from_config(cls, config, dims: int | None = None) -> "Spec":
@@ -102,7 +106,16 @@ class Spec:
       relabel[m] = np.zeros(int(config.model.num_classes), np.int32)
       relabel[m][list(indices)] = list(indices)
     return cls(
-      int(dims), int(config.batch_size), size, patch, fg, augment, workers, prefetch, relabel
+      int(dims),
+      int(config.batch_size),
+      size,
+      patch,
+      fg,
+      augment,
+      workers,
+      prefetch,
+      lateral.mirror_of(config),
+      relabel,
     )
 
   @property
@@ -194,17 +207,22 @@ def warp(array: np.ndarray, matrix: np.ndarray, order: int, cval: float) -> np.n
   return out.T.reshape(array.shape).astype(array.dtype if order == 0 else np.float32)
 
 
-def augment(image: np.ndarray, label: np.ndarray, rng, aug: dict):
+def augment(image: np.ndarray, label: np.ndarray, rng, aug: dict, mirror=None):
   """Random flips, rotation/scaling and intensity jitter; image [H,W,X...], label [H,W(,S)].
 
   Geometry changes hit image and label identically (nearest neighbour for the label); the area
   moved in from outside is background (image minimum, label 0) rather than smeared edges.
+  A flip along `mirror.axis` (a `ukd.data.lateral.Mirror`: the patient's left-right) also
+  swaps left and right classes, so a mirrored left kidney is labelled as the right one it
+  now looks like.
   """
   for axis in aug["flip"]:
     if rng.random() < 0.5:
       # Axis 2 of a 2D sample is its neighbour slices: reversed, the slice axis is mirrored.
       image = np.flip(image, axis)
       label = np.flip(label, axis) if axis < label.ndim else label
+      if mirror is not None and mirror.affects((axis,)):
+        label = np.asarray(mirror.swap, np.int32)[label]
   if aug["rotate"] > 0 or aug["scale"] > 0:
     angle = np.deg2rad(rng.uniform(-aug["rotate"], aug["rotate"]))
     zoom = 1.0 + rng.uniform(-aug["scale"], aug["scale"])
@@ -257,7 +275,7 @@ class ModalitySampler:
       x, y = _slice_with_neighbours(image, label, k, want_fg, self._spec.size, rng)
     else:
       x, y = _patch(image, label, k if want_fg else None, self._spec.patch, rng)
-    x, y = augment(x, y, rng, self._spec.augment)
+    x, y = augment(x, y, rng, self._spec.augment, self._spec.mirror)
     return {"image": x, "label": y}
 
 

@@ -253,8 +253,12 @@ def cases_of_saved_split(adapter, root, modalities, saved: dict, source) -> dict
 
 
 def adapter_for(config) -> adapters.Adapter:
-  """The adapter `config.data.dataset` names, built with `config.data.options`."""
-  return adapters.get_adapter(config.data.dataset, **config.data.options.to_dict())
+  """The adapter `config.data.dataset` names, built with `config.data.options` and, where set,
+  `config.data.structures` (an adapter that takes none refuses it in one line)."""
+  options = config.data.options.to_dict()
+  if config.data.get("structures", ""):
+    options["structures"] = config.data.structures
+  return adapters.get_adapter(config.data.dataset, **options)
 
 
 def cases_for(config, adapter, root, workdir, *, saved=None, source=None) -> dict:

@@ -10,7 +10,10 @@ model shares.  What this module adds is the batch function, one jitted call per 
   * the network of every ensemble member on the batch, their softmax probabilities averaged;
   * with test-time augmentation (`tta`), each sample also mirrored along every combination of
     the axes the network was trained to see flipped (`data.augment.flip`), all mirrors in one
-    batch through the network, flipped back and averaged (as nnU-Net's mirroring).
+    batch through the network, flipped back and averaged (as nnU-Net's mirroring); a mirror
+    along the patient's left-right has its left/right classes' probabilities swapped back
+    first (`data.lateral_pairs`, `ukd.data.lateral`), or the average would blur a left kidney
+    into the right one.
 `label_table` gives the dataset's own label codes, in which `ukd.serve.predict` writes files.
 
 Batches are sharded over the 'data' mesh axis (`infer.batch_size` rounded up to a multiple of
@@ -28,7 +31,7 @@ from absl import logging
 
 from ukd import config as config_lib
 from ukd import models
-from ukd.data import splits
+from ukd.data import lateral, splits
 from ukd.data.adapters import Adapter, Case
 from ukd.data.io import volumes
 from ukd.errors import ConfigError, DataError, UkdError
@@ -61,6 +64,7 @@ class Segmenter(windows.Predictor):
     self.flips = mirror_axes(config) if self.tta else [()]
     eval_step = models.make_eval_step(models.build(config.model, config.modalities))
     flips = self.flips
+    unmirror = _unmirror(models.DIMS[config.model.name], lateral.mirror_of(config))
 
     def probabilities(members, batch, modality):
       """Mean softmax over members and mirrors: every mirror of the batch in one call."""
@@ -69,7 +73,7 @@ class Segmenter(windows.Predictor):
       for variables in members:
         p = jax.nn.softmax(eval_step(variables, mirrored, modality).astype(jnp.float32), -1)
         parts = jnp.split(p, len(flips))
-        total += sum(_flip(part, axes) for part, axes in zip(parts, flips)) / len(flips)
+        total += sum(unmirror(part, axes) for part, axes in zip(parts, flips)) / len(flips)
       return total / len(members)
 
     # Compiled once per (modality, batch shape) for this Segmenter's life: training holds one
@@ -186,6 +190,25 @@ def mirror_axes(config) -> list[tuple[int, ...]]:
 def _flip(batch, axes):
   """Mirrors data axes (0 = first spatial axis) of a [N, *spatial, channels] batch."""
   return jnp.flip(batch, [a + 1 for a in axes]) if axes else batch
+
+
+def _unmirror(dims: int, mirror: lateral.Mirror | None):
+  """(probabilities [N, *spatial, C] of a batch mirrored along `axes`, axes) -> probabilities
+  of the batch itself: flipped back along the axes the output has (axis 2 of a 2D sample is
+  its input's neighbour slices, not a dimension of the output), and where the mirror was along
+  the patient's left-right, each left/right pair's probabilities swapped back."""
+
+  # The swap as a permutation matrix: a matmul exports (ONNX MatMul) where a gather would not,
+  # and at full precision it moves each probability exactly.
+  swap = None if mirror is None else np.eye(len(mirror.swap), dtype=np.float32)[list(mirror.swap)]
+
+  def back(part, axes):
+    part = _flip(part, tuple(a for a in axes if a < dims))
+    if mirror is not None and mirror.affects(axes):
+      part = jnp.matmul(part, swap.T, precision=jax.lax.Precision.HIGHEST)
+    return part
+
+  return back
 
 
 def _restore(path, step, mesh):

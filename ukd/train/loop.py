@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from ukd import config as config_lib
 from ukd import files, models
-from ukd.data import adapters, check, pipeline, preprocess, splits
+from ukd.data import adapters, check, lateral, pipeline, preprocess, splits
 from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
 from ukd.evaluation import evaluate
@@ -42,6 +42,7 @@ class Data:
   cases: dict  # {modality: {split: [Case]}}, the whole split (training uses a subset)
   train_sources: dict  # {modality: [cache entries]}
   trained: dict  # {modality: [Case]}: the training cases the budget keeps (`training_subset`)
+  lateral_pairs: tuple  # ((left, right) class indices), what a left-right flip swaps
 
   def record(self) -> dict:
     """What checkpoints keep of the dataset (`checkpoints.save`): the split, so evaluation
@@ -94,11 +95,18 @@ def prepare_data(config: mc.ConfigDict, root: str, workdir: str | os.PathLike) -
     workdir: the run's work dir (its `splits.json`, and `cache/` unless `data.cache_dir`).
 
   Returns:
-    The classes, every split's cases and the cache entries of the training cases.
+    The classes, every split's cases, the cache entries of the training cases and the
+    dataset's left/right pairs (a flip that would mirror an unpaired lateral class is refused
+    here, before anything is prepared).
   """
   adapter = splits.adapter_for(config)
   modalities = tuple(config.modalities)
   cases = splits.cases_for(config, adapter, root, workdir)
+  flips = config_lib.flip_axes(config.data.augment.flip)
+  lateral.check_flip(
+    adapter.classes, adapter.lateral_pairs, flips, config.data.slice_axis, config.data.dataset
+  )
+  pairs = lateral.pair_indices(adapter.classes, adapter.lateral_pairs)
   # Every case of every split, before minutes of preprocessing: a broken test case fails now.
   check.check_cases(adapter, [c for m in modalities for part in cases[m].values() for c in part])
   cache_dir = config.data.cache_dir or os.fspath(files.path(workdir) / "cache")
@@ -112,7 +120,7 @@ def prepare_data(config: mc.ConfigDict, root: str, workdir: str | os.PathLike) -
   sources = {
     m: preprocess.cache_cases(adapter, trained[m], preprocessing[m], cache_dir) for m in trained
   }
-  return Data(adapter, tuple(adapter.classes), cases, sources, trained)
+  return Data(adapter, tuple(adapter.classes), cases, sources, trained, pairs)
 
 
 def training_subset(cases: list[adapters.Case], fraction: float) -> list[adapters.Case]:
@@ -268,6 +276,7 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
     root=root,
     classes=data.class_names,
     held={m: data.adapter.labelled(m) for m in config.modalities},
+    lateral_pairs=data.lateral_pairs,
   )
 
   # ---- Model, state --------------------------------------------------------------------------

@@ -9,11 +9,11 @@ need.
 
 `base` holds what the layouts share (`Case`, `Adapter`, label mapping, listing helpers),
 `registry` finds an adapter by name; one module per dataset family registers its adapters
-when this package is imported: `mmwhs`, `abdominal` (BTCV + CHAOS) and `folder` (nnU-Net
-style).
+when this package is imported: `mmwhs`, `abdominal` (BTCV + CHAOS), `folder` (nnU-Net
+style), `amos` (AMOS22) and `totalseg` (a mask file per structure).
 """
 
-from ukd.data.adapters import abdominal, folder, mmwhs  # noqa: F401  (they register)
+from ukd.data.adapters import abdominal, amos, folder, mmwhs, totalseg  # noqa: F401  (they register)
 from ukd.data.adapters.base import Adapter, Case, map_labels
 from ukd.data.adapters.registry import get_adapter, register
 

@@ -7,6 +7,7 @@ import os
 from etils import epath
 
 from ukd import files
+from ukd.data import lateral
 from ukd.data.adapters.base import (
   Adapter,
   Case,
@@ -101,6 +102,7 @@ class AbdominalAdapter(Adapter):
       raise error(DataError, f"abdominal option organs={organs!r}", f"choose from {tuple(ORGANS)}")
     self.ct_dir, self.mr_dir, self.organs = ct_dir, mr_dir, organs
     self.classes = ORGANS[organs]
+    self.lateral_pairs = lateral.pairs_by_name(self.classes)  # kidneys; adrenal glands too
     self.modalities = check_modalities(modalities, ("ct", "mr"), "abdominal")
 
   def cases(self, root: str) -> list[Case]:

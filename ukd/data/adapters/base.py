@@ -46,9 +46,13 @@ class Adapter:
   the classes a modality's labels hold, when they hold only some (BTCV CT labels 13 organs,
   CHAOS MR 4): training then never reads a missing organ as background
   (`ukd.train.losses`), and evaluation scores only what the references hold.
+  `lateral_pairs` names the (left, right) class pairs that a flip along the patient's
+  left-right axis swaps (`ukd.data.lateral`); a class whose name says left or right and is in
+  no pair makes that flip a one-line error.
   """
 
   classes: tuple[str, ...] = ("background",)
+  lateral_pairs: tuple[tuple[str, str], ...] = ()
 
   def __init__(self, *, ignore_unknown_labels: bool = False):
     self.ignore_unknown_labels = bool(ignore_unknown_labels)

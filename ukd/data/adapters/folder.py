@@ -8,6 +8,7 @@ import re
 
 from etils import epath
 
+from ukd.data import lateral
 from ukd.data.adapters.base import Adapter, Case, pair_cases, require_dir, require_root, visible
 from ukd.data.adapters.registry import register
 from ukd.data.io.volumes import Volume
@@ -69,6 +70,11 @@ class FolderAdapter(Adapter):
   @property
   def classes(self) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for names in self._names().values() for name in names))
+
+  @property
+  def lateral_pairs(self) -> tuple[tuple[str, str], ...]:
+    """Pairs by name (`kidney_left` / `kidney_right`): a folder dataset names its own classes."""
+    return lateral.pairs_by_name(self.classes)
 
   def _names(self) -> dict[str, tuple[str, ...]]:
     if self._held is None:

@@ -28,6 +28,7 @@ class MMWHSAdapter(Adapter):
   """MM-WHS 2017 as distributed: <root>/{ct,mr}_train/<mod>_train_<n>_{image,label}.nii.gz."""
 
   classes = ("background", "MYO", "LAC", "LVC", "AA")
+  lateral_pairs = ()  # the heart's left and right chambers are no mirror images
 
   def __init__(self, *, modalities=("ct", "mr"), ignore_unknown_labels: bool = False):
     super().__init__(ignore_unknown_labels=ignore_unknown_labels)

@@ -1,12 +1,14 @@
-"""Phantom datasets written in the on-disk layouts of MM-WHS 2017, BTCV and CHAOS.
+"""Phantom datasets written in the on-disk layouts of MM-WHS 2017, BTCV, CHAOS, AMOS22 and
+TotalSegmentator (a mask file per structure).
 
 The real datasets need a registration and cannot be fetched everywhere, yet the dataset
 adapters, preprocessing, training and evaluation must run end to end on files that look
 like the real ones: the same folders, file names, label codes, dtypes and geometry
 conventions. The volumes come from `ukd.data.synthetic.phantoms` (anatomy, geometry, intensities: the
 'simple' set) or, for MM-WHS, from `ukd.data.synthetic.scanner_phantoms` (acquired as the MM-WHS
-scanners do: the 'scanner' set); this module writes them as each dataset ships: MM-WHS and
-BTCV as NIfTI, CHAOS as DICOM series with PNG masks. `ensure` generates a dataset once, for
+scanners do: the 'scanner' set); this module writes them as each dataset ships: MM-WHS, BTCV
+and AMOS22 as NIfTI label maps, TotalSegmentator as NIfTI masks, CHAOS as DICOM series with
+PNG masks. `ensure` generates a dataset once, for
 configs that ask for synthetic data; `python -m ukd.data.synthetic.generate --layout=mmwhs --out=DIR`
 writes one.
 """
@@ -167,8 +169,7 @@ def write_abdominal(
   `shape` is (rows, columns, slices) for MR. Returns the written paths.
   """
   _check_counts(n_ct=n_ct, n_mr=n_mr)
-  if realism != "simple":  # the scanner set has no abdominal anatomy
-    raise DataError(f"synthetic realism {realism!r} for the abdominal layout: only 'simple' exists")
+  _simple_only(realism, "abdominal")
   root = os.fspath(root)
   written = []
   for name in ("img", "label"):
@@ -186,14 +187,117 @@ def write_abdominal(
   return written
 
 
-_WRITERS = {"mmwhs": write_mmwhs, "abdominal": write_abdominal}
+# AMOS22's dataset.json labels as it ships them ('arota' included).  The abdominal phantoms
+# carry BTCV codes, which are AMOS's for the organs they draw: 1 spleen, 2 right kidney, 3 left
+# kidney, 4 gall bladder, 6 liver, 7 stomach, 8 aorta, 9 postcava; the other 7 never occur.
+AMOS_LABELS = (
+  "background", "spleen", "right kidney", "left kidney", "gall bladder", "esophagus", "liver",
+  "stomach", "arota", "postcava", "pancreas", "right adrenal gland", "left adrenal gland",
+  "duodenum", "bladder", "prostate/uterus",
+)  # fmt: skip
+# The first case number of each modality: CT from 1, MR from 507 (as AMOS22 numbers them).
+AMOS_FIRST = {"ct": 1, "mr": 507}
+
+
+def write_amos(
+  root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0, realism: str = "simple"
+) -> list[str]:
+  """AMOS22 layout, from the abdominal phantoms (simple set): <root>/dataset.json and
+  imagesTr/amos_NNNN.nii.gz + labelsTr/amos_NNNN.nii.gz, every third case of a modality in
+  imagesVa/labelsVa instead; CT numbered from amos_0001, MR from amos_0507.  Labels are uint8
+  AMOS codes: the 8 organs the phantoms draw (`AMOS_LABELS`).  Returns the written paths."""
+  _check_counts(n_ct=n_ct, n_mr=n_mr)
+  _simple_only(realism, "amos")
+  root = os.fspath(root)
+  written, listed = [], {"Tr": [], "Va": []}
+  for modality, count in (("ct", n_ct), ("mr", n_mr)):
+    for index in range(count):
+      phantom = make_phantom("abdominal", modality, shape, seed=seed, index=index)
+      part = "Va" if index % 3 == 2 else "Tr"
+      name = f"amos_{AMOS_FIRST[modality] + index:04d}.nii.gz"
+      entry = {}
+      for kind, array in (("image", phantom.image), ("label", phantom.label)):
+        folder = os.path.join(root, f"{kind}s{part}")
+        files.makedirs(folder)
+        _save_nifti(array, phantom.affine, os.path.join(folder, name))
+        written.append(os.path.join(folder, name))
+        entry[kind] = f"./{kind}s{part}/{name}"
+      listed[part].append(entry)
+  meta = {
+    "name": "AMOS",
+    "labels": {str(code): name for code, name in enumerate(AMOS_LABELS)},
+    "modality": {"0": "CT"},
+    "training": listed["Tr"],
+    "validation": listed["Va"],
+  }
+  path = os.path.join(root, "dataset.json")
+  with open(path, "w") as f:
+    json.dump(meta, f, indent=2)
+  return [*written, path]
+
+
+# TotalSegmentator's names of the structures the abdominal phantoms draw, by BTCV code.
+TOTALSEG_NAMES = {
+  1: "spleen",
+  2: "kidney_right",
+  3: "kidney_left",
+  4: "gallbladder",
+  6: "liver",
+  7: "stomach",
+  8: "aorta",
+  9: "inferior_vena_cava",
+}
+
+
+def write_totalseg(
+  root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0, realism: str = "simple"
+) -> list[str]:
+  """TotalSegmentator layout, from the abdominal phantoms (simple set): <root>/sNNNN/ct.nii.gz
+  (CT cases s0000 on) or mri.nii.gz (MR cases numbered after them), and
+  sNNNN/segmentations/<structure>.nii.gz, a uint8 0/1 mask for each of the 8 structures the
+  phantoms draw (`TOTALSEG_NAMES`), plus a meta.csv as the release has.  Returns the paths."""
+  _check_counts(n_ct=n_ct, n_mr=n_mr)
+  _simple_only(realism, "totalseg")
+  root = os.fspath(root)
+  written, rows = [], ["image_id;modality"]
+  cases = [("ct", k) for k in range(n_ct)] + [("mr", k) for k in range(n_mr)]
+  for number, (modality, index) in enumerate(cases):
+    phantom = make_phantom("abdominal", modality, shape, seed=seed, index=index)
+    case = os.path.join(root, f"s{number:04d}")
+    files.makedirs(os.path.join(case, "segmentations"))
+    image = os.path.join(case, "ct.nii.gz" if modality == "ct" else "mri.nii.gz")
+    _save_nifti(phantom.image, phantom.affine, image)
+    written.append(image)
+    for code, structure in TOTALSEG_NAMES.items():
+      path = os.path.join(case, "segmentations", f"{structure}.nii.gz")
+      _save_nifti((phantom.label == code).astype(np.uint8), phantom.affine, path)
+      written.append(path)
+    rows.append(f"s{number:04d};{modality}")
+  path = os.path.join(root, "meta.csv")
+  with open(path, "w") as f:
+    f.write("\n".join(rows) + "\n")
+  return [*written, path]
+
+
+def _simple_only(realism: str, layout: str) -> None:
+  """Abdominal layouts come from the simple set: the scanner set has no abdominal anatomy."""
+  if realism != "simple":
+    raise DataError(f"synthetic realism {realism!r} for the {layout} layout: only 'simple' exists")
+
+
+_WRITERS = {
+  "mmwhs": write_mmwhs,
+  "abdominal": write_abdominal,
+  "amos": write_amos,
+  "totalseg": write_totalseg,
+}
 _MARKER = ".ukd_synthetic.json"  # hidden, so the dataset adapters never list it
 
 
 def ensure(
   root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int, realism: str = "simple"
 ) -> str:
-  """Generate a phantom dataset in `layout` ('mmwhs' or 'abdominal', the names of the dataset
+  """Generate a phantom dataset in `layout` (one of `_WRITERS`, the names of the dataset
   adapters that read them) into `root` once; later calls (a resumed run) reuse it.
 
   The dataset is written to a temporary
