@@ -34,9 +34,7 @@ def _resolved(name="dilated2d", flip=(0, 1), slice_axis=2, adapter=ABDOMINAL):
   config.data.augment.flip = flip
   config.infer.batch_size = 2
   pairs = lateral.pair_indices(adapter.classes, adapter.lateral_pairs)
-  return config_lib.resolve(
-    config, root="unused", num_classes=len(adapter.classes), lateral_pairs=pairs
-  )
+  return config_lib.resolve(config, root="unused", classes=adapter.classes, lateral_pairs=pairs)
 
 
 def test_each_dataset_names_its_pairs():

@@ -299,7 +299,8 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
   caller's object is never changed by a run.  `data.augment.flip` comes back as the sorted
   axes it names (`flip_axes`), the one form the pipeline and the Segmenter read."""
   raw = config.to_dict()
-  raw["data"]["augment"]["flip"] = flip_axes(raw["data"]["augment"]["flip"])
+  # A list: FrozenConfigDict refuses one tuple object met twice, and () is a single object.
+  raw["data"]["augment"]["flip"] = list(flip_axes(raw["data"]["augment"]["flip"]))
   config = mc.ConfigDict(raw)
   _positive(
     config,
@@ -462,7 +463,7 @@ def resolve(config, *, root: str, classes, held=None, lateral_pairs=()) -> mc.Fr
   resolved.data.label_sets = label_sets(
     resolved.data.labelled, tuple(classes), dict(held or {}), tuple(resolved.modalities)
   )
-  resolved.data.lateral_pairs = tuple((int(left), int(right)) for left, right in lateral_pairs)
+  resolved.data.lateral_pairs = [[int(left), int(right)] for left, right in lateral_pairs]
   return mc.FrozenConfigDict(resolved)
 
 

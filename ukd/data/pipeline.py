@@ -67,9 +67,9 @@ class Spec:
   augment: dict
   workers: int
   prefetch: int
+  mirror: lateral.Mirror | None  # what a left-right flip does to the labels (None: nothing)
   # {modality: [num_classes] int lookup, label -> label trained on} of partly labelled ones.
   relabel: dict = dataclasses.field(default_factory=dict)
-  mirror: lateral.Mirror | None  # what a left-right flip does to the labels (None: nothing)
 
   @classmethod
   def from_config(cls, config, dims: int | None = None) -> "Spec":
