@@ -8,7 +8,14 @@ layout) in four arms, each into `<workdir>/<arm>/` (`--arms=mr_scarce` narrows i
   balanced_simple   both modalities with all training cases, the simple phantoms;
   balanced_scanner  the same on the scanner-realistic phantoms (`data.synthetic.realism`);
   mr_scarce         scanner phantoms, all CT training cases, 25 % of the MR ones;
-  ct_scarce         the mirror image.
+  ct_scarce         the mirror image;
+  mr_partial        the paper config's recipe (`_PAPER`); CT labels all four structures, MR's
+                    training and validation labels only MYO and LVC (`data.labelled`), its test
+                    labels all four: what MR never saw labelled is learnt from CT alone;
+  mr_scarce_long    mr_scarce with the paper config's recipe at 5x the steps, `ukd` against
+                    `separate_norm`: does KD's effect grow with training?
+The scarce arms and `mr_partial` also run KD with the other absent-class rule
+(`ukd_kd_mask` / `ukd_kd_uniform`), so each says which rule helps, hurts or does nothing.
 `:ablations` trains the ablation variants (one seed each) on the simple phantoms.  `:mmwhs`
 is the paper-scale study on MM-WHS for a GPU or TPU:
 
@@ -61,6 +68,14 @@ def _ablations():
 
 
 _SCANNER = {"synthetic": {"realism": "scanner"}}
+# The paper config's recipe (`configs/mmwhs.py`) where it differs from the demo's: the
+# reference's rule for a class absent from a batch, its mirror padding and no head bias.
+_PAPER = {"loss": {"kd_absent": "uniform"}, "model": {"pad": "reference", "head_bias": False}}
+# KD with each absent-class rule, beside the scheme table's `ukd` (which takes the arm's rule).
+_KD_RULES = {
+  "ukd_kd_mask": {"model": {"scheme": "ukd"}, "loss": {"kd_absent": "mask"}},
+  "ukd_kd_uniform": {"model": {"scheme": "ukd"}, "loss": {"kd_absent": "uniform"}},
+}
 
 
 def _arms():
@@ -81,12 +96,30 @@ def _arms():
     "mr_scarce": {
       "doc": "Scanner-realistic phantoms; all 12 CT training volumes, 3 MR ones (25 %).",
       "base": {"data": {**_SCANNER, "train_fraction": "ct=1,mr=0.25"}},
-      "variants": every,
+      "variants": (*every, "ukd_kd_uniform"),
     },
     "ct_scarce": {
       "doc": "Scanner-realistic phantoms; 3 CT training volumes (25 %), all 12 MR ones.",
       "base": {"data": {**_SCANNER, "train_fraction": "ct=0.25,mr=1"}},
-      "variants": every,
+      "variants": (*every, "ukd_kd_uniform"),
+    },
+    "mr_partial": {
+      "doc": "Paper recipe, scanner phantoms; MR trained and validated on MYO and LVC only, "
+      "tested on all four structures.",
+      "base": {**_PAPER, "data": {**_SCANNER, "labelled": "mr=MYO+LVC"}},
+      "variants": (*every, "ukd_kd_mask"),
+    },
+    "mr_scarce_long": {
+      "doc": "Paper recipe, scanner phantoms, 3 MR training volumes, 2000 steps (5x).",
+      "base": {
+        **_PAPER,
+        "data": {**_SCANNER, "train_fraction": "ct=1,mr=0.25"},
+        "total_steps": 2000,
+        "optim": {"decay_steps": 500},
+        "eval_every": 1000,
+        "checkpoint_every": 1000,
+      },
+      "variants": ("ukd", "separate_norm", "ukd_kd_mask"),
     },
   }
 
@@ -96,7 +129,7 @@ def get_config(arg=None):
   c = mc.ConfigDict()
   c.base = _synthetic_base()  # the training config every run starts from
   # name -> nested overrides of base: the paper's table, then the second table.
-  c.schemes = {name: {"model": {"scheme": name}} for name in SCHEMES}
+  c.schemes = {name: {"model": {"scheme": name}} for name in SCHEMES} | _KD_RULES
   c.ablations = _ablations()
   c.arms = _arms()  # arm -> {doc, base overrides, variants}; {}: one study of c.schemes
   c.reference = "ukd"  # the variant the paired tests compare every other one with
@@ -109,6 +142,7 @@ def get_config(arg=None):
   if args["mmwhs"]:
     c.base = mmwhs.get_config()
     c.base.total_steps = 50_000
+    c.schemes = {name: {"model": {"scheme": name}} for name in SCHEMES}
     c.arms = {}
   if args["micro"]:  # the test suite's variant: 2 schemes, 1 seed, a few steps
     c.base = demo.get_config("tiny")

@@ -546,11 +546,27 @@ def test_an_arm_is_the_base_with_its_overrides_and_its_variants():
     study.arm_study(config, "plain")
 
 
-def test_the_default_study_has_the_four_arms_of_the_comparison():
+def test_the_default_study_has_the_arms_of_the_comparison():
   config = importlib.import_module("configs.study").get_config()
-  assert set(config.arms) == {"balanced_simple", "balanced_scanner", "mr_scarce", "ct_scarce"}
-  for name in config.arms:
+  assert set(config.arms) == {
+    "balanced_simple",
+    "balanced_scanner",
+    "mr_scarce",
+    "ct_scarce",
+    "mr_partial",
+    "mr_scarce_long",
+  }
+  for name in ("balanced_simple", "balanced_scanner"):
     assert set(config.arms[name].variants) == set(models.SCHEMES)
+  for name in ("mr_scarce", "ct_scarce"):  # and KD with the reference's absent-class rule
+    assert set(config.arms[name].variants) == {*models.SCHEMES, "ukd_kd_uniform"}
+  partial = study.arm_study(config, "mr_partial").base
+  assert set(config.arms.mr_partial.variants) == {*models.SCHEMES, "ukd_kd_mask"}
+  assert partial.data.labelled == "mr=MYO+LVC" and partial.loss.kd_absent == "uniform"
+  assert (partial.model.pad, partial.model.head_bias) == ("reference", False)
+  long = study.arm_study(config, "mr_scarce_long").base
+  assert long.total_steps == 5 * config.base.total_steps
+  assert set(config.arms.mr_scarce_long.variants) == {"ukd", "separate_norm", "ukd_kd_mask"}
   mr = study.arm_study(config, "mr_scarce").base.data
   ct = study.arm_study(config, "ct_scarce").base.data
   assert (mr.train_fraction, ct.train_fraction) == ("ct=1,mr=0.25", "ct=0.25,mr=1")

@@ -43,6 +43,7 @@ def default() -> mc.ConfigDict:
   c.loss.kd = 0.5  # weight of the KD loss (schemes with kd only)
   c.loss.temperature = 2.0  # KD softmax temperature
   c.loss.kd_distance = "kl"  # 'kl' (symmetric KL) or 'l2'
+  c.loss.kd_grad_share = False  # log KD's share of the gradient norm (a second backward pass)
   c.loss.kd_absent = "mask"  # class absent from a modality's batch: 'mask' | 'uniform' (reference)
   c.loss.l2 = 1e-4  # weight of 1/2 sum of squares of the parameters in l2_scope
   c.loss.l2_scope = "kernels"  # 'kernels' (2D reference) or 'all' parameters (3D reference)

@@ -94,6 +94,8 @@ def loss_terms(
       labelled=labelled,
     )
     total = total + w.kd * terms["kd"]
+    # How much of the objective KD is (before L2): small, it has little room to act.
+    terms["kd/loss_share"] = w.kd * terms["kd"] / total
   terms["l2"] = losses.l2_loss(params, w.l2_scope)
   total = total + w.l2 * terms["l2"]
   terms["loss"] = total
@@ -117,10 +119,25 @@ def train_step(
   metrics = dict(
     terms, grad_norm=optax.tree.norm(grads), lr=optimizer.learning_rate(config)(state.step)
   )
+  if config.loss.get("kd_grad_share") and "kd" in terms:
+    metrics["kd/grad_share"] = (
+      _kd_gradient_norm(model, config, state, batch, rng) / (metrics["grad_norm"])
+    )
   new_state = state.replace(
     step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state
   )
   return new_state, metrics
+
+
+def _kd_gradient_norm(model, config, state, batch, rng) -> jax.Array:
+  """The norm of the weighted KD term's own gradient: a second forward and backward pass,
+  so only runs that ask (`loss.kd_grad_share`) pay for it."""
+
+  def kd(params):
+    terms = loss_terms(model, config, params, state.batch_stats, batch, rng)[1][0]
+    return config.loss.kd * terms["kd"]
+
+  return optax.tree.norm(jax.grad(kd)(state.params))
 
 
 def make_train_step(
