@@ -59,6 +59,10 @@ class Data:
 def dataset_root(config: mc.ConfigDict, workdir: str | os.PathLike) -> str:
   """The dataset root a run reads, generating synthetic phantoms there on first use.
 
+  Phantoms are generated into `<workdir>/phantoms` when `data.root` is unset, and into a
+  `data.root` the user set only when that folder exists (empty, or holding the phantoms):
+  a mistyped root would otherwise fill a new folder at the typo and train on it silently.
+
   Args:
     config: the run's config; `data.root` and `data.synthetic` are read.
     workdir: the run's work dir; synthetic phantoms without a root go to `<workdir>/phantoms`.
@@ -70,6 +74,12 @@ def dataset_root(config: mc.ConfigDict, workdir: str | os.PathLike) -> str:
   if config.data.synthetic.enabled:
     if root in (config_lib.REQUIRED, ""):
       root = files.path(workdir) / "phantoms"
+    elif not files.path(root).exists():
+      raise ConfigError(
+        f"config.data.root={root} does not exist; with data.synthetic.enabled, phantoms are "
+        "made only into a folder that exists and is empty (create it) or, with data.root "
+        "unset, into <workdir>/phantoms"
+      )
     phantoms = config.data.synthetic
     synthetic.ensure(
       root,
