@@ -5,6 +5,7 @@ checkpoint: parameters, optimizer, per-modality statistics, RNG, step and the
 data iterators' positions, so a resumed run's losses equal an uninterrupted one's.
 """
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -24,7 +25,7 @@ from ukd.data import adapters, check, pipeline, preprocess, splits
 from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
 from ukd.evaluation import evaluate
-from ukd.runtime import checkpoints, recovery
+from ukd.runtime import checkpoints, fault_log, recovery
 from ukd.runtime import mesh as mesh_lib
 from ukd.serve import segmenter as infer
 from ukd.train import profiling, steps, writers
@@ -255,11 +256,19 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
     dataset has validation cases}.
   """
   config = config_lib.check(config)
+  workdir = files.path(workdir)
+  files.makedirs(workdir)
+  # Orbax's reports of a failed save or restore, a traceback from each of its threads, go to
+  # the work dir's log; the terminal gets the one line the run ends with.
+  with fault_log.background_errors(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: mc.ConfigDict, workdir) -> dict:
+  """`train`'s run, in `workdir` (made)."""
   # Listening from the start: a SIGTERM during setup or compilation stops the run after its
   # first step, with that step saved.
   preemption = Preemption()
-  workdir = files.path(workdir)
-  files.makedirs(workdir)
   is_main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh)  # before minutes of preprocessing
@@ -321,7 +330,12 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
   # ---- Loop ----------------------------------------------------------------------------------
   step, val = start, {}
   pending = []  # (step, metrics still on the device) since the last sync with the host
-  try:
+  with contextlib.ExitStack() as cleanup:  # each closes, in reverse order, whatever raises
+    cleanup.callback(getattr(train_iter, "close", lambda: None))  # workers, shared memory
+    cleanup.callback(writer.close)
+    # Waits for the save in flight: the last step's, or the one a preemption stops after.
+    cleanup.callback(checkpoints.close, mgr)
+    cleanup.callback(trace.close)
     while step < config.total_steps:
       batch = mesh_lib.to_global_batch(next(train_iter), mesh)
       trace.before(step + 1)
@@ -371,15 +385,6 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
         throughput.restart(step)
       if preempted:
         raise Preempted(step)
-  finally:
-    trace.close()
-    mgr.wait_until_finished()
-    mgr.close()
-    writer.close()
-    # Worker processes and shared memory of the input pipeline.
-    closer = getattr(train_iter, "close", None)
-    if closer:
-      closer()
 
   validated = any(data.cases[m]["val"] for m in config.modalities)
   return {"step": step, "val": val, "validated": validated}
