@@ -317,7 +317,8 @@ def test_ensure_generates_once_then_reuses_and_refuses_other_settings(tmp_path):
   cfg["n_ct"] = 2
   with pytest.raises(DataError, match="phantoms made with"):
     synthetic.ensure(root, "mmwhs", **cfg)
-  (tmp_path / "real").mkdir()
+  (tmp_path / "real").mkdir()  # a dataset's folder: files, no marker (an empty one is filled)
+  (tmp_path / "real" / "dataset.json").write_text("{}")
   with pytest.raises(DataError, match="holds no synthetic dataset"):
     synthetic.ensure(tmp_path / "real", "mmwhs", **cfg)
   with pytest.raises(DataError, match="'folder' layout cannot be made"):

@@ -17,7 +17,7 @@ from ukd import config as config_lib
 from ukd import files
 from ukd.data import check as check_lib
 from ukd.data import splits
-from ukd.errors import ConfigError, DataError, import_extra
+from ukd.errors import ConfigError, DataError, WriteError, import_extra
 from ukd.evaluation import evaluate as evaluate_lib
 from ukd.evaluation import postprocess as postprocess_lib
 from ukd.runtime import checkpoints, lock
@@ -60,8 +60,12 @@ def evaluate(
   overlays: bool = True,
   tta: bool | None = None,
   postprocess: str = "auto",
+  output=None,
 ) -> dict[str, Any]:
   """`--mode=evaluate`: scores a work dir's checkpoint on one split (`evaluate_split`).
+
+  Where the results go is checked writable before the checkpoint loads: the work dir's
+  `eval/`, or `output` (`--output`), which a read-only work dir needs.
 
   Args:
     workdir: a training run's work dir, local or on cloud storage.
@@ -71,18 +75,43 @@ def evaluate(
     tta: mirroring test-time augmentation (None: the config's `infer.tta`).
     postprocess: 'auto', 'none' or a postprocessing.json (`postprocess.load_rules`);
       with rules, the same predictions are scored as predicted and post-processed.
+    output: the folder that stands for the work dir's `eval/` (None: `eval/`).
   """
   if split not in splits.SPLIT_NAMES:
     raise DataError(f"split {split!r} is not one of {list(splits.SPLIT_NAMES)}")
   workdir, step = checkpoints.resolve(workdir, step)
+  root = _evaluation_root(workdir, output)
   seg = segmenter.load(workdir, step=step, tta=tta, postprocess="none")
-  return evaluate_split(seg, workdir, split=split, overlays=overlays, postprocess=postprocess)
+  return evaluate_split(
+    seg, workdir, split=split, overlays=overlays, postprocess=postprocess, output=root
+  )
+
+
+def _evaluation_root(workdir, output) -> epath.Path:
+  """`output`, or the work dir's `eval/`, checked writable (`files.check_writable`); the
+  line for a work dir that is not names the flag that gets around it."""
+  if output:
+    files.check_writable(files.path(output))
+    return files.path(output)
+  root = files.path(workdir) / "eval"
+  try:
+    files.check_writable(root)
+  except WriteError as e:
+    raise WriteError(f"{e}; pass --output=DIR to write the evaluation elsewhere") from e
+  return root
 
 
 def evaluate_split(
-  seg, workdir, *, split: str = "test", overlays: bool = True, postprocess: str = "auto"
+  seg,
+  workdir,
+  *,
+  split: str = "test",
+  overlays: bool = True,
+  postprocess: str = "auto",
+  output=None,
 ) -> dict[str, Any]:
-  """Scores a loaded checkpoint on one split of its work dir into `evaluate.output_dir`.
+  """Scores a loaded checkpoint on one split of its work dir into `evaluate.output_dir`
+  (under `output`, when given, instead of the work dir's `eval/`).
 
   The split is the one the checkpoint recorded (`checkpoints.save`; `splits.json` for
   checkpoints that recorded none), so the test cases are the ones training never saw, even
@@ -98,7 +127,7 @@ def evaluate_split(
   adapter, chosen = segmenter.split_cases(seg, workdir, split)
   if not chosen:
     raise DataError(f"{workdir}: the {split} split has no cases of {list(seg.config.modalities)}")
-  out_dir = evaluate_lib.output_dir(workdir, split, seg.step_name, tta=seg.tta)
+  out_dir = evaluate_lib.output_dir(workdir, split, seg.step_name, tta=seg.tta, root=output)
   result = evaluate_lib.evaluate_cases(
     seg,
     adapter,
@@ -211,8 +240,9 @@ def predict(
 ) -> list[str]:
   """`--mode=predict`: label maps (and what `options` ask for) of every scan under `input`.
 
-  The inputs are checked before the model is loaded, so a NIfTI without `--modality` fails at
-  once rather than after the checkpoint."""
+  The inputs, and that `output` can be written, are checked before the model is loaded, so a
+  NIfTI without `--modality` or a read-only output fails at once rather than after the
+  checkpoint."""
   if not modality and inputs.is_nifti(input):
     raise ConfigError("--modality is required for NIfTI input (DICOM has its Modality tag)")
   if inputs.needs_dicom(input):
@@ -220,6 +250,7 @@ def predict(
   if "dicom_seg" in options.get("output_format", ""):
     for module in ("pydicom", "highdicom"):
       import_extra(module, "dicom", "--output_format=dicom_seg")
+  files.check_writable(files.path(output))
   seg = export_lib.load_backend(
     workdir, step, backend=backend, precision=precision, tta=tta, postprocess=postprocess
   )

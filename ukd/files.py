@@ -176,26 +176,103 @@ def replacing(path):
     return
   tmp = None
   try:
-    tmp = _temporary(path)
-    yield tmp
-    os.replace(tmp, path)
-  except OSError as e:
-    raise_if_refused(path, e)
-    raise
+    with refusals(path):
+      tmp = _temporary(path)
+      yield tmp
+      os.replace(tmp, path)
   finally:
     if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
 
 
+@contextlib.contextmanager
+def refusals(path):
+  """Within the body, an OSError saying the file system refused a write under the local
+  `path` (a file, or a folder being written) is a one-line `WriteError` naming `path`
+  (`raise_if_refused`); any other error passes as it is."""
+  try:
+    yield
+  except OSError as e:
+    raise_if_refused(path, _explained(e, os.path.dirname(os.path.abspath(path))))
+    raise
+
+
 _CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# TensorStore (under Orbax's checkpoints) gives the OS error only in its message.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
+def refused_errno(e: BaseException) -> int | None:
+  """The errno (ENOSPC, EDQUOT, EROFS, EACCES, EPERM) when `e` or an error in its chain of
+  causes says the file system refused a write; None for any other error.  Libraries wrap
+  the OS error (Orbax in a ValueError holding TensorStore's status), so the chain is
+  searched, and a message's `[os_error_code='28']` counts."""
+  while e is not None:
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and (found := _OS_ERROR_CODE.search(str(e))):
+      code = int(found.group(1))
+    if code in _CANNOT_WRITE:
+      return code
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def refused_cause(e: BaseException) -> str | None:
+  """'no space left on device' (or the read-only, quota or permission cause) for a refused
+  write (`refused_errno`); None for any other error."""
+  code = refused_errno(e)
+  if code is None:
+    return None
+  cause = os.strerror(code)
+  return cause[:1].lower() + cause[1:]
 
 
 def raise_if_refused(path, e: OSError) -> None:
   """Raises `e` as a one-line `WriteError` naming `path` and the cause ('no space left on
   device') when it says the file system refused the write; returns for any other error."""
-  if e.errno in _CANNOT_WRITE and not isinstance(e, WriteError):
-    cause = e.strerror or os.strerror(e.errno)
-    raise WriteError(f"{path}: cannot write: {cause[:1].lower()}{cause[1:]}") from e
+  cause = refused_cause(e)
+  if cause is not None and not isinstance(e, WriteError):
+    raise WriteError(f"{path}: cannot write: {cause}") from e
+
+
+def check_writable(folder) -> None:
+  """Writes a small hidden file into `folder` (made if missing) and removes it: an output
+  folder that is read-only, full or forbidden is one `WriteError` line naming it before
+  the model loads, not a traceback after minutes of work.  A few bytes, not an empty file:
+  a full disk still creates empty files."""
+  probe = f"{os.fspath(folder).rstrip('/')}/.tmp-{os.getpid()}-{secrets.token_hex(4)}-check"
+  if is_remote(folder):
+    epath.Path(probe).write_bytes(bytes(_CHECK_BYTES))
+    epath.Path(probe).unlink()
+    return
+  with refusals(folder):
+    os.makedirs(folder, exist_ok=True)
+    try:
+      with open(probe, "wb") as f:
+        f.write(bytes(_CHECK_BYTES))
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
+
+
+_CHECK_BYTES = 4096  # one page: what a write needs the file system to find room for
+_PROBE_CHUNKS = 16  # a short write is explained by writing at most this many 64 KiB chunks
+
+
+def _explained(e: OSError, folder) -> OSError:
+  """`e`, or for a short write, which carries no errno (numpy's `tofile`, under `np.save`,
+  says only '316840 requested and 147328 written'), the error a write in `folder` gets now
+  (the same file system): the full disk or the quota the short write ran into, while its
+  partial file still fills it.  Without this the user learns neither the cause nor the file."""
+  if e.errno is not None or isinstance(e, WriteError) or not os.path.isdir(folder):
+    return e
+  try:
+    with tempfile.TemporaryFile(dir=folder, buffering=0) as probe:
+      for _ in range(_PROBE_CHUNKS):
+        probe.write(bytes(1 << 16))
+  except OSError as found:
+    return found
+  return e
 
 
 @contextlib.contextmanager
@@ -208,7 +285,8 @@ def new_directory(path):
   hidden files (names starting with '.') last, so a marker file written into the folder
   (the phantoms' `.ukd_synthetic.json`) appears only once everything else is there.  If
   `path` appeared meanwhile (another process finished the same work first) theirs is kept
-  and ours removed; a body that raises leaves nothing behind.
+  and ours removed; a body that raises leaves nothing behind, and one the file system
+  refuses (a full disk) is a `WriteError` naming `path` (`raise_if_refused`).
   """
   path = os.fspath(path)
   if is_remote(path):
@@ -218,14 +296,15 @@ def new_directory(path):
         _upload_tree(staging, path)
     return
   tmp = _temporary(path)
-  os.mkdir(tmp)
   try:
-    yield tmp
-    try:
-      os.rename(tmp, path)
-    except OSError:
-      if not os.path.isdir(path):
-        raise
+    with refusals(path):
+      os.mkdir(tmp)
+      yield tmp
+      try:
+        os.rename(tmp, path)
+      except OSError:
+        if not os.path.isdir(path):
+          raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
 

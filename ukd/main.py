@@ -3,6 +3,7 @@
   python -m ukd.main --config=configs/demo.py --workdir=/tmp/ukd_demo
   python -m ukd.main --config=configs/mmwhs.py --workdir=runs/mmwhs --config.data.root=/data/MMWHS
   python -m ukd.main --mode=evaluate --workdir=runs/mmwhs
+  python -m ukd.main --mode=evaluate --workdir=/readonly/runs/mmwhs --output=evals/mmwhs
   python -m ukd.main --mode=predict --workdir=runs/mmwhs --input=scans/ --output=preds/ --modality=ct
   python -m ukd.main --mode=predict --workdir=runs/f0,runs/f1,runs/f2 --tta --input=scans/ --output=preds/ --modality=ct
   python -m ukd.main --mode=postprocess --workdir=runs/mmwhs
@@ -52,7 +53,12 @@ flags.DEFINE_string(
   "predict: a NIfTI file or folder of them, a dataset folder (its labels are skipped), or a "
   "folder or .zip of DICOM series (one series, a study, a PACS export).",
 )
-flags.DEFINE_string("output", None, "predict: the folder for label maps; score: for the scores.")
+flags.DEFINE_string(
+  "output",
+  None,
+  "predict: the folder for label maps; score: for the scores; export: for the model; "
+  "evaluate: instead of the work dir's eval/ (e.g. for a read-only work dir).",
+)
 flags.DEFINE_string("modality", None, "predict / score: the modality of the inputs, e.g. ct or mr.")
 flags.DEFINE_bool(
   "modality_overrides_header",
@@ -131,7 +137,11 @@ MODES = {
   "evaluate": (
     ("workdir",),
     lambda: _lib("commands").evaluate(
-      FLAGS.workdir, step=FLAGS.step, tta=FLAGS.tta, postprocess=FLAGS.postprocess
+      FLAGS.workdir,
+      step=FLAGS.step,
+      tta=FLAGS.tta,
+      postprocess=FLAGS.postprocess,
+      output=FLAGS.output,
     ),
   ),
   "postprocess": (

@@ -417,11 +417,13 @@ def format_table(summary: Summary, class_names: Sequence[str], hd95: bool = Fals
   return tables.markdown(header, body)
 
 
-def output_dir(workdir: str | os.PathLike, split: str, step: int | str, tta: bool = False) -> str:
+def output_dir(
+  workdir: str | os.PathLike, split: str, step: int | str, tta: bool = False, root=None
+) -> str:
   """`<workdir>/eval/<split>-step<N>` (`-tta` with test-time augmentation; `step-ct600-mr400`
   for separate networks chosen at their own steps): every evaluation keeps its own folder, so
   scoring another checkpoint, split or way of predicting never mixes its files with an
-  earlier one's."""
+  earlier one's.  `root` (`--output`, e.g. for a read-only work dir) stands for `eval/`."""
   step = str(step) if str(step).isdigit() else f"-{step}"
   name = f"{split}-step{step}" + ("-tta" if tta else "")
-  return os.fspath(epath.Path(workdir) / "eval" / name)
+  return os.fspath(epath.Path(root or epath.Path(workdir) / "eval") / name)

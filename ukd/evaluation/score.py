@@ -43,7 +43,8 @@ Outputs, written by `evaluate.write_results`, so a score reads like an evaluatio
                     one name and one format for both)
   out/cases.csv     case, modality, class, dice, assd, hd95: one row per case and structure
 The table of `evaluate.format_table` is printed, with HD95 beside Dice and ASSD. An `out` that
-already holds files is refused unless `overwrite`.
+already holds files is refused unless `overwrite`; one that cannot be written (read-only,
+full) is refused before any file is read.
 """
 
 import dataclasses
@@ -296,6 +297,7 @@ def score(
   """
   if not overwrite and epath.Path(out_dir).is_dir() and any(epath.Path(out_dir).iterdir()):
     raise error(ConfigError, out_dir, "already holds files; pass --overwrite to replace them")
+  files.check_writable(files.path(out_dir))  # before minutes of reading and scoring
   table, modality = label_table(dataset, modality, classes)
   pairs = pair_files(predictions, references, allow_missing=allow_missing)
   segs = [p.prediction for p in pairs if _is_seg(p.prediction)]

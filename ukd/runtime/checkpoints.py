@@ -6,7 +6,10 @@ with a checkpoint never depends on a work dir's splits.json or a dataset that ch
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves at most a temporary directory that the next run removes (on GCS,
 which has no rename, a step counts once Orbax has written its commit_success file);
-the last complete step is always restorable.  Two kinds of checkpoint are kept
+the last complete step is always restorable.  A save the file system refuses (a full disk,
+a quota, a read-only folder) ends the run with one line naming the step's folder and the
+cause (`WriteError`), Orbax's own reports going to the work dir's log; the same command
+resumes from the last complete step once there is room.  Two kinds of checkpoint are kept
 at once: the latest (for resume) and the best by validation mean Dice (for
 inference), through a preservation policy rather than `max_to_keep`, which with
 a `best_fn` alone could delete the latest.  A network whose modalities share no parameter
@@ -15,6 +18,11 @@ modality's validation Dice, since each of its networks is chosen on its own
 (`best_steps`, `ukd.infer.load`).
 """
 
+import contextlib
+import os
+import re
+import weakref
+
 import jax
 import ml_collections as mc
 import orbax.checkpoint as ocp
@@ -22,7 +30,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from ukd import files
-from ukd.errors import CheckpointError
+from ukd.errors import CheckpointError, WriteError
 from ukd.runtime import fault_log
 
 BEST_METRIC = "val_dice"  # the mean over modalities; 'val_dice/<modality>' each modality's
@@ -134,7 +142,54 @@ def save(
   if val_dice is not None:
     metrics = {BEST_METRIC: float(val_dice)}
     metrics.update({f"{BEST_METRIC}/{m}": float(d) for m, d in (modality_dice or {}).items()})
-  mgr.save(step, args=args, metrics=metrics, force=True)
+  with _refusals(mgr):
+    mgr.save(step, args=args, metrics=metrics, force=True)
+
+
+def close(mgr) -> None:
+  """Waits for the save in flight (a save runs in Orbax's threads while training goes on),
+  then releases the manager's threads; a save the file system refused raises here as one
+  `WriteError` line."""
+  with _refusals(mgr):
+    mgr.close()
+
+
+_refused = weakref.WeakKeyDictionary()  # manager -> the WriteError of its refused save
+
+
+@contextlib.contextmanager
+def _refusals(mgr):
+  """A refused write out of Orbax (`files.refused_cause`), raised by the save itself or by a
+  later wait for it, becomes one `WriteError` naming the step's folder and the cause, its
+  detail recorded in the work dir's log.  Orbax keeps a failed save's error and raises it
+  at every later wait (the next save, `close`): the same WriteError is raised again then,
+  recorded once."""
+  if mgr in _refused:
+    raise _refused[mgr]
+  try:
+    yield
+  except Exception as e:
+    cause = files.refused_cause(e)
+    if cause is None:
+      raise
+    workdir = epath.Path(mgr.directory).parent
+    fault_log.record(workdir, "saving a checkpoint", e)
+    _refused[mgr] = WriteError(
+      f"{_step_folder(mgr, e)}: cannot write: {cause}{fault_log.details(workdir)}"
+    )
+    raise _refused[mgr] from None
+
+
+def _step_folder(mgr, error: BaseException) -> str:
+  """`<checkpoints>/<step>` of the save that failed, which Orbax's error names only in its
+  text (as the step's temporary folder); the checkpoints folder when it names none."""
+  folder = os.fspath(mgr.directory)
+  while error is not None:
+    found = re.search(re.escape(folder) + r"/(\d+)", str(error))
+    if found:
+      return f"{folder}/{found.group(1)}"
+    error = error.__cause__ or error.__context__
+  return folder
 
 
 def restore_train(mgr, step: int, abstract_state):

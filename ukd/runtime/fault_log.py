@@ -77,11 +77,13 @@ def _append(workdir, text: str) -> None:
 
 @contextlib.contextmanager
 def background_errors(workdir):
-  """Within the body, errors raised in threads (Orbax's readers and writers) and asyncio's
-  reports of failed tasks go to the work dir's log instead of the terminal, where several
-  threads failing at once interleave their tracebacks."""
+  """Within the body, errors raised in threads (Orbax's readers and writers), asyncio's
+  reports of failed tasks and Orbax's own error reports (through absl's logger, a traceback
+  from each thread a failed save ran in) go to the work dir's log instead of the terminal,
+  where several threads failing at once interleave their tracebacks."""
   reports = logging.getLogger("asyncio")
   handler = _LogHandler(workdir)
+  orbax = _OrbaxRecords(workdir)
   hook, propagate = threading.excepthook, reports.propagate
   threading.excepthook = lambda args: _append_quietly(
     workdir,
@@ -90,6 +92,7 @@ def background_errors(workdir):
   )
   reports.addHandler(handler)
   reports.propagate = False
+  logging.getLogger("absl").addFilter(orbax)
   _route_late_reports(workdir)
   try:
     yield
@@ -97,6 +100,7 @@ def background_errors(workdir):
     threading.excepthook = hook
     reports.removeHandler(handler)
     reports.propagate = propagate
+    logging.getLogger("absl").removeFilter(orbax)
 
 
 _late = {}  # {'workdir': where reports from TensorStore's threads go}, once routed
@@ -106,27 +110,62 @@ def _route_late_reports(workdir) -> None:
   """TensorStore reports an error in a callback from its own threads (`sys.unraisablehook`,
   or `sys.excepthook` through PyErr_Print), and late: reads that a failed restore abandoned
   finish after Orbax closed their event loop ('Event loop is closed'), up to the process's
-  exit.  From the first restore on, such reports from threads other than the main one go to
-  the log."""
+  exit, and the writes a failed save abandoned are closed as the interpreter shuts down.
+  From the first restore on, such reports from threads other than the main one, and any
+  made while the interpreter shuts down, go to the log."""
   if not _late:
     shown, unraisable = sys.excepthook, sys.unraisablehook
 
     def to_log(kind, value, tb) -> bool:
-      if threading.current_thread() is threading.main_thread():
+      if not _late_now():
         return False
       _append_quietly(_late["workdir"], "".join(traceback.format_exception(kind, value, tb)))
       return True
 
     sys.excepthook = lambda *report: to_log(*report) or shown(*report)
     sys.unraisablehook = lambda u: to_log(u.exc_type, u.exc_value, u.exc_traceback) or unraisable(u)
+    # asyncio's 'Future exception was never retrieved', for a failed save's abandoned writes.
+    logging.getLogger("asyncio").addFilter(_LateRecords())
   _late["workdir"] = workdir
+
+
+def _late_now() -> bool:
+  """Whether a report comes late: from a thread other than the main one, or while the
+  interpreter shuts down."""
+  return threading.current_thread() is not threading.main_thread() or sys.is_finalizing()
+
+
+class _LateRecords(logging.Filter):
+  """Moves late records (`_late_now`) to the log of the last work dir routed."""
+
+  def filter(self, record_: logging.LogRecord) -> bool:
+    if not _late_now():
+      return True
+    _append_quietly(_late["workdir"], logging.Formatter().format(record_))
+    return False
 
 
 def _append_quietly(workdir, text: str) -> None:
   """`_append`, for reports made while something else failed: a log that cannot be written
-  (a full disk) must not replace the error being reported."""
-  with contextlib.suppress(OSError):
+  (a full disk), or one reached while the interpreter shuts down, must not replace the error
+  being reported."""
+  with contextlib.suppress(Exception):
     _append(workdir, text)
+
+
+class _OrbaxRecords(logging.Filter):
+  """Moves Orbax's records (warnings and worse) from absl's logger to the work dir's log."""
+
+  def __init__(self, workdir):
+    super().__init__()
+    self.workdir = workdir
+    self.format = logging.Formatter().format
+
+  def filter(self, record_: logging.LogRecord) -> bool:
+    if f"{os.sep}orbax{os.sep}" not in record_.pathname or record_.levelno < logging.WARNING:
+      return True
+    _append_quietly(self.workdir, self.format(record_))
+    return False
 
 
 class _LogHandler(logging.Handler):

@@ -52,6 +52,8 @@ def export(workdir, output, *, step="best", tta: bool | None = None, postprocess
   import_extra("onnx", "export", "--mode=export")  # before the checkpoint loads
   from ukd.serve import onnx_graph  # imports onnx: only an export needs it
 
+  files.check_writable(output)  # a read-only or full folder: one line before the loading
+
   seg = infer.load(workdir, step=step, tta=tta, postprocess=postprocess)
   output = os.fspath(output)
   if os.path.exists(os.path.join(output, exported.SIDECAR)):

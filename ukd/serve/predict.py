@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import os
 import re
 import time
@@ -31,7 +33,7 @@ from absl import logging
 import ukd
 from ukd import files
 from ukd.data.io import dicom_seg, dicom_series, volumes
-from ukd.errors import ConfigError, DataError, error
+from ukd.errors import ConfigError, DataError, WriteError, error
 from ukd.serve import progress as progress_lib
 from ukd.serve import windows
 from ukd.serve.inputs import Case, Inputs, find_inputs, output_name
@@ -224,7 +226,9 @@ def predict_paths(
   Every problem with the request (flags, names, existing outputs, the reference) raises
   before the first prediction. A case that then fails, reading, predicting or writing, is
   reported in one line and nothing is written for it; if the input held several, the rest
-  are predicted and `SomeFailed` is raised at the end. A series no SEG can be made of
+  are predicted and `SomeFailed` is raised at the end, unless the failure was a write every
+  later case would meet too (a full or read-only output folder): then the run stops after
+  that case's line with one `WriteError` line. A series no SEG can be made of
   (`dicom_seg.seg_problem`) gets its NIfTI and a line saying why it has no SEG (or fails,
   when no NIfTI was asked for).
   """
@@ -308,11 +312,15 @@ def _run(seg, jobs: list[_Job], tables, reference, progress) -> tuple[list[str],
     try:
       seconds = future.result()
     except Exception as e:
-      e = _case_error(job, "writing", e)
+      if len(jobs) == 1 and isinstance(e, WriteError):
+        raise
+      failure = _case_error(job, "writing", e)
       if len(jobs) == 1:
-        raise e from e.__cause__
+        raise failure from failure.__cause__
       failed.append(job.case.name)
-      progress.failed(job, str(e))
+      progress.failed(job, str(failure))
+      if _hits_every_case(e, job):
+        raise _stopped(e, job, jobs, len(failed)) from None
       return
     written.extend(job.outputs)
     if job.seg_skipped:
@@ -362,11 +370,42 @@ def _run(seg, jobs: list[_Job], tables, reference, progress) -> tuple[list[str],
   return written, failed
 
 
+# Refusals that every later case would meet too: the output's file system is full or
+# read-only.  A refused permission counts when the output folder is not writable.
+_EVERY_CASE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_FORBIDDEN = (errno.EACCES, errno.EPERM)
+
+
+def _hits_every_case(e: Exception, job: _Job) -> bool:
+  """Whether the failed write `e` of `job` would fail every case after it, so that going on
+  would print the same failure once per remaining case."""
+  code = files.refused_errno(e)
+  folder = os.path.dirname(job.sidecar)
+  if code in _FORBIDDEN and not files.is_remote(folder):
+    return not os.access(folder, os.W_OK)
+  return code in _EVERY_CASE
+
+
+def _stopped(e: Exception, job: _Job, jobs: list[_Job], failed: int) -> WriteError:
+  """The run's one last line when a write refused for every case stopped it after `job`."""
+  done = jobs.index(job) + 1 - failed
+  return WriteError(
+    f"{os.path.dirname(job.sidecar)}: cannot write: {files.refused_cause(e)}; stopped after "
+    f"{done + failed} of {len(jobs)} cases ({done} written); once fixed, the same command "
+    "with --continue predicts the rest"
+  )
+
+
 def _case_error(job: _Job, stage: str, e: Exception) -> DataError:
-  """A case's failure as its one line: a DataError as it is; anything else named by the case,
-  the stage and the exception (its traceback in the log, shown with --verbosity)."""
+  """A case's failure as its one line: a DataError as it is; a refused write by its own
+  line (it names the file and the cause); anything else named by the case, the stage and the
+  exception (its traceback in the log, shown with --verbosity)."""
   if isinstance(e, DataError):
     return e
+  if isinstance(e, WriteError):
+    wrapped = DataError(f"{job.case.source}: {stage} failed: {e}")
+    wrapped.__cause__ = e
+    return wrapped
   logging.info("%s: %s failed", job.case.source, stage, exc_info=e)
   text = " ".join(str(e).split()) or "no message"
   wrapped = DataError(f"{job.case.source}: {stage} failed ({type(e).__name__}: {text})")
@@ -453,7 +492,8 @@ def _write(seg, job: _Job, loaded: _Loaded, table) -> float:
     files.write_json(job.sidecar, {**record, "seconds": round(seconds, 3)})
   except BaseException:
     for path in job.outputs:
-      files.path(path).unlink(missing_ok=True)
+      with contextlib.suppress(OSError):  # a read-only folder refuses this too: keep the cause
+        files.path(path).unlink(missing_ok=True)
     raise
   return seconds
 

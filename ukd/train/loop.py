@@ -5,6 +5,7 @@ checkpoint: parameters, optimizer, per-modality statistics, RNG, step and the
 data iterators' positions, so a resumed run's losses equal an uninterrupted one's.
 """
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -24,7 +25,7 @@ from ukd.data import adapters, check, lateral, pipeline, preprocess, splits
 from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
 from ukd.evaluation import evaluate
-from ukd.runtime import checkpoints, recovery
+from ukd.runtime import checkpoints, fault_log, recovery
 from ukd.runtime import mesh as mesh_lib
 from ukd.serve import segmenter as infer
 from ukd.train import profiling, steps, writers
@@ -60,6 +61,10 @@ class Data:
 def dataset_root(config: mc.ConfigDict, workdir: str | os.PathLike) -> str:
   """The dataset root a run reads, generating synthetic phantoms there on first use.
 
+  Phantoms are generated into `<workdir>/phantoms` when `data.root` is unset, and into a
+  `data.root` the user set only when that folder exists (empty, or holding the phantoms):
+  a mistyped root would otherwise fill a new folder at the typo and train on it silently.
+
   Args:
     config: the run's config; `data.root` and `data.synthetic` are read.
     workdir: the run's work dir; synthetic phantoms without a root go to `<workdir>/phantoms`.
@@ -71,6 +76,12 @@ def dataset_root(config: mc.ConfigDict, workdir: str | os.PathLike) -> str:
   if config.data.synthetic.enabled:
     if root in (config_lib.REQUIRED, ""):
       root = files.path(workdir) / "phantoms"
+    elif not files.path(root).exists():
+      raise ConfigError(
+        f"config.data.root={root} does not exist; with data.synthetic.enabled, phantoms are "
+        "made only into a folder that exists and is empty (create it) or, with data.root "
+        "unset, into <workdir>/phantoms"
+      )
     phantoms = config.data.synthetic
     synthetic.ensure(
       root,
@@ -259,11 +270,19 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
     dataset has validation cases}.
   """
   config = config_lib.check(config)
+  workdir = files.path(workdir)
+  files.makedirs(workdir)
+  # Orbax's reports of a failed save or restore, a traceback from each of its threads, go to
+  # the work dir's log; the terminal gets the one line the run ends with.
+  with fault_log.background_errors(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: mc.ConfigDict, workdir) -> dict:
+  """`train`'s run, in `workdir` (made)."""
   # Listening from the start: a SIGTERM during setup or compilation stops the run after its
   # first step, with that step saved.
   preemption = Preemption()
-  workdir = files.path(workdir)
-  files.makedirs(workdir)
   is_main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh)  # before minutes of preprocessing
@@ -331,7 +350,12 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
   # ---- Loop ----------------------------------------------------------------------------------
   step, val = start, {}
   pending = []  # (step, metrics still on the device) since the last sync with the host
-  try:
+  with contextlib.ExitStack() as cleanup:  # each closes, in reverse order, whatever raises
+    cleanup.callback(getattr(train_iter, "close", lambda: None))  # workers, shared memory
+    cleanup.callback(writer.close)
+    # Waits for the save in flight: the last step's, or the one a preemption stops after.
+    cleanup.callback(checkpoints.close, mgr)
+    cleanup.callback(trace.close)
     while step < config.total_steps:
       batch = mesh_lib.to_global_batch(next(train_iter), mesh)
       trace.before(step + 1)
@@ -381,15 +405,6 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
         throughput.restart(step)
       if preempted:
         raise Preempted(step)
-  finally:
-    trace.close()
-    mgr.wait_until_finished()
-    mgr.close()
-    writer.close()
-    # Worker processes and shared memory of the input pipeline.
-    closer = getattr(train_iter, "close", None)
-    if closer:
-      closer()
 
   validated = any(data.cases[m]["val"] for m in config.modalities)
   return {"step": step, "val": val, "validated": validated}

@@ -18,6 +18,9 @@ written to a local folder whose changed files are copied to `<workdir>/tensorboa
 happen at most every SYNC_SECONDS on writes, whenever the caller flushes (training does at
 every checkpoint, so the uploaded logs reach the step a resumed run starts from) and at
 `close`.
+
+A write the file system refuses (a full disk, a quota, a read-only work dir) is one
+`WriteError` line naming metrics.jsonl or the tensorboard folder (`files.refusals`).
 """
 
 import json
@@ -128,7 +131,10 @@ class JsonlWriter(Writer):
     lines = _truncate_jsonl(self.path, start_step)
     self.lines = lines if self.remote else None
     self.uploaded_lines = len(lines)
-    self.file = None if self.remote else open(self.path, "a")
+    self.file = None
+    if not self.remote:
+      with files.refusals(self.path):
+        self.file = open(self.path, "a")
     self.due = _Every(SYNC_SECONDS)
 
   def write_scalars(self, step, values):
@@ -138,8 +144,9 @@ class JsonlWriter(Writer):
       if self.due():
         self.flush()
     else:
-      self.file.write(line)
-      self.file.flush()
+      with files.refusals(self.path):
+        self.file.write(line)
+        self.file.flush()
 
   def flush(self):
     if self.remote and len(self.lines) != self.uploaded_lines:
@@ -149,7 +156,8 @@ class JsonlWriter(Writer):
   def close(self):
     if self.remote:
       self.flush()
-    else:
+      return
+    with files.refusals(self.path):
       self.file.close()
 
 
@@ -187,7 +195,8 @@ class TensorBoardWriter(Writer):
     self.uploaded = {}  # local event file -> (size, mtime) when last uploaded
     self.due = _Every(SYNC_SECONDS)
     # purge_step makes TensorBoard discard events at or after the resumed step.
-    self.events = SummaryWriter(self.logdir, purge_step=start_step + 1 if start_step else None)
+    with files.refusals(self.logdir):
+      self.events = SummaryWriter(self.logdir, purge_step=start_step + 1 if start_step else None)
 
   def write_scalars(self, step, values):
     for name, value in values.items():
@@ -205,13 +214,16 @@ class TensorBoardWriter(Writer):
     self._sync_if_due()
 
   def flush(self):
-    """Events still in tensorboardX's queue follow with the next flush."""
-    self.events.flush()
+    """Events still in tensorboardX's queue follow with the next flush.  Its thread writes
+    them; the flush here, in the caller's thread, is where a full disk is heard."""
+    with files.refusals(self.logdir):
+      self.events.flush()
     if self.remote:
       upload_changes(self.logdir, self.target, self.uploaded)
 
   def close(self):
-    self.events.close()  # writes every queued event
+    with files.refusals(self.logdir):
+      self.events.close()  # writes every queued event
     if self.remote:
       upload_changes(self.logdir, self.target, self.uploaded)
       shutil.rmtree(self.logdir, ignore_errors=True)

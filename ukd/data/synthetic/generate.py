@@ -304,8 +304,9 @@ def ensure(
   sibling folder and renamed into place, so an interrupted run never leaves a half-written
   root that a later run would take for complete; on an object store (`gs://...`) it is
   uploaded file by file with the settings marker last (`files.new_directory`), so a cut-short
-  upload leaves a root without one, which is refused. A root that exists must hold phantoms
-  made with the same settings: silently training on other data would be worse than stopping.
+  upload leaves a root without one, which is refused. A root that holds files must hold
+  phantoms made with the same settings: silently training on other data would be worse than
+  stopping; an empty one is filled.
   """
   settings = {
     "layout": str(layout),
@@ -316,7 +317,7 @@ def ensure(
     "realism": str(realism),
   }
   root = files.path(root)
-  if root.exists():
+  if root.exists() and any(root.iterdir()):  # an empty folder is made for them: filled
     try:
       found = json.loads((root / _MARKER).read_text())
     except (OSError, ValueError):
