@@ -14,6 +14,11 @@ of --steps steps after --warmup untimed ones, each blocked on.  The eval forward
 (`models.make_eval_step`, running statistics) is timed the same way on a batch of the same
 number of slices.
 
+Each padding mode in --pads (`config.model.pad`: 'zeros', or the reference's mirror padding
+of the 2D network's last two convolutions) is a row of its own, so that a slow path taken by
+one of them shows here; the 3D network has no mirror padding and is timed once, with the
+config's.
+
 --conv_grads sets `config.model.conv_grads` (default: the config's), the convolutions'
 gradients: 'xla' (XLA's own) or 'cpu_matmul' (`ukd.models.conv_grads`).
 
@@ -54,6 +59,9 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _MATMUL = flags.DEFINE_integer(
   "matmul_size", 0, "n of the n x n peak matmul (0: 4096 on CPU, 8192 on accelerators)."
+)
+_PADS = flags.DEFINE_list(
+  "pads", ["zeros", "reference"], "config.model.pad values to time (2D networks)."
 )
 _EVAL = flags.DEFINE_bool("eval", True, "Also time the eval forward pass.")
 _JSON = flags.DEFINE_string("json", "", "Write the numbers to this JSON file.")
@@ -115,9 +123,10 @@ def _uses_dtype(lowered, dtype: str) -> bool:
   return f"x{name}>" in lowered.as_text() or f"<{name}>" in lowered.as_text()
 
 
-def measure(config, dtype: str, steps_n: int, warmup: int, with_eval: bool) -> dict:
-  """Times one dtype's train step (and eval pass) built from `config`."""
+def measure(config, pad: str, dtype: str, steps_n: int, warmup: int, with_eval: bool) -> dict:
+  """Times one padding mode's and dtype's train step (and eval pass) built from `config`."""
   config = config.copy_and_resolve_references()
+  config.model.pad = pad
   config.model.dtype = dtype
   model = models.build(config.model, config.modalities)
   spatial = models.input_spatial(config)
@@ -142,6 +151,7 @@ def measure(config, dtype: str, steps_n: int, warmup: int, with_eval: bool) -> d
   xla_model = model.clone(conv_grads="xla")
   flops = _flops(steps.make_train_step(xla_model, config, mesh).lower(holder[0], batch))
   result = dict(
+    pad=pad,
     dtype=dtype,
     computes_in_dtype=_uses_dtype(lowered, dtype),
     slices=slices,
@@ -191,7 +201,7 @@ def environment() -> dict:
 
 
 def table(config, env: dict, results: list, peaks: dict) -> str:
-  """The report as fixed-width text: one row per (dtype, pass)."""
+  """The report as fixed-width text: one row per (padding, dtype, pass)."""
   spatial = "x".join(str(s) for s in models.input_spatial(config))
   lines = [
     f"date {env['date']}  jax {env['jax']}  {env['devices']} x {env['device_kind']} "
@@ -208,7 +218,7 @@ def table(config, env: dict, results: list, peaks: dict) -> str:
       f"peak: {peak['n']}^2 {dtype} matmul {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
       f"({peak['seconds'] * 1e3:.0f} ms)"
     )
-  header = f"{'dtype':<9} {'pass':<6} {'step ms':>9} {'slices/s':>9} {'GFLOP':>8} "
+  header = f"{'pad':<9} {'dtype':<9} {'pass':<6} {'step ms':>9} {'slices/s':>9} {'GFLOP':>8} "
   header += f"{'GFLOP/s':>9} {'% peak':>7}"
   lines += [header, "-" * len(header)]
   for r in results:
@@ -218,7 +228,7 @@ def table(config, env: dict, results: list, peaks: dict) -> str:
       m = r[kind]
       pct = 100.0 * m["flops_per_s"] / peaks[r["dtype"]]["flops_per_s"]
       lines.append(
-        f"{r['dtype']:<9} {kind:<6} {m['step_s'] * 1e3:>9.1f} {m['slices_per_s']:>9.1f} "
+        f"{r['pad']:<9} {r['dtype']:<9} {kind:<6} {m['step_s'] * 1e3:>9.1f} {m['slices_per_s']:>9.1f} "
         f"{m['flops'] / 1e9:>8.1f} {m['flops_per_s'] / 1e9:>9.1f} {pct:>6.1f}%"
       )
     if not r["computes_in_dtype"]:
@@ -238,10 +248,13 @@ def main(argv):
     config.model.conv_grads = _CONV_GRADS.value
   n = _MATMUL.value or (4096 if jax.default_backend() == "cpu" else 8192)
   env = environment()
-  peaks, results = {}, []
-  for dtype in _DTYPES.value:
-    peaks[dtype] = matmul_peak(dtype, n)
-    results.append(measure(config, dtype, _STEPS.value, _WARMUP.value, _EVAL.value))
+  pads = _PADS.value if models.DIMS[config.model.name] == 2 else [config.model.pad]
+  peaks = {dtype: matmul_peak(dtype, n) for dtype in _DTYPES.value}
+  results = [
+    measure(config, pad, dtype, _STEPS.value, _WARMUP.value, _EVAL.value)
+    for pad in pads
+    for dtype in _DTYPES.value
+  ]
   for r in results:
     for kind in ("train", "eval"):
       if kind in r:

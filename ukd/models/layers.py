@@ -113,10 +113,16 @@ class ModalityConv(_PerModality):
     dtype = jnp.dtype(self.dtype)
     padding = "SAME"
     if self.mirror:
-      if self.transpose:
-        raise ValueError("mirror padding is for convolutions, not transposed ones")
+      if self.transpose or _tuple(self.strides, x) != (1,) * (x.ndim - 2):
+        raise ValueError("mirror padding is for stride-1 convolutions, not strided or transposed")
+      # Convolving the mirrored input with no padding at all ('VALID') gives the output
+      # directly, but XLA:CPU's convolution (YNNPACK, jax 0.10) takes a slow path for some
+      # unpadded ones: the 2D network's 5x5 head ran 6-8x slower forward, 2.5-3x forward
+      # and backward, than with any padding (`benchmarks.mirror_conv`).  So one zero is
+      # added at the end of each axis, the least padding there is, and the one output it
+      # reaches is cropped: the same sums, to float32 rounding.
       x = mirror_pad(x, _same_pads(self.kernel_size, self.dilation))
-      padding = "VALID"
+      padding = ((0, 1),) * (x.ndim - 2)
 
     def make(name):
       if self.transpose:
@@ -145,7 +151,8 @@ class ModalityConv(_PerModality):
         name=name,
       )
 
-    return self._route(make, x, modality)
+    y = self._route(make, x, modality)
+    return crop(y, padding) if self.mirror else y
 
 
 class ModalityNorm(_PerModality):
@@ -185,6 +192,15 @@ def mirror_pad(x, pads):
     first = jnp.split(x, [low], axis=axis)[0]
     last = jnp.split(x, [size - high], axis=axis)[1]
     x = jnp.concatenate([jnp.flip(first, axis), x, jnp.flip(last, axis)], axis=axis)
+  return x
+
+
+def crop(x, pads):
+  """Removes (low, high) pixels per spatial axis of [B, *spatial, C]: the outputs that a
+  convolution's zero padding reached.  Built from split, which `ukd.onnx_export`
+  translates (it has no rule for slices)."""
+  for axis, (low, high) in enumerate(pads, start=1):
+    x = jnp.split(x, [low, x.shape[axis] - high], axis=axis)[1]
   return x
 
 
