@@ -49,6 +49,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ukd import models
+from ukd.models import layers
 from ukd.runtime import mesh as mesh_lib
 from ukd.train import state as state_lib
 from ukd.train import steps
@@ -148,7 +149,7 @@ def measure(config, pad: str, dtype: str, steps_n: int, warmup: int, with_eval: 
 
   seconds = _median_seconds(train_once, steps_n, warmup)
   # The model's FLOPs, as XLA counts its own formulation of the gradients.
-  xla_model = model.clone(conv_grads="xla")
+  xla_model = model.clone(conv=layers.CONV_GRADS["xla"])
   flops = _flops(steps.make_train_step(xla_model, config, mesh).lower(holder[0], batch))
   result = dict(
     pad=pad,

@@ -116,7 +116,7 @@ def test_modality_conv_cpu_matmul_gradients_equal_xla(kernel, cin, cout):
 
   def grads(conv_grads):
     conv = layers.ModalityConv(
-      ("ct", "mr"), True, features=cout, kernel_size=kernel, conv_grads=conv_grads
+      ("ct", "mr"), True, features=cout, kernel_size=kernel, conv=layers.CONV_GRADS[conv_grads]
     )
     params = conv.init(jax.random.key(4), x, "ct")["params"]
     loss = lambda p, x: jnp.sum(jnp.sin(100.0 * conv.apply({"params": p}, x, ("ct", "mr"))))

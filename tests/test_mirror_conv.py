@@ -73,7 +73,7 @@ def _layer(kernel, dilation, conv_grads="xla"):
     features=kernel.shape[-1],
     kernel_size=kernel.shape[:-2],
     dilation=dilation,
-    conv_grads=conv_grads,
+    conv=layers.CONV_GRADS[conv_grads],
     mirror=True,
   )
   return lambda x, kernel: conv.apply({"params": {"shared": {"kernel": kernel}}}, x, "ct")

@@ -53,9 +53,10 @@ def build(model_config, modalities):
     modalities=tuple(modalities),
     scheme=get_scheme(model_config.scheme, model_config.x_split),
     width=model_config.width,
-    kernel_init=model_config.init,
+    # The initialisers and the convolution as callables: the networks take them as they are.
+    kernel_init=layers.KERNEL_INITS[model_config.init],
     dtype=model_config.dtype,
-    conv_grads=model_config.get("conv_grads", "xla"),  # configs saved with older checkpoints: none
+    conv=layers.CONV_GRADS[model_config.get("conv_grads", "xla")],  # older configs: none
     head_bias=model_config.head_bias,
   )
   if name == "dilated2d":

@@ -23,8 +23,10 @@ dilated blocks (the later one is dec:2).
 """
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
+from jax import lax
 
 from ukd.models import layers, schemes
 from ukd.models.schemes import Scheme
@@ -55,9 +57,9 @@ class ResidualBlock(nn.Module):
   conv_shared: bool
   norm_shared: bool
   dropout: float
-  kernel_init: str
+  kernel_init: layers.KernelInits
   dtype: str
-  conv_grads: str
+  conv: Callable
   dilation: int = 1
 
   @nn.compact
@@ -74,7 +76,7 @@ class ResidualBlock(nn.Module):
         dilation=self.dilation,
         kernel_init=self.kernel_init,
         dtype=self.dtype,
-        conv_grads=self.conv_grads,
+        conv=self.conv,
       )(h, modality)
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return h + layers.pad_channels(x, self.features)
@@ -92,9 +94,9 @@ class Dilated2D(nn.Module):
   width: int = 16
   dropout: float = 0.25
   upsample_mult: int = 8
-  kernel_init: str = "reference"
+  kernel_init: layers.KernelInits = layers.KERNEL_INITS["reference"]
   dtype: str = "float32"  # convolutions' computation dtype (bfloat16: mixed precision)
-  conv_grads: str = "xla"  # convolutions' gradients: a key of layers.CONV_GRADS
+  conv: Callable = lax.conv_general_dilated  # the convolution: a value of layers.CONV_GRADS
   head_bias: bool = False  # a bias on the logits (the reference's head has none)
   pad: str = "zeros"  # 'reference': the last two convolutions pad by mirroring
 
@@ -112,7 +114,7 @@ class Dilated2D(nn.Module):
       mods,
       kernel_init=self.kernel_init,
       dtype=self.dtype,
-      conv_grads=self.conv_grads,
+      conv=self.conv,
     )
     block = functools.partial(
       ResidualBlock,
@@ -120,7 +122,7 @@ class Dilated2D(nn.Module):
       dropout=self.dropout,
       kernel_init=self.kernel_init,
       dtype=self.dtype,
-      conv_grads=self.conv_grads,
+      conv=self.conv,
     )
     s = self.scheme.sharing(schemes.encoder(1))
     h = conv(s.conv, features=w, kernel_size=(3, 3), name="stem")(x, modality)

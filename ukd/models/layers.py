@@ -97,9 +97,9 @@ class ModalityConv(_PerModality):
   """A convolution (or transposed convolution) shared by modalities or per modality."""
 
   features: int = 0
-  kernel_init: str = "reference"  # a key of KERNEL_INITS
+  kernel_init: KernelInits = KERNEL_INITS["reference"]
   dtype: str = "float32"  # computation dtype; parameters stay float32
-  conv_grads: str = "xla"  # a key of CONV_GRADS
+  conv: Callable = lax.conv_general_dilated  # a value of CONV_GRADS
   kernel_size: tuple[int, ...] = (3, 3)
   strides: int | tuple[int, ...] = 1
   dilation: int = 1
@@ -109,7 +109,7 @@ class ModalityConv(_PerModality):
 
   @nn.compact
   def __call__(self, x, modality):
-    inits = KERNEL_INITS[self.kernel_init]
+    inits = self.kernel_init
     dtype = jnp.dtype(self.dtype)
     padding = "SAME"
     if self.mirror:
@@ -147,7 +147,7 @@ class ModalityConv(_PerModality):
         kernel_init=inits.conv,
         dtype=dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=CONV_GRADS[self.conv_grads],
+        conv_general_dilated=self.conv,
         name=name,
       )
 

@@ -16,9 +16,11 @@ dec1 with the head, dec:2 = dec2, dec:3 = dec3).
 """
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from ukd.models import layers, schemes
 from ukd.models.schemes import Scheme
@@ -51,9 +53,9 @@ class ConvNormAct(nn.Module):
   modalities: tuple[str, ...]
   conv_shared: bool
   norm_shared: bool
-  kernel_init: str
+  kernel_init: layers.KernelInits
   dtype: str
-  conv_grads: str
+  conv: Callable
   transpose: bool = False
 
   @nn.compact
@@ -67,7 +69,7 @@ class ConvNormAct(nn.Module):
       transpose=self.transpose,
       kernel_init=self.kernel_init,
       dtype=self.dtype,
-      conv_grads=self.conv_grads,
+      conv=self.conv,
     )(x, modality)
     x = layers.ModalityNorm(self.modalities, self.norm_shared)(x, modality, train)
     return layers.leaky_relu(x)
@@ -83,9 +85,9 @@ class UNet3D(nn.Module):
   modalities: tuple[str, ...]
   scheme: Scheme
   width: int = 16
-  kernel_init: str = "reference"
+  kernel_init: layers.KernelInits = layers.KERNEL_INITS["reference"]
   dtype: str = "float32"  # convolutions' computation dtype (bfloat16: mixed precision)
-  conv_grads: str = "xla"  # convolutions' gradients: a key of layers.CONV_GRADS
+  conv: Callable = lax.conv_general_dilated  # the convolution: a value of layers.CONV_GRADS
   head_bias: bool = False  # a bias on the logits (the reference's 3D head has one)
 
   @nn.compact
@@ -96,7 +98,7 @@ class UNet3D(nn.Module):
     scale = lambda f: max(1, f * self.width // 16)
     # Every layer: this network's modalities, initialiser, compute dtype and gradients.
     layer = functools.partial(
-      ConvNormAct, modalities=mods, kernel_init=init, dtype=self.dtype, conv_grads=self.conv_grads
+      ConvNormAct, modalities=mods, kernel_init=init, dtype=self.dtype, conv=self.conv
     )
 
     skips = []
@@ -137,6 +139,6 @@ class UNet3D(nn.Module):
       use_bias=self.head_bias,
       kernel_init=init,
       dtype=self.dtype,
-      conv_grads=self.conv_grads,
+      conv=self.conv,
       name="head",
     )(x, modality)
