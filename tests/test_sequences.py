@@ -1,0 +1,100 @@
+"""MR sequences as modalities of their own: CHAOS T1-DUAL in-phase, out-phase and T2-SPIR read
+as separate modalities."""
+
+import os
+
+import numpy as np
+import pytest
+
+from ukd.data import adapters
+from ukd.data.synthetic import generate
+from ukd.errors import DataError
+
+pytest.importorskip("pydicom")
+
+SHAPE = (16, 16, 8)
+SEQUENCES = {"t1in": "T1DUAL/InPhase", "t1out": "T1DUAL/OutPhase", "t2": "T2SPIR"}
+
+
+@pytest.fixture(scope="module")
+def chaos_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("abdominal")
+  generate.write_abdominal(root, 1, 2, shape=SHAPE, t1dual=True)
+  return str(root)
+
+
+# ------------------------------------------------------------------ CHAOS sequences read
+
+
+def test_the_phantoms_write_both_t1dual_phases_with_one_set_of_masks(chaos_root):
+  patient = os.path.join(chaos_root, "CHAOS", "Train_Sets", "MR", "1", "T1DUAL")
+  listed = {
+    part: sorted(os.listdir(os.path.join(patient, *part.split("/"))))
+    for part in ("DICOM_anon/InPhase", "DICOM_anon/OutPhase", "Ground")
+  }
+  slices = range(SHAPE[2])
+  assert listed["DICOM_anon/InPhase"] == [f"IMG-0004-{2 * k + 2:05d}.dcm" for k in slices]
+  assert listed["DICOM_anon/OutPhase"] == [f"IMG-0004-{2 * k + 1:05d}.dcm" for k in slices]
+  assert listed["Ground"] == [f"IMG-0004-{2 * k + 2:05d}.png" for k in slices]
+
+
+def test_each_sequence_is_a_modality_with_the_shared_masks_on_its_slices(chaos_root):
+  adapter = adapters.get_adapter("abdominal", mr_sequences=SEQUENCES)
+  assert adapter.modalities == ("ct", "t1in", "t1out", "t2")
+  cases = adapter.cases(chaos_root)
+  by = {(c.modality, c.id): c for c in cases}
+  assert sorted(by) == sorted(
+    [("ct", "btcv_0001")] + [(m, f"chaos_{p}") for m in SEQUENCES for p in (1, 2)]
+  )
+  assert by["t1out", "chaos_1"].image.endswith(os.path.join("T1DUAL", "DICOM_anon", "OutPhase"))
+  assert by["t1out", "chaos_1"].label == by["t1in", "chaos_1"].label
+  read = {m: adapter.read(by[m, "chaos_1"]) for m in SEQUENCES}
+  t2_image, t2_label = read["t2"]
+  for modality in ("t1in", "t1out"):
+    image, label = read[modality]
+    np.testing.assert_array_equal(label.array, t2_label.array)  # same phantom, same grid
+    np.testing.assert_allclose(image.affine, t2_image.affine, atol=1e-4)
+    assert not np.array_equal(image.array, t2_image.array)  # another contrast
+  assert set(np.unique(t2_label.array)) == {0, 1, 2, 3, 4}
+  assert adapter.labelled("t1in") == adapter.labelled("t2") == adapter.classes
+  assert adapter.label_codes("t1out") == (0, 63, 126, 189, 252)
+
+
+def test_the_default_is_the_one_t2spir_modality_and_only_t1dual_needs_more_phantoms():
+  adapter = adapters.get_adapter("abdominal")
+  assert (adapter.modalities, adapter.mr_sequences) == (("ct", "mr"), {"mr": "T2SPIR"})
+  assert adapter.phantom_options == {}
+  t1 = adapters.get_adapter("abdominal", mr_sequences={"t1in": "T1DUAL/InPhase"})
+  assert t1.phantom_options == {"t1dual": True}
+  picked = adapters.get_adapter("abdominal", mr_sequences=SEQUENCES, modalities=("t2",))
+  assert picked.modalities == ("t2",)
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    {"mr_sequences": {"t1": "T1DUAL"}},  # a folder, not a sequence
+    {"mr_sequences": {"ct": "T2SPIR"}},  # 'ct' is BTCV's
+    {"mr_sequences": {"a": "T2SPIR", "b": "T2SPIR"}},
+    {"mr_sequences": {}},
+    {"mr_sequences": {"t2": "T2SPIR"}, "modalities": ("ct", "mr")},
+  ],
+)
+def test_bad_sequence_options_are_one_line_errors(options):
+  with pytest.raises(DataError, match="abdominal option"):
+    adapters.get_adapter("abdominal", **options)
+
+
+def test_a_patient_without_the_sequence_and_nifti_conversions_of_several_are_refused(
+  tmp_path, chaos_root
+):
+  generate.write_abdominal(tmp_path / "t2only", 1, 1, shape=SHAPE)
+  adapter = adapters.get_adapter("abdominal", mr_sequences=SEQUENCES)
+  with pytest.raises(DataError, match=r"InPhase: no T1DUAL/InPhase DICOM slices"):
+    adapter.cases(str(tmp_path / "t2only"))
+  os.makedirs(tmp_path / "nifti" / "BTCV")
+  os.symlink(os.path.join(chaos_root, "BTCV", "img"), tmp_path / "nifti" / "BTCV" / "img")
+  os.symlink(os.path.join(chaos_root, "BTCV", "label"), tmp_path / "nifti" / "BTCV" / "label")
+  os.makedirs(tmp_path / "nifti" / "CHAOS" / "images")
+  with pytest.raises(DataError, match="NIfTI conversions hold one MR sequence"):
+    adapter.cases(str(tmp_path / "nifti"))
