@@ -1,19 +1,23 @@
 """MR sequences as modalities of their own: CHAOS T1-DUAL in-phase, out-phase and T2-SPIR read
-as separate modalities."""
+as separate modalities, and DICOM series told apart by `config.infer.dicom_sequences`."""
 
 import os
 
 import numpy as np
 import pytest
+from helpers import tiny_config
 
+from ukd import config as config_lib
 from ukd.data import adapters
+from ukd.data.io import dicom_series
 from ukd.data.synthetic import generate
-from ukd.errors import DataError
+from ukd.errors import ConfigError, DataError
 
 pytest.importorskip("pydicom")
 
 SHAPE = (16, 16, 8)
 SEQUENCES = {"t1in": "T1DUAL/InPhase", "t1out": "T1DUAL/OutPhase", "t2": "T2SPIR"}
+PATTERNS = {"t1in": r"in[ _-]?phase", "t2": r"t2"}
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +102,63 @@ def test_a_patient_without_the_sequence_and_nifti_conversions_of_several_are_ref
   os.makedirs(tmp_path / "nifti" / "CHAOS" / "images")
   with pytest.raises(DataError, match="NIfTI conversions hold one MR sequence"):
     adapter.cases(str(tmp_path / "nifti"))
+
+
+# ------------------------------------------------------- DICOM series told apart by sequence
+
+
+def _series(description, scanning="", name=""):
+  return dicom_series.Series(
+    "s", "1.2", "1.3", 3, "MR", description, ("f.dcm",), "/in", "/in", None, scanning, name
+  )
+
+
+def test_one_matching_pattern_gives_the_modality_ignoring_case():
+  assert dicom_series.match_sequence(_series("T1DUAL InPhase"), PATTERNS) == "t1in"
+  assert dicom_series.match_sequence(_series("t2 spir tra"), PATTERNS) == "t2"
+  # ScanningSequence and SequenceName count too.
+  assert dicom_series.match_sequence(_series("ax", "SE\\IR"), {"a": "ir", "b": "gr"}) == "a"
+  assert dicom_series.match_sequence(_series("ax", "", "*tse2d1"), {"t2": "tse"}) == "t2"
+
+
+@pytest.mark.parametrize(
+  "description, found",
+  [("T1DUAL OutPhase", "no pattern"), ("T2 in-phase", "the patterns of t1in, t2")],
+)
+def test_no_or_several_matching_patterns_are_one_line_errors(description, found):
+  with pytest.raises(DataError) as caught:
+    dicom_series.match_sequence(_series(description), PATTERNS)
+  text = str(caught.value)
+  assert text.startswith(f"series s in /in: {found} of config.infer.dicom_sequences")
+  assert f"SeriesDescription {description!r}" in text
+  assert "t1in: 'in[ _-]?phase', t2: 't2'" in text and "\n" not in text
+
+
+def test_sequences_decide_mr_only_and_ct_keeps_its_modality_tag():
+  ct = dicom_series.Series("s", "1.2", "1.3", 3, "CT", "T2 anything", (), "/in", "/in")
+  trained = ("ct", "t1in", "t2")
+  assert dicom_series.modality_of(ct, trained, None, PATTERNS) == "ct"
+  assert dicom_series.modality_of(_series("T1 in phase"), trained, None, PATTERNS) == "t1in"
+  with pytest.raises(DataError, match="DICOM Modality 'MR' .mapped to 'mr'. is not a modality"):
+    dicom_series.modality_of(_series("T1 in phase"), trained, None, {})
+
+
+def test_find_series_reads_the_sequence_tags(chaos_root):
+  found = dicom_series.find_series(os.path.join(chaos_root, "CHAOS", "Train_Sets", "MR", "1"))
+  assert [(s.number, s.description, s.scanning_sequence) for s in found] == [
+    (2, "T2SPIR", "SE"),
+    (4, "T1DUAL InPhase", "GR"),
+    (5, "T1DUAL OutPhase", "GR"),
+  ]
+
+
+@pytest.mark.parametrize(
+  "sequences, message",
+  [({"pet": "x"}, "names modality 'pet'"), ({"t2": "t2("}, "t2='t2\\(' is not a regex")],
+)
+def test_dicom_sequences_name_trained_modalities_and_compile(sequences, message):
+  config = tiny_config(modalities=("ct", "t2"))
+  config.data.norm.t2 = config.data.norm.mr.to_dict()
+  config.infer.dicom_sequences = sequences
+  with pytest.raises(ConfigError, match=message):
+    config_lib.check(config)
