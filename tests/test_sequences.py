@@ -1,17 +1,21 @@
 """MR sequences as modalities of their own: CHAOS T1-DUAL in-phase, out-phase and T2-SPIR read
-as separate modalities, and DICOM series told apart by `config.infer.dicom_sequences`."""
+as separate modalities, DICOM series told apart by `config.infer.dicom_sequences`, and a
+three-modality run (CT + two MR sequences) that trains, evaluates and predicts."""
 
+import json
 import os
 
 import numpy as np
 import pytest
 from helpers import tiny_config
 
+from ukd import commands
 from ukd import config as config_lib
 from ukd.data import adapters
 from ukd.data.io import dicom_series
 from ukd.data.synthetic import generate
 from ukd.errors import ConfigError, DataError
+from ukd.serve import predict, segmenter
 
 pytest.importorskip("pydicom")
 
@@ -162,3 +166,54 @@ def test_dicom_sequences_name_trained_modalities_and_compile(sequences, message)
   config.infer.dicom_sequences = sequences
   with pytest.raises(ConfigError, match=message):
     config_lib.check(config)
+
+
+# ------------------------------------------- three modalities: train, evaluate, predict
+
+
+def test_ct_and_two_mr_sequences_train_evaluate_and_predict(tmp_path, capsys):
+  config = tiny_config(modalities=("ct", "t1in", "t2"))
+  config.data.dataset = "abdominal"
+  config.data.root = ""
+  config.data.options.mr_sequences = {"t1in": "T1DUAL/InPhase", "t2": "T2SPIR"}
+  for modality in ("t1in", "t2"):
+    config.data.norm[modality] = config.data.norm.mr.to_dict()
+  config.infer.dicom_sequences = PATTERNS
+  config.data.synthetic.update(enabled=True, n_ct=3, n_mr=3, shape=SHAPE)
+  config.data.update(size=(16, 16), workers=0, split_fractions=(0.34, 0.33, 0.33))
+  config.update(total_steps=2, log_every=1, eval_every=2, checkpoint_every=2, overlays=0)
+  config.infer.batch_size = 8
+
+  result = commands.train_and_evaluate(config, tmp_path)
+
+  assert result["step"] == 2
+  assert set(result["test"]["summary"]) == {"ct", "t1in", "t2"}
+  with open(tmp_path / "phantoms" / ".ukd_synthetic.json") as f:
+    assert json.load(f)["t1dual"] is True  # the adapter asked for T1-DUAL phantoms
+
+  seg = segmenter.load(str(tmp_path))
+  patient = tmp_path / "phantoms" / "CHAOS" / "Train_Sets" / "MR" / "1"
+  out = tmp_path / "predicted"
+  with pytest.raises(predict.SomeFailed, match="1 of 3 cases failed .1_5;"):
+    predict.predict_paths(seg, patient, out)
+  err = capsys.readouterr().err
+  assert "series 1_5 in" in err and "no pattern of config.infer.dicom_sequences" in err
+  assert "SeriesDescription 'T1DUAL OutPhase'" in err
+  for name, modality in (("1_2", "t2"), ("1_4", "t1in")):
+    with open(out / f"{name}.json") as f:
+      sidecar = json.load(f)
+    assert sidecar["modality"] == modality
+    assert list(sidecar["classes"]) == ["0", "63", "126", "189", "252"]
+  assert not (out / "1_5.nii.gz").exists()
+
+  # An explicit --modality decides where no pattern does; a pattern that does still wins over it.
+  phases = patient / "T1DUAL" / "DICOM_anon"
+  predict.predict_paths(seg, phases / "OutPhase", out, "t1in")
+  with open(out / "OutPhase.json") as f:
+    assert json.load(f)["modality"] == "t1in"
+  with pytest.raises(DataError) as caught:
+    predict.predict_paths(seg, phases / "InPhase", out, "t2")
+  assert str(caught.value).endswith(
+    "--modality=t2 contradicts its MR sequence (SeriesDescription 'T1DUAL InPhase') (t1in); "
+    "pass --modality_overrides_header to predict it as t2 anyway"
+  )
