@@ -11,6 +11,14 @@ left adrenal gland) are learnt from CT alone, through the shared kernels and KD.
 merges them with background (`ukd.train.losses`), so it never calls them background, KD
 aligns the 4 organs both label, and MR is scored on its 4 (the others listed as not scored).
 
+`:sequences` trains three modalities, CT and two CHAOS MR sequences, T1-DUAL in-phase
+(`t1in`) and T2-SPIR (`t2`), each with its own normalisation; KD averages over the three
+pairs.  DICOM prediction tells the MR sequences apart by `infer.dicom_sequences` (the Modality
+tag says MR for both):
+
+  python -m ukd.main --config=configs/abdominal.py:sequences --workdir=runs/abdominal_seq \
+      --config.data.root=/data/abdominal
+
 Pixel size: `data.spacing='1.6'` resamples every axial slice in-plane to 1.6 x 1.6 mm (and
 predictions back), one scale for CT and MR.  BTCV CT has 512 x 512 slices of about 0.6-0.98
 mm, 2.5-5 mm apart; CHAOS T2-SPIR MR has 256 x 256 slices of 1.36-1.89 mm (1.61 mm on
@@ -36,7 +44,9 @@ from ukd import config as config_lib
 
 def get_config(arg=None):
   c = config_lib.default()
-  args = config_lib.parse_arg(arg, scheme="ukd", runlocal=False, all_ct_organs=False)
+  args = config_lib.parse_arg(
+    arg, scheme="ukd", runlocal=False, all_ct_organs=False, sequences=False
+  )
   c.data.dataset = "abdominal"
   c.modalities = ("ct", "mr")
   c.model.name = "unet3d"
@@ -45,6 +55,14 @@ def get_config(arg=None):
   if args["all_ct_organs"]:
     c.data.options.organs = "all_ct"  # BTCV's 13, of which CHAOS MR labels 4 (the docstring)
     c.model.num_classes = 14
+  if args["sequences"]:
+    c.modalities = ("ct", "t1in", "t2")
+    c.data.options.mr_sequences = {"t1in": "T1DUAL/InPhase", "t2": "T2SPIR"}
+    for sequence in ("t1in", "t2"):  # as MR's: z-scores clipped at percentiles 0.5 and 99.5
+      c.data.norm[sequence] = c.data.norm.mr.to_dict()
+    # SeriesDescription, ScanningSequence or SequenceName, ignoring case: 'T1 in-phase',
+    # 'T1DUAL InPhase', 'T2 SPIR'...; any other MR series is refused in one line.
+    c.infer.dicom_sequences = {"t1in": r"in[ _-]?phase", "t2": r"t2"}
   c.model.width = 16
   c.data.size = (256, 256)
   c.data.patch = (256, 256, 8)

@@ -175,3 +175,14 @@ def test_abdominal_all_ct_organs_trains_btcvs_13_of_which_mr_labels_4():
   resolved = config_lib.resolve(config, root="/data", classes=adapter.classes, held=held)
   # MR labels liver (6), right kidney (2), left kidney (3) and spleen (1) of BTCV's order.
   assert resolved.data.label_sets.to_dict() == {"mr": (0, 1, 2, 3, 6)}
+
+
+def test_abdominal_sequences_trains_ct_and_two_chaos_sequences():
+  from ukd.data import adapters
+
+  config = importlib.import_module("configs.abdominal").get_config("sequences,runlocal")
+  adapter = adapters.get_adapter("abdominal", **config.data.options.to_dict())
+  assert tuple(config.modalities) == adapter.modalities == ("ct", "t1in", "t2")
+  resolved = config_lib.resolve(config, root="/data", classes=adapter.classes)
+  assert dict(resolved.infer.dicom_sequences) == {"t1in": r"in[ _-]?phase", "t2": r"t2"}
+  assert resolved.data.norm.t1in.kind == resolved.data.norm.t2.kind == "zscore"

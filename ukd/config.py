@@ -101,6 +101,9 @@ def default() -> mc.ConfigDict:
   c.infer.overlap = 0.5  # sliding-window overlap (3D; 2D in-plane where slices exceed data.size)
   c.infer.tta = False  # mirroring test-time augmentation over data.augment.flip's axes
   c.infer.dicom_modalities = {"CT": "ct", "MR": "mr"}  # DICOM Modality tag -> modality predicted
+  # {modality: regex}: an MR series is the modality whose regex its SeriesDescription,
+  # ScanningSequence or SequenceName matches (ignoring case); {}: MR goes by dicom_modalities.
+  c.infer.dicom_sequences = {}
 
   c.log_every = 50  # steps between metric lines
   c.eval_every = 1000  # steps between validations (0 = only at the end)
@@ -358,7 +361,24 @@ def check(config: mc.ConfigDict) -> mc.ConfigDict:
   _check_realism(config.data)
   if not 0.0 <= config.infer.overlap < 1.0:
     raise ConfigError(f"config.infer.overlap={config.infer.overlap} must be in [0, 1)")
+  _check_sequences(config.infer.get("dicom_sequences") or {}, modalities)
   return config
+
+
+def _check_sequences(sequences, modalities) -> None:
+  """`infer.dicom_sequences`: {modality: regex}, each a modality the run trains and a regex
+  that compiles, so a bad pattern fails when the config is read, not at the first series."""
+  for modality, pattern in dict(sequences).items():
+    if modality not in modalities:
+      raise ConfigError(
+        f"config.infer.dicom_sequences names modality {modality!r}, not one of {modalities}"
+      )
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ConfigError(
+        f"config.infer.dicom_sequences.{modality}={pattern!r} is not a regex ({e})"
+      ) from None
 
 
 def _check_planes(data) -> None:

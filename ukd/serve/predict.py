@@ -130,18 +130,18 @@ def _plan(seg, inputs: Inputs, output_dir, modality, formats, extras, overwrite,
   """(jobs, complete): a job per case, every output name checked: no clash, none replacing an
   input, none existing unless `overwrite`; with `resume` the cases whose outputs all exist are
   complete (left out of the jobs) and the others' leftovers are replaced. A series whose
-  Modality tag maps to another modality than `modality` fails unless `force`."""
+  Modality tag (or, for MR, sequence: `config.infer.dicom_sequences`) maps to another modality
+  than `modality` fails unless `force`."""
   table = dict(seg.config.infer.get("dicom_modalities") or dicom_series.DEFAULT_MODALITY_TABLE)
+  sequences = dict(seg.config.infer.get("dicom_sequences") or {})
   jobs, taken, complete = [], set(), 0
   for case in inputs.cases:
     chosen, problem = modality, None
     if chosen is not None and case.series is not None and not force:
-      problem = _contradiction(case, chosen, table)
+      problem = _contradiction(case, chosen, table, sequences)
     if chosen is None:
       try:
-        chosen = dicom_series.map_modality(
-          case.series.modality, seg.config.modalities, table, source=case.source
-        )
+        chosen = dicom_series.modality_of(case.series, seg.config.modalities, table, sequences)
       except DataError as e:
         problem = str(e)
     out = os.path.join(os.fspath(output_dir), case.name)
@@ -176,16 +176,26 @@ def _plan(seg, inputs: Inputs, output_dir, modality, formats, extras, overwrite,
   return jobs, complete
 
 
-def _contradiction(case: Case, modality: str, table) -> str | None:
+def _contradiction(case: Case, modality: str, table, sequences) -> str | None:
   """Why `--modality` contradicts a series' header, or None: the header is what the scanner
-  recorded, so an MR in a folder of CTs is not silently predicted as CT. A tag the table
-  does not map (OT, a secondary capture) leaves the choice to the user."""
-  tag = str(case.series.modality).strip()
-  header = table.get(tag)
+  recorded, so an MR in a folder of CTs is not silently predicted as CT, nor a T1 series as
+  T2. A tag the table does not map (OT, a secondary capture), or an MR series whose sequence
+  no single pattern of `sequences` names, leaves the choice to the user."""
+  series = case.series
+  tag = str(series.modality).strip()
+  said = f"DICOM Modality '{tag}'"
+  if sequences and tag == dicom_series.MR_TAG:
+    try:
+      header = dicom_series.match_sequence(series, sequences)
+    except DataError:
+      return None
+    said = f"MR sequence (SeriesDescription {series.description!r})"
+  else:
+    header = table.get(tag)
   if header is None or header == modality:
     return None
   return (
-    f"{case.source}: --modality={modality} contradicts its DICOM Modality '{tag}' "
+    f"{case.source}: --modality={modality} contradicts its {said} "
     f"({header}); pass --modality_overrides_header to predict it as {modality} anyway"
   )
 
@@ -219,9 +229,10 @@ def predict_paths(
   killed run left (`files.remove_stale_temporaries`).
   `label_codes` is 'dataset' (the dataset's own codes) or 'index'. `modality` may be None for
   DICOM: each series is predicted as the modality its Modality tag maps to
-  (`config.infer.dicom_modalities`); a series whose tag maps to another than `modality` fails
-  unless `modality_overrides_header`. A SEG of a NIfTI input needs `dicom_reference`, a folder
-  with one DICOM series on the NIfTI's grid.
+  (`config.infer.dicom_modalities`), an MR series as the one whose pattern its sequence tags
+  match where `config.infer.dicom_sequences` is set; a series whose header says another than
+  `modality` fails unless `modality_overrides_header`. A SEG of a NIfTI input needs
+  `dicom_reference`, a folder with one DICOM series on the NIfTI's grid.
 
   Every problem with the request (flags, names, existing outputs, the reference) raises
   before the first prediction. A case that then fails, reading, predicting or writing, is

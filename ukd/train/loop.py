@@ -91,6 +91,7 @@ def dataset_root(config: mc.ConfigDict, workdir: str | os.PathLike) -> str:
       shape=phantoms.shape,
       seed=phantoms.seed,
       realism=phantoms.realism,
+      **splits.adapter_for(config).phantom_options,
     )
   if root in (config_lib.REQUIRED, ""):
     raise ConfigError("config.data.root is not set: pass --config.data.root=/path/to/dataset")

@@ -57,6 +57,12 @@ class Adapter:
   def __init__(self, *, ignore_unknown_labels: bool = False):
     self.ignore_unknown_labels = bool(ignore_unknown_labels)
 
+  @property
+  def phantom_options(self) -> dict:
+    """What the phantom generator must write beyond its layout's default for this adapter to
+    find every case it lists (`ukd.data.synthetic.generate.ensure`); by default nothing."""
+    return {}
+
   def cases(self, root: str) -> list[Case]:
     """All labelled cases of every modality under `root`."""
     raise NotImplementedError

@@ -22,9 +22,11 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import MutableSequence
 
 from etils import epath
 
@@ -34,6 +36,8 @@ from ukd.errors import DataError, error
 
 # DICOM Modality tag -> ukd modality name; a config field can replace it.
 DEFAULT_MODALITY_TABLE = {"CT": "ct", "MR": "mr"}
+# The Modality tag of every MR sequence: which sequence a series is only its other tags say.
+MR_TAG = "MR"
 
 # A DICOMDIR indexes the files of a CD; it holds no image.
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -44,6 +48,8 @@ _DISCOVERY_TAGS = (
   "SeriesDescription",
   "Modality",
   "SOPClassUID",
+  "ScanningSequence",
+  "SequenceName",
 )
 
 
@@ -54,7 +60,8 @@ class Series:
   `root` is the folder or zip given to `find_series` (errors name it), `folder` where the
   files lie (`root`, or where the zip was unpacked). `problem` is set for a DICOM file whose
   header cannot be read (or that names no series): it stands alone and `read_series` reports
-  the problem.
+  the problem.  `scanning_sequence` (multiple values joined by '\\', as DICOM writes them) and
+  `sequence_name` tell MR sequences apart (`match_sequence`).
   """
 
   name: str
@@ -67,6 +74,8 @@ class Series:
   root: str
   folder: str
   problem: str | None = None
+  scanning_sequence: str = ""
+  sequence_name: str = ""
 
   @property
   def source(self) -> str:
@@ -161,6 +170,13 @@ def find_series(path, extract_to: str | None = None) -> list[Series]:
   return _named(groups, _input_name(path), path, folder) + problems
 
 
+def _text(value) -> str:
+  """A tag's value as text; a multi-valued one ('SE', 'IR') joined by '\\' as DICOM stores it."""
+  if isinstance(value, (tuple, MutableSequence)):  # pydicom's MultiValue is a MutableSequence
+    return "\\".join(str(v) for v in value)
+  return str(value)
+
+
 def _named(groups: dict[str, list], base: str, root: str, folder: str) -> list[Series]:
   """Series records sorted by (SeriesNumber, UID), with their documented output names."""
   records = []
@@ -177,6 +193,8 @@ def _named(groups: dict[str, list], base: str, root: str, folder: str) -> list[S
         files=tuple(path for path, _ in members),
         root=root,
         folder=folder,
+        scanning_sequence=_text(first.get("ScanningSequence", "")),
+        sequence_name=str(first.get("SequenceName", "")),
       )
     )
   records.sort(key=lambda s: (s.number is None, s.number or 0, s.series_uid))
@@ -217,3 +235,37 @@ def map_modality(tag: str, trained, table=None, source: str = "DICOM series") ->
       f"({', '.join(trained)}); the modality table maps {known}",
     )
   return name
+
+
+def modality_of(series: Series, trained, table=None, sequences=None) -> str:
+  """The ukd modality a series is predicted as: an MR series by its sequence where
+  `sequences` ({modality: regex}) is given (`match_sequence`), any other series (and every
+  series without `sequences`) by its Modality tag (`map_modality`)."""
+  if sequences and str(series.modality).strip() == MR_TAG:
+    return match_sequence(series, sequences)
+  return map_modality(series.modality, trained, table, source=series.source)
+
+
+def match_sequence(series: Series, sequences) -> str:
+  """The one modality of `sequences` ({modality: regex}) whose regex is found, ignoring case,
+  in the series' SeriesDescription, ScanningSequence or SequenceName.  The Modality tag says
+  MR for every sequence, so these are what tell T1 from T2; none matching, or several, is a
+  one-line error naming the SeriesDescription and the patterns, since a guess would run the
+  network with another sequence's normalisation."""
+  texts = (series.description, series.scanning_sequence, series.sequence_name)
+  found = [
+    modality
+    for modality, pattern in sequences.items()
+    if any(re.search(pattern, text, re.IGNORECASE) for text in texts)
+  ]
+  if len(found) == 1:
+    return found[0]
+  patterns = ", ".join(f"{m}: {p!r}" for m, p in sequences.items())
+  what = "no pattern" if not found else f"the patterns of {', '.join(found)}"
+  raise error(
+    DataError,
+    series.source,
+    f"{what} of config.infer.dicom_sequences ({patterns}) matched its SeriesDescription "
+    f"{series.description!r} (ScanningSequence {series.scanning_sequence!r}, SequenceName "
+    f"{series.sequence_name!r}); pass --modality to choose",
+  )

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 
 from ukd import files
+from ukd.data.adapters.abdominal import CHAOS_SEQUENCES
 from ukd.data.synthetic import scanner_phantoms
 from ukd.data.synthetic.phantoms import (
   DEFAULT_SHAPE,
@@ -95,17 +97,60 @@ def _ds(value: float) -> str:
   return f"{value:.4f}"
 
 
-def _write_chaos_series(patient_dir: str, phantom: Phantom, patient: int, seed: int) -> list[str]:
-  """One CHAOS T2-SPIR series: a DICOM file and a PNG mask per slice, same stem."""
+class _ChaosSeries(NamedTuple):
+  """How the phantoms write one CHAOS sequence."""
+
+  number: int  # SeriesNumber
+  description: str  # SeriesDescription
+  scanning: str  # ScanningSequence: spin echo (T2-SPIR) or gradient echo (T1-DUAL)
+  prefix: int  # the series number in file names, IMG-<prefix>-<file number>
+  first: int  # file (and instance) number of slice 0 ...
+  step: int  # ... and the step from slice to slice
+  masks: bool  # whether its masks are written with it
+
+
+# CHAOS numbers both T1-DUAL phases' files under series 4, interleaved (out-phase odd, in-phase
+# even), and names the shared masks after the in-phase files; the phantoms give each phase a
+# series of its own, as a scanner exports them.
+_CHAOS_SERIES = {
+  "T2SPIR": _ChaosSeries(2, "T2SPIR", "SE", 2, 1, 1, True),
+  "T1DUAL/InPhase": _ChaosSeries(4, "T1DUAL InPhase", "GR", 4, 2, 2, True),
+  "T1DUAL/OutPhase": _ChaosSeries(5, "T1DUAL OutPhase", "GR", 4, 1, 2, False),
+}
+# T1-DUAL's contrast change of the T2-SPIR image, v * exp(1 - v / peak) * gain, is largest
+# (peak * gain) at v = peak: fluid, bright in T2, turns darker than liver and spleen, and fat
+# brighter, as in T1; the out-phase image peaks lower and is dimmer, as where fat and water
+# cancel.
+_T1DUAL_CONTRAST = {"T1DUAL/InPhase": (400.0, 1.0), "T1DUAL/OutPhase": (250.0, 0.8)}
+
+
+def _t1dual_image(image: np.ndarray, sequence: str) -> np.ndarray:
+  """A T1-DUAL phase of a T2-SPIR phantom image (`_T1DUAL_CONTRAST`), on its grid."""
+  peak, gain = _T1DUAL_CONTRAST[sequence]
+  values = image.astype(np.float32)
+  changed = values * np.exp(1.0 - values / np.float32(peak)) * np.float32(gain)
+  return np.rint(changed).astype(np.uint16)
+
+
+def _write_chaos_series(
+  patient_dir: str, sequence: str, image: np.ndarray, phantom: Phantom, patient: int, seed: int
+) -> list[str]:
+  """One CHAOS series of `sequence` (`_CHAOS_SERIES`): a DICOM file per slice of `image`, and
+  where the series carries them, a PNG mask per slice with the same stem."""
   import pydicom  # optional dependency, only needed for the CHAOS layout
   from PIL import Image
   from pydicom.dataset import Dataset, FileMetaDataset
   from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-  dicom_dir = os.path.join(patient_dir, "T2SPIR", "DICOM_anon")
-  ground_dir = os.path.join(patient_dir, "T2SPIR", "Ground")
+  written_as = _CHAOS_SERIES[sequence]
+  dicom_part, ground_part = CHAOS_SEQUENCES[sequence]
+  dicom_dir = os.path.join(patient_dir, *dicom_part.split("/"))
+  ground_dir = os.path.join(patient_dir, *ground_part.split("/"))
   files.makedirs(dicom_dir)
-  files.makedirs(ground_dir)
+  if written_as.masks:
+    files.makedirs(ground_dir)
+  # T2-SPIR's UIDs are those it had before T1-DUAL was written: reruns write identical files.
+  own = () if sequence == "T2SPIR" else (sequence,)
 
   def uid(*parts):  # deterministic, so reruns write identical files
     return generate_uid(entropy_srcs=["ukd-synthetic", str(seed), str(patient), *map(str, parts)])
@@ -115,14 +160,14 @@ def _write_chaos_series(patient_dir: str, phantom: Phantom, patient: int, seed: 
   grey = np.zeros(256, np.uint8)
   for code, value in CHAOS_GREY.items():
     grey[code] = value
-  study, series, frame = uid("study"), uid("series"), uid("frame")
+  study, series, frame = uid("study"), uid("series", *own), uid("frame")
   written = []
-  for k in range(phantom.image.shape[2]):
-    number = k + 1
-    stem = f"IMG-0002-{number:05d}"
+  for k in range(image.shape[2]):
+    number = written_as.first + written_as.step * k
+    stem = f"IMG-{written_as.prefix:04d}-{number:05d}"
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = uid("image", number)
+    meta.MediaStorageSOPInstanceUID = uid("image", *own, number)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -130,7 +175,8 @@ def _write_chaos_series(patient_dir: str, phantom: Phantom, patient: int, seed: 
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
     ds.PatientName, ds.PatientID = "Anonymous", str(patient)
-    ds.Modality, ds.SeriesDescription, ds.SeriesNumber = "MR", "T2SPIR", 2
+    ds.Modality, ds.SeriesDescription = "MR", written_as.description
+    ds.SeriesNumber, ds.ScanningSequence = written_as.number, written_as.scanning
     ds.InstanceNumber = number
     position = lps[:3, 3] + k * slice_step
     ds.ImagePositionPatient = [_ds(v) for v in position]
@@ -141,24 +187,32 @@ def _write_chaos_series(patient_dir: str, phantom: Phantom, patient: int, seed: 
     ds.PixelSpacing = [_ds(np.linalg.norm(row_step)), _ds(np.linalg.norm(column_step))]
     ds.SliceThickness = ds.SpacingBetweenSlices = _ds(np.linalg.norm(slice_step))
     ds.SliceLocation = _ds(position[2])
-    ds.Rows, ds.Columns = phantom.image.shape[:2]
+    ds.Rows, ds.Columns = image.shape[:2]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.ascontiguousarray(phantom.image[:, :, k]).astype("<u2").tobytes()
+    ds.PixelData = np.ascontiguousarray(image[:, :, k]).astype("<u2").tobytes()
     path = os.path.join(dicom_dir, stem + ".dcm")
     with files.replacing(path) as tmp:
       pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
-    mask_path = os.path.join(ground_dir, stem + ".png")
-    with files.replacing(mask_path) as tmp:
-      Image.fromarray(grey[phantom.label[:, :, k]], mode="L").save(tmp)
-    written += [path, mask_path]
+    written.append(path)
+    if written_as.masks:
+      mask_path = os.path.join(ground_dir, stem + ".png")
+      with files.replacing(mask_path) as tmp:
+        Image.fromarray(grey[phantom.label[:, :, k]], mode="L").save(tmp)
+      written.append(mask_path)
   return written
 
 
 def write_abdominal(
-  root, n_ct: int, n_mr: int, shape=DEFAULT_SHAPE, seed: int = 0, realism: str = "simple"
+  root,
+  n_ct: int,
+  n_mr: int,
+  shape=DEFAULT_SHAPE,
+  seed: int = 0,
+  realism: str = "simple",
+  t1dual: bool = False,
 ) -> list[str]:
-  """BTCV CT plus CHAOS T2-SPIR MR, in their layouts, from the simple set (the only one with
+  """BTCV CT plus CHAOS MR, in their layouts, from the simple set (the only one with
   abdominal anatomy).
 
   CT: <root>/BTCV/img/img000k.nii.gz (int16 HU) and label/label000k.nii.gz (uint8 codes
@@ -166,6 +220,10 @@ def write_abdominal(
   7 stomach, 8 aorta, 9 IVC), k = 1, 2, ...
   MR: <root>/CHAOS/Train_Sets/MR/<k>/T2SPIR/DICOM_anon/IMG-0002-000NN.dcm and
   .../Ground/IMG-0002-000NN.png (grey values in CHAOS_GREY), k = 1, 2, ...
+  With `t1dual` also .../<k>/T1DUAL/DICOM_anon/{InPhase,OutPhase}/*.dcm and the masks both
+  share, .../T1DUAL/Ground/*.png: the T2-SPIR phantom with its contrast changed
+  (`_t1dual_image`), not a simulation of the sequence, on the same grid with the same labels,
+  so that each MR sequence can be a modality of its own.
   `shape` is (rows, columns, slices) for MR. Returns the written paths.
   """
   _check_counts(n_ct=n_ct, n_mr=n_mr)
@@ -183,7 +241,9 @@ def write_abdominal(
   for index in range(n_mr):
     phantom = make_phantom("abdominal", "mr", shape, seed=seed, index=index)
     patient_dir = os.path.join(root, "CHAOS", "Train_Sets", "MR", str(index + 1))
-    written += _write_chaos_series(patient_dir, phantom, index + 1, seed)
+    for sequence in CHAOS_SEQUENCES if t1dual else ("T2SPIR",):
+      image = phantom.image if sequence == "T2SPIR" else _t1dual_image(phantom.image, sequence)
+      written += _write_chaos_series(patient_dir, sequence, image, phantom, index + 1, seed)
   return written
 
 
@@ -295,10 +355,12 @@ _MARKER = ".ukd_synthetic.json"  # hidden, so the dataset adapters never list it
 
 
 def ensure(
-  root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int, realism: str = "simple"
+  root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int, realism: str = "simple", **options
 ) -> str:
   """Generate a phantom dataset in `layout` (one of `_WRITERS`, the names of the dataset
   adapters that read them) into `root` once; later calls (a resumed run) reuse it.
+  `options` go to the layout's writer (the adapter's `phantom_options`, e.g. `t1dual`) and
+  are recorded only where given, so phantoms made before an option existed still match.
 
   The dataset is written to a temporary
   sibling folder and renamed into place, so an interrupted run never leaves a half-written
@@ -315,6 +377,7 @@ def ensure(
     "shape": [int(n) for n in shape],
     "seed": int(seed),
     "realism": str(realism),
+    **options,
   }
   root = files.path(root)
   if root.exists() and any(root.iterdir()):  # an empty folder is made for them: filled
@@ -343,7 +406,9 @@ def ensure(
     with open(os.path.join(staging, _MARKER), "w") as f:
       json.dump(settings, f, sort_keys=True)
   # Checks the settings of phantoms another process finished first.
-  return ensure(root, layout, n_ct=n_ct, n_mr=n_mr, shape=shape, seed=seed, realism=realism)
+  return ensure(
+    root, layout, n_ct=n_ct, n_mr=n_mr, shape=shape, seed=seed, realism=realism, **options
+  )
 
 
 def main(argv=None) -> None:
@@ -360,6 +425,9 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
+    "--t1dual", action="store_true", help="abdominal: CHAOS T1-DUAL phases beside T2-SPIR"
+  )
+  parser.add_argument(
     "--realism", choices=REALISMS, default="simple", help="phantom set (scanner: mmwhs only)"
   )
   args = parser.parse_args(argv)
@@ -367,9 +435,12 @@ def main(argv=None) -> None:
     shape = tuple(int(n) for n in args.shape.split(","))
   except ValueError:
     parser.error(f"--shape must be comma-separated integers, got {args.shape!r}")
+  options = {"t1dual": True} if args.t1dual else {}
+  if options and args.layout != "abdominal":
+    parser.error("--t1dual is for --layout=abdominal (CHAOS)")
   try:
     written = _WRITERS[args.layout](
-      args.out, args.n_ct, args.n_mr, shape=shape, seed=args.seed, realism=args.realism
+      args.out, args.n_ct, args.n_mr, shape=shape, seed=args.seed, realism=args.realism, **options
     )
   except DataError as error:
     parser.error(str(error))
