@@ -34,6 +34,9 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Slices per modality per step.")
 _PAD = flags.DEFINE_enum("pad", "reference", ["reference", "zeros"], "Padding of both networks.")
 _CONFIG = flags.DEFINE_string("config", "configs/mmwhs.py", "ukd's config.")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", None, "XLA_FLAGS for ukd (default: as set).")
+_CONV_GRADS = flags.DEFINE_string(
+  "conv_grads", None, "ukd's config.model.conv_grads (default: the config's)."
+)
 
 _PEER_MS = re.compile(r"median_ms_per_step=([0-9.]+)")
 
@@ -59,6 +62,7 @@ def ukd_ms() -> dict:
         f"--steps={_STEPS.value}",
         "--matmul_size=512",  # the peak rate is not compared here
         f"--json={out}",
+        *([f"--conv_grads={_CONV_GRADS.value}"] if _CONV_GRADS.value else []),
       ],
       check=True,
       capture_output=True,
@@ -101,7 +105,8 @@ def main(argv):
   median = {k: statistics.median(v) for k, v in times.items()}
   print(
     f"width {_WIDTH.value}, {_SIZE.value} px, {_BATCH.value} + {_BATCH.value} slices, "
-    f"pad {_PAD.value}, float32, {_ROUNDS.value} rounds; load {load:.2f} -> "
+    f"pad {_PAD.value}, float32, conv_grads {_CONV_GRADS.value or 'of the config'}, "
+    f"{_ROUNDS.value} rounds; load {load:.2f} -> "
     f"{os.getloadavg()[0]:.2f}; XLA_FLAGS={_XLA_FLAGS.value or os.environ.get('XLA_FLAGS', '')}"
   )
   print("| work | ukd (ms) | torch.compile (ms) | torch / ukd |")

@@ -78,7 +78,7 @@ class ResidualBlock(nn.Module):
         dtype=self.dtype,
         conv=self.conv,
       )(h, modality)
-      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+      h = layers.Dropout(self.dropout)(h, deterministic=not train)
     return h + layers.pad_channels(x, self.features)
 
 
@@ -107,7 +107,7 @@ class Dilated2D(nn.Module):
         f"dilated2d expects [B, H, W, 3] with H and W divisible by {UPSAMPLE}; got {x.shape}"
       )
     w, mods = self.width, self.modalities
-    drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
+    drop = lambda h: layers.Dropout(self.dropout)(h, deterministic=not train)
     # Every convolution: this network's modalities, initialiser, compute dtype and gradients.
     conv = functools.partial(
       layers.ModalityConv,

@@ -67,7 +67,11 @@ def run_config(study, overrides: dict, seed: int, study_dir: str) -> mc.ConfigDi
   _override(config, config_lib.plain(overrides), "config")
   config.seed = int(seed)
   if config.data.synthetic.enabled:
-    config.data.root = os.fspath(epath.Path(study_dir) / "phantoms")
+    # The study's own folder, made here: training generates phantoms only into a root that
+    # exists (a mistyped one is an error there).
+    root = epath.Path(study_dir) / "phantoms"
+    files.makedirs(root)
+    config.data.root = os.fspath(root)
   config.data.cache_dir = os.fspath(epath.Path(study_dir) / "cache")
   return config
 
