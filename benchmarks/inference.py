@@ -4,6 +4,7 @@
   python -m benchmarks.inference --width=4 --slices=40    # a quick look on a small CPU
   python -m benchmarks.inference --mode=pipeline --workdir=/tmp/ukd_demo
   python -m benchmarks.inference --mode=backends --batch=8
+  python -m benchmarks.inference --pad=reference --slices=40   # configs/mmwhs.py's padding
 
 volume: the network (5 classes, random weights: the time does not depend on them) predicts a
 random CT-like volume twice through `Segmenter.predict`.  The first time includes compilation;
@@ -38,6 +39,9 @@ _CLASSES = flags.DEFINE_integer("classes", 5, "Classes including background (5 f
 _MODE = flags.DEFINE_enum("mode", "volume", ["volume", "pipeline", "backends"], "What to time.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "pipeline: a trained work dir (e.g. the demo's).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "backends: timed calls per backend (best is kept).")
+_PAD = flags.DEFINE_enum(
+  "pad", "zeros", ["zeros", "reference"], "config.model.pad: configs/mmwhs.py's is 'reference'."
+)
 
 
 def _config():
@@ -46,6 +50,7 @@ def _config():
   config.model.num_classes = _CLASSES.value
   config.data.size = (_SIZE.value, _SIZE.value)
   config.infer.batch_size = _BATCH.value
+  config.model.pad = _PAD.value
   return config
 
 
@@ -121,7 +126,10 @@ def _backends() -> None:
         runs[f"{backend} {precision}"] = loaded.batch_function("ct")
       except Exception as e:  # an optional runtime that is not installed
         print(f"{backend} {precision}: not run ({e})")
-    print(f"2D network width {_WIDTH.value}, {_SIZE.value}x{_SIZE.value}, batch {_BATCH.value}")
+    print(
+      f"2D network width {_WIDTH.value}, pad {_PAD.value}, {_SIZE.value}x{_SIZE.value}, "
+      f"batch {_BATCH.value}"
+    )
     for name, run in runs.items():
       np.asarray(run(batch))  # compiles
       best = min(_call_seconds(run, batch) for _ in range(_REPEATS.value))
@@ -150,8 +158,8 @@ def main(argv):
   first, second = (_timed(segmenter, v) for v in volumes)
   print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind}")
   print(
-    f"2D network width {_WIDTH.value}, {_CLASSES.value} classes, volume {shape}, "
-    f"batch {segmenter.batch_size}"
+    f"2D network width {_WIDTH.value}, pad {_PAD.value}, {_CLASSES.value} classes, "
+    f"volume {shape}, batch {segmenter.batch_size}"
   )
   print(f"first volume (with compilation): {first:.1f} s")
   print(f"second volume (compiled):        {second:.1f} s ({_SLICES.value / second:.1f} slices/s)")
