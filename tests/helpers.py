@@ -182,3 +182,9 @@ def save_nifti(array, affine, path):
   image.set_sform(affine, code=1)
   nib.save(image, str(path))
   return str(path)
+
+
+# Voxel axes (0, 1, 2) point Superior, Left, Posterior, slightly tilted: nothing is canonical.
+OBLIQUE_LPS = np.array(
+  [[0.05, -1.2, 0.0, 10.0], [0.0, 0.03, -1.5, -20.0], [2.5, 0.0, 0.04, 5.0], [0.0, 0.0, 0.0, 1.0]]
+)

@@ -7,6 +7,7 @@ import pytest
 from helpers import random_variables, tiny_config
 
 from ukd import config as config_lib
+from ukd import config_fields
 from ukd.data.adapters import Case
 from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError
@@ -27,12 +28,12 @@ RECORD = {
   [("1", 1.0, 1.0), ("0.25", 0.25, 0.25), ("ct=1,mr=0.25", 1.0, 0.25), ("mr=0.5", 1.0, 0.5)],
 )
 def test_train_fraction_is_read_per_modality(text, ct, mr):
-  assert config_lib.train_fraction_for(text, "ct") == ct
-  assert config_lib.train_fraction_for(text, "mr") == mr
+  assert config_fields.train_fraction_for(text, "ct") == ct
+  assert config_fields.train_fraction_for(text, "mr") == mr
 
 
 def test_a_number_saved_by_an_older_checkpoint_still_reads():
-  assert config_lib.train_fraction_for(0.5, "mr") == 0.5
+  assert config_fields.train_fraction_for(0.5, "mr") == 0.5
 
 
 @pytest.mark.parametrize(

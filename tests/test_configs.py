@@ -161,7 +161,8 @@ def test_study_config_builds_on_its_sibling_configs_without_the_study_runner():
   assert micro.base.data.root == config_lib.REQUIRED  # the study sets it per study dir
   full = study.get_config(None)
   assert (full.reference, full.train, tuple(full.seeds)) == ("ukd", "schemes", (0, 1, 2))
-  assert sorted(full.schemes) == sorted(models.SCHEMES)
+  # The paper's schemes, and KD with each absent-class rule for the arms that compare them.
+  assert sorted(full.schemes) == sorted([*models.SCHEMES, "ukd_kd_mask", "ukd_kd_uniform"])
   assert full.base.total_steps == 400 and full.base.model.width == 4
 
 

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers import (
+  OBLIQUE_LPS,
   PATCH,
   RECORD,
   STEP,
@@ -31,11 +32,6 @@ from ukd.evaluation import evaluate
 from ukd.runtime import checkpoints
 from ukd.serve import predict, windows
 from ukd.serve import segmenter as infer
-
-# Voxel axes (0, 1, 2) point Superior, Left, Posterior, slightly tilted: nothing is canonical.
-OBLIQUE_LPS = np.array(
-  [[0.05, -1.2, 0.0, 10.0], [0.0, 0.03, -1.5, -20.0], [2.5, 0.0, 0.04, 5.0], [0.0, 0.0, 0.0, 1.0]]
-)
 
 
 def _zeros_like_network(config):

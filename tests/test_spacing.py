@@ -12,7 +12,7 @@ from helpers import ROOT, tiny_config
 from ml_collections import config_flags
 
 from ukd import config as config_lib
-from ukd import models
+from ukd import config_fields, models
 from ukd.data import adapters, pipeline, preprocess
 from ukd.data.io import volumes
 from ukd.data.synthetic import generate as synthetic
@@ -40,7 +40,7 @@ def test_spacing_is_one_value_a_pair_or_one_per_modality(text, ct, mr):
   config = config_lib.default()
   config.data.spacing = text
   config_lib.check(config)
-  assert config_lib.spacing_for(text, "ct") == ct and config_lib.spacing_for(text, "mr") == mr
+  assert config_fields.spacing_for(text, "ct") == ct and config_fields.spacing_for(text, "mr") == mr
 
 
 _USAGE = "must be '' (off), 'MM', 'ROWSxCOLS' or 'ct=MM,mr=ROWSxCOLS' with positive numbers (mm)"

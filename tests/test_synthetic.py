@@ -1,6 +1,7 @@
 """Synthetic phantoms: determinism, on-disk layouts and codes, anatomy, contrasts, geometry."""
 
 import glob
+import importlib
 import os
 
 import nibabel as nib
@@ -288,7 +289,7 @@ def test_bad_arguments_raise_data_error(call):
 
 
 def test_cli_writes_the_requested_layout(tmp_path, capsys):
-  synthetic.main(
+  importlib.import_module("ukd.data.synthetic.__main__").main(
     [
       "--layout=abdominal",
       f"--out={tmp_path}",

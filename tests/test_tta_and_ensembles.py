@@ -12,6 +12,7 @@ import pytest
 from helpers import random_variables, tiny_config
 
 from ukd import config as config_lib
+from ukd import config_fields
 from ukd.data import pipeline
 from ukd.errors import ConfigError
 from ukd.runtime import checkpoints
@@ -75,11 +76,11 @@ def test_tta_is_refused_for_a_network_trained_without_flips():
 
 
 def test_the_flip_field_takes_axes_and_old_switches():
-  assert config_lib.flip_axes(True) == (0, 1)
-  assert config_lib.flip_axes(False) == ()
-  assert config_lib.flip_axes([2, 0]) == (0, 2)
+  assert config_fields.flip_axes(True) == (0, 1)
+  assert config_fields.flip_axes(False) == ()
+  assert config_fields.flip_axes([2, 0]) == (0, 2)
   with pytest.raises(ConfigError, match=r"config.data.augment.flip=\(0, 3\)"):
-    config_lib.flip_axes((0, 3))
+    config_fields.flip_axes((0, 3))
 
 
 def test_a_2d_sample_flipped_along_the_slices_reverses_its_neighbours():

@@ -12,9 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, random_variables, tiny_config
+from helpers import OBLIQUE_LPS, ROOT, ct_like, random_variables, save_nifti, tiny_config
 from test_evaluate import _folder_config, _write_folder_dataset, _zero_checkpoint
-from test_infer import OBLIQUE_LPS, _ct_like, _save
 
 from ukd import commands, files
 from ukd import config as config_lib
@@ -158,7 +157,7 @@ def seg():
 def _inputs(folder, count):
   os.makedirs(folder)
   for k in range(count):
-    _save(_ct_like((16, 16, 3), seed=k), OBLIQUE_LPS, os.path.join(folder, f"c{k}.nii.gz"))
+    save_nifti(ct_like((16, 16, 3), seed=k), OBLIQUE_LPS, os.path.join(folder, f"c{k}.nii.gz"))
   return str(folder)
 
 

@@ -198,9 +198,9 @@ def main(argv):
   required, run = MODES[FLAGS.mode]
   cli_lib.require_flags(FLAGS.mode, *required)
   if FLAGS.device:
-    from ukd.serve import predict
+    from ukd.runtime import mesh
 
-    predict.use_device(FLAGS.device)  # before anything touches a device
+    mesh.use_device(FLAGS.device)  # before anything touches a device
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   run()
 

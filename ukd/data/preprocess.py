@@ -9,7 +9,7 @@ later from a cache entry can still be written onto the original grid.
 
 Settings (the ``data`` ConfigDict of a config `ukd.config.check` passed; defaults in brackets):
   size (256, 256)        in-plane network size (H, W)
-  spacing ['']           in-plane target mm (`ukd.config.spacing_for`); '' resizes to size.
+  spacing ['']           in-plane target mm (`ukd.config_fields.spacing_for`); '' resizes to size.
                          Set, the crop box becomes round(extent mm / target) pixels per axis
                          (half up); a smaller plane is padded to size, centred, with the
                          volume's minimum (air: what lies outside a scanner's field of view,

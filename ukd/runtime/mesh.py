@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ukd.errors import ConfigError
+from ukd.errors import ConfigError, error
 
 DATA_AXIS = "data"
 
@@ -64,3 +64,21 @@ def to_global_batch(batch, mesh):
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
   return jax.tree.map(assemble, batch)
+
+
+# --device choices -> the JAX platform that runs them.
+DEVICES = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
+
+
+def use_device(name: str) -> None:
+  """Runs JAX on `name` ('cpu', 'gpu' (CUDA), 'tpu') only; one that is not available is a
+  one-line ConfigError. Must come before anything touches a device: once JAX has set up its
+  devices, the choice has no effect."""
+  if name not in DEVICES:
+    raise ConfigError(f"--device={name!r} must be one of {sorted(DEVICES)}")
+  jax.config.update("jax_platforms", DEVICES[name])
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:  # JAX asserts where no CUDA device is visible
+    reason = str(e).split(" (set JAX_PLATFORMS")[0] or f"no {DEVICES[name]} device found"
+    raise error(ConfigError, f"--device={name}", f"not available to JAX here: {reason}") from None

@@ -22,20 +22,18 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import errno
 import os
 import re
 import time
 
 import numpy as np
-from absl import logging
 
 import ukd
 from ukd import files
 from ukd.data.io import dicom_seg, dicom_series, volumes
 from ukd.errors import ConfigError, DataError, WriteError, error
+from ukd.serve import failures, windows
 from ukd.serve import progress as progress_lib
-from ukd.serve import windows
 from ukd.serve.inputs import Case, Inputs, find_inputs, output_name
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
@@ -49,26 +47,6 @@ class SomeFailed(DataError):
   others were written. Exit status 3, so a script tells it from a run that wrote nothing."""
 
   exit_code = 3
-
-
-# --device choices -> the JAX platform that runs them.
-DEVICES = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
-
-
-def use_device(name: str) -> None:
-  """Runs JAX on `name` ('cpu', 'gpu' (CUDA), 'tpu') only; one that is not available is a
-  one-line ConfigError. Must come before anything touches a device: once JAX has set up its
-  devices, the choice has no effect."""
-  import jax
-
-  if name not in DEVICES:
-    raise ConfigError(f"--device={name!r} must be one of {sorted(DEVICES)}")
-  jax.config.update("jax_platforms", DEVICES[name])
-  try:
-    jax.devices()
-  except (RuntimeError, AssertionError) as e:  # JAX asserts where no CUDA device is visible
-    reason = str(e).split(" (set JAX_PLATFORMS")[0] or f"no {DEVICES[name]} device found"
-    raise error(ConfigError, f"--device={name}", f"not available to JAX here: {reason}") from None
 
 
 def sidecar_path(out_path) -> str:
@@ -325,13 +303,15 @@ def _run(seg, jobs: list[_Job], tables, reference, progress) -> tuple[list[str],
     except Exception as e:
       if len(jobs) == 1 and isinstance(e, WriteError):
         raise
-      failure = _case_error(job, "writing", e)
+      failure = failures.case_error(job.case.source, "writing", e)
       if len(jobs) == 1:
         raise failure from failure.__cause__
       failed.append(job.case.name)
       progress.failed(job, str(failure))
-      if _hits_every_case(e, job):
-        raise _stopped(e, job, jobs, len(failed)) from None
+      folder = os.path.dirname(job.sidecar)
+      if failures.hits_every_case(e, folder):
+        done = jobs.index(job) + 1
+        raise failures.stopped(e, folder, done, len(failed), len(jobs)) from None
       return
     written.extend(job.outputs)
     if job.seg_skipped:
@@ -359,14 +339,14 @@ def _run(seg, jobs: list[_Job], tables, reference, progress) -> tuple[list[str],
         try:
           loaded = future.result()
         except Exception as e:  # reported in its turn, after the cases before it
-          writes.append((job, _failed(_case_error(job, "reading", e))))
+          writes.append((job, _failed(failures.case_error(job.case.source, "reading", e))))
           continue
         start = time.perf_counter()
         try:
           run = seg.batch_function(job.modality)
           loaded.network = windows.network_probabilities(loaded.prepared.image, seg.settings, run)
         except Exception as e:
-          writes.append((job, _failed(_case_error(job, "predicting", e))))
+          writes.append((job, _failed(failures.case_error(job.case.source, "predicting", e))))
           continue
         loaded.seconds += time.perf_counter() - start
         loaded.prepared = dataclasses.replace(loaded.prepared, image=None)  # not needed now
@@ -379,49 +359,6 @@ def _run(seg, jobs: list[_Job], tables, reference, progress) -> tuple[list[str],
       for _, future in list(reads) + list(writes):
         future.cancel()
   return written, failed
-
-
-# Refusals that every later case would meet too: the output's file system is full or
-# read-only.  A refused permission counts when the output folder is not writable.
-_EVERY_CASE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-_FORBIDDEN = (errno.EACCES, errno.EPERM)
-
-
-def _hits_every_case(e: Exception, job: _Job) -> bool:
-  """Whether the failed write `e` of `job` would fail every case after it, so that going on
-  would print the same failure once per remaining case."""
-  code = files.refused_errno(e)
-  folder = os.path.dirname(job.sidecar)
-  if code in _FORBIDDEN and not files.is_remote(folder):
-    return not os.access(folder, os.W_OK)
-  return code in _EVERY_CASE
-
-
-def _stopped(e: Exception, job: _Job, jobs: list[_Job], failed: int) -> WriteError:
-  """The run's one last line when a write refused for every case stopped it after `job`."""
-  done = jobs.index(job) + 1 - failed
-  return WriteError(
-    f"{os.path.dirname(job.sidecar)}: cannot write: {files.refused_cause(e)}; stopped after "
-    f"{done + failed} of {len(jobs)} cases ({done} written); once fixed, the same command "
-    "with --continue predicts the rest"
-  )
-
-
-def _case_error(job: _Job, stage: str, e: Exception) -> DataError:
-  """A case's failure as its one line: a DataError as it is; a refused write by its own
-  line (it names the file and the cause); anything else named by the case, the stage and the
-  exception (its traceback in the log, shown with --verbosity)."""
-  if isinstance(e, DataError):
-    return e
-  if isinstance(e, WriteError):
-    wrapped = DataError(f"{job.case.source}: {stage} failed: {e}")
-    wrapped.__cause__ = e
-    return wrapped
-  logging.info("%s: %s failed", job.case.source, stage, exc_info=e)
-  text = " ".join(str(e).split()) or "no message"
-  wrapped = DataError(f"{job.case.source}: {stage} failed ({type(e).__name__}: {text})")
-  wrapped.__cause__ = e
-  return wrapped
 
 
 def _failed(e: Exception) -> concurrent.futures.Future:
@@ -498,7 +435,7 @@ def _write(seg, job: _Job, loaded: _Loaded, table) -> float:
     if job.probabilities:
       volumes.write_like(probs, vol, job.probabilities, dtype=np.float32)
     if job.entropy:
-      volumes.write_like(entropy(probs), vol, job.entropy, dtype=np.float32)
+      volumes.write_like(windows.entropy(probs), vol, job.entropy, dtype=np.float32)
     seconds = loaded.seconds + time.perf_counter() - start
     files.write_json(job.sidecar, {**record, "seconds": round(seconds, 3)})
   except BaseException:
@@ -507,10 +444,3 @@ def _write(seg, job: _Job, loaded: _Loaded, table) -> float:
         files.path(path).unlink(missing_ok=True)
     raise
   return seconds
-
-
-def entropy(probs: np.ndarray) -> np.ndarray:
-  """-sum_c p_c ln p_c over the last axis, float32: in [0, ln C]."""
-  p = np.clip(probs, 0.0, 1.0)
-  logs = np.log(np.where(p > 0, p, 1.0))
-  return np.maximum(-np.sum(p * logs, axis=-1), 0.0).astype(np.float32)

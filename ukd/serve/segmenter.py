@@ -146,11 +146,7 @@ class Segmenter(windows.Predictor):
     silently wrong: there an array with neither is a one-line DataError.
     """
     self.check_modality(modality)
-    if (
-      spacing is None
-      and affine is None
-      and config_lib.spacing_for(self.config.data.spacing, modality)
-    ):
+    if spacing is None and affine is None and self.settings.preprocessing[modality].spacing:
       raise DataError(
         f"predict: this model resamples to {self.config.data.spacing} mm pixels, so it needs "
         "the array's voxel size: pass affine= (e.g. nibabel's image.affine) or spacing= (mm)"

@@ -268,3 +268,10 @@ def _slide(image, window, overlap, sample, settings: Settings, run: BatchFn, ble
     total /= norm
   h, w, s = image.shape
   return total[:h, :w, :s]
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+  """-sum_c p_c ln p_c over the last axis, float32: in [0, ln C]."""
+  p = np.clip(probs, 0.0, 1.0)
+  logs = np.log(np.where(p > 0, p, 1.0))
+  return np.maximum(-np.sum(p * logs, axis=-1), 0.0).astype(np.float32)

@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ukd import config as config_lib
-from ukd import files, models
+from ukd import config_fields, files, models
 from ukd.data import adapters, check, lateral, pipeline, preprocess, splits
 from ukd.data.synthetic import generate as synthetic
 from ukd.errors import ConfigError, Preempted, TrainingError
@@ -114,7 +114,7 @@ def prepare_data(config: mc.ConfigDict, root: str, workdir: str | os.PathLike) -
   adapter = splits.adapter_for(config)
   modalities = tuple(config.modalities)
   cases = splits.cases_for(config, adapter, root, workdir)
-  flips = config_lib.flip_axes(config.data.augment.flip)
+  flips = config_fields.flip_axes(config.data.augment.flip)
   lateral.check_flip(
     adapter.classes, adapter.lateral_pairs, flips, config.data.slice_axis, config.data.dataset
   )
@@ -124,7 +124,7 @@ def prepare_data(config: mc.ConfigDict, root: str, workdir: str | os.PathLike) -
   cache_dir = config.data.cache_dir or os.fspath(files.path(workdir) / "cache")
   trained = {
     m: training_subset(
-      cases[m]["train"], config_lib.train_fraction_for(config.data.train_fraction, m)
+      cases[m]["train"], config_fields.train_fraction_for(config.data.train_fraction, m)
     )
     for m in modalities
   }

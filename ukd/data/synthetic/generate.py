@@ -9,13 +9,12 @@ conventions. The volumes come from `ukd.data.synthetic.phantoms` (anatomy, geome
 scanners do: the 'scanner' set); this module writes them as each dataset ships: MM-WHS, BTCV
 and AMOS22 as NIfTI label maps, TotalSegmentator as NIfTI masks, CHAOS as DICOM series with
 PNG masks. `ensure` generates a dataset once, for
-configs that ask for synthetic data; `python -m ukd.data.synthetic.generate --layout=mmwhs --out=DIR`
+configs that ask for synthetic data; `python -m ukd.data.synthetic --layout=mmwhs --out=DIR`
 writes one.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import NamedTuple
@@ -345,7 +344,7 @@ def _simple_only(realism: str, layout: str) -> None:
     raise DataError(f"synthetic realism {realism!r} for the {layout} layout: only 'simple' exists")
 
 
-_WRITERS = {
+WRITERS = {
   "mmwhs": write_mmwhs,
   "abdominal": write_abdominal,
   "amos": write_amos,
@@ -357,7 +356,7 @@ _MARKER = ".ukd_synthetic.json"  # hidden, so the dataset adapters never list it
 def ensure(
   root, layout: str, *, n_ct: int, n_mr: int, shape, seed: int, realism: str = "simple", **options
 ) -> str:
-  """Generate a phantom dataset in `layout` (one of `_WRITERS`, the names of the dataset
+  """Generate a phantom dataset in `layout` (one of `WRITERS`, the names of the dataset
   adapters that read them) into `root` once; later calls (a resumed run) reuse it.
   `options` go to the layout's writer (the adapter's `phantom_options`, e.g. `t1dual`) and
   are recorded only where given, so phantoms made before an option existed still match.
@@ -394,58 +393,18 @@ def ensure(
         f"{root}: holds phantoms made with {found}, not {settings}; delete it or use another root"
       )
     return os.fspath(root)
-  if settings["layout"] not in _WRITERS:
+  if settings["layout"] not in WRITERS:
     raise DataError(
       f"synthetic data in the {settings['layout']!r} layout cannot be made: "
-      f"use data.dataset one of {sorted(_WRITERS)}"
+      f"use data.dataset one of {sorted(WRITERS)}"
     )
   check_shape(settings["shape"])  # fail before anything is written
   _check_counts(n_ct=settings["n_ct"], n_mr=settings["n_mr"])
   with files.new_directory(root) as staging:
-    _WRITERS[settings["layout"]](staging, **{k: v for k, v in settings.items() if k != "layout"})
+    WRITERS[settings["layout"]](staging, **{k: v for k, v in settings.items() if k != "layout"})
     with open(os.path.join(staging, _MARKER), "w") as f:
       json.dump(settings, f, sort_keys=True)
   # Checks the settings of phantoms another process finished first.
   return ensure(
     root, layout, n_ct=n_ct, n_mr=n_mr, shape=shape, seed=seed, realism=realism, **options
   )
-
-
-def main(argv=None) -> None:
-  """python -m ukd.data.synthetic.generate --layout=mmwhs --out=DIR --n_ct=4 --n_mr=4"""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--layout", choices=sorted(_WRITERS), required=True)
-  parser.add_argument("--out", required=True, help="dataset root to write")
-  parser.add_argument("--n_ct", type=int, default=4)
-  parser.add_argument("--n_mr", type=int, default=4)
-  parser.add_argument(
-    "--shape",
-    default=",".join(map(str, DEFAULT_SHAPE)),
-    help="array shape, comma separated; the last axis is the slice axis",
-  )
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument(
-    "--t1dual", action="store_true", help="abdominal: CHAOS T1-DUAL phases beside T2-SPIR"
-  )
-  parser.add_argument(
-    "--realism", choices=REALISMS, default="simple", help="phantom set (scanner: mmwhs only)"
-  )
-  args = parser.parse_args(argv)
-  try:
-    shape = tuple(int(n) for n in args.shape.split(","))
-  except ValueError:
-    parser.error(f"--shape must be comma-separated integers, got {args.shape!r}")
-  options = {"t1dual": True} if args.t1dual else {}
-  if options and args.layout != "abdominal":
-    parser.error("--t1dual is for --layout=abdominal (CHAOS)")
-  try:
-    written = _WRITERS[args.layout](
-      args.out, args.n_ct, args.n_mr, shape=shape, seed=args.seed, realism=args.realism, **options
-    )
-  except DataError as error:
-    parser.error(str(error))
-  print(f"wrote {len(written)} files under {args.out}")
-
-
-if __name__ == "__main__":
-  main()
