@@ -1,6 +1,7 @@
 """One training run per work dir (ukd.runtime.lock): a second is refused, a dead run's lock is taken
 over, and the modes that only read take none."""
 
+import json
 import os
 import re
 import socket
@@ -51,12 +52,52 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_with_one_line(tmp_path, capsys)
   assert capsys.readouterr().out == ""
 
 
-def test_other_processes_of_a_job_and_object_stores_take_no_lock(tmp_path):
+def test_other_processes_of_a_job_take_no_lock(tmp_path):
   with lock.training(tmp_path):
     with lock.training(tmp_path, main_process=False):
       pass
-  with lock.training("gs://bucket/run"):
+
+
+def test_a_lease_refuses_a_second_run_and_a_lapsed_one_is_taken_over(tmp_path, capsys):
+  """The lease object stores get, on a local folder: files.path reaches both alike."""
+  path = tmp_path / lock.LEASE
+  with lock.lease(tmp_path, settle=0):
+    held = json.loads(path.read_text())
+    assert held["host"] == socket.gethostname() and held["process"] == os.getpid()
+    with pytest.raises(WorkdirInUse, match=rf"^work dir {tmp_path} is in use .*host "):
+      with lock.lease(tmp_path, settle=0):
+        pass
+  assert not path.exists()  # ended: the next run takes it without a word
+  path.write_text(json.dumps(dict(held, process=1, expires=time.time() - 1)))
+  with lock.lease(tmp_path, settle=0):
     pass
+  (line,) = capsys.readouterr().out.splitlines()
+  assert line.startswith(f"ukd: took over the lease of work dir {tmp_path} left by a training ")
+  assert "process 1," in line
+
+
+def test_a_lease_overwritten_while_it_settles_is_refused_and_a_held_one_is_renewed(
+  tmp_path, monkeypatch
+):
+  path = tmp_path / lock.LEASE
+  other = dict(host="elsewhere", process=7, started="then", token="theirs", expires=1e12)
+  monkeypatch.setattr(lock.time, "sleep", lambda _: path.write_text(json.dumps(other)))
+  with pytest.raises(WorkdirInUse, match="host elsewhere, process 7"):
+    with lock.lease(tmp_path, settle=1):
+      pass
+  monkeypatch.undo()
+  path.unlink()
+  with lock.lease(tmp_path, seconds=0.3, settle=0):
+    first = json.loads(path.read_text())["expires"]
+    time.sleep(0.4)  # at least one renewal, every 0.1 s
+    assert json.loads(path.read_text())["expires"] > first
+
+
+def test_training_on_an_object_store_holds_a_lease(tmp_path, monkeypatch):
+  monkeypatch.setattr(lock.files, "is_remote", lambda p: True)
+  monkeypatch.setattr(lock, "SETTLE_SECONDS", 0.0)
+  with lock.training(tmp_path):
+    assert (tmp_path / lock.LEASE).exists() and not (tmp_path / lock.LOCK).exists()
 
 
 @pytest.mark.slow
