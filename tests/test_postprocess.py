@@ -101,15 +101,15 @@ def _workdir(tmp_path, rules=None):
   return workdir
 
 
-def test_load_rules_choices(tmp_path, caplog):
+def test_load_rules_choices(tmp_path):
   rules = {"ct": {"1": {"largest_component": True}}, "mr": {"2": {"min_volume_mm3": 100}}}
   workdir = _workdir(tmp_path, rules)
   assert postprocess.load_rules([str(workdir)], "none") is None
   assert postprocess.load_rules([str(workdir)], "auto") == rules
   step_dir = str(workdir / "checkpoints" / "4")
   assert postprocess.load_rules([step_dir], "auto") == rules
-  assert postprocess.load_rules([str(workdir), step_dir], "auto") is None  # an ensemble
-  assert "ensemble" in caplog.text
+  with pytest.warns(UserWarning, match="ensemble: no work dir's post-processing is applied"):
+    assert postprocess.load_rules([str(workdir), step_dir], "auto") is None
   named = str(workdir / "postprocessing.json")
   assert postprocess.load_rules([str(workdir), step_dir], named) == rules
   assert postprocess.load_rules([str(_workdir(tmp_path / "bare"))], "auto") is None

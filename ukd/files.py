@@ -5,7 +5,7 @@ of an object store (`gs://bucket/run`; s3://, az:// and hf:// as well): `path` t
 user gave into an `etils.epath.Path` (a local path made absolute, as `os.path.abspath` does;
 a URL as given), and every file ukd reads or writes goes through epath, so one code path
 serves both.  Functions further down take the paths they are handed as they are
-(`epath.Path(p)`); only `path` resolves.  Readers that need a local file (nibabel, pydicom,
+(`files.Path(p)`); only `path` resolves.  Readers that need a local file (nibabel, pydicom,
 Pillow) get one from `local_file`.
 
 Atomic writes: a file ukd writes is either its old self or complete, never half of one.
@@ -40,7 +40,10 @@ import secrets
 import shutil
 import tempfile
 
-from etils import epath
+try:
+  from etils.epath import Path
+except ImportError:  # an exported model's runner on local files (`ukd.exported`) needs no more
+  from pathlib import Path
 
 from ukd.errors import ConfigError, WriteError, error, import_extra
 
@@ -56,8 +59,8 @@ def is_remote(p) -> bool:
   return match is not None and match.group(1) in REMOTE_SCHEMES
 
 
-def path(p) -> epath.Path:
-  """A user's path as an `epath.Path`: local paths made absolute, `gs://...` left as it is.
+def path(p) -> Path:
+  """A user's path as an `Path`: local paths made absolute, `gs://...` left as it is.
 
   Without this, `os.path.abspath("gs://bucket/run")` is a local folder named `gs:`.  A URL
   of a scheme epath cannot write to is refused rather than taken for a local name.
@@ -65,13 +68,14 @@ def path(p) -> epath.Path:
   text = os.fspath(p)
   match = _URL.match(text)
   if match is None:
-    return epath.Path(os.path.abspath(text))
+    return Path(os.path.abspath(text))
   if match.group(1) not in REMOTE_SCHEMES:
     schemes = ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
     raise error(ConfigError, text, f"unsupported storage {match.group(1)}://; use {schemes}")
+  import_extra("etils", "gcs", text)  # remote paths are epath's
   if match.group(1) == "gs" and importlib.util.find_spec("tensorflow") is None:
     import_extra("gcsfs", "gcs", text)  # epath reaches gs:// through gcsfs without TensorFlow
-  return epath.Path(text)
+  return Path(text)
 
 
 def makedirs(folder) -> None:
@@ -81,16 +85,29 @@ def makedirs(folder) -> None:
     os.makedirs(folder, exist_ok=True)
 
 
+def walk(folder):
+  """(folder, subfolders, file names) below `folder`, top down, as `os.walk` gives them; on
+  an object store through epath."""
+  if is_remote(folder):
+    return ((os.fspath(top), dirs, names) for top, dirs, names in Path(folder).walk())
+  return os.walk(os.fspath(folder))
+
+
+def join(folder, name: str) -> str:
+  """`folder`/`name` as a string, for a local folder or a URL alike."""
+  return os.fspath(Path(folder) / name)
+
+
 def glob(folder, pattern: str) -> list[str]:
   """Paths (as strings) of `folder`'s entries matching `pattern`, sorted; [] when there is
   no such folder."""
-  return sorted(os.fspath(p) for p in epath.Path(folder).glob(pattern))
+  return sorted(os.fspath(p) for p in Path(folder).glob(pattern))
 
 
 def upload(local, dst) -> None:
   """Copies the local file `local` to `dst` on an object store in one upload: the object
   appears when the upload completes, whole."""
-  epath.Path(local).copy(epath.Path(dst), overwrite=True)
+  Path(local).copy(Path(dst), overwrite=True)
 
 
 @contextlib.contextmanager
@@ -109,7 +126,7 @@ def local_file(p):
     yield os.fspath(p)
     return
   with _local_stand_in(p) as local:
-    epath.Path(p).copy(local)
+    Path(p).copy(local)
     yield local
 
 
@@ -242,8 +259,8 @@ def check_writable(folder) -> None:
   a full disk still creates empty files."""
   probe = f"{os.fspath(folder).rstrip('/')}/.tmp-{os.getpid()}-{secrets.token_hex(4)}-check"
   if is_remote(folder):
-    epath.Path(probe).write_bytes(bytes(_CHECK_BYTES))
-    epath.Path(probe).unlink()
+    Path(probe).write_bytes(bytes(_CHECK_BYTES))
+    Path(probe).unlink()
     return
   with refusals(folder):
     os.makedirs(folder, exist_ok=True)
@@ -292,7 +309,7 @@ def new_directory(path):
   if is_remote(path):
     with tempfile.TemporaryDirectory(prefix="ukd-") as staging:
       yield staging
-      if not epath.Path(path).exists():
+      if not Path(path).exists():
         _upload_tree(staging, path)
     return
   tmp = _temporary(path)
@@ -318,7 +335,7 @@ def _upload_tree(folder: str, dst: str) -> None:
     for name in names
   ]
   for relative in sorted(found, key=lambda r: (os.path.basename(r).startswith("."), r)):
-    upload(os.path.join(folder, relative), epath.Path(dst) / relative)
+    upload(os.path.join(folder, relative), Path(dst) / relative)
 
 
 def write_text(path, text: str, newline: str | None = None) -> None:

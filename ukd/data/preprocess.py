@@ -38,7 +38,6 @@ import re
 
 import numpy as np
 import scipy.ndimage
-from etils import epath
 
 from ukd import files
 from ukd.data.io.volumes import Volume
@@ -77,6 +76,19 @@ class Preprocessing:
   crop_margin: int
   norm: dict  # data.norm[modality], plain data
   spacing: tuple[float, float] | None  # data.spacing of this modality (mm); None: resize
+
+  @classmethod
+  def from_record(cls, record: dict) -> "Preprocessing":
+    """The settings `record` wrote (an exported model's sidecar holds them)."""
+    spacing = record["spacing"]
+    return cls(
+      size=tuple(record["size"]),
+      slice_axis=int(record["slice_axis"]),
+      crop=record["crop"],
+      crop_margin=int(record["crop_margin"]),
+      norm=dict(record["norm"]),
+      spacing=None if spacing is None else tuple(spacing),
+    )
 
   def record(self) -> dict:
     """The settings as plain data, as the cache key hashes them."""
@@ -290,7 +302,7 @@ def _file_fingerprint(path) -> list:
   """Size, mtime and a hash of the content: a file rewritten in place with the same size and
   mtime (a restored backup, `os.utime`, a tool that keeps times) still changes its key.  A
   remote file's mtime is the object's, in whole seconds."""
-  path = epath.Path(path)
+  path = files.Path(path)
   if files.is_remote(path):
     st = path.stat()
     size, mtime = st.length, st.mtime
@@ -311,17 +323,17 @@ def _file_fingerprint(path) -> list:
 def _fingerprint(path: str) -> list:
   """`_file_fingerprint` of a file, or of every file under a directory (DICOM, PNG masks),
   by folder, then name."""
-  top = epath.Path(path)
+  top = files.Path(path)
   if not top.is_dir():
     return _file_fingerprint(top)
   found = []
   for folder, name in sorted(_files_under(top)):
-    full = epath.Path(folder) / name
+    full = files.Path(folder) / name
     found.append([os.fspath(full.relative_to(top)), *_file_fingerprint(full)])
   return found
 
 
-def _files_under(folder: epath.Path) -> list[tuple[str, str]]:
+def _files_under(folder: files.Path) -> list[tuple[str, str]]:
   """(folder, name) of every file under `folder`.  Listed folder by folder rather than with
   `walk`, which epath's fsspec backend answers with paths that lost their `gs://`."""
   found = []

@@ -29,11 +29,10 @@ and delete all but one.  Merging by corners only ever keeps more, never removes 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from absl import logging
-from etils import epath
 from scipy import ndimage
 
 from ukd import files
@@ -241,10 +240,10 @@ def load_rules(workdirs: Sequence, choice: str) -> dict | None:
     return None
   if choice == "auto":
     if len(workdirs) != 1:
-      logging.log_first_n(
-        logging.WARNING,
+      # A warning, shown once: `ukd.cli` keeps warnings off the terminal unless --verbosity.
+      warnings.warn(
         "ensemble: no work dir's post-processing is applied (--postprocess=<file> names one)",
-        1,
+        stacklevel=2,
       )
       return None
     from ukd.runtime import checkpoints  # here: reading rules needs no orbax otherwise
@@ -259,7 +258,7 @@ def load_rules(workdirs: Sequence, choice: str) -> dict | None:
 def _read_rules(path) -> dict:
   """The 'rules' of a postprocessing.json; anything else is a one-line DataError naming it."""
   try:
-    with epath.Path(path).open() as f:
+    with files.Path(path).open() as f:
       record = json.load(f)
   except (OSError, ValueError) as exc:
     raise error(DataError, path, f"cannot read post-processing rules ({exc})") from None

@@ -97,6 +97,8 @@ def sidecar(seg: infer.Segmenter) -> dict:
     "mirrors": [list(axes) for axes in seg.flips],
     "postprocess": seg.settings.postprocess,
     "inputs": {m: f"{m}.onnx" for m in seg.config.modalities},
+    # Resolved here, so the runner needs no config code to prepare a volume.
+    "preprocessing": {m: p.record() for m, p in seg.settings.preprocessing.items()},
   }
   if (seg.dataset or {}).get("label_codes"):
     record["label_codes"] = seg.dataset["label_codes"]

@@ -3,9 +3,8 @@ refused write would fail every case after it (a full or read-only output), so th
 failure is not printed once per remaining case."""
 
 import errno
+import logging
 import os
-
-from absl import logging
 
 from ukd import files
 from ukd.errors import DataError, WriteError
@@ -45,7 +44,7 @@ def case_error(source: str, stage: str, e: Exception) -> DataError:
     wrapped = DataError(f"{source}: {stage} failed: {e}")
     wrapped.__cause__ = e
     return wrapped
-  logging.info("%s: %s failed", source, stage, exc_info=e)
+  logging.getLogger(__name__).info("%s: %s failed", source, stage, exc_info=e)
   text = " ".join(str(e).split()) or "no message"
   wrapped = DataError(f"{source}: {stage} failed ({type(e).__name__}: {text})")
   wrapped.__cause__ = e

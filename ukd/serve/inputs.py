@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import re
-
-from etils import epath
 
 from ukd import files
 from ukd.data.io import dicom_series
@@ -74,7 +73,7 @@ def _nifti_case(path: str) -> Case:
 
 def _niftis(folder: str) -> list[str]:
   """The folder's own .nii/.nii.gz files (not below it), sorted."""
-  entries = epath.Path(folder).iterdir() if epath.Path(folder).is_dir() else []
+  entries = files.Path(folder).iterdir() if files.Path(folder).is_dir() else []
   names = sorted(e.name for e in entries if is_nifti(e.name) and not e.name.startswith("."))
   return [os.path.join(folder, name) for name in names]
 
@@ -84,7 +83,7 @@ def find_inputs(path, extract_to: str | None = None, exclude=None) -> Inputs:
   (a temporary folder by default). DICOM series whose files all lie under `exclude` (the
   output folder) are left out: a SEG written into the input tree is no input."""
   path = os.fspath(path)
-  where = epath.Path(path)
+  where = files.Path(path)
   if where.is_file():
     if is_nifti(path):
       return Inputs([_nifti_case(path)])
@@ -108,7 +107,7 @@ def find_inputs(path, extract_to: str | None = None, exclude=None) -> Inputs:
     return Inputs([_nifti_case(p) for p in images], len(found) - len(images), "*_label.nii.gz")
   if found:
     raise error(DataError, path, "holds only label files (*_label.nii.gz), no images")
-  if not any(names for _, _, names in where.walk()):
+  if not any(names for _, _, names in files.walk(path)):
     raise error(DataError, path, "no .nii or .nii.gz files and no DICOM files in this folder")
   return _dicom(path, extract_to, exclude)
 
@@ -117,7 +116,7 @@ def needs_dicom(path) -> bool:
   """Whether `find_inputs(path)` would read DICOM (a .zip, or a folder without NIfTI
   images), which needs the 'dicom' extra: asked before a model is loaded."""
   path = os.fspath(path)
-  where = epath.Path(path)
+  where = files.Path(path)
   if where.is_file():
     return path.lower().endswith(".zip")
   if not where.is_dir():
@@ -150,6 +149,6 @@ def _chaos_masks(folder: str) -> int:
   """PNG masks in `Ground` folders below `folder`: CHAOS keeps them beside the DICOM."""
   return sum(
     sum(name.lower().endswith(".png") for name in names)
-    for top, _, names in epath.Path(folder).walk()
-    if top.name == _CHAOS_MASKS
+    for top, _, names in files.walk(folder)
+    if posixpath.basename(top.rstrip("/")) == _CHAOS_MASKS
   )

@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 import os
 
-import ml_collections as mc
 import numpy as np
 
-from ukd import config as config_lib
+from ukd.data.preprocess import Preprocessing
 from ukd.errors import ConfigError, DataError, error, import_extra
 from ukd.serve import predict, windows
 
@@ -57,13 +56,13 @@ class ExportedModel(windows.Predictor):
 
   def __init__(self, path: str, record: dict, backend: str, precision: str):
     self.path, self.record, self.backend, self.precision = path, record, backend, precision
-    self.config = mc.FrozenConfigDict(record["config"])
+    self.config = _Fields(record["config"])
     self.step = record.get("step")
     self.dataset = {k: record[k] for k in ("classes", "label_codes") if k in record}
     self.batch_size = int(self.config.infer.batch_size)
     self.settings = windows.Settings.from_config(
       self.config,
-      config_lib.preprocessing(self.config),
+      _preprocessing(record, path),
       int(record["dims"]),
       self.batch_size,
       record.get("postprocess"),
@@ -83,6 +82,33 @@ class ExportedModel(windows.Predictor):
 
   def _file(self, modality: str, suffix: str) -> str:
     return os.path.join(self.path, f"{modality}{suffix}")
+
+
+class _Fields(dict):
+  """A saved config's values as read-only attributes (`config.data.size`), lists as tuples,
+  as a FrozenConfigDict gives them: the config was checked when it was exported, and the
+  runner needs its values, not ml_collections."""
+
+  def __getattr__(self, name):
+    try:
+      return _frozen(self[name])
+    except KeyError:
+      raise AttributeError(name) from None
+
+
+def _frozen(value):
+  if isinstance(value, dict):
+    return _Fields(value)
+  if isinstance(value, list):
+    return tuple(_frozen(v) for v in value)
+  return value
+
+
+def _preprocessing(record: dict, path) -> dict:
+  """{modality: Preprocessing} the sidecar holds, resolved at export."""
+  if "preprocessing" not in record:
+    raise error(DataError, path, "exported by an older ukd (no preprocessing record): export again")
+  return {m: Preprocessing.from_record(r) for m, r in record["preprocessing"].items()}
 
 
 def _jax_function(model: ExportedModel, modality: str):

@@ -28,8 +28,6 @@ import tempfile
 import zipfile
 from collections.abc import MutableSequence
 
-from etils import epath
-
 from ukd import files
 from ukd.data.io.dicom import DicomImage, import_pydicom, read_files
 from ukd.errors import DataError, error
@@ -139,7 +137,7 @@ def find_series(path, extract_to: str | None = None) -> list[Series]:
   """
   pydicom = import_pydicom()
   path = os.fspath(path)
-  root = epath.Path(path)
+  root = files.Path(path)
   single = None
   if root.is_file() and path.lower().endswith(".zip"):
     folder = _extract(path, extract_to)
@@ -150,7 +148,7 @@ def find_series(path, extract_to: str | None = None) -> list[Series]:
   else:
     raise error(DataError, path, "not a DICOM file, a folder or a .zip file")
   found = single or [
-    os.fspath(top / name) for top, _, names in epath.Path(folder).walk() for name in names
+    files.join(top, name) for top, _, names in files.walk(folder) for name in names
   ]
   groups: dict[str, list] = {}
   problems: list[Series] = []

@@ -16,7 +16,6 @@ import os
 
 import nibabel as nib
 import numpy as np
-from etils import epath
 from nibabel import orientations
 
 from ukd import files
@@ -155,7 +154,7 @@ def _opened(path):
   """The NIfTI image at `path`, local or remote (`files.local_file`), while the body reads it:
   nibabel reads voxel data lazily, from the file."""
   path = os.fspath(path)
-  if not epath.Path(path).is_file():
+  if not files.Path(path).is_file():
     raise error(DataError, path, "file not found")
   with files.local_file(path) as local:
     yield _load(local, path)
