@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ukd.models import conv_grads as matmul_conv_grads
+from ukd.models import conv_grads
 
 # The reference implementation's batch-norm settings (TensorFlow's decay 0.9, epsilon 1e-3).
 BN_MOMENTUM = 0.9
@@ -55,7 +55,7 @@ KERNEL_INITS = {
 # (see `ukd.models.conv_grads`; reverse mode only: no `jax.jvp` through the model).
 CONV_GRADS = {
   "xla": lax.conv_general_dilated,
-  "cpu_matmul": matmul_conv_grads.conv_general_dilated,
+  "cpu_matmul": conv_grads.conv_general_dilated,
 }
 
 

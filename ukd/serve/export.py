@@ -35,8 +35,7 @@ from ukd import config as config_lib
 from ukd import files, models
 from ukd.errors import ConfigError, import_extra
 from ukd.evaluation import metrics
-from ukd.serve import runners as exported
-from ukd.serve import segmenter as infer
+from ukd.serve import runners, segmenter
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 # bf16 is allowed for a model when, on its test cases, bf16 labels agree with float32 labels
@@ -54,9 +53,9 @@ def export(workdir, output, *, step="best", tta: bool | None = None, postprocess
 
   files.check_writable(output)  # a read-only or full folder: one line before the loading
 
-  seg = infer.load(workdir, step=step, tta=tta, postprocess=postprocess)
+  seg = segmenter.load(workdir, step=step, tta=tta, postprocess=postprocess)
   output = os.fspath(output)
-  if os.path.exists(os.path.join(output, exported.SIDECAR)):
+  if os.path.exists(os.path.join(output, runners.SIDECAR)):
     raise ConfigError(f"--output={output} already holds an exported model; choose another folder")
   os.makedirs(output, exist_ok=True)
   for modality in seg.config.modalities:
@@ -69,13 +68,13 @@ def export(workdir, output, *, step="best", tta: bool | None = None, postprocess
     files.write_bytes(os.path.join(output, f"{modality}.onnx"), graph.SerializeToString())
   record = sidecar(seg)
   record["bf16_gate"] = bf16_gate(output, record, workdir)
-  files.write_json(os.path.join(output, exported.SIDECAR), record)
+  files.write_json(os.path.join(output, runners.SIDECAR), record)
   logging.info("exported %s to %s", workdir, output)
   print(f"exported {', '.join(seg.config.modalities)} to {output}")
   return record
 
 
-def batch_function(seg: infer.Segmenter, modality: str):
+def batch_function(seg: segmenter.Segmenter, modality: str):
   """(fn, example): the Segmenter's batch function with its weights as constants, and one
   zero batch of the shape it takes (the batch axis is the one an export leaves free)."""
   variables = jax.device_get(seg.variables)
@@ -84,7 +83,7 @@ def batch_function(seg: infer.Segmenter, modality: str):
   return (lambda batch: seg._probabilities(variables, batch, modality)), example
 
 
-def sidecar(seg: infer.Segmenter) -> dict:
+def sidecar(seg: segmenter.Segmenter) -> dict:
   """Everything besides the graph that predicting as `seg` does needs."""
   table = seg.label_table(seg.config.modalities[0], "index")
   record = {
@@ -109,7 +108,7 @@ def bf16_gate(output, record: dict, workdir) -> dict:
   """Whether OpenVINO's bf16 may serve this model: on up to `BF16_GATE_CASES` test cases of
   the work dir, bf16 labels against float32 labels (agreement and mean Dice change).  Where it
   cannot be measured (no OpenVINO, no bf16 units, no test cases) it does not pass and says why."""
-  if not exported.cpu_has_bf16():
+  if not runners.cpu_has_bf16():
     return {"passed": False, "reason": "not measured: the exporting CPU has no bf16 units"}
   try:
     import openvino  # noqa: F401
@@ -117,13 +116,13 @@ def bf16_gate(output, record: dict, workdir) -> dict:
     return {"passed": False, "reason": "not measured: OpenVINO is not installed"}
 
   first = str(workdir).split(",")[0]
-  seg = infer.load(first)
-  adapter, cases = infer.split_cases(seg, first, "test")
+  seg = segmenter.load(first)
+  adapter, cases = segmenter.split_cases(seg, first, "test")
   cases = cases[:BF16_GATE_CASES]
   if not cases:
     return {"passed": False, "reason": "not measured: the work dir has no test cases"}
-  full = exported.ExportedModel(output, record, "openvino", "float32")
-  half = exported.ExportedModel(output, record, "openvino", "bf16")
+  full = runners.ExportedModel(output, record, "openvino", "float32")
+  half = runners.ExportedModel(output, record, "openvino", "bf16")
   agree, change = [], []
   for case in cases:
     image, label = adapter.read(case)
@@ -149,18 +148,18 @@ def load_backend(workdir, step="best", *, backend="jax", precision="float32", **
   """What `--mode=predict` predicts with: `infer.load` for the 'jax' backend (`options`: tta,
   postprocess); for 'onnxruntime' / 'openvino' an export folder given as `workdir`, or the
   work dir exported into a temporary folder first, removed with the model."""
-  exported.check_request(backend, precision)
+  runners.check_request(backend, precision)
   if backend != "jax":
-    exported.backend_module(backend)  # before a checkpoint loads or an export is written
-  if os.path.exists(os.path.join(os.fspath(workdir), exported.SIDECAR)):
-    return exported.load(workdir, backend=backend, precision=precision)
+    runners.backend_module(backend)  # before a checkpoint loads or an export is written
+  if os.path.exists(os.path.join(os.fspath(workdir), runners.SIDECAR)):
+    return runners.load(workdir, backend=backend, precision=precision)
   if backend == "jax":
-    return infer.load(workdir, step=step, **options)
-  exported.backend_module("onnx", backend)  # the work dir is exported to ONNX first
+    return segmenter.load(workdir, step=step, **options)
+  runners.backend_module("onnx", backend)  # the work dir is exported to ONNX first
   folder = tempfile.mkdtemp(prefix="ukd_export_")
   try:
     export(workdir, folder, step=step, **options)
-    model = exported.load(folder, backend=backend, precision=precision)
+    model = runners.load(folder, backend=backend, precision=precision)
   except BaseException:
     shutil.rmtree(folder, ignore_errors=True)
     raise

@@ -22,12 +22,12 @@ from jax.experimental import multihost_utils
 from ukd import config as config_lib
 from ukd import config_fields, files, models
 from ukd.data import adapters, check, lateral, pipeline, preprocess, splits
-from ukd.data.synthetic import generate as synthetic
+from ukd.data.synthetic import generate
 from ukd.errors import ConfigError, Preempted, TrainingError
 from ukd.evaluation import evaluate
 from ukd.runtime import checkpoints, fault_log, recovery
 from ukd.runtime import mesh as mesh_lib
-from ukd.serve import segmenter as infer
+from ukd.serve.segmenter import Segmenter, shares_nothing
 from ukd.train import profiling, steps, writers
 from ukd.train import state as state_lib
 
@@ -83,7 +83,7 @@ def dataset_root(config: mc.ConfigDict, workdir: str | os.PathLike) -> str:
         "unset, into <workdir>/phantoms"
       )
     phantoms = config.data.synthetic
-    synthetic.ensure(
+    generate.ensure(
       root,
       config.data.dataset,
       n_ct=phantoms.n_ct,
@@ -143,7 +143,7 @@ def training_subset(cases: list[adapters.Case], fraction: float) -> list[adapter
 
 
 def score_validation(
-  segmenter: infer.Segmenter, data: Data, split: str = "val"
+  segmenter: Segmenter, data: Data, split: str = "val"
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """Whole-volume validation as training logs it: Dice alone, since the surface distances
   (two distance transforms per class and case) are left to the test evaluation.
@@ -311,7 +311,7 @@ def _train(config: mc.ConfigDict, workdir) -> dict:
     every=config.checkpoint_every,
     last_step=config.total_steps,
     # Separate networks (nothing shared) are each chosen on their own modality's Dice.
-    best_of=tuple(config.modalities) if infer.shares_nothing(state.params) else (),
+    best_of=tuple(config.modalities) if shares_nothing(state.params) else (),
   )
   try:
     start, restored = recovery.restore_newest(
@@ -346,7 +346,7 @@ def _train(config: mc.ConfigDict, workdir) -> dict:
   trace = profiling.StepTrace(workdir, config.profile)
   # One Segmenter for the whole run: each validation hands it the current weights, and its
   # compiled functions serve every validation.
-  segmenter = infer.Segmenter(config, _variables(state))
+  segmenter = Segmenter(config, _variables(state))
 
   # ---- Loop ----------------------------------------------------------------------------------
   step, val = start, {}
