@@ -95,13 +95,17 @@ def acquire(fd: int, workdir) -> None:
       f"({_holder(fd)})",
       flush=True,
     )
-  me = dict(
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, (json.dumps(_this_process()) + "\n").encode(), 0)
+
+
+def _this_process() -> dict:
+  """What a lock or lease says of its holder."""
+  return dict(
     host=socket.gethostname(),
     process=os.getpid(),
     started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
   )
-  os.ftruncate(fd, 0)
-  os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
 
 
 def _holder(fd: int) -> str:
@@ -133,12 +137,7 @@ def lease(workdir, *, seconds: float | None = None, settle: float | None = None,
       f"renewing it ({_named(found)})",
       flush=True,
     )
-  mine = dict(
-    host=socket.gethostname(),
-    process=os.getpid(),
-    started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    token=secrets.token_hex(8),
-  )
+  mine = dict(_this_process(), token=secrets.token_hex(8))
   files.write_json(path, dict(mine, expires=clock() + seconds))
   time.sleep(settle)
   now = _read_lease(path)
