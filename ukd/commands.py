@@ -39,10 +39,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     {'step': the last step, 'val': the last validation's scalars, 'test': `evaluate`'s result
     for the best checkpoint}.
   """
+  preemption = loop.Preemption()  # before any work: a SIGTERM now still saves a step
   workdir = files.path(workdir)
   files.makedirs(workdir)
   with lock.training(workdir, main_process=jax.process_index() == 0):
-    trained = loop.train(config, workdir)
+    trained = loop.train(config, workdir, preemption)
     workdir, step = checkpoints.resolve(workdir, "best")
     seg = segmenter.load(workdir, step, postprocess="none")
     if trained["validated"]:

@@ -257,7 +257,9 @@ class Throughput:
     self.mark = (step, self.clock())
 
 
-def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train(
+  config: mc.ConfigDict, workdir: str | os.PathLike, preemption: "Preemption | None" = None
+) -> dict:
   """Trains (or resumes) in `workdir` to `config.total_steps`, validating and checkpointing on
   the way (`ukd.commands.train_and_evaluate` then chooses post-processing and evaluates).
 
@@ -265,25 +267,27 @@ def train(config: mc.ConfigDict, workdir: str | os.PathLike) -> dict:
     config: the training config; not changed: the run uses `config_lib.resolve`'s frozen copy,
       which is what its checkpoints hold.
     workdir: local or `gs://...`; a work dir with a checkpoint resumes from it.
+    preemption: the SIGTERM listener, made by a caller that does work first (taking the work
+      dir's lock); None: made here, first thing.
 
   Returns:
     {'step': the last step, 'val': the last validation's scalars, 'validated': whether the
     dataset has validation cases}.
   """
+  # Listening from the start: a SIGTERM during setup or compilation stops the run after its
+  # first step, with that step saved.
+  preemption = preemption or Preemption()
   config = config_lib.check(config)
   workdir = files.path(workdir)
   files.makedirs(workdir)
   # Orbax's reports of a failed save or restore, a traceback from each of its threads, go to
   # the work dir's log; the terminal gets the one line the run ends with.
   with fault_log.background_errors(workdir):
-    return _train(config, workdir)
+    return _train(config, workdir, preemption)
 
 
-def _train(config: mc.ConfigDict, workdir) -> dict:
+def _train(config: mc.ConfigDict, workdir, preemption: Preemption) -> dict:
   """`train`'s run, in `workdir` (made)."""
-  # Listening from the start: a SIGTERM during setup or compilation stops the run after its
-  # first step, with that step saved.
-  preemption = Preemption()
   is_main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh)  # before minutes of preprocessing
