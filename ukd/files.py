@@ -60,7 +60,7 @@ def is_remote(p) -> bool:
 
 
 def path(p) -> Path:
-  """A user's path as an `Path`: local paths made absolute, `gs://...` left as it is.
+  """A user's path as a `Path` (etils' where installed): local paths made absolute, `gs://...` left as it is.
 
   Without this, `os.path.abspath("gs://bucket/run")` is a local folder named `gs:`.  A URL
   of a scheme epath cannot write to is refused rather than taken for a local name.
