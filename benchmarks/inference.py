@@ -4,7 +4,8 @@
   python -m benchmarks.inference --width=4 --slices=40    # a quick look on a small CPU
   python -m benchmarks.inference --mode=pipeline --workdir=/tmp/ukd_demo
   python -m benchmarks.inference --mode=backends --batch=8
-  python -m benchmarks.inference --pad=reference --slices=40   # configs/mmwhs.py's padding
+  python -m benchmarks.inference --pad=reference --conv_grads=cpu_matmul --slices=40
+      # configs/mmwhs.py's padding and convolutions
 
 volume: the network (5 classes, random weights: the time does not depend on them) predicts a
 random CT-like volume twice through `Segmenter.predict`.  The first time includes compilation;
@@ -42,6 +43,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "backends: timed calls per backend
 _PAD = flags.DEFINE_enum(
   "pad", "zeros", ["zeros", "reference"], "config.model.pad: configs/mmwhs.py's is 'reference'."
 )
+_CONV_GRADS = flags.DEFINE_enum(
+  "conv_grads",
+  "xla",
+  ["xla", "cpu_matmul"],
+  "config.model.conv_grads: configs/mmwhs.py's is 'cpu_matmul' (its wide convolution's forward "
+  "pass is an im2col matmul on a CPU).",
+)
 
 
 def _config():
@@ -51,6 +59,7 @@ def _config():
   config.data.size = (_SIZE.value, _SIZE.value)
   config.infer.batch_size = _BATCH.value
   config.model.pad = _PAD.value
+  config.model.conv_grads = _CONV_GRADS.value
   return config
 
 

@@ -1,5 +1,6 @@
-"""`config.model.conv_grads`: 'cpu_matmul' gives XLA's convolution gradients, computed as
-matmuls on CPU (`ukd.models.conv_grads`); 'xla' leaves every convolution XLA's own."""
+"""`config.model.conv_grads`: 'cpu_matmul' gives XLA's convolution gradients (and, for a
+wide layer, its forward pass), computed as matmuls on CPU (`ukd.models.conv_grads`); 'xla'
+leaves every convolution XLA's own."""
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,27 @@ def test_matmul_gradients_match_xla(spatial, kernel, cin, cout, dilation, paddin
   dilation = (dilation,) * len(spatial)
   value, (dx, dw) = _grads(mcg.conv_general_dilated, x, w, dilation, padding)
   ref_value, (ref_dx, ref_dw) = _grads(lax.conv_general_dilated, x, w, dilation, padding)
-  assert value == ref_value  # the forward pass is XLA's convolution itself
+  if cout >= np.prod(kernel) * cin:  # wide: the forward pass is a matmul too
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    y = mcg.conv_general_dilated(
+      x,
+      w,
+      (1,) * len(spatial),
+      padding,
+      rhs_dilation=dilation,
+      dimension_numbers=mcg._channels_last(x.ndim),
+    )
+    ref_y = lax.conv_general_dilated(
+      x,
+      w,
+      (1,) * len(spatial),
+      padding,
+      rhs_dilation=dilation,
+      dimension_numbers=mcg._channels_last(x.ndim),
+    )
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref_y))))
+  else:
+    assert value == ref_value  # the forward pass is XLA's convolution itself
   np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref_dx))))
   np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref_dw))))
 

@@ -1,7 +1,8 @@
 """The mirror-padded convolution (`model.pad='reference'`) against its definition.
 
-The layer no longer convolves the mirrored input with padding 'VALID' (slow on XLA:CPU):
-it pads again with zeros and crops.  Both forms, and the layer's gradients with each
+A wide layer convolves the mirrored input with padding 'VALID'; the others, for which
+XLA:CPU's 'VALID' is slow, pad again with zeros and crop.  Both forms, and the layer's
+gradients with each
 `conv_grads`, are checked here against numpy's 'symmetric' pad (TensorFlow's SYMMETRIC,
 the border value repeated) followed by a correlation computed tap by tap in float64.
 """
@@ -105,3 +106,11 @@ def test_mirror_conv_gradients_equal_the_old_forms(name, conv_grads):
   want = jax.grad(loss(lambda x, kernel: _old_form(x, kernel, dilation, pads)), (0, 1))(x, kernel)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4)
+
+
+def test_wide_layers_take_valid_and_the_others_pad_once_and_crop():
+  # The 2D network's 3x3 128 -> 2560 at width 4, and its 5x5 40 -> 5 head.
+  assert layers._mirror_conv_padding((3, 3), 128, 2560) == "VALID"
+  assert layers._mirror_conv_padding((5, 5), 40, 5) == ((0, 1), (0, 1))
+  assert layers._mirror_conv_padding((3, 3, 3), 2, 54) == "VALID"
+  assert layers._mirror_conv_padding((3, 3, 3), 2, 53) == ((0, 1),) * 3

@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -298,3 +299,54 @@ def test_dropout_keeps_each_value_with_the_keep_probability_and_scales_it(rate):
   other = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
   assert 0.5 < np.mean(kept == (np.asarray(other) != 0)) < 0.7  # independent masks agree ~62 %
   np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+
+
+@pytest.mark.parametrize(
+  "shared, modality",
+  [(False, ("ct", "mr")), (False, ("mr", "ct", "mr")), (False, "mr"), (True, ("ct", "mr"))],
+)
+def test_modality_norm_equals_one_flax_batch_norm_per_part(shared, modality):
+  """The one-pass norm against its definition: split the batch into its modality parts,
+  apply each part's `nn.BatchNorm` (the same variables), concatenate; the outputs, the
+  running statistics after the step, the gradients, and the eval pass must all agree."""
+  groups = (modality,) if isinstance(modality, str) else modality
+  x = jax.random.normal(jax.random.key(0), (2 * len(groups), 3, 4, 5)) * 3 + 1
+  norm = layers.ModalityNorm(("ct", "mr"), shared)
+  variables = norm.init(jax.random.key(1), x, groups, train=True)
+  rng = np.random.default_rng(2)
+  variables = jax.tree.map(lambda v: v + rng.normal(size=v.shape).astype(np.float32), variables)
+
+  def reference(variables, x, train):
+    bn = nn.BatchNorm(
+      use_running_average=not train, momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON
+    )
+    names = ("shared",) if shared else groups
+    parts = (x,) if shared else np.split(x, len(groups))  # a shared norm: the whole batch
+    stats = dict(variables["batch_stats"])
+    outs = []
+    for name, part in zip(names, parts):
+      branch = {"params": variables["params"][name], "batch_stats": stats[name]}
+      y, new = bn.apply(branch, part, mutable=["batch_stats"])
+      stats[name] = new["batch_stats"] if train else stats[name]
+      outs.append(y)
+    return jnp.concatenate(outs), stats
+
+  for train in (True, False):
+    got, new = norm.apply(variables, x, modality, train=train, mutable=["batch_stats"])
+    want, want_stats = reference(variables, x, train)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for name, stats in want_stats.items():
+      for key in ("mean", "var"):
+        np.testing.assert_allclose(new["batch_stats"][name][key], stats[key], rtol=1e-5, atol=1e-6)
+  cotangent = jax.random.normal(jax.random.key(3), x.shape)
+  loss = lambda f: lambda p, x: jnp.sum(f(p, x) * cotangent)
+  ours = lambda p, x: norm.apply(
+    {**variables, "params": p}, x, modality, True, mutable=["batch_stats"]
+  )[0]
+  theirs = lambda p, x: reference({**variables, "params": p}, x, True)[0]
+  for g, w in zip(
+    jax.grad(loss(ours), (0, 1))(variables["params"], x),
+    jax.grad(loss(theirs), (0, 1))(variables["params"], x),
+  ):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

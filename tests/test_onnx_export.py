@@ -10,6 +10,7 @@ from helpers import tiny_config
 
 from ukd import config as config_lib
 from ukd import models
+from ukd.models import conv_grads
 from ukd.serve import onnx_graph as onnx_export
 
 TOLERANCE = 1e-5  # max abs difference, onnxruntime vs JAX
@@ -42,6 +43,10 @@ def _config(name):
   if name == "dilated2d":
     config = importlib.import_module("configs.demo").get_config("tiny")
     config.model.pad = "reference"  # the paper config's mirror padding (split, flip, concat)
+    # As the paper config: on a CPU the wide convolution before the depth-to-space (here
+    # 64 -> 640 channels, 3x3) runs as an im2col matmul (`lax.platform_dependent`).
+    config.model.conv_grads = "cpu_matmul"
+    config.model.upsample_mult = 2
     return config
   config = tiny_config("unet3d")
   config.data.patch = (16, 16, 8)
@@ -96,6 +101,23 @@ def test_network_model_is_valid_with_a_symbolic_batch(network):
   assert len(model.graph.initializer) > 0
 
 
+@pytest.mark.parametrize("batch_dynamic", [True, False])
+def test_platform_dependent_wide_convolution_exports_either_branch(batch_dynamic):
+  """A wide convolution with matmul gradients chooses its forward pass by platform: the
+  graph holds the default branch (a Conv) where the trace keeps the choice, the CPU one
+  (im2col: slices, a concatenation, a MatMul) where JAX resolved it already."""
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(3, 3, 2, 24)).astype(np.float32)
+  numbers = conv_grads._channels_last(4)
+  fn = lambda x: conv_grads.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=numbers)
+  x = rng.normal(size=(3, 6, 5, 2)).astype(np.float32)
+  model = onnx_export.to_onnx(fn, x[:1], batch_dynamic=batch_dynamic)
+  assert {node.op_type for node in model.graph.node} & {"Conv", "MatMul"}
+  sizes = (1, 3) if batch_dynamic else (1,)
+  for n in sizes:
+    np.testing.assert_allclose(_run(model, x[:n]), np.asarray(fn(x[:n])), rtol=1e-5, atol=1e-5)
+
+
 WEIGHTS = np.random.default_rng(2).normal(size=(6, 4)).astype(np.float32)
 
 
@@ -108,6 +130,8 @@ def _more_primitives(x):
   h = h * jax.lax.rsqrt(h * h + 1) - (h <= 0.5) + (h < -1) * 2 - (h == 0)
   h = jnp.concatenate([h, jax.lax.pad(h, 0.5, ((0, 0, 0), (1, -1, 0)))], axis=1)
   h = jnp.squeeze(h[:, None], 1).reshape(-1, 2, 4).transpose(0, 2, 1).reshape(-1, 8)
+  strided = jax.lax.slice(h, (0, 0), (h.shape[0], 8), (1, 4))
+  h = jnp.concatenate([jax.lax.slice_in_dim(h, 1, 7, axis=1), strided], axis=1)  # static slices
   return h - h.min(axis=1, keepdims=True) + h.sum(axis=1, keepdims=True)
 
 

@@ -116,14 +116,8 @@ class ModalityConv(_PerModality):
     if self.mirror:
       if self.transpose or _tuple(self.strides, x) != (1,) * (x.ndim - 2):
         raise ValueError("mirror padding is for stride-1 convolutions, not strided or transposed")
-      # Convolving the mirrored input with no padding at all ('VALID') gives the output
-      # directly, but XLA:CPU's convolution (YNNPACK, jax 0.10) takes a slow path for some
-      # unpadded ones: the 2D network's 5x5 head ran 6-8x slower forward, 2.5-3x forward
-      # and backward, than with any padding (`benchmarks.mirror_conv`).  So one zero is
-      # added at the end of each axis, the least padding there is, and the one output it
-      # reaches is cropped: the same sums, to float32 rounding.
       x = mirror_pad(x, _same_pads(self.kernel_size, self.dilation))
-      padding = ((0, 1),) * (x.ndim - 2)
+      padding = _mirror_conv_padding(self.kernel_size, x.shape[-1], self.features)
 
     def make(name):
       if self.transpose:
@@ -153,7 +147,7 @@ class ModalityConv(_PerModality):
       )
 
     y = self._route(make, x, modality)
-    return crop(y, padding) if self.mirror else y
+    return crop(y, padding) if self.mirror and padding != "VALID" else y
 
 
 class Dropout(nn.Module):
@@ -188,15 +182,71 @@ def keep_mask(rng, shape, keep: float) -> jax.Array:
 
 
 class ModalityNorm(_PerModality):
-  """Batch normalization with scale, offset and running statistics per modality (or shared)."""
+  """Batch normalization with scale, offset and running statistics per modality (or shared).
+
+  The formulas, variables and running-average updates are `nn.BatchNorm`'s (momentum 0.9,
+  epsilon 1e-3, the variance as E[x^2] - E[x]^2, statistics in float32), computed on a
+  [modality part, values, features] view of the batch, so that every part is normalised
+  with its own statistics in one pass.  Splitting the batch, normalising each part and
+  concatenating them again, as `_route` does for convolutions, made XLA:CPU copy every
+  part and the concatenation: at the 2D network's 2560-feature layer those copies cost
+  about as much as the normalisation, and the train step at width 4 ran 4-5 % slower.
+  """
 
   @nn.compact
   def __call__(self, x, modality, train: bool):
-    def make(name):
-      # float32 whatever the convolutions compute in: statistics and normalised outputs.
-      return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=jnp.float32, name=name)
+    groups = self._groups(modality)
+    branches = {
+      name: _BatchNormVariables(x.shape[-1], name=name)() for name in self._branch_names()
+    }
+    if self.shared:
+      variables, parts = [branches["shared"]], x.reshape(1, -1, x.shape[-1])
+    else:
+      variables, parts = [branches[m] for m in groups], x.reshape(len(groups), -1, x.shape[-1])
+    parts = parts.astype(jnp.float32)
+    if train:
+      mean = parts.mean(axis=1)
+      var = jnp.maximum(0.0, jnp.square(parts).mean(axis=1) - jnp.square(mean))
+      if not self.is_initializing():
+        # A modality that is several parts of the batch updates its statistics once per part.
+        for (_, _, ra_mean, ra_var), m, v in zip(variables, mean, var):
+          ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * m
+          ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * v
+    else:
+      mean, var = (jnp.stack([v[i].value for v in variables]) for i in (2, 3))
+    scale, bias = (jnp.stack([v[i] for v in variables]) for i in (0, 1))
+    mul = lax.rsqrt(var + BN_EPSILON) * scale
+    return ((parts - mean[:, None]) * mul[:, None] + bias[:, None]).reshape(x.shape)
 
-    return self._route(make, x, modality, use_running_average=not train)
+
+class _BatchNormVariables(nn.Module):
+  """`nn.BatchNorm`'s variables (names, shapes, initial values): checkpoints keep its layout."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    shape = (self.features,)
+    scale = self.param("scale", nn.initializers.ones, shape, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
+    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, jnp.float32))
+    var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, jnp.float32))
+    return scale, bias, mean, var
+
+
+def _mirror_conv_padding(kernel_size, in_features: int, out_features: int):
+  """The padding a mirror-padded convolution takes: 'VALID' (the mirrored input already
+  holds every tap's input) where the layer is wide, i.e. has at least as many outputs as
+  taps x inputs (the 2D network's 3x3 128 -> 2560 before the depth-to-space), else one
+  zero at the end of each axis, whose one reached output `crop` removes.  XLA:CPU's
+  convolution (YNNPACK, jax 0.10) takes a slow path for some unpadded convolutions with
+  few outputs: the 5x5 40 -> 5 head ran 6-8x slower forward, 2.5-3x forward and backward,
+  'VALID' than with any padding.  The wide layer is 5-15 % faster 'VALID', and its matmul
+  gradients (`conv_grads='cpu_matmul'`) then cover 16 x 16 outputs rather than 17 x 17
+  (`benchmarks.mirror_conv`).  Both forms give the same sums, to float32 rounding."""
+  if out_features >= math.prod(kernel_size) * in_features:
+    return "VALID"
+  return ((0, 1),) * len(kernel_size)
 
 
 def _tuple(strides, x):
@@ -229,7 +279,7 @@ def mirror_pad(x, pads):
 
 def crop(x, pads):
   """Removes (low, high) pixels per spatial axis of [B, *spatial, C]: the outputs that a
-  convolution's zero padding reached.  Built from split, which `ukd.onnx_export`
+  convolution's zero padding reached.  Built from split, which `ukd.serve.onnx_graph`
   translates (it has no rule for slices)."""
   for axis, (low, high) in enumerate(pads, start=1):
     x = jnp.split(x, [low, x.shape[axis] - high], axis=axis)[1]

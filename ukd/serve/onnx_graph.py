@@ -27,7 +27,9 @@ BATCH = "batch"  # the name of the symbolic first dimension of the graph's input
 MIN_OPSET = 15  # Shape(start, end), Unsqueeze/Squeeze/ReduceSum with axes as inputs
 
 # Primitives that call a sub-jaxpr (jax.jit, jax.checkpoint, custom derivatives), and the
-# parameter that holds it; only the forward computation is exported.
+# parameter that holds it; only the forward computation is exported.  A platform-dependent
+# computation (`lax.platform_dependent`: `platform_index`, then `cond`) exports its default
+# branch, the one meant for any platform; all its branches compute the same function.
 CALLS = {
   "jit": "jaxpr",
   "remat2": "jaxpr",
@@ -147,6 +149,13 @@ def _eqn(g: _Graph, eqn, ins: list) -> list:
     if isinstance(sub, jax_core.ClosedJaxpr):
       return _run(g, sub.jaxpr, [np.asarray(c) for c in jax.device_get(sub.consts)], ins)
     return _run(g, sub, [], ins)
+  if name == "platform_index":  # `lax.platform_dependent`: the graph takes the default branch
+    if None not in eqn.params["platforms"]:
+      raise _unsupported(eqn, "no default branch")
+    return [np.asarray(eqn.params["platforms"].index(None), np.int32)]
+  if name == "cond" and isinstance(ins[0], np.ndarray):  # a known branch: inlined
+    branch = eqn.params["branches"][int(ins[0])]
+    return _run(g, branch.jaxpr, [np.asarray(c) for c in jax.device_get(branch.consts)], ins[1:])
   constant = all(isinstance(x, np.ndarray) for x in ins)
   if constant and all(_concrete(v.aval.shape) for v in eqn.outvars):
     return _fold(eqn, ins)
@@ -235,6 +244,22 @@ def _rev(g, eqn, x):
   starts = np.full(len(axes), -1, np.int64)
   ends = np.full(len(axes), np.iinfo(np.int64).min, np.int64)
   return g.op("Slice", [x, starts, ends, axes, np.full(len(axes), -1, np.int64)])
+
+
+def _slice(g, eqn, x):
+  """A static slice (the im2col windows of `ukd.models.conv_grads`), on the axes it cuts."""
+  starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+  steps = eqn.params["strides"] or (1,) * len(starts)
+  shape = eqn.invars[0].aval.shape
+  axes = [
+    a
+    for a, (lo, hi, n, st) in enumerate(zip(starts, limits, shape, steps))
+    if (lo, hi, st) != (0, n, 1)
+  ]
+  if any(not _concrete((starts[a], limits[a])) for a in axes):
+    raise _unsupported(eqn, "a symbolic bound")
+  cut = lambda values: np.asarray([values[a] for a in axes], np.int64)
+  return g.op("Slice", [x, cut(starts), cut(limits), np.asarray(axes, np.int64), cut(steps)])
 
 
 def _split(g, eqn, x) -> list[str]:
@@ -377,6 +402,7 @@ RULES: dict[str, Callable] = {
   "squeeze": _squeeze,
   "concatenate": _concatenate,
   "rev": _rev,
+  "slice": _slice,
   "pad": _pad,
   "dot_general": _dot_general,
   "conv_general_dilated": _conv_general_dilated,
