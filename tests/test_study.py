@@ -444,9 +444,22 @@ def test_paired_tests_match_scipy_wilcoxon_on_the_paired_case_means():
     assert t["mean_diff"] == 0.0 and t["wins"] == 0 and math.isnan(t["p"])
   assert [t["pairs"] for t in tests[1:]] == [2, 7, 2]
   _, body = table(study_report._tests_table(tests, "ref"), "Compared with")
-  assert body[0] == ["other", "CT", "5", "+12.6", "4/5", "0.188"]
-  assert body[1] == ["other", "MR", "2", "+0.0", "0/2", "n/a"]
+  assert body[0] == ["other", "CT", "mean", "5", "+12.6", "4/5", "0.188"]
+  assert body[1] == ["other", "MR", "mean", "2", "+0.0", "0/2", "n/a"]
   assert study_report.paired_tests(results, "absent", ["other"]) == []
+  # A partly labelled modality is also tested structure by structure: CT's B pairs are
+  # seed 0 a, b and seed 1 a, b (c has no B): 0.7-0.5, 0.6-0.65, 0.8-0.7, 0.55-0.62.
+  tests = study_report.paired_tests(results, "ref", ["other"], by_structure=("ct",))
+  assert [(t["modality"], t["structure"]) for t in tests] == [
+    ("ct", "mean"),
+    ("mr", "mean"),
+    ("ct", "A"),
+    ("ct", "B"),
+  ]
+  b = tests[3]
+  assert (b["pairs"], b["wins"]) == (4, 2)
+  assert b["mean_diff"] == pytest.approx((0.2 - 0.05 + 0.1 - 0.07) / 4)
+  assert b["p"] == pytest.approx(stats.wilcoxon([0.2, -0.05, 0.1, -0.07]).pvalue, rel=1e-12)
 
 
 def test_planned_runs_order_and_unknown_only():

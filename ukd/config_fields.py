@@ -73,6 +73,11 @@ _PER_MODALITY = {
 }
 
 
+def labelled_entries(text) -> dict:
+  """`data.labelled` as {modality (None: every one): the class names it labels}."""
+  return _data_entries("labelled", text)
+
+
 def _data_entries(name: str, text) -> dict:
   forms, value = _PER_MODALITY[name]
   return _modality_entries(text, f"data.{name}", forms, value)

@@ -9,7 +9,7 @@ import json
 import numpy as np
 from etils import epath
 
-from ukd import files
+from ukd import config_fields, files
 from ukd.errors import UkdError
 from ukd.evaluation import metrics, tables
 from ukd.evaluation.metrics import METRICS
@@ -89,23 +89,35 @@ def _cell(seed_values, scale, digits) -> str:
   return tables.mean_std(metrics.summarize(seed_values), scale, digits)
 
 
-def paired_tests(results, reference: str, names) -> list[dict]:
+def _case_dice(rows, modality: str, structure=None) -> dict:
+  """{case: Dice} of one modality: the mean over structures, or of one structure."""
+  if structure is None:
+    return case_means(rows, modality, "dice")
+  return {
+    r["case"]: r["dice"] for r in rows if r["modality"] == modality and r["class"] == structure
+  }
+
+
+def paired_tests(results, reference: str, names, by_structure=()) -> list[dict]:
   """Wilcoxon signed-rank per modality: reference vs each variant, over the (seed, test case)
-  pairs both have, on the per-case mean Dice over structures."""
+  pairs both have, on the per-case mean Dice over structures; for the modalities in
+  `by_structure`, also on each structure's Dice."""
   from scipy import stats
 
   out = []
   if reference not in results:
     return out
-  _, modalities = _structures_and_modalities(results)
+  structures, modalities = _structures_and_modalities(results)
+  compared = [(m, None) for m in modalities]
+  compared += [(m, s) for m in modalities if m in by_structure for s in structures]
   for name in names:
     if name == reference or name not in results:
       continue
-    for m in modalities:
+    for m, structure in compared:
       ref, other = [], []
       for seed in sorted(set(results[reference]) & set(results[name])):
-        a = case_means(results[reference][seed]["rows"], m, "dice")
-        b = case_means(results[name][seed]["rows"], m, "dice")
+        a = _case_dice(results[reference][seed]["rows"], m, structure)
+        b = _case_dice(results[name][seed]["rows"], m, structure)
         for case in sorted(set(a) & set(b)):
           ref.append(a[case])
           other.append(b[case])
@@ -117,6 +129,7 @@ def paired_tests(results, reference: str, names) -> list[dict]:
         {
           "variant": name,
           "modality": m,
+          "structure": structure or "mean",
           "pairs": len(diff),
           "mean_diff": float(diff.mean()) if len(diff) else float("nan"),
           "wins": int((diff > 0).sum()),
@@ -131,6 +144,7 @@ def _tests_table(tests, reference) -> str:
     [
       t["variant"],
       t["modality"].upper(),
+      t["structure"],
       str(t["pairs"]),
       f"{t['mean_diff'] * 100:+.1f}",
       f"{t['wins']}/{t['pairs']}",
@@ -141,6 +155,7 @@ def _tests_table(tests, reference) -> str:
   header = [
     "Compared with",
     "Modality",
+    "Structure",
     "Pairs",
     f"{reference} - it (Dice points)",
     f"{reference} better",
@@ -235,10 +250,20 @@ def _scheme_sections(study, results) -> list[str]:
     metric_table(results, schemes, "assd", 1.0, 2),
     "",
     f"Paired Wilcoxon signed-rank tests, `{study.reference}` against each scheme, on the mean",
-    "Dice over structures of each (seed, test volume) pair:",
+    "Dice over structures of each (seed, test volume) pair, and on each structure's Dice in a",
+    "modality trained on only some structures (`data.labelled`):",
     "",
-    _tests_table(paired_tests(results, study.reference, schemes), study.reference),
+    _tests_table(
+      paired_tests(results, study.reference, schemes, _partly_labelled(study)), study.reference
+    ),
   ]
+
+
+def _partly_labelled(study) -> list[str]:
+  """The modalities whose training labels hold only some structures (`data.labelled`); their
+  test labels may hold all, and the structures never labelled are tested one by one."""
+  entries = config_fields.labelled_entries(study.base.data.get("labelled", ""))
+  return [m for m in entries if m is not None]
 
 
 def write_report(study, study_dir: str) -> dict:
@@ -248,7 +273,7 @@ def write_report(study, study_dir: str) -> dict:
     raise UkdError(f"{study_dir}: no finished study runs to report")
   schemes = _scheme_order(study)
   ablations = [study.reference, *study.ablations]
-  tests = paired_tests(results, study.reference, schemes)
+  tests = paired_tests(results, study.reference, schemes, _partly_labelled(study))
   ablation_tests = paired_tests(results, study.reference, list(study.ablations))
   parts = ["# Sharing schemes", "", *_scheme_sections(study, results)]
   if any(name in results for name in study.ablations):
