@@ -28,8 +28,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from ukd import cli, models
 from ukd import config as config_lib
-from ukd import models
 from ukd.serve import segmenter as infer
 
 _WIDTH = flags.DEFINE_integer("width", 16, "Base width of the network (16 in the paper).")
@@ -175,4 +175,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.set_xla_defaults()  # as every ukd command line: what its users run
   app.run(main)

@@ -48,7 +48,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ukd import models
+from ukd import cli, models
 from ukd.models import layers
 from ukd.runtime import mesh as mesh_lib
 from ukd.train import state as state_lib
@@ -269,4 +269,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.set_xla_defaults()  # as every ukd command line: what its users run
   app.run(main)

@@ -24,6 +24,8 @@ import tempfile
 
 from absl import app, flags
 
+from ukd import cli
+
 _TORCH_PYTHON = flags.DEFINE_string("torch_python", None, "A Python with torch installed.")
 _TORCH_PEER = flags.DEFINE_string("torch_peer", None, "The path of torch_peer.py.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds of ukd and the peer.")
@@ -120,4 +122,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.set_xla_defaults()  # ukd's side runs with the XLA flags of ukd's command lines
   app.run(main)

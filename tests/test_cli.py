@@ -438,3 +438,22 @@ def test_no_distributed_settings_is_a_single_process_run(monkeypatch):
   monkeypatch.delenv("UKD_DISTRIBUTED", raising=False)
   distributed.initialize()
   assert jax.process_count() == 1
+
+
+def test_command_lines_set_xla_defaults_unless_the_user_set_them():
+  env = {}
+  cli.set_xla_defaults(env, jaxlib="0.10.2")
+  assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  cli.set_xla_defaults(env, jaxlib="0.10.2")
+  assert env["XLA_FLAGS"].split() == [
+    "--xla_force_host_platform_device_count=4",
+    "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",
+  ]
+  mine = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot"
+  env = {"XLA_FLAGS": mine}
+  cli.set_xla_defaults(env, jaxlib="0.10.2")
+  assert env["XLA_FLAGS"] == mine
+  env = {}
+  cli.set_xla_defaults(env, jaxlib="0.11.0")  # not measured there: XLA's own defaults
+  assert env == {}

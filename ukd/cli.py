@@ -30,8 +30,36 @@ _TRACEBACK = "Traceback (most recent call last)"
 _HELP = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 
 
+# XLA flags every ukd command line sets unless the user's XLA_FLAGS name them.  Matrix
+# products on the CPU by Eigen rather than YNNPACK (convolutions stay YNNPACK's): YNNPACK ran
+# the 2D network's im2col products at 98-180 GFLOP/s where Eigen ran them at 190-209 on a
+# 2-core AMD EPYC (jax 0.10.2), and the recipe's train step at width 4 went from 0.94x to
+# 1.02x torch.compile's (`benchmarks/RESULTS.md`).  CPU only; the same products either way.
+# The flag is experimental, and XLA stops at a flag it does not know: it is set only for the
+# jaxlib releases it was measured with.
+XLA_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "individual_convolution"}
+XLA_DEFAULTS_JAXLIB = "0.10."
+
+
+def set_xla_defaults(environ=os.environ, jaxlib=None) -> None:
+  """Adds `XLA_DEFAULTS` to XLA_FLAGS, each unless the user's XLA_FLAGS set it, for a jaxlib
+  of `XLA_DEFAULTS_JAXLIB` (`jaxlib`: the installed one's version).  XLA reads the variable
+  when its first backend starts: call before anything runs on a device."""
+  if jaxlib is None:
+    from importlib import metadata
+
+    jaxlib = metadata.version("jaxlib")
+  if not jaxlib.startswith(XLA_DEFAULTS_JAXLIB):
+    return
+  given = environ.get("XLA_FLAGS", "")
+  extra = [f"--{name}={value}" for name, value in XLA_DEFAULTS.items() if f"--{name}=" not in given]
+  if extra:
+    environ["XLA_FLAGS"] = " ".join([given, *extra]).strip()
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """Parses the flags and runs `main(argv)` as the module docstring says; does not return."""
+  set_xla_defaults()
 
   def guarded(argv):
     if not flags.FLAGS["verbosity"].present:

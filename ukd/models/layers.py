@@ -51,8 +51,9 @@ KERNEL_INITS = {
 
 
 # The convolution `nn.Conv` calls, by `config.model.conv_grads`: 'xla' is XLA's own (every
-# derivative, any platform); 'cpu_matmul' computes some layers' gradients as matmuls on CPU
-# (see `ukd.models.conv_grads`; reverse mode only: no `jax.jvp` through the model).
+# derivative, any platform); 'cpu_matmul' computes some layers' gradients, and a wide layer's
+# forward pass, as matmuls on CPU (see `ukd.models.conv_grads`; reverse mode only: no
+# `jax.jvp` through the model).
 CONV_GRADS = {
   "xla": lax.conv_general_dilated,
   "cpu_matmul": conv_grads.conv_general_dilated,
@@ -151,13 +152,14 @@ class ModalityConv(_PerModality):
 
 
 class Dropout(nn.Module):
-  """Inverted dropout (kept values scaled by 1 / keep) whose keep decisions take 8 random
-  bits each, four from every 32-bit word drawn, where `nn.Dropout` draws a 32-bit uniform
-  per value.  Drawing the words is most of dropout's cost on a CPU (threefry): 16 x 128 x 128
-  x 16 values took 50 ms one way and 6 ms this way, and dropout was about a tenth of the 2D
-  network's train step.  A keep probability that is a multiple of 1/256 (the reference's
-  0.75 = 192/256) is kept exactly; another is rounded to the nearest multiple of 1/65536,
-  with 16 bits per decision."""
+  """Inverted dropout (kept values scaled by 1 / keep) whose keep decisions take as few
+  random bits as the keep probability needs, many from every 32-bit word drawn, where
+  `nn.Dropout` draws a 32-bit uniform per value.  Drawing the words is most of dropout's cost
+  on a CPU (threefry): 16 x 128 x 128 x 16 values took 50 ms one way and 6 ms with 8 bits a
+  decision, and dropout was about a tenth of the 2D network's train step.  The reference's
+  keep 0.75 = 3/4 takes 2 bits (16 decisions a word); a keep probability that is a multiple
+  of 1/2^n, n <= 16, is kept exactly with n bits; another is rounded to the nearest multiple
+  of 1/65536."""
 
   rate: float
 
@@ -171,14 +173,15 @@ class Dropout(nn.Module):
 
 
 def keep_mask(rng, shape, keep: float) -> jax.Array:
-  """Booleans, each True with probability `keep` (see `Dropout`), from packed random bits."""
-  exact = float(keep * 256).is_integer()
-  dtype, levels = (jnp.uint8, 256) if exact else (jnp.uint16, 65536)
-  per_word = 32 // jnp.iinfo(dtype).bits
+  """Booleans, each True with probability `keep` (see `Dropout`), from packed random bits:
+  n-bit fields of 32-bit words, each compared with keep x 2^n."""
+  bits = next((n for n in (1, 2, 4, 8, 16) if float(keep * 2**n).is_integer()), 16)
+  per_word = 32 // bits
   count = math.prod(shape)
-  words = jax.random.bits(rng, (-(-count // per_word),), jnp.uint32)
-  bits = lax.bitcast_convert_type(words, dtype).reshape(-1)[:count].reshape(shape)
-  return bits < round(keep * levels)
+  words = jax.random.bits(rng, (-(-count // per_word), 1), jnp.uint32)
+  shifts = jnp.arange(0, 32, bits, dtype=jnp.uint32)
+  fields = (words >> shifts) & jnp.uint32(2**bits - 1)
+  return (fields < round(keep * 2**bits)).reshape(-1)[:count].reshape(shape)
 
 
 class ModalityNorm(_PerModality):
