@@ -110,7 +110,7 @@ def test_mirror_conv_gradients_equal_the_old_forms(name, conv_grads):
 
 def test_wide_layers_take_valid_and_the_others_pad_once_and_crop():
   # The 2D network's 3x3 128 -> 2560 at width 4, and its 5x5 40 -> 5 head.
-  assert layers._mirror_conv_padding((3, 3), 128, 2560) == "VALID"
-  assert layers._mirror_conv_padding((5, 5), 40, 5) == ((0, 1), (0, 1))
-  assert layers._mirror_conv_padding((3, 3, 3), 2, 54) == "VALID"
-  assert layers._mirror_conv_padding((3, 3, 3), 2, 53) == ((0, 1),) * 3
+  assert layers._mirror_conv_padding((3, 3, 128, 2560)) == "VALID"
+  assert layers._mirror_conv_padding((5, 5, 40, 5)) == ((0, 1), (0, 1))
+  assert layers._mirror_conv_padding((3, 3, 3, 2, 54)) == "VALID"
+  assert layers._mirror_conv_padding((3, 3, 3, 2, 53)) == ((0, 1),) * 3

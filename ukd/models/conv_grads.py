@@ -68,7 +68,7 @@ def conv_general_dilated(
   ones = (1,) * spatial
   dilation = tuple(rhs_dilation or ones)
   taps, cin, cout = math.prod(rhs.shape[:-2]), rhs.shape[-2], rhs.shape[-1]
-  kind = "wide" if taps * cin <= cout else "narrow" if taps * cout <= 4 * cin else None
+  kind = "wide" if is_wide(rhs.shape) else "narrow" if taps * cout <= 4 * cin else None
   plain = (
     tuple(window_strides) == ones
     and tuple(lhs_dilation or ones) == ones
@@ -93,6 +93,12 @@ def conv_general_dilated(
     padding = lax.padtype_to_pads(lhs.shape[1:-1], window, ones, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   return _custom_grad_conv(lhs, rhs, kind, dilation, pads)
+
+
+def is_wide(kernel_shape) -> bool:
+  """Whether a convolution with this kernel (spatial..., in, out) is wide: at least as many
+  output features as im2col patch values (taps x input features)."""
+  return math.prod(kernel_shape[:-2]) * kernel_shape[-2] <= kernel_shape[-1]
 
 
 def _conv(x, w, dilation, pads):

@@ -118,7 +118,7 @@ class ModalityConv(_PerModality):
       if self.transpose or _tuple(self.strides, x) != (1,) * (x.ndim - 2):
         raise ValueError("mirror padding is for stride-1 convolutions, not strided or transposed")
       x = mirror_pad(x, _same_pads(self.kernel_size, self.dilation))
-      padding = _mirror_conv_padding(self.kernel_size, x.shape[-1], self.features)
+      padding = _mirror_conv_padding((*self.kernel_size, x.shape[-1], self.features))
 
     def make(name):
       if self.transpose:
@@ -237,19 +237,19 @@ class _BatchNormVariables(nn.Module):
     return scale, bias, mean, var
 
 
-def _mirror_conv_padding(kernel_size, in_features: int, out_features: int):
-  """The padding a mirror-padded convolution takes: 'VALID' (the mirrored input already
-  holds every tap's input) where the layer is wide, i.e. has at least as many outputs as
-  taps x inputs (the 2D network's 3x3 128 -> 2560 before the depth-to-space), else one
+def _mirror_conv_padding(kernel_shape):
+  """The padding a mirror-padded convolution with this kernel (spatial..., in, out) takes:
+  'VALID' (the mirrored input already holds every tap's input) where the layer is wide
+  (`conv_grads.is_wide`: the 2D network's 3x3 128 -> 2560 before the depth-to-space), else one
   zero at the end of each axis, whose one reached output `crop` removes.  XLA:CPU's
   convolution (YNNPACK, jax 0.10) takes a slow path for some unpadded convolutions with
   few outputs: the 5x5 40 -> 5 head ran 6-8x slower forward, 2.5-3x forward and backward,
   'VALID' than with any padding.  The wide layer is 5-15 % faster 'VALID', and its matmul
   gradients (`conv_grads='cpu_matmul'`) then cover 16 x 16 outputs rather than 17 x 17
   (`benchmarks.mirror_conv`).  Both forms give the same sums, to float32 rounding."""
-  if out_features >= math.prod(kernel_size) * in_features:
+  if conv_grads.is_wide(kernel_shape):
     return "VALID"
-  return ((0, 1),) * len(kernel_size)
+  return ((0, 1),) * (len(kernel_shape) - 2)
 
 
 def _tuple(strides, x):
@@ -283,7 +283,7 @@ def mirror_pad(x, pads):
 def crop(x, pads):
   """Removes (low, high) pixels per spatial axis of [B, *spatial, C]: the outputs that a
   convolution's zero padding reached.  Built from split, which `ukd.serve.onnx_graph`
-  translates (it has no rule for slices)."""
+  translates into one ONNX Split."""
   for axis, (low, high) in enumerate(pads, start=1):
     x = jnp.split(x, [low, x.shape[axis] - high], axis=axis)[1]
   return x

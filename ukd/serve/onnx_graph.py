@@ -142,20 +142,23 @@ def _fold(eqn, ins: Sequence[np.ndarray]) -> list[np.ndarray]:
   return [np.asarray(o) for o in jax.device_get(list(outs))]
 
 
+def _inline(g: _Graph, sub, ins: list) -> list:
+  """A called jaxpr (closed or not) translated in place, on the caller's inputs."""
+  if isinstance(sub, jax_core.ClosedJaxpr):
+    return _run(g, sub.jaxpr, [np.asarray(c) for c in jax.device_get(sub.consts)], ins)
+  return _run(g, sub, [], ins)
+
+
 def _eqn(g: _Graph, eqn, ins: list) -> list:
   name = eqn.primitive.name
   if name in CALLS:  # a call of constants folds equation by equation inside
-    sub = eqn.params[CALLS[name]]
-    if isinstance(sub, jax_core.ClosedJaxpr):
-      return _run(g, sub.jaxpr, [np.asarray(c) for c in jax.device_get(sub.consts)], ins)
-    return _run(g, sub, [], ins)
+    return _inline(g, eqn.params[CALLS[name]], ins)
   if name == "platform_index":  # `lax.platform_dependent`: the graph takes the default branch
     if None not in eqn.params["platforms"]:
       raise _unsupported(eqn, "no default branch")
     return [np.asarray(eqn.params["platforms"].index(None), np.int32)]
   if name == "cond" and isinstance(ins[0], np.ndarray):  # a known branch: inlined
-    branch = eqn.params["branches"][int(ins[0])]
-    return _run(g, branch.jaxpr, [np.asarray(c) for c in jax.device_get(branch.consts)], ins[1:])
+    return _inline(g, eqn.params["branches"][int(ins[0])], ins[1:])
   constant = all(isinstance(x, np.ndarray) for x in ins)
   if constant and all(_concrete(v.aval.shape) for v in eqn.outvars):
     return _fold(eqn, ins)
