@@ -14,6 +14,9 @@ layout) in four arms, each into `<workdir>/<arm>/` (`--arms=mr_scarce` narrows i
                     labels all four: what MR never saw labelled is learnt from CT alone;
   mr_scarce_long    mr_scarce with the paper config's recipe at 5x the steps, `ukd` against
                     `separate_norm`: does KD's effect grow with training?
+  three_modalities  CT, b-SSFP MR and T2-weighted black-blood MR (its blood contrast
+                    inverted) of the scanner set, as nnU-Net style folders: one network,
+                    three modalities, KD over the three pairs.
 The scarce arms and `mr_partial` also run KD with the other absent-class rule
 (`ukd_kd_mask` / `ukd_kd_uniform`), so each says which rule helps, hurts or does nothing.
 `:ablations` trains the ablation variants (one seed each) on the simple phantoms.  `:mmwhs`
@@ -78,6 +81,19 @@ _KD_RULES = {
 }
 
 
+# CT + two MR contrasts of the scanner set (`ukd.data.synthetic.scanner_phantoms`), written as
+# one nnU-Net style folder per modality: 20 cases each, split 60/20/20 as the other arms.
+_THREE = {
+  "modalities": ("ct", "mr", "t2"),
+  "data": {
+    "dataset": "folder",
+    "options": {"modalities": {"ct": "ct", "mr": "mr", "t2": "t2"}},
+    "synthetic": {"realism": "scanner", "contrasts": {"t2": "mr_t2"}},
+    "norm": {"t2": {"kind": "zscore", "percentiles": (0.5, 99.5)}},
+  },
+}
+
+
 def _arms():
   """Each arm: overrides of the base (phantom set, per-modality budget) and its variants.
   20 + 20 phantoms split 60/20/20 give each modality 12 training volumes: 25 % is 3."""
@@ -120,6 +136,11 @@ def _arms():
         "checkpoint_every": 1000,
       },
       "variants": ("ukd", "separate_norm", "ukd_kd_mask"),
+    },
+    "three_modalities": {
+      "doc": "Scanner phantoms: CT, b-SSFP MR and T2-weighted MR, 12 training volumes each.",
+      "base": _THREE,
+      "variants": ("single", "joint", "separate_norm", "ukd"),
     },
   }
 

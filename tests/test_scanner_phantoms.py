@@ -23,7 +23,7 @@ def _with_tissue(monkeypatch, modality, **kwargs):
   """A phantom and its tissue map (indices into `scanner_phantoms.TISSUES`), which the label
   map alone does not give: most tissues are unlabelled."""
   seen = {}
-  name = f"_render_{modality}"
+  name = "_render_ct" if modality == "ct" else "_render_mr"
   render = getattr(scanner_phantoms, name)
 
   def spy(tissue, *args):
@@ -118,9 +118,33 @@ def test_ct_noise_in_air_is_the_documented_sigma(monkeypatch):
 
 
 def test_mr_contrast_is_balanced_ssfp():
-  contrast = scanner_phantoms._mr_contrast()
+  contrast = scanner_phantoms._mr_contrast("mr")
   assert contrast["blood"] == 1.0 and contrast["fat"] > 0.7  # bright blood and fat
   assert contrast["myocardium"] < 0.35 and contrast["lung"] < 0.2 and contrast["air"] == 0.0
+
+
+def test_second_mr_contrast_is_t2_weighted_black_blood():
+  contrast = scanner_phantoms._mr_contrast("mr_t2")
+  # By hand, S = (1 - exp(-1800 / T1)) exp(-70 / T2): fat 0.99474 * 0.29911 = 0.29754 (the
+  # brightest), myocardium 0.82582 * 0.17377 = 0.14351, blood 0.05 * 0.71325 * 0.78555 = 0.02801.
+  assert contrast["fat"] == 1.0
+  assert contrast["myocardium"] == pytest.approx(0.14351 / 0.29754, rel=1e-3)
+  assert contrast["blood"] == pytest.approx(0.02801 / 0.29754, rel=1e-3)
+  assert contrast["liver"] > contrast["myocardium"] > contrast["blood"] > contrast["air"] == 0.0
+
+
+def test_t2_cases_are_dark_blood_patients_of_their_own(monkeypatch):
+  t2, tissue = _with_tissue(monkeypatch, "mr_t2", shape=(64, 64, 40))
+  bssfp = _make("mr", shape=(64, 64, 40))
+  assert t2.spacing == pytest.approx(bssfp.spacing, rel=0.1)  # the b-SSFP field of view ...
+  assert not np.array_equal(t2.label, bssfp.label)  # ... another patient
+  # Inside the pools, away from the partial volume of their walls.
+  inside = scipy.ndimage.binary_erosion(tissue == _tissue("left_ventricle"), iterations=2)
+  blood = np.median(t2.image[inside])
+  muscle = np.median(t2.image[tissue == _tissue("myocardium")])
+  assert blood < 0.5 * muscle  # the b-SSFP blood contrast inverted
+  with pytest.raises(DataError, match="modality in \\('ct', 'mr', 'mr_t2'\\)"):
+    scanner_phantoms.make_phantom("cardiac", "t2", (16, 16, 8))
 
 
 def test_mr_is_anisotropic_and_sees_more_of_the_body_than_ct(monkeypatch):
@@ -241,3 +265,49 @@ def test_config_check_names_the_realism_setting():
     config_lib.check(config)
   config.data.dataset = "mmwhs"
   assert config_lib.check(config).data.synthetic.realism == "scanner"
+
+
+def test_folder_layout_holds_ct_and_two_mr_contrasts_that_the_folder_adapter_reads(tmp_path):
+  from ukd.data.adapters import get_adapter
+
+  folders = {"ct": "CT", "mr": "bSSFP", "t2": "T2"}
+  root = tmp_path / "three"
+  synthetic.ensure(
+    root, "folder", n_ct=2, n_mr=1, shape=(16, 16, 8), seed=0, realism="scanner",
+    folders=folders, contrasts={"t2": "mr_t2"},
+  )  # fmt: skip
+  adapter = get_adapter("folder", modalities=folders)
+  cases = adapter.cases(str(root))
+  assert sorted((c.modality, c.id) for c in cases) == [
+    ("ct", "ct_001"), ("ct", "ct_002"), ("mr", "mr_001"), ("t2", "t2_001"),
+  ]  # fmt: skip
+  assert adapter.classes == ("background", "MYO", "LAC", "LVC", "AA")
+  t2 = next(c for c in cases if c.modality == "t2")
+  _, label = adapter.read(t2)
+  made = _make("mr_t2", shape=(16, 16, 8))
+  # The written indices are the MM-WHS codes mapped (205 MYO -> 1, ..., 550 RA -> 0).
+  index = {0: 0, 205: 1, 420: 2, 500: 3, 820: 4, 550: 0, 600: 0, 850: 0}
+  expected = np.vectorize(index.get)(made.label)
+  written = np.asarray(synthetic.nib.load(str(root / "T2" / "labelsTr" / "t2_001.nii.gz")).dataobj)
+  assert np.array_equal(written, expected) and written.dtype == np.uint8
+  image = synthetic.nib.load(str(root / "T2" / "imagesTr" / "t2_001_0000.nii.gz"))
+  assert np.array_equal(np.asarray(image.dataobj), made.image)
+  assert label.array.shape == made.image.shape
+  with pytest.raises(DataError, match="'t2': its phantom contrast 't2' is not one of"):
+    synthetic.write_folder(tmp_path / "unnamed", 1, 1, shape=(16, 16, 8), folders={"t2": "T2"})
+  with pytest.raises(DataError, match="'mr_t2' is not one of the simple set's"):
+    synthetic.write_folder(
+      tmp_path / "simple", 1, 1, shape=(16, 16, 8), folders={"t2": "T2"}, contrasts={"t2": "mr_t2"}
+    )
+
+
+def test_config_check_names_the_contrasts_setting():
+  config = config_lib.default()
+  config.data.synthetic.contrasts = {"t2": "mr_t2"}
+  with pytest.raises(ConfigError, match=r"contrasts=\{'t2': 'mr_t2'\}.*only the 'folder' layout"):
+    config_lib.check(config)
+  config.data.dataset = "folder"
+  with pytest.raises(ConfigError, match=r"contrasts\.t2='mr_t2' must be one of \('ct', 'mr'\)"):
+    config_lib.check(config)
+  config.data.synthetic.realism = "scanner"
+  assert config_lib.check(config).data.synthetic.contrasts.t2 == "mr_t2"

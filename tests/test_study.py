@@ -16,6 +16,7 @@ from helpers import run_module
 from PIL import Image
 from scipy import stats
 
+from ukd import config as config_lib
 from ukd import models
 from ukd.errors import ConfigError
 from ukd.evaluation import metrics
@@ -569,6 +570,7 @@ def test_the_default_study_has_the_arms_of_the_comparison():
     "ct_scarce",
     "mr_partial",
     "mr_scarce_long",
+    "three_modalities",
   }
   for name in ("balanced_simple", "balanced_scanner"):
     assert set(config.arms[name].variants) == set(models.SCHEMES)
@@ -586,6 +588,20 @@ def test_the_default_study_has_the_arms_of_the_comparison():
   assert (mr.train_fraction, ct.train_fraction) == ("ct=1,mr=0.25", "ct=0.25,mr=1")
   assert mr.synthetic.realism == ct.synthetic.realism == "scanner"
   assert study.arm_study(config, "balanced_simple").base.data.synthetic.realism == "simple"
+
+
+def test_the_three_modality_arm_is_a_checked_config_of_ct_and_two_mr_contrasts(tmp_path):
+  config = importlib.import_module("configs.study").get_config()
+  arm = study.arm_study(config, "three_modalities")
+  run = config_lib.check(study.run_config(arm, {"model": {"scheme": "ukd"}}, 0, str(tmp_path)))
+  assert run.modalities == ("ct", "mr", "t2")
+  assert run.data.dataset == "folder" and run.data.synthetic.realism == "scanner"
+  assert dict(run.data.options.modalities) == {"ct": "ct", "mr": "mr", "t2": "t2"}
+  assert dict(run.data.synthetic.contrasts) == {"t2": "mr_t2"}
+  assert run.data.norm.t2.kind == "zscore" and run.data.norm.ct.kind == "window"
+  # Keys are added only to the mappings a user fills; a mistyped field is still refused.
+  with pytest.raises(ConfigError, match="sets config.data.optoins, which does not exist"):
+    study.run_config(arm, {"data": {"optoins": {"x": 1}}}, 0, str(tmp_path))
 
 
 def _write_result(study_dir, arm, name, seed, result):

@@ -322,8 +322,8 @@ def test_ensure_generates_once_then_reuses_and_refuses_other_settings(tmp_path):
   (tmp_path / "real" / "dataset.json").write_text("{}")
   with pytest.raises(DataError, match="holds no synthetic dataset"):
     synthetic.ensure(tmp_path / "real", "mmwhs", **cfg)
-  with pytest.raises(DataError, match="'folder' layout cannot be made"):
-    synthetic.ensure(tmp_path / "nnunet", "folder", **cfg)
+  with pytest.raises(DataError, match="'nnunet' layout cannot be made"):
+    synthetic.ensure(tmp_path / "nnunet", "nnunet", **cfg)
   synthetic.ensure(tmp_path / "belly", "abdominal", **cfg)
   assert len(list((tmp_path / "belly" / "BTCV" / "img").iterdir())) == 2
 

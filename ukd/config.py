@@ -73,6 +73,9 @@ def default() -> mc.ConfigDict:
   c.data.synthetic.seed = 0  # phantoms' own seed (the same phantoms for every training seed)
   c.data.synthetic.shape = (96, 96, 40)  # voxels per phantom
   c.data.synthetic.realism = "simple"  # 'simple' (the demo's) | 'scanner' (MM-WHS protocols; mmwhs)
+  # folder layout: {modality: phantom contrast} ('ct' | 'mr' | scanner set: 'mr_t2'); a
+  # modality named ct or mr holds that contrast unless named here
+  c.data.synthetic.contrasts = {}
   c.data.split_fractions = (0.6, 0.2, 0.2)  # train / val / test fractions per modality
   c.data.folds = 1  # k > 1: k-fold cross-validation of the train+val cases; test stays as k=1
   c.data.fold = 0  # with folds > 1: the fold validated on (0..folds-1), the others train
@@ -301,11 +304,26 @@ def _check_realism(data) -> None:
     raise ConfigError(
       f"config.data.synthetic.realism={realism!r} must be one of ('simple', 'scanner')"
     )
-  if realism == "scanner" and data.synthetic.enabled and data.dataset != "mmwhs":
+  if realism == "scanner" and data.synthetic.enabled and data.dataset not in ("mmwhs", "folder"):
     raise ConfigError(
       f"config.data.synthetic.realism='scanner' has cardiac phantoms only: it needs "
-      f"data.dataset='mmwhs', not {data.dataset!r}"
+      f"data.dataset='mmwhs' or 'folder', not {data.dataset!r}"
     )
+  contrasts = dict(data.synthetic.get("contrasts") or {})
+  if contrasts and data.dataset != "folder":
+    raise ConfigError(
+      f"config.data.synthetic.contrasts={contrasts} names phantom contrasts per modality, "
+      f"which only the 'folder' layout writes, not {data.dataset!r}"
+    )
+  from ukd.data.synthetic import phantoms, scanner_phantoms  # the phantom sets' contrasts
+
+  known = scanner_phantoms.CONTRASTS if realism == "scanner" else phantoms.MODALITIES
+  for modality, contrast in contrasts.items():
+    if contrast not in known:
+      raise ConfigError(
+        f"config.data.synthetic.contrasts.{modality}={contrast!r} must be one of {known} "
+        f"(data.synthetic.realism={realism!r})"
+      )
 
 
 def _check_folds(data) -> None:
@@ -391,6 +409,16 @@ def label_masks(config) -> dict[str, np.ndarray]:
 # Fields added to `default()` with a default that differs from what runs saved before them
 # did, and that older behaviour: a config saved without the field takes this value, so its
 # checkpoint still fits the network it builds (both networks' heads had a bias).
+# The config's mappings whose keys the user names (modalities, an adapter's options), not
+# fields of ours: a study's overrides may add keys to them.
+OPEN_MAPPINGS = (
+  "data.options",
+  "data.norm",
+  "data.synthetic.contrasts",
+  "infer.dicom_modalities",
+  "infer.dicom_sequences",
+)
+
 BEFORE_FIELDS = {"model": {"head_bias": True}}
 
 

@@ -76,13 +76,16 @@ def run_config(study, overrides: dict, seed: int, study_dir: str) -> mc.ConfigDi
   return config
 
 
-def _override(node, overrides: dict, where: str) -> None:
-  """Sets nested `overrides` on a ConfigDict; a field it does not have is a ConfigError."""
+def _override(node, overrides: dict, where: str, path: str = "") -> None:
+  """Sets nested `overrides` on a ConfigDict; a field it does not have is a ConfigError,
+  except in the mappings whose keys a user names (`config.OPEN_MAPPINGS`: modalities, adapter
+  options).  `where` names the node in errors, `path` is its place in the training config."""
   for key, value in overrides.items():
-    if key not in node:
+    if key not in node and path not in config_lib.OPEN_MAPPINGS:
       raise ConfigError(f"a study variant sets {where}.{key}, which does not exist")
-    if isinstance(value, dict) and isinstance(node[key], mc.ConfigDict):
-      _override(node[key], value, f"{where}.{key}")
+    inner = f"{path}.{key}" if path else key
+    if isinstance(value, dict) and isinstance(node.get(key), mc.ConfigDict):
+      _override(node[key], value, f"{where}.{key}", inner)
       continue
     try:
       node[key] = value

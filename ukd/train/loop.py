@@ -92,6 +92,7 @@ def dataset_root(config: mc.ConfigDict, workdir: str | os.PathLike) -> str:
       seed=phantoms.seed,
       realism=phantoms.realism,
       **splits.adapter_for(config).phantom_options,
+      **({"contrasts": dict(phantoms.contrasts)} if phantoms.get("contrasts") else {}),
     )
   if root in (config_lib.REQUIRED, ""):
     raise ConfigError("config.data.root is not set: pass --config.data.root=/path/to/dataset")

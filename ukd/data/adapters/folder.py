@@ -72,6 +72,11 @@ class FolderAdapter(Adapter):
     return tuple(dict.fromkeys(name for names in self._names().values() for name in names))
 
   @property
+  def phantom_options(self) -> dict:
+    """Phantoms in this layout go to the folders it reads (`generate.write_folder`)."""
+    return {"folders": dict(self.modalities)}
+
+  @property
   def lateral_pairs(self) -> tuple[tuple[str, str], ...]:
     """Pairs by name (`kidney_left` / `kidney_right`): a folder dataset names its own classes."""
     return lateral.pairs_by_name(self.classes)

@@ -1,5 +1,5 @@
-"""Phantom datasets written in the on-disk layouts of MM-WHS 2017, BTCV, CHAOS, AMOS22 and
-TotalSegmentator (a mask file per structure).
+"""Phantom datasets written in the on-disk layouts of MM-WHS 2017, BTCV, CHAOS, AMOS22,
+TotalSegmentator (a mask file per structure) and nnU-Net style folders (one per modality).
 
 The real datasets need a registration and cannot be fetched everywhere, yet the dataset
 adapters, preprocessing, training and evaluation must run end to end on files that look
@@ -8,7 +8,8 @@ conventions. The volumes come from `ukd.data.synthetic.phantoms` (anatomy, geome
 'simple' set) or, for MM-WHS, from `ukd.data.synthetic.scanner_phantoms` (acquired as the MM-WHS
 scanners do: the 'scanner' set); this module writes them as each dataset ships: MM-WHS, BTCV
 and AMOS22 as NIfTI label maps, TotalSegmentator as NIfTI masks, CHAOS as DICOM series with
-PNG masks. `ensure` generates a dataset once, for
+PNG masks, and cardiac cases of any number of modalities (CT, b-SSFP, T2-weighted MR) as
+nnU-Net style folders. `ensure` generates a dataset once, for
 configs that ask for synthetic data; `python -m ukd.data.synthetic --layout=mmwhs --out=DIR`
 writes one.
 """
@@ -24,9 +25,11 @@ import numpy as np
 
 from ukd import files
 from ukd.data.adapters.abdominal import CHAOS_SEQUENCES
+from ukd.data.adapters.mmwhs import MMWHS_CODES
 from ukd.data.synthetic import scanner_phantoms
 from ukd.data.synthetic.phantoms import (
   DEFAULT_SHAPE,
+  MODALITIES,
   RAS_FROM_LPS,
   Phantom,
   check_shape,
@@ -338,6 +341,71 @@ def write_totalseg(
   return [*written, path]
 
 
+# MM-WHS codes -> the folder layout's class indices (its dataset.json below).
+_FOLDER_INDEX = np.zeros(max(MMWHS_CODES) + 1, np.uint8)
+_FOLDER_INDEX[list(MMWHS_CODES)] = list(MMWHS_CODES.values())
+
+
+def write_folder(
+  root,
+  n_ct: int,
+  n_mr: int,
+  shape=DEFAULT_SHAPE,
+  seed: int = 0,
+  realism: str = "simple",
+  folders=None,
+  contrasts=None,
+) -> list[str]:
+  """Cardiac phantoms as nnU-Net style folders, one per modality (the `folder` adapter's
+  layout): <root>/<folder>/imagesTr/<modality>_NNN_0000.nii.gz, labelsTr/<modality>_NNN.nii.gz
+  (uint8 indices: 1 MYO, 2 LAC, 3 LVC, 4 AA) and a dataset.json naming them.
+
+  `folders` maps each modality to its folder (the adapter's `modalities` option), `contrasts`
+  each to the phantom it holds: 'ct', 'mr' (b-SSFP) or, in the scanner set, 'mr_t2' (a
+  T2-weighted black-blood image, `scanner_phantoms`).  A modality named 'ct' or 'mr' holds that
+  contrast unless told otherwise; any other must be named.  A CT modality gets `n_ct` cases,
+  each MR one `n_mr`, patients of its own.  Returns the written paths.
+  """
+  _check_counts(n_ct=n_ct, n_mr=n_mr)
+  make = _maker(realism)
+  known = scanner_phantoms.CONTRASTS if realism == "scanner" else MODALITIES
+  contrasts = dict(contrasts or {})
+  root = os.fspath(root)
+  written = []
+  for modality, folder in sorted(dict(folders or {}).items()):
+    contrast = contrasts.get(modality, modality)
+    if contrast not in known:
+      raise DataError(
+        f"synthetic folder modality {modality!r}: its phantom contrast {contrast!r} is not one of "
+        f"the {realism} set's {known}; name it in data.synthetic.contrasts"
+      )
+    count = n_ct if contrast == "ct" else n_mr
+    base = os.path.join(root, os.fspath(folder))
+    for part in ("imagesTr", "labelsTr"):
+      files.makedirs(os.path.join(base, part))
+    for index in range(count):
+      phantom = make("cardiac", contrast, shape, seed=seed, index=index)
+      label = _FOLDER_INDEX[phantom.label]
+      case = f"{modality}_{index + 1:03d}"
+      for path, array in (
+        (os.path.join(base, "imagesTr", f"{case}_0000.nii.gz"), phantom.image),
+        (os.path.join(base, "labelsTr", f"{case}.nii.gz"), label),
+      ):
+        _save_nifti(array, phantom.affine, path)
+        written.append(path)
+    meta = {
+      "channel_names": {"0": "CT" if contrast == "ct" else "MR"},
+      "labels": {"background": 0, "MYO": 1, "LAC": 2, "LVC": 3, "AA": 4},
+      "numTraining": count,
+      "file_ending": ".nii.gz",
+    }
+    path = os.path.join(base, "dataset.json")
+    with open(path, "w") as f:
+      json.dump(meta, f, indent=2)
+    written.append(path)
+  return written
+
+
 def _simple_only(realism: str, layout: str) -> None:
   """Abdominal layouts come from the simple set: the scanner set has no abdominal anatomy."""
   if realism != "simple":
@@ -349,6 +417,7 @@ WRITERS = {
   "abdominal": write_abdominal,
   "amos": write_amos,
   "totalseg": write_totalseg,
+  "folder": write_folder,
 }
 _MARKER = ".ukd_synthetic.json"  # hidden, so the dataset adapters never list it
 

@@ -184,6 +184,21 @@ MR_GHOST_SHIFT = 0.5
 
 _MR_MAX = 4095  # 12 bits stored, as the simple set's MR
 
+# A second MR contrast, 'mr_t2': T2-weighted black-blood turbo spin echo, the cardiac T2
+# sequence (Simonetti et al. 1996, Radiology 199, "'Black blood' T2-weighted inversion-recovery
+# MR imaging of the heart"). A spin echo's signal is S = M0 (1 - exp(-TR / T1)) exp(-TE / T2);
+# TR spans two heartbeats (chosen 1800 ms: 2 x 900 ms), TE chosen 70 ms, within the 60-100 ms
+# of such protocols. Its double inversion nulls the blood that flows into the slice: flowing
+# blood keeps this fraction of its signal (chosen); lung tissue (capillary blood) is not nulled.
+# Myocardium is then grey, fat and liver brighter, the blood pools dark: the blood contrast of
+# b-SSFP inverted. Grid, acquisition, coils, ghost and noise are b-SSFP's; its cases are
+# patients of their own (random streams apart from the b-SSFP cases').
+MR_T2_TR_MS = 1800.0
+MR_T2_TE_MS = 70.0
+MR_T2_BLOOD_RESIDUAL = 0.05
+# The contrasts the scanner set renders: `make_phantom`'s `modality`.
+CONTRASTS = ("ct", "mr", "mr_t2")
+
 # ----------------------------------------------------------------------------- anatomy
 
 # Tissues of the scanner set: the simple heart and thorax, plus what the MR field of view
@@ -213,12 +228,23 @@ def _bssfp(t1: float, t2: float, density: float) -> float:
   return density * math.sin(a) / (1.0 + math.cos(a) + (1.0 - math.cos(a)) * t1 / t2)
 
 
-def _mr_contrast() -> dict[str, float]:
-  """Signal of each MR tissue class relative to blood."""
-  signal = {name: _bssfp(*values) for name, values in MR_RELAXATION.items()}
+def _t2_spin_echo(t1: float, t2: float, density: float) -> float:
+  """T2-weighted spin echo signal of one tissue (`MR_T2_TR_MS`, `MR_T2_TE_MS`), in units of M0."""
+  return density * (1.0 - math.exp(-MR_T2_TR_MS / t1)) * math.exp(-MR_T2_TE_MS / t2)
+
+
+def _mr_contrast(contrast: str) -> dict[str, float]:
+  """Signal of each MR tissue class relative to the brightest one (blood in b-SSFP, fat in
+  the T2-weighted black-blood image)."""
+  if contrast == "mr":
+    signal = {name: _bssfp(*values) for name, values in MR_RELAXATION.items()}
+  else:
+    signal = {name: _t2_spin_echo(*values) for name, values in MR_RELAXATION.items()}
+    signal["blood"] *= MR_T2_BLOOD_RESIDUAL
   signal["air"] = 0.0
   signal["marrow"] = MR_MARROW_FAT * signal["fat"] + (1.0 - MR_MARROW_FAT) * signal["muscle"]
-  return {name: value / signal["blood"] for name, value in signal.items()}
+  brightest = max(signal.values())
+  return {name: value / brightest for name, value in signal.items()}
 
 
 def _ct_values(rng: np.random.Generator) -> np.ndarray:
@@ -229,9 +255,9 @@ def _ct_values(rng: np.random.Generator) -> np.ndarray:
   return np.array([blood[_BLOOD[n]] if n in _BLOOD else tissue[n] for n in TISSUES], np.float32)
 
 
-def _mr_values(rng: np.random.Generator) -> np.ndarray:
-  """Per-case signal of every tissue (blood = `MR_BLOOD_LEVEL`)."""
-  contrast = _mr_contrast()
+def _mr_values(rng: np.random.Generator, contrast: str) -> np.ndarray:
+  """Per-case signal of every tissue (the brightest = `MR_BLOOD_LEVEL`)."""
+  contrast = _mr_contrast(contrast)
   spread = rng.uniform(-MR_TISSUE_SPREAD, MR_TISSUE_SPREAD, len(contrast))
   case = {name: value * (1.0 + s) for (name, value), s in zip(contrast.items(), spread)}
   classes = ["blood" if n in _BLOOD else "marrow" if n == "bone" else n for n in TISSUES]
@@ -278,9 +304,10 @@ def _render_ct(tissue: np.ndarray, rng) -> np.ndarray:
   return np.clip(np.rint(image), -1024, 3071).astype(np.int16)
 
 
-def _render_mr(tissue: np.ndarray, coils: np.ndarray, rng) -> np.ndarray:
-  """Coil-shaded b-SSFP signal, acquired coarser, ghosted, with Rician noise and a gain."""
-  image = scipy.ndimage.gaussian_filter(_mr_values(rng)[tissue], VOXEL_SIGMA) * coils
+def _render_mr(tissue: np.ndarray, coils: np.ndarray, rng, contrast: str) -> np.ndarray:
+  """Coil-shaded MR signal, acquired coarser, ghosted, with Rician noise and a gain."""
+  values = _mr_values(rng, contrast)
+  image = scipy.ndimage.gaussian_filter(values[tissue], VOXEL_SIGMA) * coils
   image = _ghost(acquire(image, MR_ACQUISITION))
   sigma = np.float32(MR_BLOOD_LEVEL / MR_SNR)
   real = image + sigma * phantoms._noise(rng, tissue.shape)
@@ -295,17 +322,20 @@ def make_phantom(
   """One scanner-set case in memory, as `phantoms.make_phantom` makes a simple one.
 
   Its random stream differs from the simple set's case of the same seed and index.
+  `modality` is one of `CONTRASTS`: 'ct', 'mr' (b-SSFP) or 'mr_t2' (the second MR contrast).
   """
-  if anatomy != "cardiac" or modality not in phantoms.MODALITIES:
+  if anatomy != "cardiac" or modality not in CONTRASTS:
     raise DataError(
       f"scanner phantom {anatomy!r}/{modality!r} unknown: the scanner set is cardiac (MM-WHS) "
-      f"only, modality in {phantoms.MODALITIES}"
+      f"only, modality in {CONTRASTS}"
     )
   shape = check_shape(shape)
-  # The simple set's stream key plus a fifth entry: the scanner set's streams are its own.
-  stream = [seed, phantoms.ANATOMIES.index(anatomy), phantoms.MODALITIES.index(modality), index]
-  rng = np.random.default_rng([*stream, 1])
-  lps = phantoms._lps_affine(GRIDS[modality], shape, rng)
+  # The simple set's stream key plus a fifth entry: the scanner set's streams are its own
+  # (1 for CT and b-SSFP, 2 for the T2-weighted cases).
+  scanner = modality if modality in phantoms.MODALITIES else "mr"
+  stream = [seed, phantoms.ANATOMIES.index(anatomy), phantoms.MODALITIES.index(scanner), index]
+  rng = np.random.default_rng([*stream, 1 if modality == scanner else 2])
+  lps = phantoms._lps_affine(GRIDS[scanner], shape, rng)
   spacing = np.linalg.norm(lps[:3, :3], axis=0)
   centres = phantoms._voxel_centres(shape, lps)
   points = centres + phantoms._displacement(shape, spacing, rng)
@@ -313,5 +343,5 @@ def make_phantom(
   if modality == "ct":
     image = _render_ct(tissue, rng)
   else:
-    image = _render_mr(tissue, _coil_field(centres, shape, lps, rng), rng)
+    image = _render_mr(tissue, _coil_field(centres, shape, lps, rng), rng, modality)
   return Phantom(image, _CODES[tissue], RAS_FROM_LPS @ lps)
