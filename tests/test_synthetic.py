@@ -2,6 +2,7 @@
 
 import glob
 import importlib
+import json
 import os
 
 import nibabel as nib
@@ -372,3 +373,17 @@ def test_abdominal_adapter_reads_btcv_and_chaos_phantoms(abdominal_root):
     # Feet-head is the last canonical axis: the liver lies above the kidneys.
     z = lambda index, label=label: np.argwhere(label.array == index)[:, 2].mean()
     assert z(liver) > z(adapter.classes.index("right_kidney")), case.id
+
+
+def test_cli_writes_folders_of_the_named_contrasts(tmp_path, capsys):
+  main = importlib.import_module("ukd.data.synthetic.__main__").main
+  base = [f"--out={tmp_path}", "--n_ct=1", "--n_mr=1", "--shape=16,16,8", "--layout=folder"]
+  main([*base, "--realism=scanner", "--modalities=ct=ct,t2=mr_t2"])
+  assert sorted(os.listdir(tmp_path)) == ["ct", "t2"]
+  with open(tmp_path / "t2" / "dataset.json") as f:
+    assert json.load(f)["channel_names"] == {"0": "MR"}
+  assert (tmp_path / "t2" / "imagesTr" / "t2_001_0000.nii.gz").is_file()
+  for bad, message in (("t2", "modality=contrast pairs"), ("t2=mr_t2", "simple set")):
+    with pytest.raises(SystemExit):
+      main([*base, f"--modalities={bad}"])
+    assert message in capsys.readouterr().err

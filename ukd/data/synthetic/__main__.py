@@ -27,7 +27,13 @@ def main(argv=None) -> None:
     "--realism",
     choices=generate.REALISMS,
     default="simple",
-    help="phantom set (scanner: mmwhs only)",
+    help="phantom set (scanner: mmwhs and folder only)",
+  )
+  parser.add_argument(
+    "--modalities",
+    default="ct=ct,mr=mr",
+    help="folder: modality=contrast pairs, a folder each, e.g. ct=ct,mr=mr,t2=mr_t2 "
+    "(mr_t2: the scanner set's T2-weighted MR)",
   )
   args = parser.parse_args(argv)
   try:
@@ -37,6 +43,14 @@ def main(argv=None) -> None:
   options = {"t1dual": True} if args.t1dual else {}
   if options and args.layout != "abdominal":
     parser.error("--t1dual is for --layout=abdominal (CHAOS)")
+  if args.layout == "folder":
+    pairs = [item.partition("=") for item in args.modalities.split(",")]
+    if not all(name and sep and contrast for name, sep, contrast in pairs):
+      parser.error(f"--modalities must be modality=contrast pairs, got {args.modalities!r}")
+    options = {
+      "folders": {name: name for name, _, _ in pairs},
+      "contrasts": {name: contrast for name, _, contrast in pairs},
+    }
   try:
     written = generate.WRITERS[args.layout](
       args.out, args.n_ct, args.n_mr, shape=shape, seed=args.seed, realism=args.realism, **options
