@@ -25,7 +25,7 @@ import numpy as np
 
 from ukd import files
 from ukd.data.adapters.abdominal import CHAOS_SEQUENCES
-from ukd.data.adapters.mmwhs import MMWHS_CODES
+from ukd.data.adapters.mmwhs import MMWHS_CODES, MMWHSAdapter
 from ukd.data.synthetic import scanner_phantoms
 from ukd.data.synthetic.phantoms import (
   DEFAULT_SHAPE,
@@ -341,7 +341,7 @@ def write_totalseg(
   return [*written, path]
 
 
-# MM-WHS codes -> the folder layout's class indices (its dataset.json below).
+# MM-WHS codes -> the folder layout's class indices, those of `MMWHSAdapter.classes`.
 _FOLDER_INDEX = np.zeros(max(MMWHS_CODES) + 1, np.uint8)
 _FOLDER_INDEX[list(MMWHS_CODES)] = list(MMWHS_CODES.values())
 
@@ -395,7 +395,7 @@ def write_folder(
         written.append(path)
     meta = {
       "channel_names": {"0": "CT" if contrast == "ct" else "MR"},
-      "labels": {"background": 0, "MYO": 1, "LAC": 2, "LVC": 3, "AA": 4},
+      "labels": {name: index for index, name in enumerate(MMWHSAdapter.classes)},
       "numTraining": count,
       "file_ending": ".nii.gz",
     }
