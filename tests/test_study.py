@@ -652,3 +652,26 @@ def test_the_arms_report_holds_every_arm_and_the_lead_over_the_best_other(tmp_pa
   assert Image.open(os.path.join(tmp_path, "study.png")).size[1] > 600  # a panel per arm
   with pytest.raises(ConfigError, match=r"--arms names unknown arms \['nope'\]"):
     study.run_study(config, str(tmp_path), arms=["nope"])
+
+
+@pytest.mark.slow
+def test_the_three_modality_arm_trains_and_reports_ct_and_both_mr_contrasts(tmp_path):
+  """The arm as configured (folders of CT, b-SSFP and T2 phantoms, KD over three pairs), at
+  a few steps on small phantoms: every modality is tested and reported."""
+  config = importlib.import_module("configs.study").get_config()
+  config.arms = {"three_modalities": config.arms.three_modalities.to_dict()}
+  config.base.data.synthetic.update(n_ct=5, n_mr=5, shape=(32, 32, 16))
+  config.base.data.workers = 0
+  config.base.update(total_steps=4, eval_every=4, checkpoint_every=4, log_every=2)
+  config.seeds = (0,)
+  study.run_study(config, str(tmp_path), only=["ukd"])
+  with open(tmp_path / "three_modalities" / "study.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert {r["modality"] for r in rows} == {"ct", "mr", "t2"}
+  assert {r["structure"] for r in rows} == {"MYO", "LAC", "LVC", "AA"}
+  header, body = table((tmp_path / "three_modalities" / "study.md").read_text(), "Variant")
+  assert any("T2" in cell for cell in header) and body[0][0] == "ukd"
+  marker = json.loads(
+    (tmp_path / "three_modalities" / "phantoms" / ".ukd_synthetic.json").read_text()
+  )
+  assert marker["contrasts"] == {"t2": "mr_t2"} and marker["layout"] == "folder"
