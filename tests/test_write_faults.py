@@ -213,9 +213,10 @@ def test_a_file_refused_in_a_writable_folder_fails_its_case_alone(
   real = predict.volumes.nib.save
 
   def save(image, path):
-    name = os.path.basename(os.fspath(path))
-    if "c0" in name or "c1" in name:
-      raise _refusal(errno.EACCES if "c0" in name else errno.ENOSPC, path)
+    # The case is the end of the name: the temporary's random part may hold 'c0' too.
+    case = os.path.basename(os.fspath(path)).rsplit("-", 1)[-1]
+    if case in ("c0.nii.gz", "c1.nii.gz"):
+      raise _refusal(errno.EACCES if case == "c0.nii.gz" else errno.ENOSPC, path)
     return real(image, path)
 
   monkeypatch.setattr(predict.volumes.nib, "save", save)
