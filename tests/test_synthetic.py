@@ -387,3 +387,8 @@ def test_cli_writes_folders_of_the_named_contrasts(tmp_path, capsys):
     with pytest.raises(SystemExit):
       main([*base, f"--modalities={bad}"])
     assert message in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    main([f"--out={tmp_path / 'heart'}", "--layout=mmwhs", "--modalities=t2=mr_t2"])
+  assert "--modalities is for --layout=folder" in capsys.readouterr().err
+  main([f"--out={tmp_path / 'two'}", "--n_ct=1", "--n_mr=1", "--shape=16,16,8", "--layout=folder"])
+  assert sorted(os.listdir(tmp_path / "two")) == ["ct", "mr"]  # the default pairs

@@ -406,9 +406,6 @@ def label_masks(config) -> dict[str, np.ndarray]:
   return masks
 
 
-# Fields added to `default()` with a default that differs from what runs saved before them
-# did, and that older behaviour: a config saved without the field takes this value, so its
-# checkpoint still fits the network it builds (both networks' heads had a bias).
 # The config's mappings whose keys the user names (modalities, an adapter's options), not
 # fields of ours: a study's overrides may add keys to them.
 OPEN_MAPPINGS = (
@@ -419,6 +416,9 @@ OPEN_MAPPINGS = (
   "infer.dicom_sequences",
 )
 
+# Fields added to `default()` with a default that differs from what runs saved before them
+# did, and that older behaviour: a config saved without the field takes this value, so its
+# checkpoint still fits the network it builds (both networks' heads had a bias).
 BEFORE_FIELDS = {"model": {"head_bias": True}}
 
 

@@ -31,9 +31,9 @@ def main(argv=None) -> None:
   )
   parser.add_argument(
     "--modalities",
-    default="ct=ct,mr=mr",
-    help="folder: modality=contrast pairs, a folder each, e.g. ct=ct,mr=mr,t2=mr_t2 "
-    "(mr_t2: the scanner set's T2-weighted MR)",
+    default=None,
+    help="folder: modality=contrast pairs, a folder each (default ct=ct,mr=mr), e.g. "
+    "ct=ct,mr=mr,t2=mr_t2 (mr_t2: the scanner set's T2-weighted MR)",
   )
   args = parser.parse_args(argv)
   try:
@@ -43,10 +43,13 @@ def main(argv=None) -> None:
   options = {"t1dual": True} if args.t1dual else {}
   if options and args.layout != "abdominal":
     parser.error("--t1dual is for --layout=abdominal (CHAOS)")
+  if args.modalities is not None and args.layout != "folder":
+    parser.error("--modalities is for --layout=folder")
   if args.layout == "folder":
-    pairs = [item.partition("=") for item in args.modalities.split(",")]
+    given = args.modalities or "ct=ct,mr=mr"
+    pairs = [item.partition("=") for item in given.split(",")]
     if not all(name and sep and contrast for name, sep, contrast in pairs):
-      parser.error(f"--modalities must be modality=contrast pairs, got {args.modalities!r}")
+      parser.error(f"--modalities must be modality=contrast pairs, got {given!r}")
     options = {
       "folders": {name: name for name, _, _ in pairs},
       "contrasts": {name: contrast for name, _, contrast in pairs},

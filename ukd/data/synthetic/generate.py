@@ -353,7 +353,8 @@ def write_folder(
   shape=DEFAULT_SHAPE,
   seed: int = 0,
   realism: str = "simple",
-  folders=None,
+  *,
+  folders: dict,
   contrasts=None,
 ) -> list[str]:
   """Cardiac phantoms as nnU-Net style folders, one per modality (the `folder` adapter's
@@ -372,7 +373,7 @@ def write_folder(
   contrasts = dict(contrasts or {})
   root = os.fspath(root)
   written = []
-  for modality, folder in sorted(dict(folders or {}).items()):
+  for modality, folder in sorted(dict(folders).items()):
     contrast = contrasts.get(modality, modality)
     if contrast not in known:
       raise DataError(
